@@ -1,0 +1,48 @@
+// The CPU kernels' interface: plain pointers, element counts and dtype codes (no torch, no Python).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace pysoup {
+
+// Codes shared with Python (pysoup/dtypes.py).
+enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+// out[j] = round_out( (fma(w_{k-1}, x_{k-1}[j], ... fma(w_0, x_0[j], -0.0f))) [/ divisor] ) for j in [0, n).
+// Accumulation is fp32 in input order; -0.0 is the additive identity, so a soup of copies of -0.0 stays -0.0.
+struct WeightedSumArgs {
+    const void* const* inputs;  // k pointers
+    const int* in_dtypes;       // k dtype codes
+    const float* weights;       // k fp32 weights
+    int k;
+    void* out;
+    int out_dtype;
+    bool normalize;  // divide by `divisor` (the fp32 sum of the weights in input order)
+    float divisor;
+};
+
+// Each ISA implements the kernel over the element range [begin, end) and returns how many stored values
+// are not finite.
+using WeightedSumFn = int64_t (*)(const WeightedSumArgs&, int64_t begin, int64_t end);
+
+int64_t weighted_sum_scalar(const WeightedSumArgs&, int64_t begin, int64_t end);
+#if PYSOUP_X86
+int64_t weighted_sum_avx2(const WeightedSumArgs&, int64_t begin, int64_t end);
+int64_t weighted_sum_avx512(const WeightedSumArgs&, int64_t begin, int64_t end);
+#endif
+
+// ISAs this CPU and OS can run, "scalar" first.
+std::vector<std::string> usable_isas();
+bool isa_usable(const std::string& isa);
+
+// Runs the kernel with `threads` OpenMP threads on `isa`; the result does not depend on either.
+int64_t weighted_sum(const WeightedSumArgs& args, int64_t n, const std::string& isa, int threads);
+
+float fp32_sum_in_order(const float* weights, int k);
+
+// Elements per accumulator tile: 1024 floats (4 KiB) stay in L1 while k inputs stream through them.
+constexpr int64_t kTile = 1024;
+
+}  // namespace pysoup

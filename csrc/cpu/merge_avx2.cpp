@@ -1,0 +1,105 @@
+// AVX2 + FMA + F16C path (compiled with -mavx2 -mfma -mf16c on this file only).
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "cpu/dtype.h"
+#include "cpu/kernels.h"
+
+namespace pysoup {
+namespace {
+
+inline __m256 load8(const void* base, int dtype, int64_t i) {
+    switch (dtype) {
+    case kF32: return _mm256_loadu_ps(static_cast<const float*>(base) + i);
+    case kF16:
+        return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + i)));
+    default: {
+        const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + i));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    }
+}
+
+// Round-to-nearest-even on the bits, NaN kept with its sign and top payload (same rule as f32_to_bf16).
+inline __m128i f32x8_to_bf16(__m256 v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+    r = _mm256_blendv_epi8(r, quiet, nan);
+    // packus works per 128-bit lane; gather the two useful quarters into the low half.
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+    return _mm256_castsi256_si128(packed);
+}
+
+inline int count_nonfinite16(__m128i h, int exp_mask) {
+    const __m128i m = _mm_set1_epi16(static_cast<short>(exp_mask));
+    const __m128i eq = _mm_cmpeq_epi16(_mm_and_si128(h, m), m);
+    return __builtin_popcount(_mm_movemask_epi8(eq)) / 2;
+}
+
+inline int store8(void* base, int dtype, int64_t i, __m256 v) {
+    switch (dtype) {
+    case kF32: {
+        _mm256_storeu_ps(static_cast<float*>(base) + i, v);
+        const __m256i m = _mm256_set1_epi32(0x7F800000);
+        const __m256i eq = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(v), m), m);
+        return __builtin_popcount(_mm256_movemask_ps(_mm256_castsi256_ps(eq)));
+    }
+    case kF16: {
+        const __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(base) + i), h);
+        return count_nonfinite16(h, 0x7C00);
+    }
+    default: {
+        const __m128i h = f32x8_to_bf16(v);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(base) + i), h);
+        return count_nonfinite16(h, 0x7F80);
+    }
+    }
+}
+
+}  // namespace
+
+int64_t weighted_sum_avx2(const WeightedSumArgs& a, int64_t begin, int64_t end) {
+    alignas(32) float acc[kTile];
+    int64_t nonfinite = 0;
+    const __m256 divisor = _mm256_set1_ps(a.divisor);
+    for (int64_t t0 = begin; t0 < end; t0 += kTile) {
+        const int64_t m = std::min(kTile, end - t0);
+        const int64_t m8 = m & ~int64_t(7);
+        std::fill(acc, acc + m, -0.0f);
+        for (int i = 0; i < a.k; ++i) {
+            const __m256 w = _mm256_set1_ps(a.weights[i]);
+            const void* x = a.inputs[i];
+            const int dt = a.in_dtypes[i];
+            // The dtype switch sits outside the inner loop so each loop is one straight stream.
+            if (dt == kF32) {
+                for (int64_t j = 0; j < m8; j += 8)
+                    _mm256_store_ps(acc + j, _mm256_fmadd_ps(w, load8(x, kF32, t0 + j), _mm256_load_ps(acc + j)));
+            } else if (dt == kF16) {
+                for (int64_t j = 0; j < m8; j += 8)
+                    _mm256_store_ps(acc + j, _mm256_fmadd_ps(w, load8(x, kF16, t0 + j), _mm256_load_ps(acc + j)));
+            } else {
+                for (int64_t j = 0; j < m8; j += 8)
+                    _mm256_store_ps(acc + j, _mm256_fmadd_ps(w, load8(x, kBF16, t0 + j), _mm256_load_ps(acc + j)));
+            }
+            for (int64_t j = m8; j < m; ++j) acc[j] = std::fma(a.weights[i], load_f32(x, dt, t0 + j), acc[j]);
+        }
+        for (int64_t j = 0; j < m8; j += 8) {
+            __m256 v = _mm256_load_ps(acc + j);
+            if (a.normalize) v = _mm256_div_ps(v, divisor);
+            nonfinite += store8(a.out, a.out_dtype, t0 + j, v);
+        }
+        for (int64_t j = m8; j < m; ++j) {
+            const float v = a.normalize ? acc[j] / a.divisor : acc[j];
+            nonfinite += store_f32(a.out, a.out_dtype, t0 + j, v);
+        }
+    }
+    return nonfinite;
+}
+
+}  // namespace pysoup

@@ -1,0 +1,94 @@
+// AVX-512 (F, BW, VL) + FMA + F16C path (flags on this file only). Masked loads and stores handle the
+// tail, so there is no scalar remainder loop.
+#include <immintrin.h>
+
+#include <algorithm>
+
+#include "cpu/dtype.h"
+#include "cpu/kernels.h"
+
+namespace pysoup {
+namespace {
+
+inline __m512 load16(const void* base, int dtype, int64_t i, __mmask16 mask) {
+    switch (dtype) {
+    case kF32: return _mm512_maskz_loadu_ps(mask, static_cast<const float*>(base) + i);
+    case kF16: return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(base) + i));
+    default: {
+        const __m256i h = _mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(base) + i);
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    }
+}
+
+// Round-to-nearest-even on the bits (vcvtneps2bf16 is not used: it flushes subnormals to zero).
+inline __m256i f32x16_to_bf16(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, r, quiet));
+}
+
+inline int store16(void* base, int dtype, int64_t i, __m512 v, __mmask16 mask) {
+    switch (dtype) {
+    case kF32: {
+        _mm512_mask_storeu_ps(static_cast<float*>(base) + i, mask, v);
+        const __m512i m = _mm512_set1_epi32(0x7F800000);
+        return __builtin_popcount(_mm512_mask_cmpeq_epi32_mask(mask, _mm512_and_si512(_mm512_castps_si512(v), m), m));
+    }
+    case kF16: {
+        const __m256i h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm256_mask_storeu_epi16(static_cast<uint16_t*>(base) + i, mask, h);
+        const __m256i m = _mm256_set1_epi16(0x7C00);
+        return __builtin_popcount(_mm256_mask_cmpeq_epi16_mask(mask, _mm256_and_si256(h, m), m));
+    }
+    default: {
+        const __m256i h = f32x16_to_bf16(v);
+        _mm256_mask_storeu_epi16(static_cast<uint16_t*>(base) + i, mask, h);
+        const __m256i m = _mm256_set1_epi16(0x7F80);
+        return __builtin_popcount(_mm256_mask_cmpeq_epi16_mask(mask, _mm256_and_si256(h, m), m));
+    }
+    }
+}
+
+template <int DT>
+inline void accumulate(float* acc, const void* x, __m512 w, int64_t t0, int64_t m) {
+    for (int64_t j = 0; j < m; j += 16) {
+        const __mmask16 mask = m - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (m - j)) - 1u);
+        const __m512 prev = _mm512_load_ps(acc + j);
+        _mm512_store_ps(acc + j, _mm512_fmadd_ps(w, load16(x, DT, t0 + j, mask), prev));
+    }
+}
+
+}  // namespace
+
+int64_t weighted_sum_avx512(const WeightedSumArgs& a, int64_t begin, int64_t end) {
+    // Rounded up to whole vectors so the masked tail can load and store acc[] unmasked.
+    alignas(64) float acc[kTile];
+    int64_t nonfinite = 0;
+    const __m512 divisor = _mm512_set1_ps(a.divisor);
+    for (int64_t t0 = begin; t0 < end; t0 += kTile) {
+        const int64_t m = std::min(kTile, end - t0);
+        const int64_t m16 = (m + 15) & ~int64_t(15);
+        std::fill(acc, acc + m16, -0.0f);
+        for (int i = 0; i < a.k; ++i) {
+            const __m512 w = _mm512_set1_ps(a.weights[i]);
+            switch (a.in_dtypes[i]) {
+            case kF32: accumulate<kF32>(acc, a.inputs[i], w, t0, m); break;
+            case kF16: accumulate<kF16>(acc, a.inputs[i], w, t0, m); break;
+            default: accumulate<kBF16>(acc, a.inputs[i], w, t0, m); break;
+            }
+        }
+        for (int64_t j = 0; j < m; j += 16) {
+            const __mmask16 mask = m - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (m - j)) - 1u);
+            __m512 v = _mm512_load_ps(acc + j);
+            if (a.normalize) v = _mm512_div_ps(v, divisor);
+            nonfinite += store16(a.out, a.out_dtype, t0 + j, v, mask);
+        }
+    }
+    return nonfinite;
+}
+
+}  // namespace pysoup

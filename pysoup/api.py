@@ -1,0 +1,153 @@
+"""The public entry points: merge, open, info."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+
+from pysoup._version import __version__
+from pysoup.dtypes import parse_dtype
+from pysoup.errors import PlanError
+from pysoup.io.checkpoint import open_checkpoint
+from pysoup.io.writer import FileSink, MemorySink, OutputTarget
+from pysoup.plan import build_plan
+from pysoup.report import MergeReport, peak_rss_bytes
+from pysoup.strategies import get_strategy
+from pysoup.units import parse_size
+
+
+def merge(inputs, out=None, *, strategy="linear", weights=None, base=None, params=None, dtype=None,
+          backend="auto", threads=None, shard_size=None, progress=None, durable=False):
+    """Merges checkpoints of one architecture into one.
+
+    Args:
+        inputs: safetensors files, Hugging Face model directories (single file or sharded with an index), or
+            state dicts of torch tensors; mixing is allowed.
+        out: a `.safetensors` path, a directory (sharded like Hugging Face), or None to get a dict of torch
+            tensors back.
+        strategy: a registered merge method ("linear", "uniform", ...).
+        weights: one weight per input: a number, a list interpolated over layers, or [{filter, value}] entries.
+        base: the base model, for methods that use one.
+        params: strategy parameters, e.g. {"normalize": False}.
+        dtype: output dtype of merged tensors ("bfloat16", "float16", "float32"); default: the first input's.
+        backend: "auto", "cpu" or "reference".
+        threads: CPU threads for the kernels (default: all cores this process may use).
+        shard_size: max tensor bytes per shard for directory outputs ("5GB", "500MiB" or an int).
+        progress: show a progress bar (default: when stderr is a terminal).
+        durable: fsync the output before renaming it into place.
+
+    Returns:
+        A MergeReport when `out` is given, else a dict of torch tensors in the first input's key order.
+
+    Example:
+        >>> report = merge(["a.safetensors", "b.safetensors"], "soup.safetensors", weights=[0.7, 0.3])  # doctest: +SKIP
+        >>> soup = merge([sd_a, sd_b], strategy="uniform")  # doctest: +SKIP
+    """
+    from pysoup.ops import get_backend
+    from pysoup.ops.cpu import active_isa, default_threads
+
+    start = time.perf_counter()
+    if isinstance(inputs, (str, os.PathLike, Mapping)):
+        raise PlanError("inputs must be a list of checkpoints (paths or state dicts)")
+    inputs = list(inputs)
+    strat = get_strategy(strategy)
+    out_dtype = parse_dtype(dtype)
+    if shard_size is not None:
+        shard_size = parse_size(shard_size)
+    be = get_backend(backend)
+    threads = int(threads) if threads else default_threads()
+    if threads < 1:
+        raise PlanError(f"threads must be positive, got {threads}")
+    if out is not None and os.fspath(out) == "":
+        raise PlanError("empty output path")
+
+    opened = []
+    try:
+        for i, src in enumerate(inputs):
+            opened.append(open_checkpoint(src, i))
+        base_ckpt = None
+        if base is not None:
+            base_ckpt = open_checkpoint(base, len(inputs))
+            opened.append(base_ckpt)
+        plan = build_plan(strat, opened[: len(inputs)], base_ckpt, weights=weights, params=params, out_dtype=out_dtype)
+
+        if out is None:
+            sink = MemorySink(plan.entries)
+            from pysoup.engine import execute
+
+            execute(plan, sink, be, threads, progress)
+            order = {name: k for k, name in enumerate(plan.inputs[0].infos)}
+            return dict(sorted(sink.tensors.items(), key=lambda kv: order[kv[0]]))
+
+        input_files = [f for c in opened for f in c.files]
+        aux = opened[0].aux_files()
+        metadata = {"format": "pt"}
+        target = OutputTarget(out, plan.entries, shard_size=shard_size, metadata=metadata, input_files=input_files,
+                              aux_files=aux, durable=durable)
+        from pysoup.engine import OUTPUT_BUFFER_BYTES, execute
+
+        target.create()
+        sink = FileSink(target, OUTPUT_BUFFER_BYTES)
+        try:
+            nonfinite = execute(plan, sink, be, threads, progress)
+            target.commit()
+        except BaseException:
+            sink.close()
+            target.abort()
+            raise
+        return MergeReport(
+            seconds=time.perf_counter() - start,
+            bytes_read=plan.bytes_to_read,
+            bytes_written=target.total_bytes,
+            peak_rss_bytes=peak_rss_bytes(),
+            outputs=target.paths,
+            strategy=strat.name,
+            backend=be.__name__.rsplit(".", 1)[-1],
+            cpu_isa=active_isa() if be.__name__.endswith("cpu") else None,
+            threads=threads,
+            tensors=len(plan.tasks),
+            nonfinite_tensors=nonfinite,
+        )
+    finally:
+        for c in opened:
+            c.close()
+
+
+def open(path):  # noqa: A001 - the public name mirrors safetensors' safe_open
+    """Opens a checkpoint lazily: keys, dtypes, shapes, metadata, zero-copy views.
+
+    Args:
+        path: a safetensors file or a Hugging Face model directory.
+
+    Returns:
+        A FileCheckpoint: `keys()`, `infos[name]` (dtype, shape, byte range), `metadata`, `numpy(name)`,
+        `torch(name)` / `ckpt[name]` (zero-copy), `close()`; usable as a context manager.
+
+    Example:
+        >>> with pysoup.open("model.safetensors") as ckpt:   # doctest: +SKIP
+        ...     w = ckpt["lm_head.weight"]
+    """
+    if isinstance(path, Mapping):
+        raise PlanError("pysoup.open takes a path; a state dict is already open")
+    return open_checkpoint(path)
+
+
+def info() -> dict:
+    """What this installation can do.
+
+    Returns:
+        {"version", "backends": usable backends, "cpu_isa": the active ISA, "cpu_isas": usable ISAs ("scalar"
+        first), "threads": the default thread count}
+    """
+    from pysoup.ops import available_backends
+    from pysoup.ops.cpu import active_isa, default_threads, usable_isas
+
+    isas = usable_isas()
+    return {
+        "version": __version__,
+        "backends": available_backends(),
+        "cpu_isa": active_isa() if isas else None,
+        "cpu_isas": isas,
+        "threads": default_threads(),
+    }

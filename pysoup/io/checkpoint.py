@@ -1,0 +1,175 @@
+"""A model's tensors, wherever they live: one safetensors file, a Hugging Face directory (single file or
+sharded with `model.safetensors.index.json`), or an in-memory state dict of torch tensors.
+
+Every kind answers the same two questions the planner and engine ask: `infos` (name -> TensorInfo) and
+`address(name, lo, hi)` (a pointer to bytes [lo, hi) of that tensor's data, valid until the next call
+for the same file).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+
+from pysoup.errors import FormatError, PlanError
+from pysoup.io.format import TensorInfo
+from pysoup.io.reader import SafetensorsReader
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+# Files beside the weights that are not weights: copied to a directory output from the first input.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
+
+
+class Checkpoint:
+    """Common interface of file and in-memory checkpoints."""
+
+    name: str
+    infos: dict
+    metadata: dict | None = None
+    files: tuple = ()  # real paths of the files holding the weights (for the output != input check)
+    directory: str | None = None
+
+    def address(self, name: str, lo: int, hi: int) -> int:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """Drops any mapping held, keeping the checkpoint usable."""
+
+    def close(self) -> None:
+        self.release()
+
+    def aux_files(self) -> list:
+        """Non-weight files (config, tokenizer) of a directory input, to copy beside a directory output."""
+        if self.directory is None:
+            return []
+        out = []
+        for entry in sorted(os.listdir(self.directory)):
+            full = os.path.join(self.directory, entry)
+            if entry.startswith(".") or not os.path.isfile(full) or entry.endswith(_WEIGHT_SUFFIXES):
+                continue
+            out.append(full)
+        return out
+
+
+class FileCheckpoint(Checkpoint):
+    """A safetensors file, or the shards of a Hugging Face directory."""
+
+    def __init__(self, name: str, readers: list, owner: dict, directory: str | None = None):
+        self.name = name
+        self._readers = readers
+        self._owner = owner  # tensor name -> reader
+        self.infos = {k: r.infos[k] for k, r in owner.items()}
+        self.metadata = readers[0].metadata if readers else None
+        self.files = tuple(os.path.realpath(r.path) for r in readers)
+        self.directory = directory
+
+    def address(self, name, lo, hi):
+        return self._owner[name].window_address(lo, hi)
+
+    def release(self):
+        for r in self._readers:
+            r.release()
+
+    def close(self):
+        for r in self._readers:
+            r.close()
+
+
+class MemoryCheckpoint(Checkpoint):
+    """A state dict of torch tensors; offsets are relative to each tensor's first byte."""
+
+    def __init__(self, state_dict: Mapping, name: str):
+        from pysoup.dtypes import from_torch
+
+        self.name = name
+        self.tensors = {}
+        self.infos = {}
+        for key, t in state_dict.items():
+            if not hasattr(t, "data_ptr"):
+                raise PlanError(f"{name}: {key!r} is a {type(t).__name__}, not a torch tensor")
+            if t.device.type != "cpu":
+                raise PlanError(f"{name}: tensor {key!r} is on {t.device}; in-memory merges take CPU tensors "
+                                "(use pysoup.ops with backend='reference' for other devices)")
+            t = t.detach().contiguous()
+            self.tensors[key] = t
+            nbytes = t.numel() * t.element_size()
+            self.infos[key] = TensorInfo(key, from_torch(t.dtype), tuple(t.shape), 0, nbytes)
+
+    def address(self, name, lo, hi):
+        return self.tensors[name].data_ptr() + lo
+
+
+def open_checkpoint(source, index: int = 0, window_bytes: int | None = None) -> Checkpoint:
+    """Opens one merge input: a path (file or directory) or a mapping of torch tensors."""
+    if isinstance(source, Mapping):
+        return MemoryCheckpoint(source, name=f"input {index} (state dict)")
+    path = os.fspath(source)
+    kw = {} if window_bytes is None else {"window_bytes": window_bytes}
+    if not os.path.exists(path):
+        raise PlanError(f"{path}: no such file or directory")
+    if os.path.isdir(path):
+        return _open_directory(path, kw)
+    reader = SafetensorsReader(path, **kw)
+    return FileCheckpoint(path, [reader], {k: reader for k in reader.infos})
+
+
+def _open_directory(path: str, kw: dict) -> FileCheckpoint:
+    index_path = os.path.join(path, INDEX_NAME)
+    if os.path.isfile(index_path):
+        return _open_index(path, index_path, kw)
+    single = os.path.join(path, SINGLE_NAME)
+    candidates = [single] if os.path.isfile(single) else sorted(
+        os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors") and not f.startswith(".")
+    )
+    if not candidates:
+        hint = ""
+        if any(f.endswith((".bin", ".pt", ".pth")) for f in os.listdir(path)):
+            hint = " (it has PyTorch pickles: convert them to safetensors first)"
+        raise PlanError(f"{path}: directory has no safetensors checkpoint ({INDEX_NAME} or *.safetensors){hint}")
+    readers, owner = [], {}
+    try:
+        for file in candidates:
+            r = SafetensorsReader(file, **kw)
+            readers.append(r)
+            for k in r.infos:
+                if k in owner:
+                    raise FormatError(f"{path}: tensor {k!r} is in both {owner[k].path} and {file}")
+                owner[k] = r
+    except BaseException:
+        for r in readers:
+            r.close()
+        raise
+    return FileCheckpoint(path, readers, owner, directory=path)
+
+
+def _open_index(path: str, index_path: str, kw: dict) -> FileCheckpoint:
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"{index_path}: not a valid JSON index ({exc})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise FormatError(f"{index_path}: missing or malformed 'weight_map'")
+    readers = {}
+    owner = {}
+    try:
+        for key, shard in weight_map.items():
+            if os.path.basename(shard) != shard:
+                raise FormatError(f"{index_path}: shard name {shard!r} for tensor {key!r} is not a plain file name")
+            if shard not in readers:
+                shard_path = os.path.join(path, shard)
+                if not os.path.isfile(shard_path):
+                    raise FormatError(f"{index_path}: shard {shard!r} (holding {key!r}) does not exist")
+                readers[shard] = SafetensorsReader(shard_path, **kw)
+            if key not in readers[shard].infos:
+                raise FormatError(f"{os.path.join(path, shard)}: tensor {key!r} is listed in the index but missing "
+                                  "from the shard")
+            owner[key] = readers[shard]
+    except BaseException:
+        for r in readers.values():
+            r.close()
+        raise
+    return FileCheckpoint(path, list(readers.values()), owner, directory=path)

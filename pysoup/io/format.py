@@ -1,0 +1,177 @@
+"""The safetensors format: parse and fully validate a header, and build one byte-identical to the
+`safetensors` package's own writer.
+
+Layout: an 8-byte little-endian header length N, N bytes of UTF-8 JSON (padded with spaces to a multiple
+of 8), then the data; each tensor's `data_offsets` are relative to the start of the data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+
+from pysoup.dtypes import SAFETENSORS_ORDER, SAFETENSORS_SIZES
+from pysoup.errors import FormatError
+
+# The safetensors package refuses headers above 100 MB; so do we, before reading them.
+MAX_HEADER_BYTES = 100_000_000
+_MAX_BYTES = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: `begin`/`end` are absolute byte offsets in its file."""
+
+    name: str
+    dtype: str
+    shape: tuple
+    begin: int
+    end: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def itemsize(self) -> int:
+        return SAFETENSORS_SIZES[self.dtype]
+
+
+def _reject_duplicates(pairs):
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise FormatError(f"duplicate key {key!r} in the header")
+        seen[key] = value
+    return seen
+
+
+def parse_header(path: str, prefix: bytes, file_size: int, read_header) -> tuple:
+    """Validates everything about a header before any tensor is touched.
+
+    Args:
+        path: the file's name, for messages.
+        prefix: the file's first 8 bytes (fewer if the file is shorter).
+        file_size: the file's size in bytes.
+        read_header: read_header(n) returns the n header bytes after the prefix.
+
+    Returns:
+        (metadata dict or None, list of TensorInfo in file order, data start offset)
+    """
+    if file_size < 8 or len(prefix) < 8:
+        raise FormatError(f"{path}: empty or truncated file ({file_size} bytes; a safetensors file starts with an "
+                          "8-byte header length)")
+    (n,) = struct.unpack("<Q", prefix[:8])
+    if n > MAX_HEADER_BYTES:
+        raise FormatError(f"{path}: header length {n} is absurdly large (limit {MAX_HEADER_BYTES}): not a safetensors "
+                          "file?")
+    if 8 + n > file_size:
+        raise FormatError(f"{path}: header length {n} runs past the end of the file ({file_size} bytes): truncated?")
+    raw = read_header(n)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FormatError(f"{path}: header is not valid UTF-8 (byte {exc.start})") from None
+    try:
+        obj = json.loads(text, object_pairs_hook=_reject_duplicates)
+    except FormatError as exc:
+        raise FormatError(f"{path}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise FormatError(f"{path}: header is not valid JSON ({exc.msg} at character {exc.pos})") from None
+    if not isinstance(obj, dict):
+        raise FormatError(f"{path}: header is not a JSON object")
+    data_start = 8 + n
+    data_len = file_size - data_start
+    metadata = obj.pop("__metadata__", None)
+    if metadata is not None and not (
+        isinstance(metadata, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+    ):
+        raise FormatError(f"{path}: __metadata__ must map strings to strings")
+    infos = [_parse_entry(path, name, entry, data_start, data_len) for name, entry in obj.items()]
+    _check_overlaps(path, infos)
+    infos.sort(key=lambda t: (t.begin, t.end))
+    return metadata, infos, data_start
+
+
+def _parse_entry(path, name, entry, data_start, data_len) -> TensorInfo:
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise FormatError(f"{where}: entry must have exactly the keys dtype, shape, data_offsets")
+    dtype = entry["dtype"]
+    if dtype not in SAFETENSORS_SIZES:
+        raise FormatError(f"{where}: unknown dtype {dtype!r} (known: {', '.join(SAFETENSORS_SIZES)})")
+    shape = entry["shape"]
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        raise FormatError(f"{where}: shape {shape!r} must be a list of integers")
+    if any(d < 0 for d in shape):
+        raise FormatError(f"{where}: negative dimension in shape {shape}")
+    nbytes = SAFETENSORS_SIZES[dtype]
+    for d in shape:
+        nbytes *= d
+        if nbytes > _MAX_BYTES:
+            raise FormatError(f"{where}: element count of shape {shape} overflows")
+    offsets = entry["data_offsets"]
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+    ):
+        raise FormatError(f"{where}: data_offsets {offsets!r} must be two integers")
+    begin, end = offsets
+    if begin < 0 or end < begin:
+        raise FormatError(f"{where}: data_offsets {offsets} are not an increasing pair of non-negative integers")
+    if end - begin != nbytes:
+        raise FormatError(f"{where}: byte range [{begin}, {end}) holds {end - begin} bytes but shape {shape} of "
+                          f"{dtype} needs {nbytes}")
+    if end > data_len:
+        raise FormatError(f"{where}: byte range [{begin}, {end}) runs past the end of the data ({data_len} bytes): "
+                          "truncated file?")
+    return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+def _check_overlaps(path, infos):
+    spans = sorted((t for t in infos if t.nbytes), key=lambda t: t.begin)
+    for prev, cur in zip(spans, spans[1:]):
+        if cur.begin < prev.end:
+            raise FormatError(f"{path}: tensors {prev.name!r} and {cur.name!r} overlap in the file")
+
+
+def canonical_order(entries):
+    """The order the safetensors package writes tensors in: dtype (its enum, descending), then name."""
+    rank = {d: i for i, d in enumerate(SAFETENSORS_ORDER)}
+    return sorted(entries, key=lambda e: (-rank[e[1]], e[0]))
+
+
+def build_header(entries, metadata=None) -> tuple:
+    """Lays out a file whose bytes equal what `safetensors.*.save_file` writes for the same tensors.
+
+    Args:
+        entries: (name, dtype, shape) triples, in any order.
+        metadata: optional str -> str mapping.
+
+    Returns:
+        (header bytes including the 8-byte length and padding, {name: (begin, end)} absolute offsets,
+        the ordered entries)
+    """
+    ordered = canonical_order(entries)
+    header = {}
+    if metadata:
+        header["__metadata__"] = {k: metadata[k] for k in sorted(metadata)}
+    offset = 0
+    relative = {}
+    for name, dtype, shape in ordered:
+        nbytes = SAFETENSORS_SIZES[dtype] * math.prod(shape)
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        relative[name] = (offset, offset + nbytes)
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    start = 8 + len(text)
+    absolute = {name: (start + b, start + e) for name, (b, e) in relative.items()}
+    return struct.pack("<Q", len(text)) + text, absolute, ordered

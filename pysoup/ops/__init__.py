@@ -1,0 +1,76 @@
+"""Primitive ops and their backends.
+
+Each op has one signature here; each backend module (`reference`: torch, the definition of every result;
+`cpu`: the C++ kernels) implements it. `backend="auto"` picks `cpu` for host memory when the C++ module
+loads, else `reference`; the environment variable PYSOUP_BACKEND overrides "auto"; an explicit backend that
+cannot run here is an error listing those that can.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+from pysoup.errors import BackendError
+
+_BACKEND_MODULES = {"reference": "pysoup.ops.reference", "cpu": "pysoup.ops.cpu"}
+
+
+def _load(name: str):
+    return importlib.import_module(_BACKEND_MODULES[name])
+
+
+def available_backends() -> list:
+    """Backends that can run here, in preference order for host memory."""
+    out = []
+    for name in ("cpu", "reference"):
+        ok, _ = _load(name).availability()
+        if ok:
+            out.append(name)
+    return out
+
+
+def get_backend(name: str = "auto", device: str = "cpu"):
+    """The backend module to use. Raises BackendError (listing the usable ones) when it cannot run here."""
+    if name in (None, "auto"):
+        name = os.environ.get("PYSOUP_BACKEND") or "auto"
+    if name == "auto":
+        choices = available_backends() if device == "cpu" else ["reference"]
+        if not choices:
+            raise BackendError("no backend can run here: the C++ module did not load and torch is not installed")
+        return _load(choices[0])
+    if name not in _BACKEND_MODULES:
+        raise BackendError(f"unknown backend {name!r} (usable here: {', '.join(available_backends()) or 'none'})")
+    ok, reason = _load(name).availability()
+    if not ok:
+        raise BackendError(f"backend {name!r} cannot run here ({reason}); usable here: "
+                           f"{', '.join(available_backends()) or 'none'}")
+    return _load(name)
+
+
+def weighted_sum(tensors, weights, out_dtype=None, normalize=False, backend="auto", threads=None):
+    """Fused N-ary weighted sum of torch tensors, by the numerical contract (fp32 fma in input order,
+    optional division by the fp32 sum of the weights, round-to-nearest-even into `out_dtype`).
+
+    Args:
+        tensors: torch tensors of one shape, each float32, float16 or bfloat16 (dtypes may mix).
+        weights: one number per tensor.
+        out_dtype: torch dtype of the result (default: the first tensor's).
+        normalize: divide by the sum of the weights.
+        backend: "auto", "cpu" or "reference".
+        threads: CPU threads (cpu backend; default: every core this process may use).
+
+    Returns:
+        A new tensor; every backend returns the same bytes.
+
+    Example:
+        >>> out = weighted_sum([a, b], [0.25, 0.75], out_dtype=torch.bfloat16)   # doctest: +SKIP
+    """
+    from pysoup.ops._checks import check_weighted_sum
+
+    tensors, weights, out_dtype = check_weighted_sum(tensors, weights, out_dtype, normalize)
+    device = tensors[0].device.type
+    return get_backend(backend, device).weighted_sum(tensors, weights, out_dtype, normalize, threads=threads)
+
+
+__all__ = ["available_backends", "get_backend", "weighted_sum"]

@@ -1,0 +1,42 @@
+"""What one merge did: time, bytes, memory, outputs."""
+
+from __future__ import annotations
+
+import resource
+import sys
+from dataclasses import dataclass, field
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss) if sys.platform == "darwin" else int(rss) * 1024
+
+
+@dataclass
+class MergeReport:
+    """Returned by `pysoup.merge` when it writes files.
+
+    Attributes:
+        seconds: wall time of the whole merge (open, plan, execute, commit).
+        bytes_read: tensor bytes read from the inputs.
+        bytes_written: bytes of every output file (headers included).
+        peak_rss_bytes: the process's peak resident memory at the end of the merge.
+        outputs: paths written, the index last.
+    """
+
+    seconds: float
+    bytes_read: int
+    bytes_written: int
+    peak_rss_bytes: int
+    outputs: list
+    strategy: str
+    backend: str
+    cpu_isa: str | None
+    threads: int
+    tensors: int
+    nonfinite_tensors: list = field(default_factory=list)
+
+    @property
+    def gb_per_s(self) -> float:
+        return (self.bytes_read + self.bytes_written) / self.seconds / 1e9 if self.seconds > 0 else float("inf")

@@ -1,0 +1,70 @@
+"""What a merge method declares, and the context it gets for each tensor."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pysoup.errors import PlanError
+from pysoup.params import finite_number, resolve
+
+
+@dataclass
+class TensorContext:
+    """Everything a strategy may look at to plan one output tensor."""
+
+    name: str
+    t: float  # layer position in [0, 1], for gradients
+    model_settings: list  # per non-base model: {param: setting}
+    settings: dict  # global {param: setting}
+    num_models: int
+
+    def param(self, key: str, default=None):
+        value = resolve(self.settings.get(key, default), self.name, self.t)
+        return default if value is None else value
+
+    def model_param(self, i: int, key: str, default=None):
+        setting = self.model_settings[i].get(key, self.settings.get(key, default))
+        value = resolve(setting, self.name, self.t)
+        return default if value is None else value
+
+    def model_number(self, i: int, key: str, default=None) -> float:
+        return finite_number(key, self.model_param(i, key, default), f"tensor {self.name!r}, model {i}")
+
+
+class Strategy:
+    """A merge method: its parameters, its input contract, and the op it plans for each tensor.
+
+    Subclasses set `name`, `params` (global parameters with their defaults), `model_params` (per-model
+    parameters with defaults) and `base` ("required", "optional" or "forbidden"), and implement
+    `plan_tensor`.
+    """
+
+    name = ""
+    params: dict = {}
+    model_params: dict = {}
+    base = "forbidden"
+    min_models = 1
+    max_models = None
+
+    def check_inputs(self, num_models: int, has_base: bool) -> None:
+        if self.base == "required" and not has_base:
+            raise PlanError(f"strategy {self.name!r} needs a base model (--base / base=)")
+        if self.base == "forbidden" and has_base:
+            raise PlanError(f"strategy {self.name!r} takes no base model")
+        if num_models < self.min_models or (self.max_models is not None and num_models > self.max_models):
+            want = str(self.min_models) if self.max_models == self.min_models else (
+                f"at least {self.min_models}" if self.max_models is None else f"{self.min_models}..{self.max_models}"
+            )
+            raise PlanError(f"strategy {self.name!r} takes {want} models, got {num_models}")
+
+    def check_params(self, settings: dict, weights_given: bool) -> None:
+        valid = set(self.params) | set(self.model_params)
+        unknown = sorted(set(settings) - valid)
+        if unknown:
+            raise PlanError(f"strategy {self.name!r} has no parameter {unknown[0]!r} "
+                            f"(valid: {', '.join(sorted(valid)) or 'none'})")
+        if weights_given and "weight" not in self.model_params:
+            raise PlanError(f"strategy {self.name!r} takes no weights")
+
+    def plan_tensor(self, ctx: TensorContext):
+        raise NotImplementedError

@@ -1,0 +1,54 @@
+"""Model soups (Wortsman et al.): the weighted average of fine-tuned models, and its uniform special case."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from pysoup.errors import PlanError
+from pysoup.plan import WeightedSum
+from pysoup.strategies import register
+from pysoup.strategies.base import Strategy, TensorContext
+
+
+@register
+class Linear(Strategy):
+    """theta = sum_i w_i theta_i, divided by sum_i w_i when `normalize` (default true).
+
+    Weights are per model and may vary per tensor (gradients, filters). Under normalize, weights that sum
+    to zero (in fp32, input order) for some tensor are an error naming the tensor.
+    """
+
+    name = "linear"
+    params = {"normalize": True}
+    model_params = {"weight": 1.0}
+
+    def plan_tensor(self, ctx: TensorContext):
+        weights = [ctx.model_number(i, "weight", 1.0) for i in range(ctx.num_models)]
+        normalize = ctx.param("normalize", True)
+        if not isinstance(normalize, bool):
+            raise PlanError(f"tensor {ctx.name!r}: parameter 'normalize' must be true or false, got {normalize!r}")
+        w32 = np.asarray(weights, dtype=np.float32)
+        if not np.all(np.isfinite(w32)):
+            raise PlanError(f"tensor {ctx.name!r}: weights {weights} overflow float32")
+        if normalize:
+            total = np.float32(0)
+            for w in w32:  # the kernels' order: fp32, input order
+                total = np.float32(total + w)
+            if total == 0 or not math.isfinite(total):
+                raise PlanError(f"tensor {ctx.name!r}: weights {weights} sum to {float(total)}; cannot normalize "
+                                "(pass normalize=false or other weights)")
+        return WeightedSum(tuple(float(w) for w in w32), normalize)
+
+
+@register
+class Uniform(Linear):
+    """The uniform soup: every model weighs the same (linear with w_i = 1, normalized)."""
+
+    name = "uniform"
+    params = {}
+    model_params = {}
+
+    def plan_tensor(self, ctx: TensorContext):
+        return WeightedSum((1.0,) * ctx.num_models, True)
