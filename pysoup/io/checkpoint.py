@@ -68,6 +68,45 @@ class FileCheckpoint(Checkpoint):
     def address(self, name, lo, hi):
         return self._owner[name].window_address(lo, hi)
 
+    # -- the lazy reader users get from pysoup.open() -------------------------------------------------
+    def keys(self) -> list:
+        return list(self.infos)
+
+    def __iter__(self):
+        return iter(self.infos)
+
+    def __len__(self) -> int:
+        return len(self.infos)
+
+    def __contains__(self, name) -> bool:
+        return name in self.infos
+
+    def __getitem__(self, name):
+        return self.torch(name)
+
+    def numpy(self, name: str):
+        """Zero-copy numpy view (bfloat16 as raw uint16 bits)."""
+        return self._reader(name).numpy(name)
+
+    def torch(self, name: str):
+        """Zero-copy torch tensor (copy-on-write: writing to it never changes the file)."""
+        return self._reader(name).torch(name)
+
+    def _reader(self, name):
+        try:
+            return self._owner[name]
+        except KeyError:
+            raise KeyError(f"{self.name}: no tensor {name!r}") from None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"<pysoup checkpoint {self.name!r}: {len(self.infos)} tensors in {len(self._readers)} file(s)>"
+
     def release(self):
         for r in self._readers:
             r.release()

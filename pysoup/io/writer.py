@@ -15,7 +15,7 @@ import os
 import secrets
 import shutil
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pysoup.dtypes import SAFETENSORS_SIZES
 from pysoup.errors import OutputError, PlanError
@@ -34,8 +34,6 @@ class ShardLayout:
     size: int = 0
     tmp: str | None = None  # named temporary path once linked
     fd: int = -1
-    anonymous: bool = False  # created with O_TMPFILE: nothing on disk until commit
-    extra: dict = field(default_factory=dict)
 
 
 def _shard_entries(entries, shard_bytes):
@@ -135,16 +133,9 @@ class OutputTarget:
             raise
 
     def _open_temp(self, s: ShardLayout) -> None:
-        d = os.path.dirname(s.path)
-        if hasattr(os, "O_TMPFILE"):
-            try:
-                # An unnamed file: a crash or kill before commit leaves nothing behind.
-                s.fd = os.open(d, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o644)
-                s.anonymous = True
-                return
-            except OSError:
-                pass
-        s.tmp = os.path.join(d, f".{os.path.basename(s.path)}.pysoup-tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        # A named temporary beside the target (O_TMPFILE + linkat would survive a kill -9 without debris,
+        # but linkat through /proc fails with EXDEV on overlay file systems, so it is not used).
+        s.tmp = _temp_name(s.path)
         s.fd = os.open(s.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
 
     def commit(self) -> None:
@@ -153,12 +144,6 @@ class OutputTarget:
             for s in self.shards:
                 if self.durable:
                     os.fsync(s.fd)
-                if s.anonymous:
-                    s.tmp = os.path.join(os.path.dirname(s.path),
-                                         f".{os.path.basename(s.path)}.pysoup-tmp-{os.getpid()}-{secrets.token_hex(4)}")
-                    os.link(f"/proc/self/fd/{s.fd}", s.tmp, follow_symlinks=True)
-                    s.anonymous = False
-            for s in self.shards:
                 os.close(s.fd)
                 s.fd = -1
                 os.replace(s.tmp, s.path)
@@ -205,8 +190,13 @@ def _pwrite_all(fd: int, data, offset: int, path: str = "") -> None:
         done += written
 
 
+def _temp_name(path: str) -> str:
+    """A hidden name beside `path`; `.pysoup-tmp-` marks it as ours."""
+    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.pysoup-tmp-{os.getpid()}-{secrets.token_hex(4)}")
+
+
 def _atomic_write(path: str, data: bytes, durable: bool) -> None:
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.pysoup-tmp-{secrets.token_hex(4)}")
+    tmp = _temp_name(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)

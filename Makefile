@@ -1,0 +1,55 @@
+# `make demo` and `make test` work on a fresh machine: each creates .venv, installs, builds if needed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+# torch is pinned to the CPU build on this machine's disk; an unpinned `torch` would pull a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+TRITON_SPEC ?= triton==3.9.0
+DEV_DEPS := numpy tqdm pyyaml pytest hypothesis safetensors scikit-build-core pybind11 ninja ruff
+
+.PHONY: all install demo test test-fast bench bench-quick lint wheel clean
+
+all: install
+
+$(VENV)/.deps-stamp: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q $(TORCH_SPEC)
+	$(PIP) install -q $(TORCH_SPEC) $(TRITON_SPEC) $(DEV_DEPS)
+	touch $@
+
+# A no-change rebuild takes ~2 s: the build dir is reused and there is no build isolation.
+$(VENV)/.build-stamp: $(VENV)/.deps-stamp CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+install: $(VENV)/.build-stamp
+
+demo: install
+	$(PY) examples/demo.py
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+$(VENV)/.mergekit-stamp: $(VENV)/.deps-stamp
+	$(PIP) install -q $(TORCH_SPEC) mergekit==0.1.5
+	touch $@
+
+bench: install $(VENV)/.mergekit-stamp
+	$(PY) benchmarks/run.py
+
+bench-quick: install
+	$(PY) benchmarks/run.py --quick
+
+lint: install
+	$(VENV)/bin/ruff check pysoup tests benchmarks examples
+	$(VENV)/bin/ruff format --check pysoup tests benchmarks examples
+
+wheel:
+	$(PIP) wheel --no-deps . -w dist
+
+clean:
+	rm -rf build dist .pytest_cache $(VENV)

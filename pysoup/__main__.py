@@ -1,0 +1,5 @@
+import sys
+
+from pysoup.cli import main
+
+sys.exit(main())

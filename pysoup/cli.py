@@ -1,0 +1,150 @@
+"""`pysoup merge | inspect | bench` — errors are one line on stderr and a non-zero exit (2 for usage,
+1 for a merge that cannot be done); `--debug` shows the traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+
+from pysoup.errors import SoupError
+
+
+def _parse_value(text: str):
+    """--param values: JSON when it parses (numbers, true/false, lists), else the plain string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        low = text.lower()
+        if low in ("true", "false"):
+            return low == "true"
+        return text
+
+
+def _parse_params(items) -> dict:
+    params = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SoupError(f"--param {item!r}: expected KEY=VALUE")
+        params[key.strip()] = _parse_value(value.strip())
+    return params
+
+
+def _parse_weights(text):
+    if text is None:
+        return None
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise SoupError(f"--weights {text!r}: expected numbers separated by commas, e.g. 0.5,0.3,0.2") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pysoup._version import __version__
+
+    p = argparse.ArgumentParser(prog="pysoup", description="Merge neural-network checkpoints, fast.")
+    p.add_argument("--version", action="version", version=f"pysoup {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("merge", help="merge checkpoints into one")
+    m.add_argument("inputs", nargs="+", metavar="IN", help="safetensors files or Hugging Face model directories")
+    m.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="OUT.safetensors for one file, else a directory (sharded like Hugging Face)")
+    m.add_argument("--strategy", default="linear")
+    m.add_argument("--weights", help="one weight per input, comma-separated: 0.5,0.3,0.2")
+    m.add_argument("--base", help="base model, for methods that use one")
+    m.add_argument("--param", action="append", metavar="KEY=VALUE", help="strategy parameter (repeatable)")
+    m.add_argument("--dtype", help="output dtype: bfloat16, float16 or float32 (default: the first input's)")
+    m.add_argument("--threads", type=int)
+    m.add_argument("--shard-size", help="max bytes per shard for directory outputs: 400KB, 5GB, 5GiB")
+    m.add_argument("--backend", default="auto")
+    m.add_argument("--fsync", action="store_true", help="fsync the output before renaming it into place")
+    m.add_argument("--no-progress", action="store_true")
+    m.add_argument("--json", action="store_true", help="print the report as JSON")
+    m.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    i = sub.add_parser("inspect", help="list a checkpoint's tensors")
+    i.add_argument("path")
+    i.add_argument("--debug", action="store_true")
+
+    b = sub.add_parser("bench", help="run the benchmark suite")
+    b.add_argument("--quick", action="store_true", help="small cases only (seconds, not minutes)")
+    b.add_argument("--debug", action="store_true")
+    b.add_argument("rest", nargs=argparse.REMAINDER, help="more options for benchmarks/run.py")
+    return p
+
+
+def _cmd_merge(args) -> int:
+    import pysoup
+
+    report = pysoup.merge(
+        args.inputs, args.output, strategy=args.strategy, weights=_parse_weights(args.weights), base=args.base,
+        params=_parse_params(args.param), dtype=args.dtype, backend=args.backend, threads=args.threads,
+        shard_size=args.shard_size, progress=False if args.no_progress else None, durable=args.fsync,
+    )
+    if args.json:
+        from dataclasses import asdict
+
+        print(json.dumps(asdict(report), indent=2))
+    else:
+        from pysoup.units import format_bytes
+
+        print(f"merged {report.tensors} tensors ({report.strategy}) -> {', '.join(report.outputs)}")
+        print(f"read {format_bytes(report.bytes_read)}, wrote {format_bytes(report.bytes_written)} in "
+              f"{report.seconds:.2f} s; peak RSS {format_bytes(report.peak_rss_bytes)}; "
+              f"backend {report.backend}{'/' + report.cpu_isa if report.cpu_isa else ''}, {report.threads} threads")
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    import pysoup
+    from pysoup.units import format_bytes
+
+    with pysoup.open(args.path) as ckpt:
+        width = max((len(k) for k in ckpt.infos), default=4)
+        total = 0
+        counts: dict = {}
+        for name, t in ckpt.infos.items():
+            print(f"{name:<{width}}  {t.dtype:<7} {str(list(t.shape)):<20} {format_bytes(t.nbytes):>10}")
+            total += t.nbytes
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel
+        if ckpt.metadata:
+            print(f"metadata: {json.dumps(ckpt.metadata)}")
+        params = sum(counts.values())
+        by_dtype = ", ".join(f"{d} {n:,}" for d, n in sorted(counts.items()))
+        print(f"{len(ckpt.infos)} tensors, {params:,} parameters ({by_dtype}), {format_bytes(total)} in "
+              f"{len(ckpt.files)} file(s)")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from pysoup.bench import run_suite
+
+    return run_suite(quick=args.quick, extra=args.rest)
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        print(f"pysoup: warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = show_warning
+    try:
+        return {"merge": _cmd_merge, "inspect": _cmd_inspect, "bench": _cmd_bench}[args.command](args)
+    except (SoupError, ValueError, KeyError, OSError) as exc:
+        if args.debug:
+            raise
+        msg = str(exc).replace("\n", " ")
+        print(f"pysoup: error: {msg}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("pysoup: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""The C++ kernels against the torch reference, bit for bit, over dtypes, shapes, ISAs and thread counts."""
+
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_bit_equal, id_formatter, random_tensor
+
+import pysoup
+from pysoup.errors import BackendError, PlanError
+from pysoup.ops import cpu, reference
+
+ISAS = pysoup.info()["cpu_isas"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [(0,), (1,), (7,), (4097,), (3, 5, 17), (300_007,)]
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=id_formatter("isa"))
+@pytest.mark.parametrize("threads", [1, 2, 3], ids=id_formatter("threads"))
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=id_formatter("out"))
+@pytest.mark.parametrize("in_dtype", DTYPES, ids=id_formatter("in"))
+@pytest.mark.parametrize("normalize", [False, True], ids=id_formatter("normalize"))
+def test_weighted_sum_matches_reference(isa, threads, out_dtype, in_dtype, normalize):
+    for k, shape in enumerate(SHAPES):
+        xs = [random_tensor(shape, in_dtype, seed=10 * k + i, wide=True) for i in range(3)]
+        ws = [0.3, -1.7, 2.5e-3]
+        want = reference.weighted_sum(xs, ws, out_dtype, normalize)
+        got = cpu.weighted_sum(xs, ws, out_dtype, normalize, threads=threads, isa=isa)
+        assert_bit_equal(got, want)
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=id_formatter("isa"))
+def test_mixed_input_dtypes(isa):
+    xs = [random_tensor((5003,), d, seed=i, wide=True) for i, d in enumerate(DTYPES * 2)]
+    ws = [0.5, 1.25, -0.75, 3.0, 1e-3, 7.0]
+    for out_dtype in DTYPES:
+        assert_bit_equal(cpu.weighted_sum(xs, ws, out_dtype, True, threads=2, isa=isa),
+                         reference.weighted_sum(xs, ws, out_dtype, True))
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=id_formatter("isa"))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=id_formatter("dtype"))
+def test_every_16_bit_pattern(isa, dtype):
+    """All 65536 values (NaN payloads, infinities, subnormals, -0) through every output dtype."""
+    x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+    y = x.flip(0)
+    for ws in ([1.0], [0.37], [1e30]):
+        for out_dtype in DTYPES:
+            assert_bit_equal(cpu.weighted_sum([x], ws, out_dtype, False, isa=isa),
+                             reference.weighted_sum([x], ws, out_dtype, False))
+        assert_bit_equal(cpu.weighted_sum([x, y], ws * 2, dtype, True, isa=isa),
+                         reference.weighted_sum([x, y], ws * 2, dtype, True))
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=id_formatter("isa"))
+def test_random_fp32_bit_patterns(isa):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(-(2**31), 2**31 - 1, (100_003,), generator=g, dtype=torch.int64).to(torch.int32)
+    x = x.view(torch.float32)
+    for out_dtype in DTYPES:
+        assert_bit_equal(cpu.weighted_sum([x, x.flip(0)], [0.37, -2.2], out_dtype, False, isa=isa),
+                         reference.weighted_sum([x, x.flip(0)], [0.37, -2.2], out_dtype, False))
+
+
+def test_reference_fma_is_exactly_rounded():
+    """fma_f32 must equal the exactly rounded w*x + acc; checked with rational arithmetic."""
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(2000) * 2.0 ** rng.integers(-20, 20, 2000)).astype(np.float32)
+    acc = (rng.standard_normal(2000) * 2.0 ** rng.integers(-20, 20, 2000)).astype(np.float32)
+    w = np.float32(0.1)
+    got = reference.fma_f32(float(w), torch.from_numpy(x), torch.from_numpy(acc)).numpy()
+    for xi, ai, gi in zip(x, acc, got):
+        exact = Fraction(float(w)) * Fraction(float(xi)) + Fraction(float(ai))
+        # nearest fp32 to `exact`, ties to even: compare against both neighbours of the float64 rounding
+        cand = np.float32(float(exact))
+        lo, hi = np.nextafter(cand, np.float32(-np.inf)), np.nextafter(cand, np.float32(np.inf))
+        best = min((abs(Fraction(float(c)) - exact), int(np.float32(c).view(np.int32)) & 1, float(c))
+                   for c in (lo, cand, hi))
+        assert float(gi) == best[2]
+
+
+def test_identical_copies_soup_is_the_copy():
+    x = random_tensor((10_001,), torch.bfloat16, seed=5, wide=True)
+    x[::7] = -0.0
+    for k in (2, 3, 8):
+        out = cpu.weighted_sum([x] * k, [1.0] * k, torch.bfloat16, True)
+        assert_bit_equal(out, x)
+
+
+def test_nonfinite_count():
+    x = torch.tensor([1.0, float("nan"), float("inf"), 7e4, 1.0], dtype=torch.float32)
+    out = torch.empty(5, dtype=torch.float16)
+    n = cpu.weighted_sum_raw([x.data_ptr()], ["F32"], [1.0], 5, out.data_ptr(), "F16", False)
+    assert n == 3  # nan, inf, and 7e4 which overflows float16
+
+
+def test_public_op_dispatch_and_errors(monkeypatch):
+    a, b = random_tensor((33,), torch.float16, 1), random_tensor((33,), torch.float16, 2)
+    want = reference.weighted_sum([a, b], [1.0, 2.0], torch.bfloat16, False)
+    for backend in ("auto", "cpu", "reference"):
+        assert_bit_equal(pysoup.ops.weighted_sum([a, b], [1, 2], out_dtype=torch.bfloat16, backend=backend), want)
+    assert pysoup.ops.weighted_sum([a, b], [1, 2]).dtype == torch.float16
+    with pytest.raises(BackendError, match="usable here"):
+        pysoup.ops.weighted_sum([a, b], [1, 2], backend="nope")
+    with pytest.raises(PlanError, match="2 weights for 1 tensors"):
+        pysoup.ops.weighted_sum([a], [1, 2])
+    with pytest.raises(PlanError, match="shape"):
+        pysoup.ops.weighted_sum([a, a[:3]], [1, 2])
+    with pytest.raises(PlanError, match="finite"):
+        pysoup.ops.weighted_sum([a, b], [1, math.nan])
+    with pytest.raises(PlanError, match="sum to 0"):
+        pysoup.ops.weighted_sum([a, b], [1, -1], normalize=True)
+    with pytest.raises(PlanError, match="dtype"):
+        pysoup.ops.weighted_sum([a.to(torch.int32)], [1])
+    monkeypatch.setenv("PYSOUP_CPU_ISA", "scalar")
+    assert pysoup.info()["cpu_isa"] == "scalar"
+    assert_bit_equal(pysoup.ops.weighted_sum([a, b], [1, 2], out_dtype=torch.bfloat16), want)
+    monkeypatch.setenv("PYSOUP_CPU_ISA", "sse9")
+    with pytest.raises(BackendError, match="PYSOUP_CPU_ISA"):
+        pysoup.ops.weighted_sum([a, b], [1, 2])
+    monkeypatch.delenv("PYSOUP_CPU_ISA")
+    monkeypatch.setenv("PYSOUP_BACKEND", "reference")
+    assert pysoup.ops.get_backend("auto").__name__.endswith("reference")
+
+
+def test_non_contiguous_inputs():
+    base = random_tensor((64, 33), torch.bfloat16, seed=9)
+    xs = [base.t(), (base * 2).t()]
+    assert_bit_equal(cpu.weighted_sum(xs, [0.25, 0.75], torch.bfloat16, False),
+                     reference.weighted_sum([x.contiguous() for x in xs], [0.25, 0.75], torch.bfloat16, False))
+
+
+def test_info():
+    i = pysoup.info()
+    assert i["version"] == pysoup.__version__
+    assert i["cpu_isas"][0] == "scalar" and i["cpu_isa"] in i["cpu_isas"]
+    assert "cpu" in i["backends"] and "reference" in i["backends"]
+    assert i["threads"] >= 1
