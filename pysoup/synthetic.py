@@ -44,6 +44,20 @@ def decoder_lm_shapes(target_bytes: int, itemsize: int = 2, vocab: int = 32000) 
     return shapes
 
 
+def llama_config(shapes: list, dtype: str) -> dict:
+    """A complete Llama config.json for the shapes, so that transformers and mergekit accept the directory."""
+    vocab, hidden = shapes[0][1]
+    inter = next(s[0] for n, s in shapes if n.endswith("up_proj.weight"))
+    heads = max(1, hidden // 64)
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+        "intermediate_size": inter, "num_attention_heads": heads, "num_key_value_heads": heads,
+        "num_hidden_layers": sum(1 for n, _ in shapes if n.endswith("q_proj.weight")), "vocab_size": vocab,
+        "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+        "hidden_act": "silu", "torch_dtype": {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[dtype],
+    }
+
+
 def _bf16_bits(x: np.ndarray) -> np.ndarray:
     u = x.astype(np.float32).view(np.uint32)
     return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
@@ -112,10 +126,7 @@ def _write_model(directory, label, model, dtypes, layout, shard_bytes, shapes):
         return path
     path = os.path.join(directory, label)
     os.makedirs(path, exist_ok=True)
-    hidden = shapes[0][1][1]
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-              "vocab_size": shapes[0][1][0], "num_hidden_layers": sum(1 for n, _ in shapes if n.endswith("q_proj.weight")),
-              "torch_dtype": {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[next(iter(dtypes.values()))]}
+    config = llama_config(shapes, next(iter(dtypes.values())))
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     if not shard_bytes:

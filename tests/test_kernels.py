@@ -138,3 +138,17 @@ def test_info():
     assert i["cpu_isas"][0] == "scalar" and i["cpu_isa"] in i["cpu_isas"]
     assert "cpu" in i["backends"] and "reference" in i["backends"]
     assert i["threads"] >= 1
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=id_formatter("isa"))
+@pytest.mark.parametrize("offset", [0, 1, 3], ids=id_formatter("offset"))
+def test_output_alignment(isa, offset):
+    """Aligned outputs take the streaming-store path, misaligned ones the cached one: same bytes."""
+    n = 200_003
+    xs = [random_tensor((n,), torch.bfloat16, seed=i) for i in range(4)]
+    ws = [0.1, 0.2, 0.3, 0.4]
+    want = reference.weighted_sum(xs, ws, torch.bfloat16, True)
+    buf = torch.empty(n + offset, dtype=torch.bfloat16)
+    out = buf[offset:]
+    cpu.weighted_sum_raw([x.data_ptr() for x in xs], ["BF16"] * 4, ws, n, out.data_ptr(), "BF16", True, 2, isa)
+    assert_bit_equal(out, want)

@@ -10,6 +10,8 @@ namespace pysoup {
 // Codes shared with Python (pysoup/dtypes.py).
 enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 
+inline int dtype_size(int code) { return code == kF32 ? 4 : 2; }
+
 // out[j] = round_out( (fma(w_{k-1}, x_{k-1}[j], ... fma(w_0, x_0[j], -0.0f))) [/ divisor] ) for j in [0, n).
 // Accumulation is fp32 in input order; -0.0 is the additive identity, so a soup of copies of -0.0 stays -0.0.
 struct WeightedSumArgs {

@@ -62,9 +62,48 @@ inline int store8(void* base, int dtype, int64_t i, __m256 v) {
     }
 }
 
+// All inputs of one dtype: each output vector is finished in registers while every stream advances together
+// (see merge_avx512.cpp); the last < 16 elements go through the scalar helpers. Streaming stores, a gain
+// on AVX-512, measured 0.65x here (4 x bf16, 2 threads), so AVX2 stores through the cache.
+template <int DT>
+int64_t streamed(const WeightedSumArgs& a, int64_t begin, int64_t end) {
+    int64_t nonfinite = 0;
+    const __m256 divisor = _mm256_set1_ps(a.divisor);
+    const void* const* x = a.inputs;
+    int64_t j = begin;
+    for (; j + 16 <= end; j += 16) {
+        __m256 acc0 = _mm256_set1_ps(-0.0f), acc1 = _mm256_set1_ps(-0.0f);
+        for (int i = 0; i < a.k; ++i) {
+            const __m256 w = _mm256_set1_ps(a.weights[i]);
+            acc0 = _mm256_fmadd_ps(w, load8(x[i], DT, j), acc0);
+            acc1 = _mm256_fmadd_ps(w, load8(x[i], DT, j + 8), acc1);
+        }
+        if (a.normalize) {
+            acc0 = _mm256_div_ps(acc0, divisor);
+            acc1 = _mm256_div_ps(acc1, divisor);
+        }
+        nonfinite += store8(a.out, a.out_dtype, j, acc0);
+        nonfinite += store8(a.out, a.out_dtype, j + 8, acc1);
+    }
+    for (; j < end; ++j) {
+        float acc = -0.0f;
+        for (int i = 0; i < a.k; ++i) acc = std::fma(a.weights[i], load_f32(x[i], DT, j), acc);
+        nonfinite += store_f32(a.out, a.out_dtype, j, a.normalize ? acc / a.divisor : acc);
+    }
+    return nonfinite;
+}
+
 }  // namespace
 
 int64_t weighted_sum_avx2(const WeightedSumArgs& a, int64_t begin, int64_t end) {
+    if (std::all_of(a.in_dtypes, a.in_dtypes + a.k, [&](int d) { return d == a.in_dtypes[0]; })) {
+        switch (a.in_dtypes[0]) {
+        case kF32: return streamed<kF32>(a, begin, end);
+        case kF16: return streamed<kF16>(a, begin, end);
+        default: return streamed<kBF16>(a, begin, end);
+        }
+    }
+    // Mixed dtypes: accumulate tile by tile, one input at a time, so each inner loop has one dtype.
     alignas(32) float acc[kTile];
     int64_t nonfinite = 0;
     const __m256 divisor = _mm256_set1_ps(a.divisor);

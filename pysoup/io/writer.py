@@ -218,6 +218,12 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _aligned(np, nbytes: int, alignment: int = 64):
+    raw = np.empty(nbytes + alignment, dtype=np.uint8)
+    start = -raw.ctypes.data % alignment
+    return raw[start : start + nbytes]
+
+
 class FileSink:
     """Streams computed bytes into the output files, in layout order, through two buffers: the kernel fills
     one while a writer thread hands the other to the kernel with pwrite (both release the GIL)."""
@@ -227,7 +233,8 @@ class FileSink:
 
         self.target = target
         self.capacity = buffer_bytes
-        self._bufs = [np.empty(buffer_bytes, dtype=np.uint8) for _ in range(2)]
+        # 64-byte aligned, so the kernels can use streaming stores.
+        self._bufs = [_aligned(np, buffer_bytes) for _ in range(2)]
         self._pending = [None, None]
         self._cur = 0
         self._fill = 0

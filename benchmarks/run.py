@@ -1,0 +1,303 @@
+"""pysoup's benchmark suite: file-merge cases x contenders (pysoup, the I/O floor, the naive script, mergekit),
+whole processes, warm page cache, outputs to /dev/shm, contenders rotated each round, medians of >= 5 runs;
+plus an in-memory kernel case against torch and the triad bandwidth.
+
+    python benchmarks/run.py            # the full suite (~20 min; makes ~15 GB of synthetic checkpoints once)
+    python benchmarks/run.py --quick    # small cases, seconds
+    python benchmarks/run.py --cases 4x512MiB --runs 7
+
+Results: benchmarks/results/<suite>.json and .md (and .png when matplotlib is installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from pysoup.bench import machine, machine_line, run_process, summarize, sync  # noqa: E402
+from pysoup.synthetic import make_family  # noqa: E402
+from pysoup.units import parse_size  # noqa: E402
+
+DATA = os.path.join(HERE, ".data")
+OUT_DIR = "/dev/shm/pysoup-bench" if os.path.isdir("/dev/shm") else os.path.join(DATA, "out")
+RESULTS = os.path.join(HERE, "results")
+
+FULL_CASES = ["2x256MiB", "4x256MiB", "8x256MiB", "4x512MiB", "2x1GiB", "4x1GiB", "8x1GiB"]
+QUICK_CASES = ["2x32MiB", "4x64MiB"]
+# The targets of the core issue, checked on 4 x 512 MiB.
+TARGET_CASE = "4x512MiB"
+
+
+def parse_case(case: str):
+    n, size = case.split("x", 1)
+    return int(n), parse_size(size), size
+
+
+def family(size_label: str, size: int, count: int) -> list:
+    """Fine-tunes of one base shaped like a decoder LM (Hugging Face dirs), made once and cached."""
+    root = os.path.join(DATA, f"lm-{size_label}")
+    stamp = os.path.join(root, f".complete-{count}")
+    if not os.path.exists(stamp):
+        shutil.rmtree(root, ignore_errors=True)
+        t = time.perf_counter()
+        print(f"  making {count} synthetic checkpoints of {size_label} in {root} ...", flush=True)
+        make_family(root, count, size, dtype="BF16", seed=0, layout="hf")
+        open(stamp, "w").close()
+        print(f"  done in {time.perf_counter() - t:.0f} s", flush=True)
+    return [os.path.join(root, f"ft{i + 1}") for i in range(count)]
+
+
+def warm(paths):
+    """Reads every input once so each contender starts from a warm page cache."""
+    for p in paths:
+        with open(os.path.join(p, "model.safetensors"), "rb") as f:
+            while f.read(64 << 20):
+                pass
+
+
+def contenders(with_mergekit: bool) -> dict:
+    py = sys.executable
+    c = {
+        "pysoup": lambda out, ins: [py, "-m", "pysoup", "merge", *ins, "-o", out + ".safetensors", "--no-progress"],
+        "io_floor": lambda out, ins: [py, os.path.join(HERE, "baselines", "io_floor.py"), out + ".safetensors", *ins],
+        "naive": lambda out, ins: [py, os.path.join(HERE, "baselines", "naive.py"), out + ".safetensors", *ins],
+    }
+    if with_mergekit:
+        c["mergekit"] = lambda out, ins: [py, os.path.join(HERE, "baselines", "mergekit_linear.py"), out, *ins]
+    return c
+
+
+def clean(out: str) -> None:
+    for p in (out, out + ".safetensors"):
+        if os.path.isdir(p):
+            shutil.rmtree(p)
+        elif os.path.exists(p):
+            os.remove(p)
+
+
+def run_case(case: str, runs: int, with_mergekit: bool, only=None) -> dict:
+    n, size, label = parse_case(case)
+    inputs = family(label, size, 8 if size >= (256 << 20) else n)[:n]
+    input_bytes = sum(os.path.getsize(os.path.join(p, "model.safetensors")) for p in inputs)
+    out_bytes = input_bytes // n
+    warm(inputs)
+    os.makedirs(OUT_DIR, exist_ok=True)
+    cs = contenders(with_mergekit)
+    if only:
+        cs = {k: v for k, v in cs.items() if k in only}
+    names = list(cs)
+    samples = {k: [] for k in names}
+    rss = {k: [] for k in names}
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(HERE)}
+    for r in range(runs):
+        order = names[r % len(names):] + names[: r % len(names)]  # rotate who goes first
+        for name in order:
+            out = os.path.join(OUT_DIR, name)
+            clean(out)
+            sync()
+            res = run_process(cs[name](out, inputs), env=env)
+            if res["rc"] != 0:
+                raise RuntimeError(f"{name} failed on {case}: {res['stderr']}")
+            samples[name].append(res["seconds"])
+            rss[name].append(res["peak_rss_bytes"])
+            clean(out)
+    result = {"case": case, "inputs": n, "model_bytes": out_bytes, "read_bytes": input_bytes, "contenders": {}}
+    for name in names:
+        s = summarize(samples[name])
+        result["contenders"][name] = {
+            "seconds": s, "samples": samples[name], "peak_rss_bytes": int(summarize(rss[name])["median"]),
+            "gb_per_s": (input_bytes + out_bytes) / s["median"] / 1e9,
+        }
+    ps = result["contenders"].get("pysoup")
+    if ps:
+        for name, c in result["contenders"].items():
+            if name != "pysoup":
+                ps[f"speedup_vs_{name}"] = c["seconds"]["median"] / ps["seconds"]["median"]
+        if "io_floor" in result["contenders"]:
+            ps["ratio_to_floor"] = ps["seconds"]["median"] / result["contenders"]["io_floor"]["seconds"]["median"]
+    return result
+
+
+def kernel_case(elements: int, runs: int) -> dict:
+    """weighted_sum of 4 bf16 tensors in memory: pysoup's kernel vs torch doing the same arithmetic, and the
+    triad bandwidth torch reaches (a = b + s*c in fp32), all with the machine's cores."""
+    import torch
+
+    import pysoup
+
+    threads = pysoup.info()["threads"]
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(elements, generator=g).to(torch.bfloat16) for _ in range(4)]
+    w = [0.25] * 4
+    moved = 5 * elements * 2  # 4 inputs read + 1 output written, bf16
+
+    def best(fn):
+        fn()
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return summarize(times)
+
+    def torch_sum():
+        acc = torch.zeros(elements, dtype=torch.float32)
+        for x, wi in zip(xs, w):
+            acc.add_(x, alpha=wi)
+        return acc.to(torch.bfloat16)
+
+    out = torch.empty(elements, dtype=torch.bfloat16)
+    from pysoup.ops.cpu import weighted_sum_raw
+
+    def pysoup_sum():
+        weighted_sum_raw([x.data_ptr() for x in xs], ["BF16"] * 4, w, elements, out.data_ptr(), "BF16", False, threads)
+
+    a, b, c = (torch.randn(elements, generator=g) for _ in range(3))
+
+    def triad():
+        torch.add(b, c, alpha=0.5, out=a)
+
+    res = {"elements": elements, "threads": threads}
+    for name, fn, nbytes in (("pysoup", pysoup_sum, moved), ("torch", torch_sum, moved),
+                             ("triad", triad, 3 * elements * 4)):
+        s = best(fn)
+        res[name] = {"seconds": s, "gb_per_s": nbytes / s["median"] / 1e9}
+    res["pysoup_vs_torch"] = res["torch"]["seconds"]["median"] / res["pysoup"]["seconds"]["median"]
+    res["pysoup_fraction_of_triad"] = res["pysoup"]["gb_per_s"] / res["triad"]["gb_per_s"]
+    return res
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# pysoup benchmarks: {report['suite']}", "", f"Machine: {report['machine_line']}", "",
+             f"Command: `{report['command']}`", "",
+             "Whole processes, warm page cache, outputs on /dev/shm, contenders rotated each round; "
+             f"median of {report['runs']} runs (spread = (max - min) / median).", "",
+             "| case | contender | seconds (median) | spread | GB/s | peak RSS | vs pysoup |",
+             "|---|---|---|---|---|---|---|"]
+    for case in report["cases"]:
+        ps = case["contenders"].get("pysoup", {})
+        for name, c in case["contenders"].items():
+            if name == "pysoup":
+                rel = f"ratio to floor {ps['ratio_to_floor']:.2f}" if "ratio_to_floor" in ps else ""
+            else:
+                rel = f"pysoup {ps.get('speedup_vs_' + name, float('nan')):.1f}x faster"
+            lines.append(f"| {case['case']} | {name} | {c['seconds']['median']:.3f} | {c['seconds']['spread']:.0%} | "
+                         f"{c['gb_per_s']:.2f} | {c['peak_rss_bytes'] / 2**20:.0f} MiB | {rel} |")
+    k = report.get("kernel")
+    if k:
+        lines += ["", f"In-memory kernel, 4 x bf16 of {k['elements']:,} elements, {k['threads']} threads:", "",
+                  "| contender | GB/s | seconds (median) |", "|---|---|---|"]
+        for name in ("pysoup", "torch", "triad"):
+            lines.append(f"| {name} | {k[name]['gb_per_s']:.1f} | {k[name]['seconds']['median'] * 1e3:.1f} ms |")
+        lines += ["", f"pysoup is {k['pysoup_vs_torch']:.2f}x torch and reaches {k['pysoup_fraction_of_triad']:.0%} "
+                      "of torch's triad bandwidth."]
+    if report.get("targets"):
+        lines += ["", "## Targets", ""] + [f"- {t}" for t in report["targets"]]
+    return "\n".join(lines) + "\n"
+
+
+def check_targets(report: dict) -> list:
+    out = []
+    by = {c["case"]: c for c in report["cases"]}
+    t = by.get(TARGET_CASE)
+    if t and "io_floor" in t["contenders"]:
+        ps, fl = t["contenders"]["pysoup"]["seconds"]["median"], t["contenders"]["io_floor"]["seconds"]["median"]
+        bound = 1.5 * fl + 0.3
+        out.append(f"{TARGET_CASE}: pysoup {ps:.2f} s vs bound 1.5 x floor ({fl:.2f} s) + 0.3 s = {bound:.2f} s: "
+                   f"{'met' if ps <= bound else 'NOT met'}")
+        if "naive" in t["contenders"]:
+            sp = t["contenders"]["pysoup"]["speedup_vs_naive"]
+            out.append(f"{TARGET_CASE}: {sp:.1f}x faster than the naive script (target >= 4x): "
+                       f"{'met' if sp >= 4 else 'NOT met'}")
+    a, b = by.get("4x256MiB"), by.get("4x1GiB")
+    if a and b:
+        ra, rb = a["contenders"]["pysoup"]["peak_rss_bytes"], b["contenders"]["pysoup"]["peak_rss_bytes"]
+        out.append(f"peak RSS at 4x1GiB {rb / 2**20:.0f} MiB (target <= 256 MiB): {'met' if rb <= 256 << 20 else 'NOT met'}; "
+                   f"{(rb - ra) / 2**20:+.0f} MiB vs 4x256MiB (target <= +32 MiB): "
+                   f"{'met' if rb - ra <= 32 << 20 else 'NOT met'}")
+    k = report.get("kernel")
+    if k:
+        f = k["pysoup_fraction_of_triad"]
+        out.append(f"in-memory kernel at {f:.0%} of triad bandwidth (target >= 85%): {'met' if f >= 0.85 else 'NOT met'}")
+    return out
+
+
+def plot(report: dict, path: str) -> None:
+    if importlib.util.find_spec("matplotlib") is None:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = [c["case"] for c in report["cases"]]
+    names = sorted({n for c in report["cases"] for n in c["contenders"]}, key=lambda n: n != "pysoup")
+    fig, ax = plt.subplots(figsize=(1.6 * len(cases) + 3, 4))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        vals = [c["contenders"].get(name, {}).get("seconds", {}).get("median", 0) for c in report["cases"]]
+        ax.bar([x + i * width for x in range(len(cases))], vals, width, label=name)
+    ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(cases))], cases)
+    ax.set_ylabel("seconds, whole process (median)")
+    ax.set_yscale("log")
+    ax.set_title("linear merge of N bf16 checkpoints")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--cases", help="comma-separated, e.g. 4x512MiB,2x1GiB")
+    p.add_argument("--runs", type=int)
+    p.add_argument("--only", help="comma-separated contenders")
+    p.add_argument("--no-mergekit", action="store_true")
+    p.add_argument("--no-kernel", action="store_true")
+    p.add_argument("--name", help="results file stem (default: linear, or quick)")
+    args = p.parse_args(argv)
+
+    cases = args.cases.split(",") if args.cases else (QUICK_CASES if args.quick else FULL_CASES)
+    runs = args.runs or (3 if args.quick else 5)
+    with_mergekit = not args.no_mergekit and importlib.util.find_spec("mergekit") is not None
+    print(machine_line(), flush=True)
+    report = {"suite": "linear merge", "machine": machine(), "machine_line": machine_line(), "runs": runs,
+              "command": "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "cases": []}
+    for case in cases:
+        print(f"case {case}", flush=True)
+        res = run_case(case, runs, with_mergekit, only=args.only.split(",") if args.only else None)
+        report["cases"].append(res)
+        for name, c in res["contenders"].items():
+            print(f"  {name:<9} {c['seconds']['median']:7.3f} s  (spread {c['seconds']['spread']:.0%})  "
+                  f"{c['gb_per_s']:6.2f} GB/s  {c['peak_rss_bytes'] / 2**20:7.0f} MiB", flush=True)
+    if not args.no_kernel and importlib.util.find_spec("torch") is not None:
+        report["kernel"] = kernel_case(1 << 22 if args.quick else 1 << 26, max(runs, 5))
+        k = report["kernel"]
+        print(f"kernel: pysoup {k['pysoup']['gb_per_s']:.1f} GB/s, torch {k['torch']['gb_per_s']:.1f} GB/s, "
+              f"triad {k['triad']['gb_per_s']:.1f} GB/s", flush=True)
+    report["targets"] = check_targets(report)
+    for t in report["targets"]:
+        print(t)
+    os.makedirs(RESULTS, exist_ok=True)
+    stem = os.path.join(RESULTS, args.name or ("quick" if args.quick else "linear"))
+    with open(stem + ".json", "w") as f:
+        json.dump(report, f, indent=2)
+    with open(stem + ".md", "w") as f:
+        f.write(markdown(report))
+    plot(report, stem + ".png")
+    print(f"wrote {stem}.json and .md", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
