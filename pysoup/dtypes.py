@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import struct
+
 from pysoup.errors import PlanError
 
 # Codes shared with csrc/cpu/kernels.h (enum DType).
@@ -58,3 +61,23 @@ def from_torch(dtype) -> str:
         if tn == name:
             return st
     raise PlanError(f"unsupported tensor dtype {dtype}")
+
+
+def to_f32(x: float) -> float:
+    """x rounded to the nearest float32 (ties to even), as a Python float; inf when it overflows.
+
+    struct, not numpy: the file-merge path must not pay numpy's import (~60 ms of a whole-process merge).
+    """
+    try:
+        return struct.unpack("<f", struct.pack("<f", x))[0]
+    except OverflowError:
+        return math.copysign(math.inf, x)
+
+
+def f32_sum(values) -> float:
+    """The float32 sum in input order, as the kernels compute the normalizing divisor. (Rounding the exact
+    double sum of two float32 values to float32 equals float32 addition: 53 >= 2 * 24 + 2.)"""
+    total = 0.0
+    for v in values:
+        total = to_f32(total + to_f32(v))
+    return total

@@ -155,7 +155,7 @@ def test_file_merge_does_not_import_torch(tmp_path, models):
     code = (
         "import sys, pysoup; assert 'torch' not in sys.modules; "
         f"pysoup.merge({paths!r}, {str(tmp_path / 'o.safetensors')!r}, progress=False); "
-        "assert 'torch' not in sys.modules, 'torch was imported'"
+        "assert 'torch' not in sys.modules, 'torch was imported'; assert 'numpy' not in sys.modules, 'numpy was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 

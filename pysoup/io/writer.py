@@ -8,9 +8,11 @@ A single-file target is `OUT.safetensors`; any other target is a Hugging Face di
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import math
+import mmap
 import os
 import secrets
 import shutil
@@ -218,10 +220,13 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _aligned(np, nbytes: int, alignment: int = 64):
-    raw = np.empty(nbytes + alignment, dtype=np.uint8)
-    start = -raw.ctypes.data % alignment
-    return raw[start : start + nbytes]
+class _Buffer:
+    """Anonymous page-aligned memory (so the kernels can use streaming stores), without numpy."""
+
+    def __init__(self, nbytes: int):
+        self.mem = mmap.mmap(-1, nbytes)
+        self.view = memoryview(self.mem)
+        self.address = ctypes.addressof(ctypes.c_char.from_buffer(self.mem))
 
 
 class FileSink:
@@ -229,12 +234,9 @@ class FileSink:
     one while a writer thread hands the other to the kernel with pwrite (both release the GIL)."""
 
     def __init__(self, target: OutputTarget, buffer_bytes: int):
-        import numpy as np
-
         self.target = target
         self.capacity = buffer_bytes
-        # 64-byte aligned, so the kernels can use streaming stores.
-        self._bufs = [_aligned(np, buffer_bytes) for _ in range(2)]
+        self._bufs = [_Buffer(buffer_bytes) for _ in range(2)]
         self._pending = [None, None]
         self._cur = 0
         self._fill = 0
@@ -256,7 +258,7 @@ class FileSink:
     def reserve(self, nbytes: int) -> int:
         if nbytes > self.available():
             self._flush()
-        return self._bufs[self._cur].ctypes.data + self._fill
+        return self._bufs[self._cur].address + self._fill
 
     def advance(self, nbytes: int) -> None:
         self._fill += nbytes
@@ -267,7 +269,7 @@ class FileSink:
 
     def _flush(self) -> None:
         if self._fill:
-            shard, buf, fill, offset = self._shard, self._bufs[self._cur], self._fill, self._offset
+            shard, buf, fill, offset = self._shard, self._bufs[self._cur].view, self._fill, self._offset
             self._pending[self._cur] = self._pool.submit(_pwrite_all, shard.fd, buf[:fill], offset, shard.path)
             self._cur ^= 1
             self._offset += fill

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
+from pysoup.dtypes import f32_sum
 from pysoup.errors import PlanError
 
 
@@ -33,9 +32,7 @@ def check_weighted_sum(tensors, weights, out_dtype, normalize):
     if out_dtype not in floats:
         raise PlanError(f"out_dtype {out_dtype} is not float32, float16 or bfloat16")
     if normalize:
-        total = np.float32(0)
-        for w in np.asarray(weights, dtype=np.float32):
-            total = np.float32(total + w)
+        total = f32_sum(weights)
         if total == 0 or not math.isfinite(total):
             raise PlanError(f"weights {weights} sum to {float(total)}; cannot normalize")
     return tensors, weights, out_dtype

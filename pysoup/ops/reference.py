@@ -12,9 +12,7 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 
-import numpy as np
-
-from pysoup.dtypes import SAFETENSORS_SIZES, to_torch
+from pysoup.dtypes import SAFETENSORS_SIZES, f32_sum, to_f32, to_torch
 
 
 def availability():
@@ -29,7 +27,7 @@ def fma_f32(w: float, x, acc):
     import torch
 
     a = acc.double()
-    p = x.double() * float(np.float32(w))  # exact: 24 + 24 bits fit in 53
+    p = x.double() * to_f32(w)  # exact: 24 + 24 bits fit in 53
     s = a + p
     bb = s - a
     err = (a - (s - bb)) + (p - bb)  # TwoSum: a + p == s + err exactly
@@ -63,9 +61,7 @@ def weighted_sum(tensors, weights, out_dtype, normalize, threads=None):
     for x, w in zip(tensors, weights):
         acc = fma_f32(w, x.float(), acc)
     if normalize:
-        total = np.float32(0)
-        for w in np.asarray(weights, dtype=np.float32):
-            total = np.float32(total + w)
+        total = f32_sum(weights)
         # A tensor divisor: torch may turn division by a scalar into multiplication by its reciprocal.
         acc = acc / torch.full_like(acc, float(total))
     return round_to(acc, out_dtype)

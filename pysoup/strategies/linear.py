@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
+from pysoup.dtypes import f32_sum, to_f32
 from pysoup.errors import PlanError
 from pysoup.plan import WeightedSum
 from pysoup.strategies import register
@@ -29,17 +28,15 @@ class Linear(Strategy):
         normalize = ctx.param("normalize", True)
         if not isinstance(normalize, bool):
             raise PlanError(f"tensor {ctx.name!r}: parameter 'normalize' must be true or false, got {normalize!r}")
-        w32 = np.asarray(weights, dtype=np.float32)
-        if not np.all(np.isfinite(w32)):
+        w32 = [to_f32(w) for w in weights]
+        if not all(math.isfinite(w) for w in w32):
             raise PlanError(f"tensor {ctx.name!r}: weights {weights} overflow float32")
         if normalize:
-            total = np.float32(0)
-            for w in w32:  # the kernels' order: fp32, input order
-                total = np.float32(total + w)
+            total = f32_sum(w32)  # the kernels' divisor: fp32, input order
             if total == 0 or not math.isfinite(total):
                 raise PlanError(f"tensor {ctx.name!r}: weights {weights} sum to {float(total)}; cannot normalize "
                                 "(pass normalize=false or other weights)")
-        return WeightedSum(tuple(float(w) for w in w32), normalize)
+        return WeightedSum(tuple(w32), normalize)
 
 
 @register
