@@ -98,7 +98,7 @@ def run_case(case: str, runs: int, with_mergekit: bool, only=None) -> dict:
     rss = {k: [] for k in names}
     env = {**os.environ, "PYTHONPATH": os.path.dirname(HERE)}
     for r in range(runs):
-        order = names[r % len(names):] + names[: r % len(names)]  # rotate who goes first
+        order = names[r % len(names) :] + names[: r % len(names)]  # rotate who goes first
         for name in order:
             out = os.path.join(OUT_DIR, name)
             clean(out)
@@ -113,7 +113,9 @@ def run_case(case: str, runs: int, with_mergekit: bool, only=None) -> dict:
     for name in names:
         s = summarize(samples[name])
         result["contenders"][name] = {
-            "seconds": s, "samples": samples[name], "peak_rss_bytes": int(summarize(rss[name])["median"]),
+            "seconds": s,
+            "samples": samples[name],
+            "peak_rss_bytes": int(summarize(rss[name])["median"]),
             "gb_per_s": (input_bytes + out_bytes) / s["median"] / 1e9,
         }
     ps = result["contenders"].get("pysoup")
@@ -167,8 +169,11 @@ def kernel_case(elements: int, runs: int) -> dict:
         torch.add(b, c, alpha=0.5, out=a)
 
     res = {"elements": elements, "threads": threads}
-    for name, fn, nbytes in (("pysoup", pysoup_sum, moved), ("torch", torch_sum, moved),
-                             ("triad", triad, 3 * elements * 4)):
+    for name, fn, nbytes in (
+        ("pysoup", pysoup_sum, moved),
+        ("torch", torch_sum, moved),
+        ("triad", triad, 3 * elements * 4),
+    ):
         s = best(fn)
         res[name] = {"seconds": s, "gb_per_s": nbytes / s["median"] / 1e9}
     res["pysoup_vs_torch"] = res["torch"]["seconds"]["median"] / res["pysoup"]["seconds"]["median"]
@@ -177,12 +182,19 @@ def kernel_case(elements: int, runs: int) -> dict:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# pysoup benchmarks: {report['suite']}", "", f"Machine: {report['machine_line']}", "",
-             f"Command: `{report['command']}`", "",
-             "Whole processes, warm page cache, outputs on /dev/shm, contenders rotated each round; "
-             f"median of {report['runs']} runs (spread = (max - min) / median).", "",
-             "| case | contender | seconds (median) | spread | GB/s | peak RSS | vs pysoup |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# pysoup benchmarks: {report['suite']}",
+        "",
+        f"Machine: {report['machine_line']}",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        "Whole processes, warm page cache, outputs on /dev/shm, contenders rotated each round; "
+        f"median of {report['runs']} runs (spread = (max - min) / median).",
+        "",
+        "| case | contender | seconds (median) | spread | GB/s | peak RSS | vs pysoup |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for case in report["cases"]:
         ps = case["contenders"].get("pysoup", {})
         for name, c in case["contenders"].items():
@@ -190,16 +202,26 @@ def markdown(report: dict) -> str:
                 rel = f"ratio to floor {ps['ratio_to_floor']:.2f}" if "ratio_to_floor" in ps else ""
             else:
                 rel = f"pysoup {ps.get('speedup_vs_' + name, float('nan')):.1f}x faster"
-            lines.append(f"| {case['case']} | {name} | {c['seconds']['median']:.3f} | {c['seconds']['spread']:.0%} | "
-                         f"{c['gb_per_s']:.2f} | {c['peak_rss_bytes'] / 2**20:.0f} MiB | {rel} |")
+            lines.append(
+                f"| {case['case']} | {name} | {c['seconds']['median']:.3f} | {c['seconds']['spread']:.0%} | "
+                f"{c['gb_per_s']:.2f} | {c['peak_rss_bytes'] / 2**20:.0f} MiB | {rel} |"
+            )
     k = report.get("kernel")
     if k:
-        lines += ["", f"In-memory kernel, 4 x bf16 of {k['elements']:,} elements, {k['threads']} threads:", "",
-                  "| contender | GB/s | seconds (median) |", "|---|---|---|"]
+        lines += [
+            "",
+            f"In-memory kernel, 4 x bf16 of {k['elements']:,} elements, {k['threads']} threads:",
+            "",
+            "| contender | GB/s | seconds (median) |",
+            "|---|---|---|",
+        ]
         for name in ("pysoup", "torch", "triad"):
             lines.append(f"| {name} | {k[name]['gb_per_s']:.1f} | {k[name]['seconds']['median'] * 1e3:.1f} ms |")
-        lines += ["", f"pysoup is {k['pysoup_vs_torch']:.2f}x torch and reaches {k['pysoup_fraction_of_triad']:.0%} "
-                      "of torch's triad bandwidth."]
+        lines += [
+            "",
+            f"pysoup is {k['pysoup_vs_torch']:.2f}x torch and reaches {k['pysoup_fraction_of_triad']:.0%} "
+            "of torch's triad bandwidth.",
+        ]
     if report.get("targets"):
         lines += ["", "## Targets", ""] + [f"- {t}" for t in report["targets"]]
     return "\n".join(lines) + "\n"
@@ -212,22 +234,30 @@ def check_targets(report: dict) -> list:
     if t and "io_floor" in t["contenders"]:
         ps, fl = t["contenders"]["pysoup"]["seconds"]["median"], t["contenders"]["io_floor"]["seconds"]["median"]
         bound = 1.5 * fl + 0.3
-        out.append(f"{TARGET_CASE}: pysoup {ps:.2f} s vs bound 1.5 x floor ({fl:.2f} s) + 0.3 s = {bound:.2f} s: "
-                   f"{'met' if ps <= bound else 'NOT met'}")
+        out.append(
+            f"{TARGET_CASE}: pysoup {ps:.2f} s vs bound 1.5 x floor ({fl:.2f} s) + 0.3 s = {bound:.2f} s: "
+            f"{'met' if ps <= bound else 'NOT met'}"
+        )
         if "naive" in t["contenders"]:
             sp = t["contenders"]["pysoup"]["speedup_vs_naive"]
-            out.append(f"{TARGET_CASE}: {sp:.1f}x faster than the naive script (target >= 4x): "
-                       f"{'met' if sp >= 4 else 'NOT met'}")
+            out.append(
+                f"{TARGET_CASE}: {sp:.1f}x faster than the naive script (target >= 4x): "
+                f"{'met' if sp >= 4 else 'NOT met'}"
+            )
     a, b = by.get("4x256MiB"), by.get("4x1GiB")
     if a and b:
         ra, rb = a["contenders"]["pysoup"]["peak_rss_bytes"], b["contenders"]["pysoup"]["peak_rss_bytes"]
-        out.append(f"peak RSS at 4x1GiB {rb / 2**20:.0f} MiB (target <= 256 MiB): {'met' if rb <= 256 << 20 else 'NOT met'}; "
-                   f"{(rb - ra) / 2**20:+.0f} MiB vs 4x256MiB (target <= +32 MiB): "
-                   f"{'met' if rb - ra <= 32 << 20 else 'NOT met'}")
+        out.append(
+            f"peak RSS at 4x1GiB {rb / 2**20:.0f} MiB (target <= 256 MiB): {'met' if rb <= 256 << 20 else 'NOT met'}; "
+            f"{(rb - ra) / 2**20:+.0f} MiB vs 4x256MiB (target <= +32 MiB): "
+            f"{'met' if rb - ra <= 32 << 20 else 'NOT met'}"
+        )
     k = report.get("kernel")
     if k:
         f = k["pysoup_fraction_of_triad"]
-        out.append(f"in-memory kernel at {f:.0%} of triad bandwidth (target >= 85%): {'met' if f >= 0.85 else 'NOT met'}")
+        out.append(
+            f"in-memory kernel at {f:.0%} of triad bandwidth (target >= 85%): {'met' if f >= 0.85 else 'NOT met'}"
+        )
     return out
 
 
@@ -270,21 +300,32 @@ def main(argv=None) -> int:
     runs = args.runs or (3 if args.quick else 5)
     with_mergekit = not args.no_mergekit and importlib.util.find_spec("mergekit") is not None
     print(machine_line(), flush=True)
-    report = {"suite": "linear merge", "machine": machine(), "machine_line": machine_line(), "runs": runs,
-              "command": "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "cases": []}
+    report = {
+        "suite": "linear merge",
+        "machine": machine(),
+        "machine_line": machine_line(),
+        "runs": runs,
+        "command": "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "cases": [],
+    }
     for case in cases:
         print(f"case {case}", flush=True)
         res = run_case(case, runs, with_mergekit, only=args.only.split(",") if args.only else None)
         report["cases"].append(res)
         for name, c in res["contenders"].items():
-            print(f"  {name:<9} {c['seconds']['median']:7.3f} s  (spread {c['seconds']['spread']:.0%})  "
-                  f"{c['gb_per_s']:6.2f} GB/s  {c['peak_rss_bytes'] / 2**20:7.0f} MiB", flush=True)
+            print(
+                f"  {name:<9} {c['seconds']['median']:7.3f} s  (spread {c['seconds']['spread']:.0%})  "
+                f"{c['gb_per_s']:6.2f} GB/s  {c['peak_rss_bytes'] / 2**20:7.0f} MiB",
+                flush=True,
+            )
     if not args.no_kernel and importlib.util.find_spec("torch") is not None:
         report["kernel"] = kernel_case(1 << 22 if args.quick else 1 << 26, max(runs, 5))
         k = report["kernel"]
-        print(f"kernel: pysoup {k['pysoup']['gb_per_s']:.1f} GB/s, torch {k['torch']['gb_per_s']:.1f} GB/s, "
-              f"triad {k['triad']['gb_per_s']:.1f} GB/s", flush=True)
+        print(
+            f"kernel: pysoup {k['pysoup']['gb_per_s']:.1f} GB/s, torch {k['torch']['gb_per_s']:.1f} GB/s, "
+            f"triad {k['triad']['gb_per_s']:.1f} GB/s",
+            flush=True,
+        )
     report["targets"] = check_targets(report)
     for t in report["targets"]:
         print(t)

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "cpu/kernels.h"
+#include "cpu/task_vector.h"
 #include "io/mapped_region.h"
 
 namespace py = pybind11;
@@ -46,6 +47,161 @@ int64_t weighted_sum_py(const std::vector<uintptr_t>& inputs, const std::vector<
     return weighted_sum(args, n, isa, threads < 1 ? 1 : threads);
 }
 
+struct Inputs {
+    std::vector<const void*> ptrs;
+    std::vector<int> dtypes;
+};
+
+Inputs check_inputs(const char* op, const std::vector<uintptr_t>& inputs, const std::vector<int>& dtypes, int64_t n,
+                    const std::string& isa) {
+    if (inputs.empty()) throw std::invalid_argument(std::string(op) + ": needs at least one input");
+    if (dtypes.size() != inputs.size()) throw std::invalid_argument(std::string(op) + ": inputs and dtypes differ");
+    if (n < 0) throw std::invalid_argument(std::string(op) + ": negative element count");
+    for (int d : dtypes)
+        if (d < kF32 || d > kBF16) throw std::invalid_argument(std::string(op) + ": bad dtype code");
+    if (n > 0)
+        for (uintptr_t p : inputs)
+            if (p == 0) throw std::invalid_argument(std::string(op) + ": null input pointer");
+    if (!isa_usable(isa)) throw std::invalid_argument(std::string(op) + ": CPU ISA '" + isa + "' is not usable here");
+    Inputs in;
+    for (uintptr_t p : inputs) in.ptrs.push_back(reinterpret_cast<const void*>(p));
+    in.dtypes = dtypes;
+    return in;
+}
+
+template <class T>
+void check_len(const char* op, const char* what, const std::vector<T>& v, size_t k) {
+    if (v.size() != k) throw std::invalid_argument(std::string(op) + ": " + what + " needs one entry per input");
+}
+
+// Returns (nonfinite count, the tie quotas left after this range).
+py::tuple task_vector_py(const std::vector<uintptr_t>& inputs, const std::vector<int>& dtypes, uintptr_t base,
+                         int base_dtype, int64_t n, uintptr_t out, int out_dtype, const std::vector<float>& weights,
+                         float lambda, bool normalize, bool consensus, const std::vector<uint64_t>& dare_keys,
+                         const std::vector<uint32_t>& keep_below, const std::vector<float>& dare_scale,
+                         const std::vector<uint32_t>& trim_bits, std::vector<int64_t> tie_quota, int64_t start,
+                         int threads, const std::string& isa) {
+    Inputs in = check_inputs("task_vector", inputs, dtypes, n, isa);
+    const size_t k = inputs.size();
+    check_len("task_vector", "weights", weights, k);
+    const bool dare = !dare_keys.empty(), trim = !trim_bits.empty();
+    if (dare) {
+        check_len("task_vector", "dare_keys", dare_keys, k);
+        check_len("task_vector", "dare_scale", dare_scale, k);
+        check_len("task_vector", "keep_below", keep_below, k);
+    }
+    if (trim) {
+        check_len("task_vector", "trim_bits", trim_bits, k);
+        check_len("task_vector", "tie_quota", tie_quota, k);
+    }
+    if (n > 0 && (base == 0 || out == 0)) throw std::invalid_argument("task_vector: null base or output pointer");
+    TaskVectorArgs a{in.ptrs.data(), in.dtypes.data(), static_cast<int>(k), reinterpret_cast<const void*>(base),
+                     base_dtype, weights.data(), lambda, normalize, consensus,
+                     fp32_sum_in_order(weights.data(), static_cast<int>(k)), dare, dare_keys.data(), keep_below.data(),
+                     dare_scale.data(), trim, trim_bits.data(), tie_quota.data(), reinterpret_cast<void*>(out),
+                     out_dtype, start};
+    int64_t nonfinite;
+    {
+        py::gil_scoped_release release;
+        nonfinite = task_vector_combine(a, n, isa, std::max(1, threads), tie_quota.data());
+    }
+    return py::make_tuple(nonfinite, tie_quota);
+}
+
+// Adds the radix-select histogram of one range into `hist` (k x 65536 uint64 at that address).
+void histogram_py(const std::vector<uintptr_t>& inputs, const std::vector<int>& dtypes, uintptr_t base,
+                  int base_dtype, int64_t n, int pass, const std::vector<uint32_t>& prefix, uintptr_t hist,
+                  int threads, const std::string& isa) {
+    Inputs in = check_inputs("magnitude_histogram", inputs, dtypes, n, isa);
+    if (pass == 1) check_len("magnitude_histogram", "prefix", prefix, inputs.size());
+    TaskVectorArgs a{};
+    a.inputs = in.ptrs.data();
+    a.in_dtypes = in.dtypes.data();
+    a.k = static_cast<int>(inputs.size());
+    a.base = reinterpret_cast<const void*>(base);
+    a.base_dtype = base_dtype;
+    py::gil_scoped_release release;
+    task_vector_histogram(a, n, isa, std::max(1, threads), pass, prefix.data(), reinterpret_cast<uint64_t*>(hist));
+}
+
+// Radix select on one histogram pass: for each model, the bin holding the keep[i]-th largest candidate and how
+// many candidates lie in higher bins.
+py::tuple radix_select_py(uintptr_t hist, const std::vector<int64_t>& keep) {
+    const uint64_t* h = reinterpret_cast<const uint64_t*>(hist);
+    std::vector<uint32_t> bins(keep.size());
+    std::vector<int64_t> above(keep.size()), in_bin(keep.size());
+    for (size_t i = 0; i < keep.size(); ++i) {
+        const uint64_t* hi = h + i * 65536;
+        int64_t acc = 0;
+        int bin = 65535;
+        for (; bin > 0; --bin) {
+            if (acc + int64_t(hi[bin]) >= keep[i]) break;
+            acc += int64_t(hi[bin]);
+        }
+        bins[i] = uint32_t(bin);
+        above[i] = acc;
+        in_bin[i] = int64_t(hi[bin]);
+    }
+    return py::make_tuple(bins, above, in_bin);
+}
+
+int64_t masked_sum_py(const std::vector<uintptr_t>& inputs, const std::vector<int>& dtypes,
+                      const std::vector<float>& weights, int mode, int64_t n, uintptr_t out, int out_dtype, int threads,
+                      const std::string& isa, float center, float scale) {
+    Inputs in = check_inputs("masked_sum", inputs, dtypes, n, isa);
+    check_len("masked_sum", "weights", weights, inputs.size());
+    if (mode < 0 || mode > 3)
+        throw std::invalid_argument("masked_sum: mode is 0 shared, 1 intersection, 2 union, 3 affine mean");
+    if (n > 0 && out == 0) throw std::invalid_argument("masked_sum: null output pointer");
+    MaskedSumArgs a{in.ptrs.data(), in.dtypes.data(), static_cast<int>(inputs.size()), weights.data(),
+                    fp32_sum_in_order(weights.data(), static_cast<int>(weights.size())), mode, center, scale,
+                    reinterpret_cast<void*>(out), out_dtype};
+    py::gil_scoped_release release;
+    return masked_sum(a, n, isa, std::max(1, threads));
+}
+
+py::tuple sparse_scan_py(const std::vector<uintptr_t>& inputs, const std::vector<int>& dtypes, int64_t n, int threads,
+                         const std::string& isa) {
+    Inputs in = check_inputs("sparse_scan", inputs, dtypes, n, isa);
+    MaskedSumArgs a{};
+    a.inputs = in.ptrs.data();
+    a.in_dtypes = in.dtypes.data();
+    a.k = static_cast<int>(inputs.size());
+    int64_t zeros = 0, first;
+    {
+        py::gil_scoped_release release;
+        first = sparse_scan(a, n, isa, std::max(1, threads), &zeros);
+    }
+    return py::make_tuple(first, zeros);
+}
+
+// Adds one range's statistics to `totals` (see MomentsArgs for the layout) and returns them.
+std::vector<double> moments_py(const std::vector<uintptr_t>& inputs, const std::vector<int>& dtypes, uintptr_t base,
+                               int base_dtype, int64_t n, const std::vector<float>& mean_weights,
+                               const std::vector<uint64_t>& dare_keys, const std::vector<uint32_t>& keep_below,
+                               int64_t start,
+                               std::vector<double> totals, int threads, const std::string& isa) {
+    Inputs in = check_inputs("moments", inputs, dtypes, n, isa);
+    const int k = static_cast<int>(inputs.size());
+    const bool mean = !mean_weights.empty(), dare = !dare_keys.empty();
+    if (mean) check_len("moments", "mean_weights", mean_weights, inputs.size());
+    if (dare) {
+        check_len("moments", "dare_keys", dare_keys, inputs.size());
+        check_len("moments", "keep_below", keep_below, inputs.size());
+    }
+    if (totals.size() != size_t(moments_size(k, mean, dare)))
+        throw std::invalid_argument("moments: totals has the wrong length");
+    if (start % kStatBlock != 0) throw std::invalid_argument("moments: ranges must start on a 4096-element block");
+    MomentsArgs a{in.ptrs.data(), in.dtypes.data(), k, reinterpret_cast<const void*>(base), base_dtype, mean,
+                  mean_weights.data(), mean ? fp32_sum_in_order(mean_weights.data(), k) : 1.0f, dare,
+                  dare_keys.data(), keep_below.data(), start};
+    {
+        py::gil_scoped_release release;
+        moments(a, n, isa, std::max(1, threads), totals.data());
+    }
+    return totals;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -56,6 +212,13 @@ PYBIND11_MODULE(_C, m) {
           py::arg("isa"),
           "out = round(sum_i fma(w_i, x_i) [/ sum w]) over n elements; returns the count of non-finite outputs");
     m.def("cpu_isas", &usable_isas, "ISAs this CPU can run, 'scalar' first");
+    m.def("task_vector", &task_vector_py, "fused task-vector merge (task arithmetic, TIES, DARE) over one range");
+    m.def("magnitude_histogram", &histogram_py, "radix-select histogram of |x_i - base| bits over one range");
+    m.def("radix_select", &radix_select_py, "per model: (bin, count above, count in bin) for the keep-th largest");
+    m.def("masked_sum", &masked_sum_py, "sparse soup over one range; mode 0 shared, 1 intersection, 2 union");
+    m.def("sparse_scan", &sparse_scan_py, "(first index where zero patterns differ or -1, zeros of input 0)");
+    m.def("moments", &moments_py, "fp64 sums, squares, abs sums and Gram entries over one range, block-ordered");
+    m.def("philox_word", [](uint64_t key, uint64_t e) { return philox_word(key, e); }, "DARE's generator");
     py::class_<MappedRegion>(m, "MappedRegion")
         .def(py::init<int, int64_t, int64_t, bool>(), py::arg("fd"), py::arg("offset"), py::arg("length"),
              py::arg("populate") = true)

@@ -31,15 +31,31 @@ def main(argv=None) -> int:
     print(f"pysoup {pysoup.__version__}: {pysoup.info()}")
     t = time.perf_counter()
     models = make_family(os.path.join(work, "models"), 3, size, layout="hf", shard_bytes=size // 3)
-    print(f"made 3 fine-tunes of one base ({format_bytes(size)} each, bf16, sharded Hugging Face directories) "
-          f"in {time.perf_counter() - t:.1f} s: {', '.join(os.path.relpath(m) for m in models)}")
+    print(
+        f"made 3 fine-tunes of one base ({format_bytes(size)} each, bf16, sharded Hugging Face directories) "
+        f"in {time.perf_counter() - t:.1f} s: {', '.join(os.path.relpath(m) for m in models)}"
+    )
 
     weights = [0.5, 0.3, 0.2]
     rows = []
     # 1. The command line, as a user runs it: a sharded directory output with its index and config.json.
     cli_out = os.path.join(work, "soup-cli")
-    res = run_process([sys.executable, "-m", "pysoup", "merge", *models, "-o", cli_out, "--weights", "0.5,0.3,0.2",
-                       "--shard-size", f"{size // 2}", "--no-progress"])
+    res = run_process(
+        [
+            sys.executable,
+            "-m",
+            "pysoup",
+            "merge",
+            *models,
+            "-o",
+            cli_out,
+            "--weights",
+            "0.5,0.3,0.2",
+            "--shard-size",
+            f"{size // 2}",
+            "--no-progress",
+        ]
+    )
     if res["rc"] != 0:
         print(res["stderr"], file=sys.stderr)
         return 1
@@ -66,7 +82,9 @@ def main(argv=None) -> int:
     for how, seconds, rss, tensors in rows:
         same = all(torch.equal(tensors[k].view(torch.int16), want[k].view(torch.int16)) for k in want)
         rss_s = format_bytes(rss) if rss else "-"
-        print(f"{how:<34} {seconds:8.3f} {moved / seconds / 1e9:7.2f} {rss_s:>10}  {'yes, bit for bit' if same else 'NO'}")
+        print(
+            f"{how:<34} {seconds:8.3f} {moved / seconds / 1e9:7.2f} {rss_s:>10}  {'yes, bit for bit' if same else 'NO'}"
+        )
         if not same:
             return 1
     print()

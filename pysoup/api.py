@@ -17,8 +17,22 @@ from pysoup.strategies import get_strategy
 from pysoup.units import parse_size
 
 
-def merge(inputs, out=None, *, strategy="linear", weights=None, base=None, params=None, dtype=None,
-          backend="auto", threads=None, shard_size=None, progress=None, durable=False):
+def merge(
+    inputs,
+    out=None,
+    *,
+    strategy="linear",
+    weights=None,
+    base=None,
+    params=None,
+    model_params=None,
+    dtype=None,
+    backend="auto",
+    threads=None,
+    shard_size=None,
+    progress=None,
+    durable=False,
+):
     """Merges checkpoints of one architecture into one.
 
     Args:
@@ -29,7 +43,8 @@ def merge(inputs, out=None, *, strategy="linear", weights=None, base=None, param
         strategy: a registered merge method ("linear", "uniform", ...).
         weights: one weight per input: a number, a list interpolated over layers, or [{filter, value}] entries.
         base: the base model, for methods that use one.
-        params: strategy parameters, e.g. {"normalize": False}.
+        params: strategy parameters, e.g. {"normalize": False} or {"density": 0.5} (then for every model).
+        model_params: one dict of per-model parameters per input, e.g. [{"density": 0.5}, {"density": 0.7}].
         dtype: output dtype of merged tensors ("bfloat16", "float16", "float32"); default: the first input's.
         backend: "auto", "cpu" or "reference".
         threads: CPU threads for the kernels (default: all cores this process may use).
@@ -70,27 +85,35 @@ def merge(inputs, out=None, *, strategy="linear", weights=None, base=None, param
         if base is not None:
             base_ckpt = open_checkpoint(base, len(inputs))
             opened.append(base_ckpt)
-        plan = build_plan(strat, opened[: len(inputs)], base_ckpt, weights=weights, params=params, out_dtype=out_dtype)
+        plan = build_plan(strat, opened[: len(inputs)], base_ckpt, weights=weights, params=params,
+                          model_params=model_params, out_dtype=out_dtype)
 
         if out is None:
             sink = MemorySink(plan.entries)
             from pysoup.engine import execute
 
-            execute(plan, sink, be, threads, progress)
+            _, states = execute(plan, sink, be, threads, progress)
             order = {name: k for k, name in enumerate(plan.inputs[0].infos)}
             return dict(sorted(sink.tensors.items(), key=lambda kv: order[kv[0]]))
 
         input_files = [f for c in opened for f in c.files]
         aux = opened[0].aux_files()
         metadata = {"format": "pt"}
-        target = OutputTarget(out, plan.entries, shard_size=shard_size, metadata=metadata, input_files=input_files,
-                              aux_files=aux, durable=durable)
+        target = OutputTarget(
+            out,
+            plan.entries,
+            shard_size=shard_size,
+            metadata=metadata,
+            input_files=input_files,
+            aux_files=aux,
+            durable=durable,
+        )
         from pysoup.engine import OUTPUT_BUFFER_BYTES, execute
 
         target.create()
         sink = FileSink(target, OUTPUT_BUFFER_BYTES)
         try:
-            nonfinite = execute(plan, sink, be, threads, progress)
+            nonfinite, states = execute(plan, sink, be, threads, progress)
             target.commit()
         except BaseException:
             sink.close()
@@ -108,10 +131,21 @@ def merge(inputs, out=None, *, strategy="linear", weights=None, base=None, param
             threads=threads,
             tensors=len(plan.tasks),
             nonfinite_tensors=nonfinite,
+            stats=_stats(plan, states),
         )
     finally:
         for c in opened:
             c.close()
+
+
+def _stats(plan, states) -> dict:
+    """What a strategy measured while merging, summed over tensors (e.g. the sparse soup's sparsity)."""
+    zeros = sum(s["zeros"] for s in states.values() if isinstance(s, dict) and "zeros" in s)
+    out = {}
+    if any(isinstance(s, dict) and "zeros" in s for s in states.values()):
+        total = sum(plan.inputs[0].infos[t.name].numel for t in plan.tasks if t.name in states)
+        out["sparsity"] = zeros / total if total else 0.0
+    return out
 
 
 def open(path):  # noqa: A001 - the public name mirrors safetensors' safe_open

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 
-
 # Runs one command and reports its wall time and its own peak RSS. It is a separate small process because
 # Linux carries the peak RSS across fork+exec: a child forked straight from a large benchmark runner would
 # report the runner's size.
@@ -32,20 +31,34 @@ sys.exit(os.waitstatus_to_exitcode(status))
 
 def run_process(cmd: list, env: dict | None = None, timeout: float = 1800) -> dict:
     """Runs one command; returns its wall seconds, its own peak RSS, exit code and stderr tail."""
-    proc = subprocess.run([sys.executable, "-S", "-c", _LAUNCHER, *cmd], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, env=env, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", _LAUNCHER, *cmd],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+        timeout=timeout,
+    )
     stderr = proc.stderr.decode(errors="replace")
     head, _, tail = stderr.rpartition("PYSOUP_LAUNCHER ")
     seconds, maxrss_kib = tail.split()
-    return {"seconds": float(seconds), "peak_rss_bytes": int(maxrss_kib) * 1024, "rc": proc.returncode,
-            "stderr": head[-2000:]}
+    return {
+        "seconds": float(seconds),
+        "peak_rss_bytes": int(maxrss_kib) * 1024,
+        "rc": proc.returncode,
+        "stderr": head[-2000:],
+    }
 
 
 def summarize(values: list) -> dict:
     """Median, min, max and the relative spread (max - min) / median."""
     med = statistics.median(values)
-    return {"median": med, "min": min(values), "max": max(values),
-            "spread": (max(values) - min(values)) / med if med else 0.0, "n": len(values)}
+    return {
+        "median": med,
+        "min": min(values),
+        "max": max(values),
+        "spread": (max(values) - min(values)) / med if med else 0.0,
+        "n": len(values),
+    }
 
 
 def machine() -> dict:
@@ -59,15 +72,24 @@ def machine() -> dict:
     import pysoup
 
     info = pysoup.info()
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "memory_gib": round(mem / 2**30, 1),
-            "python": platform.python_version(), "pysoup": info["version"], "cpu_isa": info["cpu_isa"],
-            "kernel": platform.release(), "date": time.strftime("%Y-%m-%d %H:%M")}
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)),
+        "memory_gib": round(mem / 2**30, 1),
+        "python": platform.python_version(),
+        "pysoup": info["version"],
+        "cpu_isa": info["cpu_isa"],
+        "kernel": platform.release(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
 
 
 def machine_line() -> str:
     m = machine()
-    return (f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Python {m['python']}, pysoup {m['pysoup']} "
-            f"({m['cpu_isa']}), {m['date']}")
+    return (
+        f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Python {m['python']}, pysoup {m['pysoup']} "
+        f"({m['cpu_isa']}), {m['date']}"
+    )
 
 
 def sync() -> None:

@@ -50,8 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("merge", help="merge checkpoints into one")
     m.add_argument("inputs", nargs="+", metavar="IN", help="safetensors files or Hugging Face model directories")
-    m.add_argument("-o", "--output", required=True, metavar="OUT",
-                   help="OUT.safetensors for one file, else a directory (sharded like Hugging Face)")
+    m.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="OUT",
+        help="OUT.safetensors for one file, else a directory (sharded like Hugging Face)",
+    )
     m.add_argument("--strategy", default="linear")
     m.add_argument("--weights", help="one weight per input, comma-separated: 0.5,0.3,0.2")
     m.add_argument("--base", help="base model, for methods that use one")
@@ -80,9 +85,18 @@ def _cmd_merge(args) -> int:
     import pysoup
 
     report = pysoup.merge(
-        args.inputs, args.output, strategy=args.strategy, weights=_parse_weights(args.weights), base=args.base,
-        params=_parse_params(args.param), dtype=args.dtype, backend=args.backend, threads=args.threads,
-        shard_size=args.shard_size, progress=False if args.no_progress else None, durable=args.fsync,
+        args.inputs,
+        args.output,
+        strategy=args.strategy,
+        weights=_parse_weights(args.weights),
+        base=args.base,
+        params=_parse_params(args.param),
+        dtype=args.dtype,
+        backend=args.backend,
+        threads=args.threads,
+        shard_size=args.shard_size,
+        progress=False if args.no_progress else None,
+        durable=args.fsync,
     )
     if args.json:
         from dataclasses import asdict
@@ -92,9 +106,11 @@ def _cmd_merge(args) -> int:
         from pysoup.units import format_bytes
 
         print(f"merged {report.tensors} tensors ({report.strategy}) -> {', '.join(report.outputs)}")
-        print(f"read {format_bytes(report.bytes_read)}, wrote {format_bytes(report.bytes_written)} in "
-              f"{report.seconds:.2f} s; peak RSS {format_bytes(report.peak_rss_bytes)}; "
-              f"backend {report.backend}{'/' + report.cpu_isa if report.cpu_isa else ''}, {report.threads} threads")
+        print(
+            f"read {format_bytes(report.bytes_read)}, wrote {format_bytes(report.bytes_written)} in "
+            f"{report.seconds:.2f} s; peak RSS {format_bytes(report.peak_rss_bytes)}; "
+            f"backend {report.backend}{'/' + report.cpu_isa if report.cpu_isa else ''}, {report.threads} threads"
+        )
     return 0
 
 
@@ -114,8 +130,10 @@ def _cmd_inspect(args) -> int:
             print(f"metadata: {json.dumps(ckpt.metadata)}")
         params = sum(counts.values())
         by_dtype = ", ".join(f"{d} {n:,}" for d, n in sorted(counts.items()))
-        print(f"{len(ckpt.infos)} tensors, {params:,} parameters ({by_dtype}), {format_bytes(total)} in "
-              f"{len(ckpt.files)} file(s)")
+        print(
+            f"{len(ckpt.infos)} tensors, {params:,} parameters ({by_dtype}), {format_bytes(total)} in "
+            f"{len(ckpt.files)} file(s)"
+        )
     return 0
 
 

@@ -6,12 +6,11 @@ Memory stays bounded: one sliding window per input file (unmapped as it moves on
 
 from __future__ import annotations
 
-import ctypes
 import sys
 import warnings
 
 from pysoup.dtypes import SAFETENSORS_SIZES
-from pysoup.plan import Copy, MergePlan, NonFiniteWarning, WeightedSum
+from pysoup.plan import Chunk, MergePlan, NonFiniteWarning
 
 # Elements per kernel call: 4 Mi elements = 8 MiB of bf16 per input, which fits the inputs' 16 MiB windows
 # at every dtype. Smaller chunks lose throughput to per-call overhead.
@@ -20,14 +19,25 @@ CHUNK_ELEMENTS = 4 << 20
 OUTPUT_BUFFER_BYTES = 16 << 20
 
 
-def execute(plan: MergePlan, sink, backend, threads: int, progress=None) -> list:
-    """Runs every task of the plan into `sink`. Returns the names of tensors that came out non-finite."""
+def execute(plan: MergePlan, sink, backend, threads: int, progress=None) -> tuple:
+    """Runs every task of the plan into `sink`.
+
+    Returns:
+        (names of tensors that came out non-finite, {tensor name: reduction state} of the ops that keep one)
+    """
     bar = _progress_bar(plan, progress)
     nonfinite = []
+    states = {}
     try:
+        # Checks that must pass for every tensor before anything is computed (e.g. sparse masks).
+        for task in plan.tasks:
+            if task.op.verify_first:
+                states[task.name] = _reduce(plan, task, backend, threads)
         for k, task in enumerate(plan.tasks):
             sink.begin_tensor(task.name)
-            count = _run_task(plan, task, sink, backend, threads, bar)
+            if task.name not in states:
+                states[task.name] = _reduce(plan, task, backend, threads)
+            count = _combine(plan, task, sink, backend, threads, bar, states[task.name])
             if count:
                 nonfinite.append(task.name)
                 warnings.warn(f"tensor {task.name!r}: {count} non-finite values in the merged result (NaN or inf in "
@@ -40,38 +50,58 @@ def execute(plan: MergePlan, sink, backend, threads: int, progress=None) -> list
             c.release()
         if bar is not None:
             bar.close()
-    return nonfinite
+    return nonfinite, {name: s for name, s in states.items() if s is not None}
 
 
-def _run_task(plan, task, sink, backend, threads, bar) -> int:
-    sources = [plan.inputs[i] for i in task.sources]
-    infos = [c.infos[task.name] for c in sources]
-    dtypes = [i.dtype for i in infos]
-    in_sizes = [i.itemsize for i in infos]
+class _TaskView:
+    """Where one task's sources live, and how to cut them into chunks."""
+
+    def __init__(self, plan, task, threads, chunk_elems):
+        self.task = task
+        self.sources = [plan.inputs[i] for i in task.sources]
+        self.infos = [c.infos[task.name] for c in self.sources]
+        self.dtypes = [i.dtype for i in self.infos]
+        self.sizes = [i.itemsize for i in self.infos]
+        self.total = self.infos[0].numel
+        self.threads = threads
+        self.chunk_elems = chunk_elems
+
+    def chunk(self, e: int, n: int, out: int = 0) -> Chunk:
+        addrs = [c.address(self.task.name, i.begin + e * s, i.begin + (e + n) * s)
+                 for c, i, s in zip(self.sources, self.infos, self.sizes)]
+        return Chunk(self.task.name, addrs, self.dtypes, e, n, out, self.task.out_dtype, self.threads)
+
+
+def _reduce(plan, task, backend, threads):
+    """The op's reduction passes over the task's chunks; returns its state (None for one-pass ops)."""
+    op = task.op
+    view = _TaskView(plan, task, threads, CHUNK_ELEMENTS)
+    state = op.begin(backend, task.name, view.total)
+    for pass_ in range(op.reduce_passes(backend)):
+        for e in range(0, view.total, view.chunk_elems):
+            op.reduce(backend, view.chunk(e, min(view.chunk_elems, view.total - e)), state, pass_)
+        op.end_pass(state, pass_)
+    return state
+
+
+def _combine(plan, task, sink, backend, threads, bar, state) -> int:
     osize = SAFETENSORS_SIZES[task.out_dtype]
-    total = infos[0].numel
-    chunk = max(1, min(CHUNK_ELEMENTS, sink.capacity // osize))
+    view = _TaskView(plan, task, threads, max(1, min(CHUNK_ELEMENTS, sink.capacity // osize)))
     nonfinite = 0
     e = 0
-    while e < total:
-        n = min(total - e, chunk)
+    while e < view.total:
+        n = min(view.total - e, view.chunk_elems)
         room = sink.available() // osize
-        if room < n and room >= chunk // 4:
+        if room < n and room >= view.chunk_elems // 4:
             n = room  # top up the current buffer rather than flushing it part-empty
-        addrs = [c.address(task.name, i.begin + e * s, i.begin + (e + n) * s) for c, i, s in zip(sources, infos, in_sizes)]
-        out = sink.reserve(n * osize)
-        if isinstance(task.op, WeightedSum):
-            nonfinite += backend.weighted_sum_raw(addrs, dtypes, task.op.weights, n, out, task.out_dtype,
-                                                  task.op.normalize, threads)
-        elif isinstance(task.op, Copy):
-            ctypes.memmove(out, addrs[0], n * osize)
-        else:  # pragma: no cover - a strategy returned an op this engine does not know
-            raise TypeError(f"tensor {task.name!r}: unknown op {task.op!r}")
+        chunk = view.chunk(e, n)
+        chunk.out = sink.reserve(n * osize)
+        nonfinite += task.op.combine(backend, chunk, state)
         sink.advance(n * osize)
         sink.flush_if_full()
         e += n
         if bar is not None:
-            bar.update(n * sum(in_sizes))
+            bar.update(n * sum(view.sizes))
     return nonfinite
 
 
@@ -82,7 +112,12 @@ def _progress_bar(plan, progress):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=plan.bytes_to_read, unit="B", unit_scale=True, unit_divisor=1000, desc="merging read",
-                dynamic_ncols=True, mininterval=0.2)
-
-
+    return tqdm(
+        total=plan.bytes_to_read,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1000,
+        desc="merging read",
+        dynamic_ncols=True,
+        mininterval=0.2,
+    )

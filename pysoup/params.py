@@ -57,8 +57,10 @@ def validate_setting(param: str, value) -> None:
             return
         for entry in value:
             if not isinstance(entry, Mapping) or "value" not in entry or set(entry) - {"filter", "value"}:
-                raise PlanError(f"parameter {param!r}: a list must hold numbers (a gradient) or "
-                                f"{{filter, value}} entries, got {entry!r}")
+                raise PlanError(
+                    f"parameter {param!r}: a list must hold numbers (a gradient) or "
+                    f"{{filter, value}} entries, got {entry!r}"
+                )
             validate_setting(param, entry["value"])
         return
     raise PlanError(f"parameter {param!r}: unsupported value {value!r}")

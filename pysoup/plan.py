@@ -6,6 +6,7 @@ file and the tensor.
 
 from __future__ import annotations
 
+import ctypes
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -15,21 +16,68 @@ from pysoup.errors import PlanError
 from pysoup.params import LayerPositions, validate_setting
 
 
-# -- ops a plan can ask for (what to compute; the backends decide how) ---------------------------------
+# -- what each output tensor is computed as ---------------------------------------------------------------
+@dataclass
+class Chunk:
+    """One piece of one tensor, as the engine hands it to an op: raw input addresses (one per source),
+    elements [start, start + n) of tensor `name`, and the output address (0 during a reduction pass)."""
+
+    name: str
+    addrs: list
+    dtypes: list
+    start: int
+    n: int
+    out: int
+    out_dtype: str
+    threads: int
+
+
+class TensorOp:
+    """What one output tensor is. One-pass ops implement `combine`. Ops that need whole-tensor statistics (TIES
+    thresholds, SLERP angles, variances) return a pass count from `reduce_passes`: the engine streams every chunk
+    through `reduce` that many times (calling `end_pass` after each), then runs the combine pass with the state
+    `begin` made. No pass ever holds a whole input tensor. Ops with `verify_first` (the sparse soup's mask check)
+    have their reduction run for every tensor before any output is computed."""
+
+    verify_first = False
+
+    def reduce_passes(self, backend) -> int:
+        return 0
+
+    def begin(self, backend, name: str, numel: int):
+        return None
+
+    def reduce(self, backend, chunk: Chunk, state, pass_: int) -> None:
+        raise NotImplementedError
+
+    def end_pass(self, state, pass_: int) -> None:
+        pass
+
+    def combine(self, backend, chunk: Chunk, state) -> int:
+        """Writes chunk.n results at chunk.out; returns how many are not finite."""
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
-class WeightedSum:
+class WeightedSum(TensorOp):
     """out = sum_i w_i x_i, divided by sum_i w_i (fp32, input order) when `normalize`."""
 
     weights: tuple
     normalize: bool
-    reduction = False  # one pass; two-pass ops (TIES, SLERP...) set this and implement a reduce step
+
+    def combine(self, backend, chunk, state):
+        return backend.weighted_sum_raw(
+            chunk.addrs, chunk.dtypes, self.weights, chunk.n, chunk.out, chunk.out_dtype, self.normalize, chunk.threads
+        )
 
 
 @dataclass(frozen=True)
-class Copy:
+class Copy(TensorOp):
     """out = the first source, byte for byte (integer buffers such as position ids)."""
 
-    reduction = False
+    def combine(self, backend, chunk, state):
+        ctypes.memmove(chunk.out, chunk.addrs[0], chunk.n * SAFETENSORS_SIZES[chunk.out_dtype])
+        return 0
 
 
 @dataclass
@@ -65,11 +113,21 @@ class NonFiniteWarning(UserWarning):
     """A merged tensor holds NaN or inf (from its inputs, or from overflow in the output dtype)."""
 
 
-def _normalize_settings(strategy, weights, params, num_models):
+def _normalize_settings(strategy, weights, params, model_params, num_models):
     settings = dict(params or {})
     for key, value in settings.items():
         validate_setting(key, value)
     model_settings = [{} for _ in range(num_models)]
+    if model_params is not None:
+        if len(model_params) != num_models:
+            raise PlanError(f"{len(model_params)} per-model parameter sets for {num_models} models")
+        for i, mp in enumerate(model_params):
+            for key, value in (mp or {}).items():
+                if key not in strategy.model_params:
+                    raise PlanError(f"strategy {strategy.name!r} has no per-model parameter {key!r} "
+                                    f"(valid: {', '.join(sorted(strategy.model_params)) or 'none'})")
+                validate_setting(key, value)
+                model_settings[i][key] = value
     if weights is not None:
         if isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__"):
             raise PlanError(f"weights must be a list with one entry per model, got {weights!r}")
@@ -82,7 +140,8 @@ def _normalize_settings(strategy, weights, params, num_models):
     return settings, model_settings
 
 
-def build_plan(strategy, models: list, base=None, *, weights=None, params=None, out_dtype=None) -> MergePlan:
+def build_plan(strategy, models: list, base=None, *, weights=None, params=None, model_params=None,
+               out_dtype=None) -> MergePlan:
     """Checks the inputs against each other and the strategy, and plans every output tensor.
 
     Args:
@@ -90,13 +149,14 @@ def build_plan(strategy, models: list, base=None, *, weights=None, params=None, 
         models: opened Checkpoints, in input order.
         base: an opened Checkpoint or None.
         weights: one setting per model (scalar, gradient or filter list), or None.
-        params: {parameter: setting} for the strategy.
+        params: {parameter: setting} for the strategy (per-model parameters given here apply to every model).
+        model_params: one {parameter: setting} per model, for per-model parameters (density, weight).
         out_dtype: safetensors dtype of the merged float tensors, or None for each tensor's first input's.
     """
     if not models:
         raise PlanError("no input models given")
     strategy.check_inputs(len(models), base is not None)
-    settings, model_settings = _normalize_settings(strategy, weights, params, len(models))
+    settings, model_settings = _normalize_settings(strategy, weights, params, model_params, len(models))
     inputs = list(models) + ([base] if base is not None else [])
     base_index = len(models) if base is not None else None
     reference = inputs[0]
@@ -110,10 +170,12 @@ def build_plan(strategy, models: list, base=None, *, weights=None, params=None, 
         infos = [c.infos[name] for c in inputs]
         for c, other in zip(inputs[1:], infos[1:]):
             if other.shape != info.shape:
-                raise PlanError(f"tensor {name!r}: shape {list(other.shape)} in {c.name} differs from "
-                                f"{list(info.shape)} in {reference.name}")
+                raise PlanError(
+                    f"tensor {name!r}: shape {list(other.shape)} in {c.name} differs from "
+                    f"{list(info.shape)} in {reference.name}"
+                )
         if all(i.dtype in KERNEL_CODE for i in infos):
-            ctx = TensorContext(name, positions.t(name), model_settings, settings, len(models))
+            ctx = TensorContext(name, positions.t(name), info.numel, model_settings, settings, len(models))
             op = strategy.plan_tensor(ctx)
             sources = list(range(len(inputs)))
             tasks.append(TensorTask(name, info.shape, out_dtype or info.dtype, sources, op))
@@ -138,12 +200,16 @@ def _check_keys(inputs) -> None:
     for c in inputs[1:]:
         missing = [k for k in reference.infos if k not in c.infos]
         if missing:
-            raise PlanError(f"tensor {missing[0]!r} is missing from {c.name} (it is in {reference.name}; "
-                            f"{len(missing)} missing in all)")
+            raise PlanError(
+                f"tensor {missing[0]!r} is missing from {c.name} (it is in {reference.name}; "
+                f"{len(missing)} missing in all)"
+            )
         extra = [k for k in c.infos if k not in ref_keys]
         if extra:
-            warnings.warn(f"{c.name}: {len(extra)} tensors not in {reference.name} are ignored "
-                          f"(first: {extra[0]!r})", stacklevel=3)
+            warnings.warn(
+                f"{c.name}: {len(extra)} tensors not in {reference.name} are ignored (first: {extra[0]!r})",
+                stacklevel=3,
+            )
 
 
 def _collect_filters(setting, out: set) -> None:

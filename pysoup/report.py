@@ -36,6 +36,7 @@ class MergeReport:
     threads: int
     tensors: int
     nonfinite_tensors: list = field(default_factory=list)
+    stats: dict = field(default_factory=dict)  # what the strategy measured, e.g. {"sparsity": 0.9}
 
     @property
     def gb_per_s(self) -> float:

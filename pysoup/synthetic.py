@@ -50,11 +50,19 @@ def llama_config(shapes: list, dtype: str) -> dict:
     inter = next(s[0] for n, s in shapes if n.endswith("up_proj.weight"))
     heads = max(1, hidden // 64)
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-        "intermediate_size": inter, "num_attention_heads": heads, "num_key_value_heads": heads,
-        "num_hidden_layers": sum(1 for n, _ in shapes if n.endswith("q_proj.weight")), "vocab_size": vocab,
-        "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
-        "hidden_act": "silu", "torch_dtype": {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[dtype],
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+        "num_hidden_layers": sum(1 for n, _ in shapes if n.endswith("q_proj.weight")),
+        "vocab_size": vocab,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "hidden_act": "silu",
+        "torch_dtype": {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[dtype],
     }
 
 
@@ -81,8 +89,16 @@ def write_safetensors(path: str, arrays: dict, dtypes: dict, metadata=None) -> N
             f.write(np.ascontiguousarray(arrays[name]).tobytes())
 
 
-def make_family(directory: str, count: int, target_bytes: int, dtype: str = "BF16", seed: int = 0,
-                noise: float = 0.01, layout: str = "file", shard_bytes: int | None = None) -> list:
+def make_family(
+    directory: str,
+    count: int,
+    target_bytes: int,
+    dtype: str = "BF16",
+    seed: int = 0,
+    noise: float = 0.01,
+    layout: str = "file",
+    shard_bytes: int | None = None,
+) -> list:
     """Writes a base model and `count` fine-tunes of it (base + noise-scaled perturbations).
 
     Args:

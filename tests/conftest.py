@@ -70,8 +70,12 @@ def models(tmp_path):
 
 def run_cli(*args, check=False, env=None):
     """Runs `python -m pysoup ARGS` in a fresh process."""
-    proc = subprocess.run([sys.executable, "-m", "pysoup", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
+    proc = subprocess.run(
+        [sys.executable, "-m", "pysoup", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
     if check and proc.returncode != 0:
         raise AssertionError(proc.stderr)
     return proc
@@ -89,5 +93,14 @@ def tree_snapshot(path):
     return out
 
 
-__all__ = ["assert_bit_equal", "bits", "id_formatter", "np", "random_tensor", "run_cli", "save_st", "small_model",
-           "tree_snapshot"]
+__all__ = [
+    "assert_bit_equal",
+    "bits",
+    "id_formatter",
+    "np",
+    "random_tensor",
+    "run_cli",
+    "save_st",
+    "small_model",
+    "tree_snapshot",
+]

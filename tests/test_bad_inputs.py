@@ -87,8 +87,9 @@ def test_shape_mismatch(workspace):
 
 def test_missing_path(workspace):
     tmp_path, (a, _b), _sds, target = workspace
-    check_cli_and_api(tmp_path, target, [a, str(tmp_path / "nope.safetensors")], "nope.safetensors: no such file",
-                      PlanError)
+    check_cli_and_api(
+        tmp_path, target, [a, str(tmp_path / "nope.safetensors")], "nope.safetensors: no such file", PlanError
+    )
 
 
 def test_directory_without_checkpoint(workspace):
@@ -119,16 +120,31 @@ def test_index_with_missing_shard(workspace):
 )
 def test_bad_weights(workspace, weights, cli, match):
     tmp_path, inputs, _sds, target = workspace
-    check_cli_and_api(tmp_path, target, inputs, match, PlanError, cli_extra=("--weights", cli),
-                      api_kwargs={"weights": weights})
+    check_cli_and_api(
+        tmp_path, target, inputs, match, PlanError, cli_extra=("--weights", cli), api_kwargs={"weights": weights}
+    )
 
 
 def test_unknown_strategy_and_param(workspace):
     tmp_path, inputs, _sds, target = workspace
-    check_cli_and_api(tmp_path, target, inputs, "unknown strategy 'soup9' (valid: linear, uniform", PlanError,
-                      cli_extra=("--strategy", "soup9"), api_kwargs={"strategy": "soup9"})
-    check_cli_and_api(tmp_path, target, inputs, "no parameter 'densty' (valid: normalize, weight)", PlanError,
-                      cli_extra=("--param", "densty=0.5"), api_kwargs={"params": {"densty": 0.5}})
+    check_cli_and_api(
+        tmp_path,
+        target,
+        inputs,
+        "unknown strategy 'soup9' (valid: dare_linear, dare_ties, interpolate, linear, model_stock",
+        PlanError,
+        cli_extra=("--strategy", "soup9"),
+        api_kwargs={"strategy": "soup9"},
+    )
+    check_cli_and_api(
+        tmp_path,
+        target,
+        inputs,
+        "no parameter 'densty' (valid: normalize, weight)",
+        PlanError,
+        cli_extra=("--param", "densty=0.5"),
+        api_kwargs={"params": {"densty": 0.5}},
+    )
 
 
 def test_output_equal_to_input(workspace):

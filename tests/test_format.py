@@ -15,8 +15,18 @@ from pysoup.errors import FormatError
 from pysoup.io.format import build_header, parse_header
 from pysoup.io.reader import SafetensorsReader
 
-ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int8,
-              torch.uint8, torch.bool, torch.int16]
+ALL_DTYPES = [
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.int64,
+    torch.int32,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+    torch.int16,
+]
 
 
 def mixed_state_dict():
@@ -93,8 +103,7 @@ BAD_HEADERS = {
     "negative dim": (lambda p: write_raw(p, {"w": {**good_entry(), "shape": [-2]}}, b"\0" * 8), "negative"),
     "float dim": (lambda p: write_raw(p, {"w": {**good_entry(), "shape": [2.0]}}, b"\0" * 8), "list of integers"),
     "overflow": (lambda p: write_raw(p, {"w": {**good_entry(), "shape": [2**40, 2**40]}}, b"\0" * 8), "overflows"),
-    "range mismatch": (lambda p: write_raw(p, {"w": {**good_entry(), "data_offsets": [0, 4]}}, b"\0" * 8),
-                       "needs 8"),
+    "range mismatch": (lambda p: write_raw(p, {"w": {**good_entry(), "data_offsets": [0, 4]}}, b"\0" * 8), "needs 8"),
     "past data end": (lambda p: write_raw(p, {"w": good_entry(begin=4)}, b"\0" * 8), "past the end of the data"),
     "overlap": (lambda p: write_raw(p, {"a": good_entry(0, (2,)), "b": good_entry(4, (2,))}, b"\0" * 12), "overlap"),
     "missing key": (lambda p: write_raw(p, {"w": {"dtype": "F32", "shape": [2]}}, b"\0" * 8), "exactly the keys"),
@@ -126,9 +135,13 @@ def test_fuzzed_files_never_crash(tmp_path, blob, data_len):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.dictionaries(st.text(min_size=1, max_size=8),
-                       st.tuples(st.sampled_from(["F32", "F16", "BF16", "I64", "U8"]),
-                                 st.lists(st.integers(0, 5), max_size=3)), max_size=6))
+@given(
+    st.dictionaries(
+        st.text(min_size=1, max_size=8),
+        st.tuples(st.sampled_from(["F32", "F16", "BF16", "I64", "U8"]), st.lists(st.integers(0, 5), max_size=3)),
+        max_size=6,
+    )
+)
 def test_fuzzed_headers_roundtrip(entries):
     """build_header's output always parses back to the same tensors."""
     entries = [(k, d, tuple(s)) for k, (d, s) in entries.items() if k != "__metadata__"]

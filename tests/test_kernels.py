@@ -36,8 +36,10 @@ def test_mixed_input_dtypes(isa):
     xs = [random_tensor((5003,), d, seed=i, wide=True) for i, d in enumerate(DTYPES * 2)]
     ws = [0.5, 1.25, -0.75, 3.0, 1e-3, 7.0]
     for out_dtype in DTYPES:
-        assert_bit_equal(cpu.weighted_sum(xs, ws, out_dtype, True, threads=2, isa=isa),
-                         reference.weighted_sum(xs, ws, out_dtype, True))
+        assert_bit_equal(
+            cpu.weighted_sum(xs, ws, out_dtype, True, threads=2, isa=isa),
+            reference.weighted_sum(xs, ws, out_dtype, True),
+        )
 
 
 @pytest.mark.parametrize("isa", ISAS, ids=id_formatter("isa"))
@@ -48,10 +50,12 @@ def test_every_16_bit_pattern(isa, dtype):
     y = x.flip(0)
     for ws in ([1.0], [0.37], [1e30]):
         for out_dtype in DTYPES:
-            assert_bit_equal(cpu.weighted_sum([x], ws, out_dtype, False, isa=isa),
-                             reference.weighted_sum([x], ws, out_dtype, False))
-        assert_bit_equal(cpu.weighted_sum([x, y], ws * 2, dtype, True, isa=isa),
-                         reference.weighted_sum([x, y], ws * 2, dtype, True))
+            assert_bit_equal(
+                cpu.weighted_sum([x], ws, out_dtype, False, isa=isa), reference.weighted_sum([x], ws, out_dtype, False)
+            )
+        assert_bit_equal(
+            cpu.weighted_sum([x, y], ws * 2, dtype, True, isa=isa), reference.weighted_sum([x, y], ws * 2, dtype, True)
+        )
 
 
 @pytest.mark.parametrize("isa", ISAS, ids=id_formatter("isa"))
@@ -60,8 +64,10 @@ def test_random_fp32_bit_patterns(isa):
     x = torch.randint(-(2**31), 2**31 - 1, (100_003,), generator=g, dtype=torch.int64).to(torch.int32)
     x = x.view(torch.float32)
     for out_dtype in DTYPES:
-        assert_bit_equal(cpu.weighted_sum([x, x.flip(0)], [0.37, -2.2], out_dtype, False, isa=isa),
-                         reference.weighted_sum([x, x.flip(0)], [0.37, -2.2], out_dtype, False))
+        assert_bit_equal(
+            cpu.weighted_sum([x, x.flip(0)], [0.37, -2.2], out_dtype, False, isa=isa),
+            reference.weighted_sum([x, x.flip(0)], [0.37, -2.2], out_dtype, False),
+        )
 
 
 def test_reference_fma_is_exactly_rounded():
@@ -76,8 +82,9 @@ def test_reference_fma_is_exactly_rounded():
         # nearest fp32 to `exact`, ties to even: compare against both neighbours of the float64 rounding
         cand = np.float32(float(exact))
         lo, hi = np.nextafter(cand, np.float32(-np.inf)), np.nextafter(cand, np.float32(np.inf))
-        best = min((abs(Fraction(float(c)) - exact), int(np.float32(c).view(np.int32)) & 1, float(c))
-                   for c in (lo, cand, hi))
+        best = min(
+            (abs(Fraction(float(c)) - exact), int(np.float32(c).view(np.int32)) & 1, float(c)) for c in (lo, cand, hi)
+        )
         assert float(gi) == best[2]
 
 
@@ -128,8 +135,10 @@ def test_public_op_dispatch_and_errors(monkeypatch):
 def test_non_contiguous_inputs():
     base = random_tensor((64, 33), torch.bfloat16, seed=9)
     xs = [base.t(), (base * 2).t()]
-    assert_bit_equal(cpu.weighted_sum(xs, [0.25, 0.75], torch.bfloat16, False),
-                     reference.weighted_sum([x.contiguous() for x in xs], [0.25, 0.75], torch.bfloat16, False))
+    assert_bit_equal(
+        cpu.weighted_sum(xs, [0.25, 0.75], torch.bfloat16, False),
+        reference.weighted_sum([x.contiguous() for x in xs], [0.25, 0.75], torch.bfloat16, False),
+    )
 
 
 def test_info():

@@ -15,8 +15,9 @@ from pysoup.ops import reference
 
 
 def expected(sds, weights, normalize=True, dtype=None):
-    return {k: reference.weighted_sum([sd[k] for sd in sds], weights, dtype or sds[0][k].dtype, normalize)
-            for k in sds[0]}
+    return {
+        k: reference.weighted_sum([sd[k] for sd in sds], weights, dtype or sds[0][k].dtype, normalize) for k in sds[0]
+    }
 
 
 def assert_same_tensors(a, b):
@@ -155,7 +156,8 @@ def test_file_merge_does_not_import_torch(tmp_path, models):
     code = (
         "import sys, pysoup; assert 'torch' not in sys.modules; "
         f"pysoup.merge({paths!r}, {str(tmp_path / 'o.safetensors')!r}, progress=False); "
-        "assert 'torch' not in sys.modules, 'torch was imported'; assert 'numpy' not in sys.modules, 'numpy was imported'"
+        "assert 'torch' not in sys.modules, 'torch was imported'; "
+        "assert 'numpy' not in sys.modules, 'numpy was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -14,8 +14,22 @@ def test_wheel_installs_and_merges_without_torch(tmp_path, models):
     paths, _ = models
     dist = tmp_path / "dist"
     # Build as a user would (isolated build environment), in a build dir of its own.
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", ROOT, "-w", str(dist),
-                    "-C", f"build-dir={tmp_path / 'build'}"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "-q",
+            ROOT,
+            "-w",
+            str(dist),
+            "-C",
+            f"build-dir={tmp_path / 'build'}",
+        ],
+        check=True,
+    )
     wheels = list(dist.glob("pysoup-*.whl"))
     assert len(wheels) == 1
     venv = tmp_path / "venv"
@@ -24,11 +38,21 @@ def test_wheel_installs_and_merges_without_torch(tmp_path, models):
     subprocess.run([py, "-m", "pip", "install", "-q", str(wheels[0])], check=True)
     out = tmp_path / "soup.safetensors"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
-    subprocess.run([str(venv / "bin" / "pysoup"), "merge", *paths, "-o", str(out), "--weights", "1,2,3"], check=True,
-                   env=env, cwd=tmp_path)
+    subprocess.run(
+        [str(venv / "bin" / "pysoup"), "merge", *paths, "-o", str(out), "--weights", "1,2,3"],
+        check=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert subprocess.run([py, "-c", "import torch"], capture_output=True, env=env).returncode != 0
-    info = subprocess.run([py, "-c", "import pysoup; print(pysoup.info())"], capture_output=True, text=True,
-                          env=env, cwd=tmp_path, check=True).stdout
+    info = subprocess.run(
+        [py, "-c", "import pysoup; print(pysoup.info())"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        check=True,
+    ).stdout
     assert "'cpu'" in info and "reference" not in info  # no torch, so no reference backend
     import pysoup
 

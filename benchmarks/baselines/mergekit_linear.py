@@ -1,7 +1,6 @@
 """mergekit's linear merge of the inputs (uniform weights), through its own command line."""
 
 import os
-
 import subprocess
 import sys
 import tempfile
@@ -15,11 +14,13 @@ def main():
         f.write(config)
     exe = os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")
     try:
-        subprocess.run([exe, f.name, out, "--no-copy-tokenizer", "--quiet", "--no-write-model-card"], check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [exe, f.name, out, "--no-copy-tokenizer", "--quiet", "--no-write-model-card"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     finally:
         os.unlink(f.name)
-
 
 
 if __name__ == "__main__":

@@ -3,9 +3,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "cpu/dtype.h"
 #include "cpu/kernels.h"
+#include "cpu/task_vector.h"
 
 namespace pysoup {
 namespace {
@@ -140,5 +142,27 @@ int64_t weighted_sum_avx2(const WeightedSumArgs& a, int64_t begin, int64_t end) 
     }
     return nonfinite;
 }
+
+namespace {
+
+struct Avx2IO {
+    static void load(const void* base, int dtype, int64_t start, int64_t n, float* dst) {
+        int64_t j = 0;
+        for (; j + 8 <= n; j += 8) _mm256_storeu_ps(dst + j, load8(base, dtype, start + j));
+        for (; j < n; ++j) dst[j] = load_f32(base, dtype, start + j);
+    }
+    static int64_t store(const float* src, int64_t n, void* base, int dtype, int64_t start) {
+        int64_t nonfinite = 0, j = 0;
+        for (; j + 8 <= n; j += 8) nonfinite += store8(base, dtype, start + j, _mm256_loadu_ps(src + j));
+        for (; j < n; ++j) nonfinite += store_f32(base, dtype, start + j, src[j]);
+        return nonfinite;
+    }
+};
+
+#include "cpu/task_vector_impl.h"
+
+}  // namespace
+
+TaskVectorKernels task_vector_kernels_avx2() { return make_task_vector_kernels<Avx2IO>(); }
 
 }  // namespace pysoup

@@ -3,9 +3,12 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
+#include <vector>
 
 #include "cpu/dtype.h"
 #include "cpu/kernels.h"
+#include "cpu/task_vector.h"
 
 namespace pysoup {
 namespace {
@@ -179,5 +182,30 @@ int64_t weighted_sum_avx512(const WeightedSumArgs& a, int64_t begin, int64_t end
     }
     return nonfinite;
 }
+
+namespace {
+
+struct Avx512IO {
+    static void load(const void* base, int dtype, int64_t start, int64_t n, float* dst) {
+        for (int64_t j = 0; j < n; j += 16) {
+            const __mmask16 mask = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1u);
+            _mm512_mask_storeu_ps(dst + j, mask, load16(base, dtype, start + j, mask));
+        }
+    }
+    static int64_t store(const float* src, int64_t n, void* base, int dtype, int64_t start) {
+        int64_t nonfinite = 0;
+        for (int64_t j = 0; j < n; j += 16) {
+            const __mmask16 mask = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1u);
+            nonfinite += store16(base, dtype, start + j, _mm512_maskz_loadu_ps(mask, src + j), mask);
+        }
+        return nonfinite;
+    }
+};
+
+#include "cpu/task_vector_impl.h"
+
+}  // namespace
+
+TaskVectorKernels task_vector_kernels_avx512() { return make_task_vector_kernels<Avx512IO>(); }
 
 }  // namespace pysoup

@@ -1,9 +1,11 @@
 // The portable path: plain C++, no SIMD flags. It is also the definition every other ISA must reproduce.
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "cpu/dtype.h"
 #include "cpu/kernels.h"
+#include "cpu/task_vector.h"
 
 namespace pysoup {
 
@@ -25,5 +27,24 @@ int64_t weighted_sum_scalar(const WeightedSumArgs& a, int64_t begin, int64_t end
     }
     return nonfinite;
 }
+
+namespace {
+
+struct ScalarIO {
+    static void load(const void* base, int dtype, int64_t start, int64_t n, float* dst) {
+        for (int64_t j = 0; j < n; ++j) dst[j] = load_f32(base, dtype, start + j);
+    }
+    static int64_t store(const float* src, int64_t n, void* base, int dtype, int64_t start) {
+        int64_t nonfinite = 0;
+        for (int64_t j = 0; j < n; ++j) nonfinite += store_f32(base, dtype, start + j, src[j]);
+        return nonfinite;
+    }
+};
+
+#include "cpu/task_vector_impl.h"
+
+}  // namespace
+
+TaskVectorKernels task_vector_kernels_scalar() { return make_task_vector_kernels<ScalarIO>(); }
 
 }  // namespace pysoup

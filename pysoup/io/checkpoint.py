@@ -129,8 +129,10 @@ class MemoryCheckpoint(Checkpoint):
             if not hasattr(t, "data_ptr"):
                 raise PlanError(f"{name}: {key!r} is a {type(t).__name__}, not a torch tensor")
             if t.device.type != "cpu":
-                raise PlanError(f"{name}: tensor {key!r} is on {t.device}; in-memory merges take CPU tensors "
-                                "(use pysoup.ops with backend='reference' for other devices)")
+                raise PlanError(
+                    f"{name}: tensor {key!r} is on {t.device}; in-memory merges take CPU tensors "
+                    "(use pysoup.ops with backend='reference' for other devices)"
+                )
             t = t.detach().contiguous()
             self.tensors[key] = t
             nbytes = t.numel() * t.element_size()
@@ -159,8 +161,12 @@ def _open_directory(path: str, kw: dict) -> FileCheckpoint:
     if os.path.isfile(index_path):
         return _open_index(path, index_path, kw)
     single = os.path.join(path, SINGLE_NAME)
-    candidates = [single] if os.path.isfile(single) else sorted(
-        os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors") and not f.startswith(".")
+    candidates = (
+        [single]
+        if os.path.isfile(single)
+        else sorted(
+            os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors") and not f.startswith(".")
+        )
     )
     if not candidates:
         hint = ""
@@ -204,8 +210,9 @@ def _open_index(path: str, index_path: str, kw: dict) -> FileCheckpoint:
                     raise FormatError(f"{index_path}: shard {shard!r} (holding {key!r}) does not exist")
                 readers[shard] = SafetensorsReader(shard_path, **kw)
             if key not in readers[shard].infos:
-                raise FormatError(f"{os.path.join(path, shard)}: tensor {key!r} is listed in the index but missing "
-                                  "from the shard")
+                raise FormatError(
+                    f"{os.path.join(path, shard)}: tensor {key!r} is listed in the index but missing from the shard"
+                )
             owner[key] = readers[shard]
     except BaseException:
         for r in readers.values():

@@ -65,12 +65,15 @@ def parse_header(path: str, prefix: bytes, file_size: int, read_header) -> tuple
         (metadata dict or None, list of TensorInfo in file order, data start offset)
     """
     if file_size < 8 or len(prefix) < 8:
-        raise FormatError(f"{path}: empty or truncated file ({file_size} bytes; a safetensors file starts with an "
-                          "8-byte header length)")
+        raise FormatError(
+            f"{path}: empty or truncated file ({file_size} bytes; a safetensors file starts with an "
+            "8-byte header length)"
+        )
     (n,) = struct.unpack("<Q", prefix[:8])
     if n > MAX_HEADER_BYTES:
-        raise FormatError(f"{path}: header length {n} is absurdly large (limit {MAX_HEADER_BYTES}): not a safetensors "
-                          "file?")
+        raise FormatError(
+            f"{path}: header length {n} is absurdly large (limit {MAX_HEADER_BYTES}): not a safetensors file?"
+        )
     if 8 + n > file_size:
         raise FormatError(f"{path}: header length {n} runs past the end of the file ({file_size} bytes): truncated?")
     raw = read_header(n)
@@ -127,11 +130,14 @@ def _parse_entry(path, name, entry, data_start, data_len) -> TensorInfo:
     if begin < 0 or end < begin:
         raise FormatError(f"{where}: data_offsets {offsets} are not an increasing pair of non-negative integers")
     if end - begin != nbytes:
-        raise FormatError(f"{where}: byte range [{begin}, {end}) holds {end - begin} bytes but shape {shape} of "
-                          f"{dtype} needs {nbytes}")
+        raise FormatError(
+            f"{where}: byte range [{begin}, {end}) holds {end - begin} bytes but shape {shape} of "
+            f"{dtype} needs {nbytes}"
+        )
     if end > data_len:
-        raise FormatError(f"{where}: byte range [{begin}, {end}) runs past the end of the data ({data_len} bytes): "
-                          "truncated file?")
+        raise FormatError(
+            f"{where}: byte range [{begin}, {end}) runs past the end of the data ({data_len} bytes): truncated file?"
+        )
     return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
 
 

@@ -194,7 +194,9 @@ def _pwrite_all(fd: int, data, offset: int, path: str = "") -> None:
 
 def _temp_name(path: str) -> str:
     """A hidden name beside `path`; `.pysoup-tmp-` marks it as ours."""
-    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.pysoup-tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    return os.path.join(
+        os.path.dirname(path), f".{os.path.basename(path)}.pysoup-tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    )
 
 
 def _atomic_write(path: str, data: bytes, durable: bool) -> None:
@@ -282,8 +284,10 @@ class FileSink:
             try:
                 fut.result()
             except OSError as exc:
-                raise OutputError(f"{self._shard.path if self._shard else self.target.out}: write failed "
-                                  f"({exc.strerror}); nothing was written at the target") from None
+                raise OutputError(
+                    f"{self._shard.path if self._shard else self.target.out}: write failed "
+                    f"({exc.strerror}); nothing was written at the target"
+                ) from None
 
     def finish(self) -> None:
         try:

@@ -43,8 +43,9 @@ def get_backend(name: str = "auto", device: str = "cpu"):
         raise BackendError(f"unknown backend {name!r} (usable here: {', '.join(available_backends()) or 'none'})")
     ok, reason = _load(name).availability()
     if not ok:
-        raise BackendError(f"backend {name!r} cannot run here ({reason}); usable here: "
-                           f"{', '.join(available_backends()) or 'none'}")
+        raise BackendError(
+            f"backend {name!r} cannot run here ({reason}); usable here: {', '.join(available_backends()) or 'none'}"
+        )
     return _load(name)
 
 

@@ -41,8 +41,15 @@ def active_isa() -> str:
 def weighted_sum_raw(addrs, dtypes, weights, n, out_addr, out_dtype, normalize, threads=None, isa=None) -> int:
     """The engine's entry: raw buffers in and out. Returns the count of non-finite outputs."""
     return _native.native.weighted_sum(
-        list(addrs), [KERNEL_CODE[d] for d in dtypes], list(weights), n, out_addr, KERNEL_CODE[out_dtype],
-        normalize, threads or default_threads(), isa or active_isa(),
+        list(addrs),
+        [KERNEL_CODE[d] for d in dtypes],
+        list(weights),
+        n,
+        out_addr,
+        KERNEL_CODE[out_dtype],
+        normalize,
+        threads or default_threads(),
+        isa or active_isa(),
     )
 
 
@@ -53,6 +60,95 @@ def weighted_sum(tensors, weights, out_dtype, normalize, threads=None, isa=None)
         raise BackendError(f"the cpu backend takes CPU tensors, got {tensors[0].device}")
     xs = [t.contiguous() for t in tensors]
     out = torch.empty(xs[0].shape, dtype=out_dtype)
-    weighted_sum_raw([x.data_ptr() for x in xs], [from_torch(x.dtype) for x in xs], weights, out.numel(),
-                     out.data_ptr(), from_torch(out_dtype), normalize, threads, isa)
+    weighted_sum_raw(
+        [x.data_ptr() for x in xs],
+        [from_torch(x.dtype) for x in xs],
+        weights,
+        out.numel(),
+        out.data_ptr(),
+        from_torch(out_dtype),
+        normalize,
+        threads,
+        isa,
+    )
     return out
+
+
+# -- task-vector merges, sparse soups, statistics (issue: merge methods) ----------------------------------
+def task_vector_raw(addrs, dtypes, base, base_dtype, n, out, out_dtype, p, start, quota, threads=None, isa=None):
+    """TIES / DARE / task arithmetic over one range. `p` is a TaskVectorParams; returns (nonfinite, quota)."""
+    return _native.native.task_vector(
+        list(addrs), [KERNEL_CODE[d] for d in dtypes], base, KERNEL_CODE[base_dtype], n, out, KERNEL_CODE[out_dtype],
+        list(p.weights), p.lam, p.normalize, p.consensus, list(p.dare_keys), list(p.keep_below), list(p.dare_scale),
+        list(p.trim_bits), list(quota), start, threads or default_threads(), isa or active_isa(),
+    )
+
+
+class TopKSelector:
+    """The exact keep[i]-th largest |x_i - base| per model, by radix select over the fp32 bits in two histogram
+    passes (high 16 bits, then low 16 bits inside the chosen bin): no copy of any tensor, two streaming reads."""
+
+    passes = 2
+
+    def __init__(self, keep, threads=None, isa=None):
+        import ctypes
+
+        self.keep = list(keep)
+        self.k = len(self.keep)
+        self._hist = (ctypes.c_uint64 * (self.k * 65536))()
+        self._addr = ctypes.addressof(self._hist)
+        self._prefix = [0] * self.k
+        self._threads, self._isa = threads, isa
+        self.thresholds = None
+        self.quotas = None
+
+    def add(self, addrs, dtypes, base, base_dtype, n, start, pass_):
+        _native.native.magnitude_histogram(
+            list(addrs), [KERNEL_CODE[d] for d in dtypes], base, KERNEL_CODE[base_dtype], n, pass_, self._prefix,
+            self._addr, self._threads or default_threads(), self._isa or active_isa(),
+        )
+
+    def finish(self, pass_):
+        import ctypes
+
+        # Models keeping nothing or everything need no search: threshold above / at the bottom of every value.
+        want = [max(1, k) for k in self.keep]
+        if pass_ == 0:
+            bins, above, _ = _native.native.radix_select(self._addr, want)
+            self._prefix, self._above = list(bins), list(above)
+            ctypes.memset(self._addr, 0, ctypes.sizeof(self._hist))
+            return
+        need = [w - a for w, a in zip(want, self._above)]
+        bins, above, in_bin = _native.native.radix_select(self._addr, need)
+        self.thresholds, self.quotas = [], []
+        for i, keep in enumerate(self.keep):
+            if keep == 0:
+                self.thresholds.append(0xFFFFFFFF)
+                self.quotas.append(0)
+                continue
+            self.thresholds.append((self._prefix[i] << 16) | bins[i])
+            quota = need[i] - above[i]
+            self.quotas.append(-1 if quota == in_bin[i] else quota)
+
+
+def masked_sum_raw(addrs, dtypes, weights, mode, n, out, out_dtype, threads=None, isa=None, center=0.0, scale=1.0):
+    """Sparse soup (mode 0 shared, 1 intersection, 2 union) or the variance-corrected mean (mode 3)."""
+    return _native.native.masked_sum(list(addrs), [KERNEL_CODE[d] for d in dtypes], list(weights), mode, n, out,
+                                     KERNEL_CODE[out_dtype], threads or default_threads(), isa or active_isa(),
+                                     center, scale)
+
+
+def sparse_scan_raw(addrs, dtypes, n, threads=None, isa=None):
+    """(first index where the zero patterns differ, or -1; zeros in the first input)."""
+    return _native.native.sparse_scan(list(addrs), [KERNEL_CODE[d] for d in dtypes], n,
+                                      threads or default_threads(), isa or active_isa())
+
+
+def moments_raw(addrs, dtypes, base, base_dtype, n, start, totals, mean_weights=(), dare_keys=(), keep_below=(),
+                threads=None, isa=None):
+    """fp64 statistics of one range added to `totals` (layout: see csrc/cpu/task_vector.h, MomentsArgs)."""
+    return _native.native.moments(
+        list(addrs), [KERNEL_CODE[d] for d in dtypes], base or 0, KERNEL_CODE[base_dtype or "F32"], n,
+        list(mean_weights), list(dare_keys), list(keep_below), start, list(totals), threads or default_threads(),
+        isa or active_isa(),
+    )

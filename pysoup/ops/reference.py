@@ -85,3 +85,211 @@ def weighted_sum_raw(addrs, dtypes, weights, n, out_addr, out_dtype, normalize, 
     out = weighted_sum(xs, weights, to_torch(out_dtype), normalize)
     _view(out_addr, n, out_dtype).copy_(out)
     return int((~torch.isfinite(out)).sum())
+
+
+# -- task-vector merges, sparse soups, statistics (the definitions the C++ kernels reproduce) ------------
+def philox_words(key: int, e):
+    """Philox4x32-10 as Triton's tl.randint4x(key, e // 4): word e % 4, for an int64 tensor of indices e."""
+    import torch
+
+    M32 = 0xFFFFFFFF
+
+    def mulhilo(a: int, b):  # a constant, b a tensor of uint32 values held in int64
+        lo16, hi16 = b & 0xFFFF, b >> 16
+        p_lo = a * lo16
+        p_hi = a * hi16
+        hi = (p_hi + (p_lo >> 16)) >> 16
+        lo = (p_lo + ((p_hi & 0xFFFF) << 16)) & M32
+        return hi, lo
+
+    g = e >> 2
+    c0, c1 = g & M32, (g >> 32) & M32
+    c2 = torch.zeros_like(e)
+    c3 = torch.zeros_like(e)
+    k0, k1 = key & M32, (key >> 32) & M32
+    for _ in range(10):
+        hi_b, lo_b = mulhilo(0xCD9E8D57, c2)
+        hi_a, lo_a = mulhilo(0xD2511F53, c0)
+        c0, c2, c1, c3 = hi_b ^ c1 ^ k0, hi_a ^ c3 ^ k1, lo_b, lo_a
+        k0, k1 = (k0 + 0x9E3779B9) & M32, (k1 + 0xBB67AE85) & M32
+    words = torch.stack([c0, c1, c2, c3])
+    return words.gather(0, (e & 3).unsqueeze(0)).squeeze(0)
+
+
+def _f32_bits(x):
+    import torch
+
+    return x.view(torch.int32).to(torch.int64) & 0x7FFFFFFF
+
+
+def task_vectors(xs, base, p, start, quota):
+    """tau_i = x_i - base (fp32), then the DARE drop or the TIES trim (ties kept in index order)."""
+    import torch
+
+    b = base.float()
+    taus, quota = [], list(quota)
+    idx = torch.arange(start, start + b.numel(), dtype=torch.int64)
+    for i, x in enumerate(xs):
+        t = x.float() - b
+        if p.dare_keys:
+            keep = philox_words(p.dare_keys[i], idx) < p.keep_below[i]
+            t = torch.where(keep, t * to_f32(p.dare_scale[i]), torch.zeros_like(t))
+        if p.trim_bits:
+            bits = _f32_bits(t)
+            thr = p.trim_bits[i]
+            keep = bits > thr
+            tie = bits == thr
+            if quota[i] < 0:
+                keep |= tie
+            else:
+                rank = torch.cumsum(tie.to(torch.int64), 0)  # 1 for the first tie in this range, ...
+                keep |= tie & (rank <= quota[i])
+                quota[i] = max(0, quota[i] - int(tie.sum()))
+            t = torch.where(keep, t, torch.zeros_like(t))
+        taus.append(t)
+    return b, taus, quota
+
+
+def task_vector_raw(addrs, dtypes, base, base_dtype, n, out, out_dtype, p, start, quota, threads=None):
+    import torch
+
+    xs = [_view(a, n, d) for a, d in zip(addrs, dtypes)]
+    b, taus, quota = task_vectors(xs, _view(base, n, base_dtype), p, start, quota)
+    mix = torch.full_like(b, -0.0)
+    if p.consensus:
+        s = torch.full_like(b, -0.0)
+        for w, t in zip(p.weights, taus):
+            s = fma_f32(w, t, s)
+        positive = s >= 0
+        div = torch.zeros_like(b)
+        for w, t in zip(p.weights, taus):
+            agree = torch.where(positive, t > 0, t < 0)
+            mix = torch.where(agree, fma_f32(w, t, mix), mix)
+            div = torch.where(agree, div + to_f32(w), div)
+        if p.normalize:
+            mix = mix / torch.where(div == 0, torch.ones_like(div), div)
+    else:
+        for w, t in zip(p.weights, taus):
+            mix = fma_f32(w, t, mix)
+        if p.normalize:
+            mix = mix / torch.full_like(mix, f32_sum(p.weights))
+    res = fma_f32(p.lam, mix, b)
+    rounded = round_to(res, to_torch(out_dtype))
+    _view(out, n, out_dtype).copy_(rounded)
+    return int((~torch.isfinite(rounded)).sum()), quota
+
+
+class TopKSelector:
+    """The keep[i]-th largest |x_i - base| per model by a stable sort of the fp32 bits (ties by index)."""
+
+    passes = 1
+
+    def __init__(self, keep, threads=None):
+        self.keep = list(keep)
+        self._bits = [[] for _ in self.keep]
+        self.thresholds = self.quotas = None
+
+    def add(self, addrs, dtypes, base, base_dtype, n, start, pass_):
+        b = _view(base, n, base_dtype).float()
+        for i, (a, d) in enumerate(zip(addrs, dtypes)):
+            self._bits[i].append(_f32_bits(_view(a, n, d).float() - b))
+
+    def finish(self, pass_):
+        import torch
+
+        self.thresholds, self.quotas = [], []
+        for keep, parts in zip(self.keep, self._bits):
+            if keep == 0:
+                self.thresholds.append(0xFFFFFFFF)
+                self.quotas.append(0)
+                continue
+            bits = torch.cat(parts)
+            thr = int(torch.sort(bits, descending=True, stable=True).values[keep - 1])
+            greater = int((bits > thr).sum())
+            ties = int((bits == thr).sum())
+            self.thresholds.append(thr)
+            self.quotas.append(-1 if keep - greater == ties else keep - greater)
+
+
+def masked_sum_raw(addrs, dtypes, weights, mode, n, out, out_dtype, threads=None, center=0.0, scale=1.0) -> int:
+    import torch
+
+    xs = [_view(a, n, d).float() for a, d in zip(addrs, dtypes)]
+    acc = torch.full_like(xs[0], -0.0)
+    div = torch.zeros_like(xs[0])
+    nz = torch.ones_like(xs[0], dtype=torch.bool)
+    for w, x in zip(weights, xs):
+        acc = fma_f32(w, x, acc)
+        div = torch.where(x != 0, div + to_f32(w), div)
+        nz &= x != 0
+    total = torch.full_like(acc, f32_sum(weights))
+    zero = torch.zeros_like(acc)
+    if mode == 0:
+        res = torch.where(xs[0] == 0, xs[0], acc / total)
+    elif mode == 1:
+        res = torch.where(nz, acc / total, zero)
+    elif mode == 2:
+        res = torch.where(div != 0, acc / torch.where(div != 0, div, torch.ones_like(div)), zero)
+    else:
+        res = fma_f32(scale, acc / total - to_f32(center), torch.full_like(acc, to_f32(center)))
+    rounded = round_to(res, to_torch(out_dtype))
+    _view(out, n, out_dtype).copy_(rounded)
+    return int((~torch.isfinite(rounded)).sum())
+
+
+def sparse_scan_raw(addrs, dtypes, n, threads=None):
+    import torch
+
+    xs = [_view(a, n, d).float() for a, d in zip(addrs, dtypes)]
+    zero0 = xs[0] == 0
+    diff = torch.zeros_like(zero0)
+    for x in xs[1:]:
+        diff |= (x == 0) != zero0
+    where = diff.nonzero()
+    return (int(where[0]) if where.numel() else -1), int(zero0.sum())
+
+
+STAT_BLOCK, STAT_LANES = 4096, 8
+
+
+def moments_raw(addrs, dtypes, base, base_dtype, n, start, totals, mean_weights=(), dare_keys=(), keep_below=(),
+                threads=None):
+    """fp64 statistics summed exactly as the C++ kernels do: lanes of 8 within blocks of 4096, lanes combined
+    ((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7)), blocks added to the running totals in index order."""
+    import torch
+
+    xs = [_view(a, n, d).float() for a, d in zip(addrs, dtypes)]
+    if base:
+        b = _view(base, n, base_dtype).float()
+        xs = [x - b for x in xs]
+    vecs = list(xs)
+    if mean_weights:
+        m = torch.full_like(xs[0], -0.0)
+        for w, x in zip(mean_weights, xs):
+            m = fma_f32(w, x, m)
+        vecs.append(m / torch.full_like(m, f32_sum(mean_weights)))
+    pad = -n % STAT_BLOCK
+    blocks = (n + pad) // STAT_BLOCK
+
+    def lanes(q):  # q: fp64 per-element quantity -> per-block sums in the kernels' order
+        q = torch.nn.functional.pad(q, (0, pad)).view(blocks, STAT_BLOCK // STAT_LANES, STAT_LANES)
+        q = torch.cumsum(q, dim=1)[:, -1, :]  # sequential within each lane
+        return ((q[:, 0] + q[:, 1]) + (q[:, 2] + q[:, 3])) + ((q[:, 4] + q[:, 5]) + (q[:, 6] + q[:, 7]))
+
+    stats = []
+    for v in vecs:
+        d = v.double()
+        stats += [lanes(d), lanes(d * d), lanes(d.abs())]
+    for i in range(len(vecs)):
+        for j in range(i + 1, len(vecs)):
+            stats.append(lanes(vecs[i].double() * vecs[j].double()))
+    if dare_keys:
+        idx = torch.arange(start, start + n, dtype=torch.int64)
+        for key, kb, x in zip(dare_keys, keep_below, xs):
+            kept = torch.where(philox_words(key, idx) < kb, x, torch.zeros_like(x))
+            stats.append(lanes(kept.double().abs()))
+    out = []
+    for total, per_block in zip(totals, stats):
+        seq = torch.cat([torch.tensor([total], dtype=torch.float64), per_block])
+        out.append(float(torch.cumsum(seq, 0)[-1]))  # sequential, as the kernels add blocks
+    return out

@@ -14,6 +14,7 @@ class TensorContext:
 
     name: str
     t: float  # layer position in [0, 1], for gradients
+    numel: int
     model_settings: list  # per non-base model: {param: setting}
     settings: dict  # global {param: setting}
     num_models: int
@@ -52,8 +53,14 @@ class Strategy:
         if self.base == "forbidden" and has_base:
             raise PlanError(f"strategy {self.name!r} takes no base model")
         if num_models < self.min_models or (self.max_models is not None and num_models > self.max_models):
-            want = str(self.min_models) if self.max_models == self.min_models else (
-                f"at least {self.min_models}" if self.max_models is None else f"{self.min_models}..{self.max_models}"
+            want = (
+                str(self.min_models)
+                if self.max_models == self.min_models
+                else (
+                    f"at least {self.min_models}"
+                    if self.max_models is None
+                    else f"{self.min_models}..{self.max_models}"
+                )
             )
             raise PlanError(f"strategy {self.name!r} takes {want} models, got {num_models}")
 
@@ -61,8 +68,9 @@ class Strategy:
         valid = set(self.params) | set(self.model_params)
         unknown = sorted(set(settings) - valid)
         if unknown:
-            raise PlanError(f"strategy {self.name!r} has no parameter {unknown[0]!r} "
-                            f"(valid: {', '.join(sorted(valid)) or 'none'})")
+            raise PlanError(
+                f"strategy {self.name!r} has no parameter {unknown[0]!r} (valid: {', '.join(sorted(valid)) or 'none'})"
+            )
         if weights_given and "weight" not in self.model_params:
             raise PlanError(f"strategy {self.name!r} takes no weights")
 

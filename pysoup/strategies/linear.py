@@ -34,8 +34,10 @@ class Linear(Strategy):
         if normalize:
             total = f32_sum(w32)  # the kernels' divisor: fp32, input order
             if total == 0 or not math.isfinite(total):
-                raise PlanError(f"tensor {ctx.name!r}: weights {weights} sum to {float(total)}; cannot normalize "
-                                "(pass normalize=false or other weights)")
+                raise PlanError(
+                    f"tensor {ctx.name!r}: weights {weights} sum to {float(total)}; cannot normalize "
+                    "(pass normalize=false or other weights)"
+                )
         return WeightedSum(tuple(w32), normalize)
 
 
@@ -49,3 +51,19 @@ class Uniform(Linear):
 
     def plan_tensor(self, ctx: TensorContext):
         return WeightedSum((1.0,) * ctx.num_models, True)
+
+
+@register
+class Interpolate(Strategy):
+    """theta = (1 - alpha) a + alpha b (WiSE-FT; the alignment-tax paper's model averaging). Per-layer-group ratios
+    are per-tensor values of alpha: a gradient over the layers, or {filter, value} entries."""
+
+    name = "interpolate"
+    params = {"alpha": 0.5}
+    min_models = max_models = 2
+
+    def plan_tensor(self, ctx: TensorContext):
+        alpha = ctx.param("alpha", 0.5)
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 <= alpha <= 1:
+            raise PlanError(f"tensor {ctx.name!r}: alpha = {alpha!r} is outside [0, 1]")
+        return WeightedSum((to_f32(1 - alpha), to_f32(alpha)), False)

@@ -1,0 +1,67 @@
+"""Model Stock (Jang et al.): average the fine-tunes, then move toward the base by how aligned they are."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from pysoup.dtypes import to_f32
+from pysoup.errors import PlanError
+from pysoup.plan import TensorOp
+from pysoup.strategies import register
+from pysoup.strategies.base import Strategy
+
+
+def model_stock_ratio(k: int, totals: list) -> float:
+    """t = k c / (1 + (k - 1) c), c the mean pairwise cosine of the task vectors (0 where a norm is 0)."""
+    sq = [totals[3 * i + 1] for i in range(k)]
+    cosines = []
+    g = 3 * k
+    for i in range(k):
+        for j in range(i + 1, k):
+            denom = math.sqrt(sq[i] * sq[j])
+            cosines.append(max(-1.0, min(1.0, totals[g] / denom)) if denom > 0 else 0.0)
+            g += 1
+    c = sum(cosines) / len(cosines)
+    denom = 1 + (k - 1) * c
+    return k * c / denom if denom != 0 else 0.0
+
+
+@dataclass(frozen=True)
+class ModelStockOp(TensorOp):
+    k: int
+
+    def reduce_passes(self, backend) -> int:
+        return 1
+
+    def begin(self, backend, name, numel):
+        k = self.k
+        return {"totals": [0.0] * (3 * k + k * (k - 1) // 2)}
+
+    def reduce(self, backend, chunk, state, pass_):
+        state["totals"] = backend.moments_raw(chunk.addrs[:-1], chunk.dtypes[:-1], chunk.addrs[-1], chunk.dtypes[-1],
+                                              chunk.n, chunk.start, state["totals"], threads=chunk.threads)
+
+    def end_pass(self, state, pass_):
+        t = model_stock_ratio(self.k, state["totals"])
+        state["t"] = t
+        state["weights"] = tuple(to_f32(t / self.k) for _ in range(self.k)) + (to_f32(1 - t),)
+
+    def combine(self, backend, chunk, state):
+        return backend.weighted_sum_raw(chunk.addrs, chunk.dtypes, state["weights"], chunk.n, chunk.out,
+                                        chunk.out_dtype, False, chunk.threads)
+
+
+@register
+class ModelStock(Strategy):
+    """theta = t mean(theta_i) + (1 - t) theta_0, computed as the fused sum (t/k) sum_i theta_i + (1 - t) theta_0."""
+
+    name = "model_stock"
+    base = "required"
+    min_models = 2
+    params = {"filter_wise": False}
+
+    def plan_tensor(self, ctx):
+        if ctx.param("filter_wise", False):
+            raise PlanError("model_stock: filter_wise=true (per-row ratios) is not supported")
+        return ModelStockOp(ctx.num_models)

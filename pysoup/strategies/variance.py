@@ -1,0 +1,67 @@
+"""The variance-corrected average (Vanishing Variance): averaging shrinks the weights' spread; restore it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from pysoup.dtypes import to_f32
+from pysoup.plan import TensorOp, WeightedSum
+from pysoup.strategies import register
+from pysoup.strategies.base import Strategy
+
+# Buffers of BatchNorm are statistics, not weights: they are averaged but never rescaled.
+BATCHNORM_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def variance_scale(k: int, n: int, totals: list, eps: float) -> tuple:
+    """(center, scale): the mean of the average and sqrt((mean_i Var(theta_i) + eps) / (Var(mean) + eps)),
+    unbiased variances from the fp64 sums."""
+
+    def var(s, q):
+        return max(0.0, (q - s * s / n) / (n - 1))
+
+    target = sum(var(totals[3 * i], totals[3 * i + 1]) for i in range(k)) / k
+    s_m, q_m = totals[3 * k], totals[3 * k + 1]
+    return s_m / n, math.sqrt((target + eps) / (var(s_m, q_m) + eps))
+
+
+@dataclass(frozen=True)
+class VarianceCorrectedOp(TensorOp):
+    k: int
+    numel: int
+    eps: float
+
+    def reduce_passes(self, backend) -> int:
+        return 1
+
+    def begin(self, backend, name, numel):
+        k = self.k + 1
+        return {"totals": [0.0] * (3 * k + k * (k - 1) // 2)}
+
+    def reduce(self, backend, chunk, state, pass_):
+        state["totals"] = backend.moments_raw(chunk.addrs, chunk.dtypes, 0, None, chunk.n, chunk.start,
+                                              state["totals"], mean_weights=(1.0,) * self.k, threads=chunk.threads)
+
+    def end_pass(self, state, pass_):
+        center, scale = variance_scale(self.k, self.numel, state["totals"], self.eps)
+        state["center"], state["scale"] = to_f32(center), to_f32(scale)
+
+    def combine(self, backend, chunk, state):
+        return backend.masked_sum_raw(chunk.addrs, chunk.dtypes, (1.0,) * self.k, 3, chunk.n, chunk.out,
+                                      chunk.out_dtype, threads=chunk.threads, center=state["center"],
+                                      scale=state["scale"])
+
+
+@register
+class VarianceCorrected(Strategy):
+    """w' = (w_bar - mean(w_bar)) * sqrt((sigma^2 + eps) / (Var(w_bar) + eps)) + mean(w_bar), sigma^2 the mean of the
+    inputs' variances; scalars and BatchNorm buffers are plainly averaged."""
+
+    name = "variance_corrected"
+    params = {"eps": 1e-4}
+
+    def plan_tensor(self, ctx):
+        if ctx.numel <= 1 or ctx.name.endswith(BATCHNORM_BUFFERS):
+            return WeightedSum((1.0,) * ctx.num_models, True)
+        return VarianceCorrectedOp(ctx.num_models, ctx.numel, float(ctx.param("eps", 1e-4)))
