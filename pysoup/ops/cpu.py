@@ -145,10 +145,10 @@ def sparse_scan_raw(addrs, dtypes, n, threads=None, isa=None):
 
 
 def moments_raw(addrs, dtypes, base, base_dtype, n, start, totals, mean_weights=(), dare_keys=(), keep_below=(),
-                threads=None, isa=None):
+                gram=True, threads=None, isa=None):
     """fp64 statistics of one range added to `totals` (layout: see csrc/cpu/task_vector.h, MomentsArgs)."""
     return _native.native.moments(
         list(addrs), [KERNEL_CODE[d] for d in dtypes], base or 0, KERNEL_CODE[base_dtype or "F32"], n,
         list(mean_weights), list(dare_keys), list(keep_below), start, list(totals), threads or default_threads(),
-        isa or active_isa(),
+        isa or active_isa(), gram,
     )

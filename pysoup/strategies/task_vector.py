@@ -99,7 +99,7 @@ class TaskVectorOp(TensorOp):
             state["selector"].add(xs, dts, base, base_dtype, chunk.n, chunk.start, pass_)
         else:
             state["totals"] = backend.moments_raw(xs, dts, base, base_dtype, chunk.n, chunk.start, state["totals"],
-                                                  dare_keys=state["keys"], keep_below=state["keep"],
+                                                  dare_keys=state["keys"], keep_below=state["keep"], gram=False,
                                                   threads=chunk.threads)
 
     def end_pass(self, state, pass_):

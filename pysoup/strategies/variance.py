@@ -41,7 +41,8 @@ class VarianceCorrectedOp(TensorOp):
 
     def reduce(self, backend, chunk, state, pass_):
         state["totals"] = backend.moments_raw(chunk.addrs, chunk.dtypes, 0, None, chunk.n, chunk.start,
-                                              state["totals"], mean_weights=(1.0,) * self.k, threads=chunk.threads)
+                                              state["totals"], mean_weights=(1.0,) * self.k, gram=False,
+                                              threads=chunk.threads)
 
     def end_pass(self, state, pass_):
         center, scale = variance_scale(self.k, self.numel, state["totals"], self.eps)
