@@ -6,7 +6,9 @@ PIP := $(PY) -m pip --disable-pip-version-check
 # torch is pinned to the CPU build on this machine's disk; an unpinned `torch` would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.9.0
-DEV_DEPS := numpy tqdm pyyaml pytest hypothesis safetensors scikit-build-core pybind11 ninja ruff
+DEV_DEPS := numpy tqdm pyyaml pytest hypothesis safetensors scikit-build-core pybind11 ninja ruff matplotlib
+# mergekit is the oracle of tests/test_mergekit.py and a benchmark baseline (pinned beside the CPU torch).
+MERGEKIT_SPEC ?= mergekit==0.1.5
 
 .PHONY: all install demo test test-fast bench bench-quick lint wheel clean
 
@@ -16,6 +18,7 @@ $(VENV)/.deps-stamp: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q $(TORCH_SPEC)
 	$(PIP) install -q $(TORCH_SPEC) $(TRITON_SPEC) $(DEV_DEPS)
+	$(PIP) install -q $(TORCH_SPEC) $(MERGEKIT_SPEC)
 	touch $@
 
 # A no-change rebuild takes ~2 s: the build dir is reused and there is no build isolation.
@@ -34,11 +37,7 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
-$(VENV)/.mergekit-stamp: $(VENV)/.deps-stamp
-	$(PIP) install -q $(TORCH_SPEC) mergekit==0.1.5
-	touch $@
-
-bench: install $(VENV)/.mergekit-stamp
+bench: install
 	$(PY) benchmarks/run.py
 
 bench-quick: install

@@ -85,8 +85,15 @@ def merge(
         if base is not None:
             base_ckpt = open_checkpoint(base, len(inputs))
             opened.append(base_ckpt)
-        plan = build_plan(strat, opened[: len(inputs)], base_ckpt, weights=weights, params=params,
-                          model_params=model_params, out_dtype=out_dtype)
+        plan = build_plan(
+            strat,
+            opened[: len(inputs)],
+            base_ckpt,
+            weights=weights,
+            params=params,
+            model_params=model_params,
+            out_dtype=out_dtype,
+        )
 
         if out is None:
             sink = MemorySink(plan.entries)

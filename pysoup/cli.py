@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser("merge", help="merge checkpoints into one")
-    m.add_argument("inputs", nargs="+", metavar="IN", help="safetensors files or Hugging Face model directories")
+    m.add_argument("inputs", nargs="*", metavar="IN", help="safetensors files or Hugging Face model directories")
+    m.add_argument("--config", help="a mergekit YAML config (models, base_model, merge_method, parameters, dtype)")
     m.add_argument(
         "-o",
         "--output",
@@ -57,7 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OUT",
         help="OUT.safetensors for one file, else a directory (sharded like Hugging Face)",
     )
-    m.add_argument("--strategy", default="linear")
+    m.add_argument(
+        "--strategy",
+        default="linear",
+        help="linear, uniform, task_arithmetic, ties, dare_linear, "
+        "dare_ties, slerp, model_stock, sparse, variance_corrected, interpolate",
+    )
     m.add_argument("--weights", help="one weight per input, comma-separated: 0.5,0.3,0.2")
     m.add_argument("--base", help="base model, for methods that use one")
     m.add_argument("--param", action="append", metavar="KEY=VALUE", help="strategy parameter (repeatable)")
@@ -81,22 +87,43 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _merge_arguments(args) -> dict:
+    """pysoup.merge's arguments from the command line, or from --config with command-line overrides."""
+    params = _parse_params(args.param)
+    weights = _parse_weights(args.weights)
+    if not args.config:
+        if not args.inputs:
+            raise SoupError("merge needs input checkpoints (or --config FILE)")
+        return dict(
+            inputs=args.inputs, strategy=args.strategy, weights=weights, base=args.base, params=params, dtype=args.dtype
+        )
+    if args.inputs:
+        raise SoupError("give the inputs either on the command line or in --config, not both")
+    from pysoup.config import load_config
+
+    spec = load_config(args.config)
+    return dict(
+        inputs=spec.inputs,
+        strategy=spec.strategy,
+        base=args.base or spec.base,
+        weights=weights or spec.weights,
+        params={**spec.params, **params},
+        model_params=spec.model_params,
+        dtype=args.dtype or spec.dtype,
+    )
+
+
 def _cmd_merge(args) -> int:
     import pysoup
 
     report = pysoup.merge(
-        args.inputs,
-        args.output,
-        strategy=args.strategy,
-        weights=_parse_weights(args.weights),
-        base=args.base,
-        params=_parse_params(args.param),
-        dtype=args.dtype,
+        out=args.output,
         backend=args.backend,
         threads=args.threads,
         shard_size=args.shard_size,
         progress=False if args.no_progress else None,
         durable=args.fsync,
+        **_merge_arguments(args),
     )
     if args.json:
         from dataclasses import asdict
@@ -106,6 +133,8 @@ def _cmd_merge(args) -> int:
         from pysoup.units import format_bytes
 
         print(f"merged {report.tensors} tensors ({report.strategy}) -> {', '.join(report.outputs)}")
+        if "sparsity" in report.stats:
+            print(f"sparsity {report.stats['sparsity']:.2%} (zeros kept exactly)")
         print(
             f"read {format_bytes(report.bytes_read)}, wrote {format_bytes(report.bytes_written)} in "
             f"{report.seconds:.2f} s; peak RSS {format_bytes(report.peak_rss_bytes)}; "

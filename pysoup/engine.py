@@ -40,8 +40,12 @@ def execute(plan: MergePlan, sink, backend, threads: int, progress=None) -> tupl
             count = _combine(plan, task, sink, backend, threads, bar, states[task.name])
             if count:
                 nonfinite.append(task.name)
-                warnings.warn(f"tensor {task.name!r}: {count} non-finite values in the merged result (NaN or inf in "
-                              "the inputs, or overflow in the output dtype)", NonFiniteWarning, stacklevel=2)
+                warnings.warn(
+                    f"tensor {task.name!r}: {count} non-finite values in the merged result (NaN or inf in "
+                    "the inputs, or overflow in the output dtype)",
+                    NonFiniteWarning,
+                    stacklevel=2,
+                )
             if bar is not None:
                 bar.set_postfix_str(f"tensors {k + 1}/{len(plan.tasks)}", refresh=False)
         sink.finish()
@@ -67,8 +71,10 @@ class _TaskView:
         self.chunk_elems = chunk_elems
 
     def chunk(self, e: int, n: int, out: int = 0) -> Chunk:
-        addrs = [c.address(self.task.name, i.begin + e * s, i.begin + (e + n) * s)
-                 for c, i, s in zip(self.sources, self.infos, self.sizes)]
+        addrs = [
+            c.address(self.task.name, i.begin + e * s, i.begin + (e + n) * s)
+            for c, i, s in zip(self.sources, self.infos, self.sizes)
+        ]
         return Chunk(self.task.name, addrs, self.dtypes, e, n, out, self.task.out_dtype, self.threads)
 
 

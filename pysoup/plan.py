@@ -124,8 +124,10 @@ def _normalize_settings(strategy, weights, params, model_params, num_models):
         for i, mp in enumerate(model_params):
             for key, value in (mp or {}).items():
                 if key not in strategy.model_params:
-                    raise PlanError(f"strategy {strategy.name!r} has no per-model parameter {key!r} "
-                                    f"(valid: {', '.join(sorted(strategy.model_params)) or 'none'})")
+                    raise PlanError(
+                        f"strategy {strategy.name!r} has no per-model parameter {key!r} "
+                        f"(valid: {', '.join(sorted(strategy.model_params)) or 'none'})"
+                    )
                 validate_setting(key, value)
                 model_settings[i][key] = value
     if weights is not None:
@@ -140,8 +142,9 @@ def _normalize_settings(strategy, weights, params, model_params, num_models):
     return settings, model_settings
 
 
-def build_plan(strategy, models: list, base=None, *, weights=None, params=None, model_params=None,
-               out_dtype=None) -> MergePlan:
+def build_plan(
+    strategy, models: list, base=None, *, weights=None, params=None, model_params=None, out_dtype=None
+) -> MergePlan:
     """Checks the inputs against each other and the strategy, and plans every output tensor.
 
     Args:

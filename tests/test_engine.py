@@ -53,8 +53,16 @@ class ScaleByMax(TensorOp):
 
     def combine(self, backend, chunk, state):
         assert state["at_max"] >= 1  # the second pass ran after the first
-        return backend.weighted_sum_raw(chunk.addrs[:1], chunk.dtypes[:1], [state["scale"]], chunk.n, chunk.out,
-                                        chunk.out_dtype, False, chunk.threads)
+        return backend.weighted_sum_raw(
+            chunk.addrs[:1],
+            chunk.dtypes[:1],
+            [state["scale"]],
+            chunk.n,
+            chunk.out,
+            chunk.out_dtype,
+            False,
+            chunk.threads,
+        )
 
 
 def test_two_pass_op_sees_every_element_once(tmp_path, models, monkeypatch):

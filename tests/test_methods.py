@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from conftest import assert_bit_equal, id_formatter, save_st, small_model
+from conftest import assert_bit_equal, save_st, small_model
 from safetensors.torch import load_file
 
 import pysoup
@@ -156,15 +156,18 @@ def test_model_stock_extremes():
 def test_variance_corrected_worked_example():
     got = merge_vectors("variance_corrected", [[1, -1, 1, -1], [-1, 1, 1, -1]])
     assert got == pytest.approx([0, 0, 1.414161, -1.414161], abs=1e-6)
-    bn = pysoup.merge([{"bn.running_var": torch.tensor([1.0, 3.0])}, {"bn.running_var": torch.tensor([3.0, 5.0])}],
-                      strategy="variance_corrected")
+    bn = pysoup.merge(
+        [{"bn.running_var": torch.tensor([1.0, 3.0])}, {"bn.running_var": torch.tensor([3.0, 5.0])}],
+        strategy="variance_corrected",
+    )
     assert bn["bn.running_var"].tolist() == [2.0, 4.0]  # buffers are averaged, never rescaled
 
 
 def test_interpolate_and_layer_groups(models):
     _, sds = models
-    got = pysoup.merge(sds[:2], strategy="interpolate",
-                       params={"alpha": [{"filter": "mlp", "value": 0.9}, {"value": 0.1}]})
+    got = pysoup.merge(
+        sds[:2], strategy="interpolate", params={"alpha": [{"filter": "mlp", "value": 0.9}, {"value": 0.1}]}
+    )
     from pysoup.ops import reference
 
     for k in got:
@@ -222,6 +225,7 @@ def test_weights_from_metrics():
 def test_bad_method_input(tmp_path, strategy, n_models, base, params, match):
     bp, fps, _, _ = family(tmp_path, big=False)
     with pytest.raises(PlanError, match=re.escape(match)):
-        pysoup.merge(fps[:n_models], tmp_path / "o.safetensors", strategy=strategy, base=bp if base else None,
-                     params=params)
+        pysoup.merge(
+            fps[:n_models], tmp_path / "o.safetensors", strategy=strategy, base=bp if base else None, params=params
+        )
     assert not (tmp_path / "o.safetensors").exists()

@@ -78,9 +78,25 @@ def weighted_sum(tensors, weights, out_dtype, normalize, threads=None, isa=None)
 def task_vector_raw(addrs, dtypes, base, base_dtype, n, out, out_dtype, p, start, quota, threads=None, isa=None):
     """TIES / DARE / task arithmetic over one range. `p` is a TaskVectorParams; returns (nonfinite, quota)."""
     return _native.native.task_vector(
-        list(addrs), [KERNEL_CODE[d] for d in dtypes], base, KERNEL_CODE[base_dtype], n, out, KERNEL_CODE[out_dtype],
-        list(p.weights), p.lam, p.normalize, p.consensus, list(p.dare_keys), list(p.keep_below), list(p.dare_scale),
-        list(p.trim_bits), list(quota), start, threads or default_threads(), isa or active_isa(),
+        list(addrs),
+        [KERNEL_CODE[d] for d in dtypes],
+        base,
+        KERNEL_CODE[base_dtype],
+        n,
+        out,
+        KERNEL_CODE[out_dtype],
+        list(p.weights),
+        p.lam,
+        p.normalize,
+        p.consensus,
+        list(p.dare_keys),
+        list(p.keep_below),
+        list(p.dare_scale),
+        list(p.trim_bits),
+        list(quota),
+        start,
+        threads or default_threads(),
+        isa or active_isa(),
     )
 
 
@@ -104,8 +120,16 @@ class TopKSelector:
 
     def add(self, addrs, dtypes, base, base_dtype, n, start, pass_):
         _native.native.magnitude_histogram(
-            list(addrs), [KERNEL_CODE[d] for d in dtypes], base, KERNEL_CODE[base_dtype], n, pass_, self._prefix,
-            self._addr, self._threads or default_threads(), self._isa or active_isa(),
+            list(addrs),
+            [KERNEL_CODE[d] for d in dtypes],
+            base,
+            KERNEL_CODE[base_dtype],
+            n,
+            pass_,
+            self._prefix,
+            self._addr,
+            self._threads or default_threads(),
+            self._isa or active_isa(),
         )
 
     def finish(self, pass_):
@@ -133,22 +157,56 @@ class TopKSelector:
 
 def masked_sum_raw(addrs, dtypes, weights, mode, n, out, out_dtype, threads=None, isa=None, center=0.0, scale=1.0):
     """Sparse soup (mode 0 shared, 1 intersection, 2 union) or the variance-corrected mean (mode 3)."""
-    return _native.native.masked_sum(list(addrs), [KERNEL_CODE[d] for d in dtypes], list(weights), mode, n, out,
-                                     KERNEL_CODE[out_dtype], threads or default_threads(), isa or active_isa(),
-                                     center, scale)
+    return _native.native.masked_sum(
+        list(addrs),
+        [KERNEL_CODE[d] for d in dtypes],
+        list(weights),
+        mode,
+        n,
+        out,
+        KERNEL_CODE[out_dtype],
+        threads or default_threads(),
+        isa or active_isa(),
+        center,
+        scale,
+    )
 
 
 def sparse_scan_raw(addrs, dtypes, n, threads=None, isa=None):
     """(first index where the zero patterns differ, or -1; zeros in the first input)."""
-    return _native.native.sparse_scan(list(addrs), [KERNEL_CODE[d] for d in dtypes], n,
-                                      threads or default_threads(), isa or active_isa())
+    return _native.native.sparse_scan(
+        list(addrs), [KERNEL_CODE[d] for d in dtypes], n, threads or default_threads(), isa or active_isa()
+    )
 
 
-def moments_raw(addrs, dtypes, base, base_dtype, n, start, totals, mean_weights=(), dare_keys=(), keep_below=(),
-                gram=True, threads=None, isa=None):
+def moments_raw(
+    addrs,
+    dtypes,
+    base,
+    base_dtype,
+    n,
+    start,
+    totals,
+    mean_weights=(),
+    dare_keys=(),
+    keep_below=(),
+    gram=True,
+    threads=None,
+    isa=None,
+):
     """fp64 statistics of one range added to `totals` (layout: see csrc/cpu/task_vector.h, MomentsArgs)."""
     return _native.native.moments(
-        list(addrs), [KERNEL_CODE[d] for d in dtypes], base or 0, KERNEL_CODE[base_dtype or "F32"], n,
-        list(mean_weights), list(dare_keys), list(keep_below), start, list(totals), threads or default_threads(),
-        isa or active_isa(), gram,
+        list(addrs),
+        [KERNEL_CODE[d] for d in dtypes],
+        base or 0,
+        KERNEL_CODE[base_dtype or "F32"],
+        n,
+        list(mean_weights),
+        list(dare_keys),
+        list(keep_below),
+        start,
+        list(totals),
+        threads or default_threads(),
+        isa or active_isa(),
+        gram,
     )

@@ -252,8 +252,20 @@ def sparse_scan_raw(addrs, dtypes, n, threads=None):
 STAT_BLOCK, STAT_LANES = 4096, 8
 
 
-def moments_raw(addrs, dtypes, base, base_dtype, n, start, totals, mean_weights=(), dare_keys=(), keep_below=(),
-                gram=True, threads=None):
+def moments_raw(
+    addrs,
+    dtypes,
+    base,
+    base_dtype,
+    n,
+    start,
+    totals,
+    mean_weights=(),
+    dare_keys=(),
+    keep_below=(),
+    gram=True,
+    threads=None,
+):
     """fp64 statistics summed exactly as the C++ kernels do: lanes of 8 within blocks of 4096, lanes combined
     ((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7)), blocks added to the running totals in index order."""
     import torch
@@ -282,7 +294,9 @@ def moments_raw(addrs, dtypes, base, base_dtype, n, start, totals, mean_weights=
         stats += [lanes(d), lanes(d * d), lanes(d.abs())]
     for i in range(len(vecs)):
         for j in range(i + 1, len(vecs)):
-            stats.append(lanes(vecs[i].double() * vecs[j].double()) if gram else torch.zeros(blocks, dtype=torch.float64))
+            stats.append(
+                lanes(vecs[i].double() * vecs[j].double()) if gram else torch.zeros(blocks, dtype=torch.float64)
+            )
     if dare_keys:
         idx = torch.arange(start, start + n, dtype=torch.int64)
         for key, kb, x in zip(dare_keys, keep_below, xs):

@@ -39,8 +39,16 @@ class ModelStockOp(TensorOp):
         return {"totals": [0.0] * (3 * k + k * (k - 1) // 2)}
 
     def reduce(self, backend, chunk, state, pass_):
-        state["totals"] = backend.moments_raw(chunk.addrs[:-1], chunk.dtypes[:-1], chunk.addrs[-1], chunk.dtypes[-1],
-                                              chunk.n, chunk.start, state["totals"], threads=chunk.threads)
+        state["totals"] = backend.moments_raw(
+            chunk.addrs[:-1],
+            chunk.dtypes[:-1],
+            chunk.addrs[-1],
+            chunk.dtypes[-1],
+            chunk.n,
+            chunk.start,
+            state["totals"],
+            threads=chunk.threads,
+        )
 
     def end_pass(self, state, pass_):
         t = model_stock_ratio(self.k, state["totals"])
@@ -48,8 +56,9 @@ class ModelStockOp(TensorOp):
         state["weights"] = tuple(to_f32(t / self.k) for _ in range(self.k)) + (to_f32(1 - t),)
 
     def combine(self, backend, chunk, state):
-        return backend.weighted_sum_raw(chunk.addrs, chunk.dtypes, state["weights"], chunk.n, chunk.out,
-                                        chunk.out_dtype, False, chunk.threads)
+        return backend.weighted_sum_raw(
+            chunk.addrs, chunk.dtypes, state["weights"], chunk.n, chunk.out, chunk.out_dtype, False, chunk.threads
+        )
 
 
 @register

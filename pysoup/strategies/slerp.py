@@ -38,16 +38,18 @@ class SlerpOp(TensorOp):
         return {"totals": [0.0] * 7}  # sum, sum sq, sum abs for a and b, then <a, b>
 
     def reduce(self, backend, chunk, state, pass_):
-        state["totals"] = backend.moments_raw(chunk.addrs, chunk.dtypes, 0, None, chunk.n, chunk.start,
-                                              state["totals"], threads=chunk.threads)
+        state["totals"] = backend.moments_raw(
+            chunk.addrs, chunk.dtypes, 0, None, chunk.n, chunk.start, state["totals"], threads=chunk.threads
+        )
 
     def end_pass(self, state, pass_):
         tot = state["totals"]
         state["coefficients"] = tuple(to_f32(c) for c in slerp_coefficients(self.t, tot[6], tot[1], tot[4]))
 
     def combine(self, backend, chunk, state):
-        return backend.weighted_sum_raw(chunk.addrs, chunk.dtypes, state["coefficients"], chunk.n, chunk.out,
-                                        chunk.out_dtype, False, chunk.threads)
+        return backend.weighted_sum_raw(
+            chunk.addrs, chunk.dtypes, state["coefficients"], chunk.n, chunk.out, chunk.out_dtype, False, chunk.threads
+        )
 
 
 @register

@@ -30,13 +30,23 @@ class SparseOp(TensorOp):
     def reduce(self, backend, chunk, state, pass_):
         first, zeros = backend.sparse_scan_raw(chunk.addrs, chunk.dtypes, chunk.n, threads=chunk.threads)
         if first >= 0 and self.mode == "shared":
-            raise PlanError(f"tensor {chunk.name!r}: the inputs' zero patterns differ (first at element "
-                            f"{chunk.start + first}); use mask=intersection or mask=union")
+            raise PlanError(
+                f"tensor {chunk.name!r}: the inputs' zero patterns differ (first at element "
+                f"{chunk.start + first}); use mask=intersection or mask=union"
+            )
         state["zeros"] += zeros
 
     def combine(self, backend, chunk, state):
-        return backend.masked_sum_raw(chunk.addrs, chunk.dtypes, self.weights, MODES[self.mode], chunk.n, chunk.out,
-                                      chunk.out_dtype, threads=chunk.threads)
+        return backend.masked_sum_raw(
+            chunk.addrs,
+            chunk.dtypes,
+            self.weights,
+            MODES[self.mode],
+            chunk.n,
+            chunk.out,
+            chunk.out_dtype,
+            threads=chunk.threads,
+        )
 
 
 @register

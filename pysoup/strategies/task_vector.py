@@ -98,9 +98,19 @@ class TaskVectorOp(TensorOp):
         if "selector" in state:
             state["selector"].add(xs, dts, base, base_dtype, chunk.n, chunk.start, pass_)
         else:
-            state["totals"] = backend.moments_raw(xs, dts, base, base_dtype, chunk.n, chunk.start, state["totals"],
-                                                  dare_keys=state["keys"], keep_below=state["keep"], gram=False,
-                                                  threads=chunk.threads)
+            state["totals"] = backend.moments_raw(
+                xs,
+                dts,
+                base,
+                base_dtype,
+                chunk.n,
+                chunk.start,
+                state["totals"],
+                dare_keys=state["keys"],
+                keep_below=state["keep"],
+                gram=False,
+                threads=chunk.threads,
+            )
 
     def end_pass(self, state, pass_):
         if "selector" in state:
@@ -124,15 +134,25 @@ class TaskVectorOp(TensorOp):
             else:
                 scale = [1.0 / d if d < 1 else 1.0 for d in self.dare_densities]
             scale = tuple(to_f32(s) for s in scale)
-        return TaskVectorParams(tuple(self.weights), self.lam, self.normalize, self.consensus, keys, keep, scale,
-                                trim_bits)
+        return TaskVectorParams(
+            tuple(self.weights), self.lam, self.normalize, self.consensus, keys, keep, scale, trim_bits
+        )
 
     def combine(self, backend, chunk, state):
         if "params" not in state:
             state["params"] = self._params(state)
         nonfinite, state["quota"] = backend.task_vector_raw(
-            chunk.addrs[:-1], chunk.dtypes[:-1], chunk.addrs[-1], chunk.dtypes[-1], chunk.n, chunk.out,
-            chunk.out_dtype, state["params"], chunk.start, state["quota"], threads=chunk.threads,
+            chunk.addrs[:-1],
+            chunk.dtypes[:-1],
+            chunk.addrs[-1],
+            chunk.dtypes[-1],
+            chunk.n,
+            chunk.out,
+            chunk.out_dtype,
+            state["params"],
+            chunk.start,
+            state["quota"],
+            threads=chunk.threads,
         )
         return nonfinite
 
@@ -178,8 +198,9 @@ class _TaskVectorStrategy(Strategy):
             densities = tuple(_density(ctx, i) for i in range(k))
             if rescale is False:  # survivors unscaled
                 return _Unscaled(weights, lam, normalize, self.consensus, dare_densities=densities, seed=int(seed))
-            return TaskVectorOp(weights, lam, normalize, self.consensus, dare_densities=densities, seed=int(seed),
-                                rescale=rescale)
+            return TaskVectorOp(
+                weights, lam, normalize, self.consensus, dare_densities=densities, seed=int(seed), rescale=rescale
+            )
         return op
 
 
@@ -189,8 +210,9 @@ class _Unscaled(TaskVectorOp):
 
     def _params(self, state):
         p = TaskVectorOp._params(self, state)
-        return TaskVectorParams(p.weights, p.lam, p.normalize, p.consensus, p.dare_keys, p.keep_below,
-                                (1.0,) * len(p.weights), p.trim_bits)
+        return TaskVectorParams(
+            p.weights, p.lam, p.normalize, p.consensus, p.dare_keys, p.keep_below, (1.0,) * len(p.weights), p.trim_bits
+        )
 
 
 @register

@@ -40,18 +40,36 @@ class VarianceCorrectedOp(TensorOp):
         return {"totals": [0.0] * (3 * k + k * (k - 1) // 2)}
 
     def reduce(self, backend, chunk, state, pass_):
-        state["totals"] = backend.moments_raw(chunk.addrs, chunk.dtypes, 0, None, chunk.n, chunk.start,
-                                              state["totals"], mean_weights=(1.0,) * self.k, gram=False,
-                                              threads=chunk.threads)
+        state["totals"] = backend.moments_raw(
+            chunk.addrs,
+            chunk.dtypes,
+            0,
+            None,
+            chunk.n,
+            chunk.start,
+            state["totals"],
+            mean_weights=(1.0,) * self.k,
+            gram=False,
+            threads=chunk.threads,
+        )
 
     def end_pass(self, state, pass_):
         center, scale = variance_scale(self.k, self.numel, state["totals"], self.eps)
         state["center"], state["scale"] = to_f32(center), to_f32(scale)
 
     def combine(self, backend, chunk, state):
-        return backend.masked_sum_raw(chunk.addrs, chunk.dtypes, (1.0,) * self.k, 3, chunk.n, chunk.out,
-                                      chunk.out_dtype, threads=chunk.threads, center=state["center"],
-                                      scale=state["scale"])
+        return backend.masked_sum_raw(
+            chunk.addrs,
+            chunk.dtypes,
+            (1.0,) * self.k,
+            3,
+            chunk.n,
+            chunk.out,
+            chunk.out_dtype,
+            threads=chunk.threads,
+            center=state["center"],
+            scale=state["scale"],
+        )
 
 
 @register
