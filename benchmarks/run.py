@@ -63,15 +63,83 @@ def warm(paths):
                 pass
 
 
-def contenders(with_mergekit: bool) -> dict:
+# Methods measured by `--suite methods`: base + 3 fine-tunes (2 models for slerp and interpolate), each with the
+# pysoup arguments and the mergekit config that compute the same merge (None: mergekit lacks the method).
+METHODS = {
+    "task_arithmetic": (["--param", "lambda=0.8"], 3, True, {"parameters": {"lambda": 0.8}}),
+    "ties": (["--param", "density=0.5"], 3, True, {"parameters": {"density": 0.5}}),
+    "dare_linear": (["--param", "density=0.5"], 3, True, {"parameters": {"density": 0.5, "rescale": False}}),
+    "dare_ties": (
+        ["--param", "density=0.5"],
+        3,
+        True,
+        {"parameters": {"density": 0.5, "rescale": False, "normalize": True}},
+    ),
+    "slerp": (["--param", "t=0.4"], 2, False, {"parameters": {"t": 0.4}}),
+    "model_stock": ([], 3, True, {}),
+    "sparse": (["--param", "mask=union"], 3, False, None),
+    "variance_corrected": ([], 3, False, None),
+    "interpolate": (["--param", "alpha=0.3"], 2, False, None),
+}
+
+
+def mergekit_config(strategy: str, inputs: list, base: str | None, extra: dict) -> str:
+    if strategy == "slerp":
+        models = [{"model": p} for p in inputs]
+        cfg = {"merge_method": "slerp", "base_model": inputs[0], "models": models, "dtype": "bfloat16", **extra}
+    else:
+        cfg = {
+            "merge_method": strategy,
+            "dtype": "bfloat16",
+            "models": [{"model": p, "parameters": {"weight": 1.0}} for p in inputs],
+            **extra,
+        }
+        if base:
+            cfg["base_model"] = base
+    import yaml
+
+    path = os.path.join(OUT_DIR, f"{strategy}.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    return path
+
+
+def contenders(with_mergekit: bool, strategy: str = "linear", base: str | None = None) -> dict:
     py = sys.executable
+    pysoup_args, mk_extra = [], {}
+    if strategy != "linear":
+        pysoup_args, _, _, mk_extra = METHODS[strategy]
+        pysoup_args = ["--strategy", strategy, *pysoup_args] + (["--base", base] if base else [])
     c = {
-        "pysoup": lambda out, ins: [py, "-m", "pysoup", "merge", *ins, "-o", out + ".safetensors", "--no-progress"],
-        "io_floor": lambda out, ins: [py, os.path.join(HERE, "baselines", "io_floor.py"), out + ".safetensors", *ins],
-        "naive": lambda out, ins: [py, os.path.join(HERE, "baselines", "naive.py"), out + ".safetensors", *ins],
+        "pysoup": lambda out, ins: [
+            py,
+            "-m",
+            "pysoup",
+            "merge",
+            *ins,
+            "-o",
+            out + ".safetensors",
+            "--no-progress",
+            *pysoup_args,
+        ],
+        "io_floor": lambda out, ins: [
+            py,
+            os.path.join(HERE, "baselines", "io_floor.py"),
+            out + ".safetensors",
+            *ins,
+            *([base] if base else []),
+        ],
     }
-    if with_mergekit:
-        c["mergekit"] = lambda out, ins: [py, os.path.join(HERE, "baselines", "mergekit_linear.py"), out, *ins]
+    if strategy == "linear":
+        c["naive"] = lambda out, ins: [py, os.path.join(HERE, "baselines", "naive.py"), out + ".safetensors", *ins]
+        mk_extra = {"parameters": {}}
+    if with_mergekit and mk_extra is not None:
+        c["mergekit"] = lambda out, ins: [
+            py,
+            os.path.join(HERE, "baselines", "mergekit_run.py"),
+            mergekit_config(strategy, ins, base, mk_extra),
+            out,
+        ]
     return c
 
 
@@ -83,14 +151,20 @@ def clean(out: str) -> None:
             os.remove(p)
 
 
-def run_case(case: str, runs: int, with_mergekit: bool, only=None) -> dict:
+def run_case(case: str, runs: int, with_mergekit: bool, only=None, strategy: str = "linear") -> dict:
     n, size, label = parse_case(case)
     inputs = family(label, size, 8 if size >= (256 << 20) else n)[:n]
-    input_bytes = sum(os.path.getsize(os.path.join(p, "model.safetensors")) for p in inputs)
-    out_bytes = input_bytes // n
-    warm(inputs)
+    base = None
+    if strategy != "linear":
+        _, n, uses_base, _ = METHODS[strategy]
+        inputs = inputs[:n]
+        base = os.path.join(os.path.dirname(inputs[0]), "base") if uses_base else None
+    read = inputs + ([base] if base else [])
+    input_bytes = sum(os.path.getsize(os.path.join(p, "model.safetensors")) for p in read)
+    out_bytes = os.path.getsize(os.path.join(inputs[0], "model.safetensors"))
+    warm(read)
     os.makedirs(OUT_DIR, exist_ok=True)
-    cs = contenders(with_mergekit)
+    cs = contenders(with_mergekit, strategy, base)
     if only:
         cs = {k: v for k, v in cs.items() if k in only}
     names = list(cs)
@@ -109,7 +183,16 @@ def run_case(case: str, runs: int, with_mergekit: bool, only=None) -> dict:
             samples[name].append(res["seconds"])
             rss[name].append(res["peak_rss_bytes"])
             clean(out)
-    result = {"case": case, "inputs": n, "model_bytes": out_bytes, "read_bytes": input_bytes, "contenders": {}}
+    label = case if strategy == "linear" else f"{strategy} ({n}{' + base' if base else ''} x {case.split('x', 1)[1]})"
+    result = {
+        "case": label,
+        "strategy": strategy,
+        "inputs": n,
+        "base": bool(base),
+        "model_bytes": out_bytes,
+        "read_bytes": input_bytes,
+        "contenders": {},
+    }
     for name in names:
         s = summarize(samples[name])
         result["contenders"][name] = {
@@ -200,6 +283,8 @@ def markdown(report: dict) -> str:
         for name, c in case["contenders"].items():
             if name == "pysoup":
                 rel = f"ratio to floor {ps['ratio_to_floor']:.2f}" if "ratio_to_floor" in ps else ""
+            elif name == "io_floor":
+                rel = "the floor"
             else:
                 rel = f"pysoup {ps.get('speedup_vs_' + name, float('nan')):.1f}x faster"
             lines.append(
@@ -227,7 +312,37 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_method_targets(report: dict) -> list:
+    """The merge-methods issue's targets: ties <= 3x the floor + 0.5 s and >= 20x mergekit; the others <= 2x the
+    floor + 0.5 s and >= 5x mergekit; peak RSS within the core issue's 256 MiB."""
+    out = []
+    for case in report["cases"]:
+        cs = case["contenders"]
+        ps = cs["pysoup"]["seconds"]["median"]
+        factor, speedup = (3, 20) if case["strategy"] == "ties" else (2, 5)
+        if "io_floor" in cs:
+            bound = factor * cs["io_floor"]["seconds"]["median"] + 0.5
+            out.append(
+                f"{case['case']}: {ps:.2f} s vs {factor} x floor + 0.5 s = {bound:.2f} s: "
+                f"{'met' if ps <= bound else 'NOT met'}"
+            )
+        if "mergekit" in cs:
+            sp = cs["pysoup"]["speedup_vs_mergekit"]
+            out.append(
+                f"{case['case']}: {sp:.1f}x faster than mergekit (target >= {speedup}x): "
+                f"{'met' if sp >= speedup else 'NOT met'}"
+            )
+        rss = cs["pysoup"]["peak_rss_bytes"]
+        out.append(
+            f"{case['case']}: peak RSS {rss / 2**20:.0f} MiB (target <= 256 MiB): "
+            f"{'met' if rss <= 256 << 20 else 'NOT met'}"
+        )
+    return out
+
+
 def check_targets(report: dict) -> list:
+    if report["suite"] == "merge methods":
+        return check_method_targets(report)
     out = []
     by = {c["case"]: c for c in report["cases"]}
     t = by.get(TARGET_CASE)
@@ -279,7 +394,7 @@ def plot(report: dict, path: str) -> None:
     ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(cases))], cases)
     ax.set_ylabel("seconds, whole process (median)")
     ax.set_yscale("log")
-    ax.set_title("linear merge of N bf16 checkpoints")
+    ax.set_title(report["suite"] + ", bf16 checkpoints")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -293,11 +408,23 @@ def main(argv=None) -> int:
     p.add_argument("--only", help="comma-separated contenders")
     p.add_argument("--no-mergekit", action="store_true")
     p.add_argument("--no-kernel", action="store_true")
-    p.add_argument("--name", help="results file stem (default: linear, or quick)")
+    p.add_argument("--name", help="results file stem (default: linear, methods, or quick)")
+    p.add_argument(
+        "--suite",
+        choices=["linear", "methods"],
+        default="linear",
+        help="linear: N inputs x sizes; methods: every merge method on base + 3 x 512 MiB",
+    )
+    p.add_argument("--methods", help="comma-separated subset of the methods suite")
     args = p.parse_args(argv)
 
-    cases = args.cases.split(",") if args.cases else (QUICK_CASES if args.quick else FULL_CASES)
-    runs = args.runs or (3 if args.quick else 5)
+    if args.suite == "methods":
+        size = "64MiB" if args.quick else "512MiB"
+        cases = [(m, f"3x{size}") for m in (args.methods.split(",") if args.methods else METHODS)]
+    else:
+        names = args.cases.split(",") if args.cases else (QUICK_CASES if args.quick else FULL_CASES)
+        cases = [("linear", c) for c in names]
+    runs = args.runs or (3 if args.quick or args.suite == "methods" else 5)
     with_mergekit = not args.no_mergekit and importlib.util.find_spec("mergekit") is not None
     print(machine_line(), flush=True)
     report = {
@@ -308,9 +435,9 @@ def main(argv=None) -> int:
         "command": "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "cases": [],
     }
-    for case in cases:
-        print(f"case {case}", flush=True)
-        res = run_case(case, runs, with_mergekit, only=args.only.split(",") if args.only else None)
+    for strategy, case in cases:
+        print(f"case {case} {strategy}", flush=True)
+        res = run_case(case, runs, with_mergekit, only=args.only.split(",") if args.only else None, strategy=strategy)
         report["cases"].append(res)
         for name, c in res["contenders"].items():
             print(
@@ -318,7 +445,7 @@ def main(argv=None) -> int:
                 f"{c['gb_per_s']:6.2f} GB/s  {c['peak_rss_bytes'] / 2**20:7.0f} MiB",
                 flush=True,
             )
-    if not args.no_kernel and importlib.util.find_spec("torch") is not None:
+    if args.suite == "linear" and not args.no_kernel and importlib.util.find_spec("torch") is not None:
         report["kernel"] = kernel_case(1 << 22 if args.quick else 1 << 26, max(runs, 5))
         k = report["kernel"]
         print(
@@ -330,7 +457,7 @@ def main(argv=None) -> int:
     for t in report["targets"]:
         print(t)
     os.makedirs(RESULTS, exist_ok=True)
-    stem = os.path.join(RESULTS, args.name or ("quick" if args.quick else "linear"))
+    stem = os.path.join(RESULTS, args.name or ("quick" if args.quick else args.suite))
     with open(stem + ".json", "w") as f:
         json.dump(report, f, indent=2)
     with open(stem + ".md", "w") as f:

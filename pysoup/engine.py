@@ -23,7 +23,7 @@ def execute(plan: MergePlan, sink, backend, threads: int, progress=None) -> tupl
     """Runs every task of the plan into `sink`.
 
     Returns:
-        (names of tensors that came out non-finite, {tensor name: reduction state} of the ops that keep one)
+        (names of tensors that came out non-finite, {tensor name: op summary} for the ops that report one)
     """
     bar = _progress_bar(plan, progress)
     nonfinite = []
@@ -38,6 +38,7 @@ def execute(plan: MergePlan, sink, backend, threads: int, progress=None) -> tupl
             if task.name not in states:
                 states[task.name] = _reduce(plan, task, backend, threads)
             count = _combine(plan, task, sink, backend, threads, bar, states[task.name])
+            states[task.name] = task.op.summary(states[task.name])  # free histograms and the like
             if count:
                 nonfinite.append(task.name)
                 warnings.warn(

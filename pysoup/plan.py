@@ -57,6 +57,10 @@ class TensorOp:
         """Writes chunk.n results at chunk.out; returns how many are not finite."""
         raise NotImplementedError
 
+    def summary(self, state):
+        """What to keep of a finished tensor's state for the report (None: nothing); the rest is freed."""
+        return None
+
 
 @dataclass(frozen=True)
 class WeightedSum(TensorOp):

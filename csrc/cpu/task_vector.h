@@ -81,7 +81,7 @@ using TieCountFn = void (*)(const TaskVectorArgs&, int64_t begin, int64_t end, i
 using MaskedSumFn = int64_t (*)(const MaskedSumArgs&, int64_t begin, int64_t end);
 using MomentsFn = void (*)(const MomentsArgs&, int64_t block_begin, int64_t end, double* block_out);
 using HistogramFn = void (*)(const TaskVectorArgs&, int64_t begin, int64_t end, int pass, const uint32_t* prefix,
-                             uint32_t* hist);
+                             uint64_t* hist);
 // Sparse soup's check: the first index in [begin, end) where the inputs' zero patterns differ (-1 if none), and
 // the count of zeros of the first input.
 using SparseScanFn = int64_t (*)(const MaskedSumArgs&, int64_t begin, int64_t end, int64_t* zeros);

@@ -172,7 +172,7 @@ void tv_count_ties(const TaskVectorArgs& a, int64_t begin, int64_t end, int64_t*
 // of the elements whose high bits equal prefix[i]. hist holds k x 65536 counters.
 template <class IO>
 void tv_histogram(const TaskVectorArgs& a, int64_t begin, int64_t end, int pass, const uint32_t* prefix,
-                  uint32_t* hist) {
+                  uint64_t* hist) {
     std::vector<float> buf(size_t(kTvTile) * 2);
     std::vector<uint32_t> low(kTvTile);
     float* base_tile = buf.data();
@@ -182,7 +182,7 @@ void tv_histogram(const TaskVectorArgs& a, int64_t begin, int64_t end, int pass,
         IO::load(a.base, a.base_dtype, t0, m, base_tile);
         for (int i = 0; i < a.k; ++i) {
             IO::load(a.inputs[i], a.in_dtypes[i], t0, m, t);
-            uint32_t* h = hist + size_t(i) * 65536;
+            uint64_t* h = hist + size_t(i) * 65536;
             if (pass == 0) {
                 for (int64_t j = 0; j < m; ++j) ++h[abs_bits(t[j] - base_tile[j]) >> 16];
             } else {

@@ -106,12 +106,17 @@ class TopKSelector:
 
     passes = 2
 
+    _buffers: dict = {}  # one histogram per model count, reused by every tensor (cleared between passes)
+
     def __init__(self, keep, threads=None, isa=None):
         import ctypes
 
         self.keep = list(keep)
         self.k = len(self.keep)
-        self._hist = (ctypes.c_uint64 * (self.k * 65536))()
+        if self.k not in self._buffers:
+            self._buffers[self.k] = (ctypes.c_uint64 * (self.k * 65536))()
+        self._hist = self._buffers[self.k]
+        ctypes.memset(self._hist, 0, ctypes.sizeof(self._hist))
         self._addr = ctypes.addressof(self._hist)
         self._prefix = [0] * self.k
         self._threads, self._isa = threads, isa

@@ -36,6 +36,9 @@ class SparseOp(TensorOp):
             )
         state["zeros"] += zeros
 
+    def summary(self, state):
+        return {"zeros": state["zeros"]}
+
     def combine(self, backend, chunk, state):
         return backend.masked_sum_raw(
             chunk.addrs,
