@@ -400,6 +400,17 @@ def plot(report: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def rewrite(stem: str) -> None:
+    """Recomputes the targets and the markdown of saved results (after a change to this report's format)."""
+    with open(stem + ".json") as f:
+        report = json.load(f)
+    report["targets"] = check_targets(report)
+    with open(stem + ".json", "w") as f:
+        json.dump(report, f, indent=2)
+    with open(stem + ".md", "w") as f:
+        f.write(markdown(report))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
@@ -428,7 +439,7 @@ def main(argv=None) -> int:
     with_mergekit = not args.no_mergekit and importlib.util.find_spec("mergekit") is not None
     print(machine_line(), flush=True)
     report = {
-        "suite": "linear merge",
+        "suite": "linear merge" if args.suite == "linear" else "merge methods",
         "machine": machine(),
         "machine_line": machine_line(),
         "runs": runs,

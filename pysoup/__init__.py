@@ -1,5 +1,6 @@
 """pysoup: fast, bounded-memory merging of neural-network checkpoints."""
 
+from pysoup import weights
 from pysoup._version import __version__
 from pysoup.api import info, merge, open
 from pysoup.errors import BackendError, FormatError, PlanError, SoupError
@@ -15,4 +16,5 @@ __all__ = [
     "info",
     "merge",
     "open",
+    "weights",
 ]

@@ -229,3 +229,37 @@ def test_bad_method_input(tmp_path, strategy, n_models, base, params, match):
             fps[:n_models], tmp_path / "o.safetensors", strategy=strategy, base=bp if base else None, params=params
         )
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_cli_equals_api_for_a_method(tmp_path):
+    from conftest import run_cli
+
+    bp, fps, _, _ = family(tmp_path, big=False)
+    run_cli(
+        "merge",
+        *fps,
+        "--base",
+        bp,
+        "--strategy",
+        "ties",
+        "--param",
+        "density=0.4",
+        "--param",
+        "lambda=0.9",
+        "--weights",
+        "1,0.5,0.25",
+        "-o",
+        tmp_path / "cli.safetensors",
+        check=True,
+    )
+    pysoup.merge(
+        fps,
+        tmp_path / "api.safetensors",
+        strategy="ties",
+        base=bp,
+        weights=[1, 0.5, 0.25],
+        params={"density": 0.4, "lambda": 0.9},
+    )
+    assert (tmp_path / "cli.safetensors").read_bytes() == (tmp_path / "api.safetensors").read_bytes()
+    proc = run_cli("merge", *fps, "--strategy", "sparse", "--param", "mask=union", "-o", tmp_path / "s.safetensors")
+    assert proc.returncode == 0 and "sparsity" in proc.stdout
