@@ -384,14 +384,14 @@ def plot(report: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cases = [c["case"] for c in report["cases"]]
+    cases = [c["strategy"] if c.get("strategy", "linear") != "linear" else c["case"] for c in report["cases"]]
     names = sorted({n for c in report["cases"] for n in c["contenders"]}, key=lambda n: n != "pysoup")
     fig, ax = plt.subplots(figsize=(1.6 * len(cases) + 3, 4))
     width = 0.8 / len(names)
     for i, name in enumerate(names):
         vals = [c["contenders"].get(name, {}).get("seconds", {}).get("median", 0) for c in report["cases"]]
         ax.bar([x + i * width for x in range(len(cases))], vals, width, label=name)
-    ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(cases))], cases)
+    ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(cases))], cases, rotation=20, ha="right")
     ax.set_ylabel("seconds, whole process (median)")
     ax.set_yscale("log")
     ax.set_title(report["suite"] + ", bf16 checkpoints")
@@ -409,6 +409,7 @@ def rewrite(stem: str) -> None:
         json.dump(report, f, indent=2)
     with open(stem + ".md", "w") as f:
         f.write(markdown(report))
+    plot(report, stem + ".png")
 
 
 def main(argv=None) -> int:
@@ -427,6 +428,7 @@ def main(argv=None) -> int:
         help="linear: N inputs x sizes; methods: every merge method on base + 3 x 512 MiB",
     )
     p.add_argument("--methods", help="comma-separated subset of the methods suite")
+    p.add_argument("--kernel-only", action="store_true", help="only the in-memory kernel case (results: kernel.*)")
     args = p.parse_args(argv)
 
     if args.suite == "methods":
@@ -446,6 +448,8 @@ def main(argv=None) -> int:
         "command": "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "cases": [],
     }
+    if args.kernel_only:
+        cases, report["suite"] = [], "in-memory kernel"
     for strategy, case in cases:
         print(f"case {case} {strategy}", flush=True)
         res = run_case(case, runs, with_mergekit, only=args.only.split(",") if args.only else None, strategy=strategy)
@@ -456,7 +460,7 @@ def main(argv=None) -> int:
                 f"{c['gb_per_s']:6.2f} GB/s  {c['peak_rss_bytes'] / 2**20:7.0f} MiB",
                 flush=True,
             )
-    if args.suite == "linear" and not args.no_kernel and importlib.util.find_spec("torch") is not None:
+    if (args.kernel_only or args.suite == "linear") and not args.no_kernel and importlib.util.find_spec("torch"):
         report["kernel"] = kernel_case(1 << 22 if args.quick else 1 << 26, max(runs, 5))
         k = report["kernel"]
         print(
@@ -468,7 +472,7 @@ def main(argv=None) -> int:
     for t in report["targets"]:
         print(t)
     os.makedirs(RESULTS, exist_ok=True)
-    stem = os.path.join(RESULTS, args.name or ("quick" if args.quick else args.suite))
+    stem = os.path.join(RESULTS, args.name or ("kernel" if args.kernel_only else "quick" if args.quick else args.suite))
     with open(stem + ".json", "w") as f:
         json.dump(report, f, indent=2)
     with open(stem + ".md", "w") as f:
