@@ -39,6 +39,7 @@ test-fast: install
 
 bench: install
 	$(PY) benchmarks/run.py
+	$(PY) benchmarks/run.py --suite methods
 
 bench-quick: install
 	$(PY) benchmarks/run.py --quick
