@@ -87,10 +87,54 @@ def main(argv=None) -> int:
         )
         if not same:
             return 1
+    # A task-vector method on the same files: TIES against the base, CLI vs the torch reference backend.
+    base = os.path.join(os.path.dirname(models[0]), "base")
+    ties_out = os.path.join(work, "ties.safetensors")
+    res = run_process(
+        [
+            sys.executable,
+            "-m",
+            "pysoup",
+            "merge",
+            *models,
+            "--base",
+            base,
+            "--strategy",
+            "ties",
+            "--param",
+            "density=0.3",
+            "-o",
+            ties_out,
+            "--no-progress",
+        ]
+    )
+    if res["rc"] != 0:
+        print(res["stderr"], file=sys.stderr)
+        return 1
+    t = time.perf_counter()
+    pysoup.merge(
+        models,
+        os.path.join(work, "ties-ref.safetensors"),
+        strategy="ties",
+        base=base,
+        params={"density": 0.3},
+        backend="reference",
+        progress=False,
+    )
+    ref_seconds = time.perf_counter() - t
+    same = open(ties_out, "rb").read() == open(os.path.join(work, "ties-ref.safetensors"), "rb").read()
+    rss = format_bytes(res["peak_rss_bytes"])
+    verdict = "yes, byte for byte" if same else "NO"
+    print(
+        f"{'pysoup merge --strategy ties (CLI)':<34} {res['seconds']:8.3f} {'':>7} {rss:>10}  {verdict} "
+        f"(reference backend: {ref_seconds:.1f} s)"
+    )
+    if not same:
+        return 1
     print()
     print(f"output directory {os.path.relpath(cli_out)}: {', '.join(sorted(os.listdir(cli_out)))}")
     subprocess.run([sys.executable, "-m", "pysoup", "inspect", api_out], stdout=subprocess.PIPE, check=True)
-    print("benchmarks against the I/O floor, a naive script and mergekit: make bench")
+    print("every method: docs/methods.md; benchmarks against the I/O floor, a naive script and mergekit: make bench")
     return 0
 
 

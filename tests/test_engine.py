@@ -107,3 +107,15 @@ def test_windows_release_memory(tmp_path):
     assert not any(p in maps for p in paths)
     for c in ckpts:
         c.close()
+
+
+def test_one_window_per_sharded_input(tmp_path, models):
+    """Reading across shards keeps one mapped window per input, not one per shard (resident memory)."""
+    from test_merge import hf_dir
+
+    _, sds = models
+    d = hf_dir(tmp_path / "sharded", sds[0], shards=3)
+    with pysoup.open(d) as ckpt:
+        for name, info in ckpt.infos.items():
+            ckpt.address(name, info.begin, info.end)
+            assert sum(r._window is not None for r in ckpt._readers) <= 1

@@ -64,9 +64,16 @@ class FileCheckpoint(Checkpoint):
         self.metadata = readers[0].metadata if readers else None
         self.files = tuple(os.path.realpath(r.path) for r in readers)
         self.directory = directory
+        self._active = None
 
     def address(self, name, lo, hi):
-        return self._owner[name].window_address(lo, hi)
+        reader = self._owner[name]
+        if reader is not self._active:
+            # One mapped window per input, not per shard: moving to another shard releases the last one's.
+            if self._active is not None:
+                self._active.release()
+            self._active = reader
+        return reader.window_address(lo, hi)
 
     # -- the lazy reader users get from pysoup.open() -------------------------------------------------
     def keys(self) -> list:
