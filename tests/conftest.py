@@ -2,6 +2,9 @@ import os
 import subprocess
 import sys
 
+# Triton kernels run on CPU tensors through the interpreter; it must be set before any kernel module imports.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import numpy as np
 import pytest
 

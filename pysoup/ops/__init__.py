@@ -1,8 +1,8 @@
 """Primitive ops and their backends.
 
 Each op has one signature here; each backend module (`reference`: torch, the definition of every result;
-`cpu`: the C++ kernels) implements it. `backend="auto"` picks `cpu` for host memory when the C++ module
-loads, else `reference`; the environment variable PYSOUP_BACKEND overrides "auto"; an explicit backend that
+`cpu`: the C++ kernels; `triton`: pysoup.kernels, for CUDA tensors) implements it. `backend="auto"` picks `cpu`
+for host memory when the C++ module loads, else `reference`, and `triton` for CUDA tensors when it loads; the environment variable PYSOUP_BACKEND overrides "auto"; an explicit backend that
 cannot run here is an error listing those that can.
 """
 
@@ -13,7 +13,7 @@ import os
 
 from pysoup.errors import BackendError
 
-_BACKEND_MODULES = {"reference": "pysoup.ops.reference", "cpu": "pysoup.ops.cpu"}
+_BACKEND_MODULES = {"reference": "pysoup.ops.reference", "cpu": "pysoup.ops.cpu", "triton": "pysoup.ops.triton"}
 
 
 def _load(name: str):
@@ -23,7 +23,7 @@ def _load(name: str):
 def available_backends() -> list:
     """Backends that can run here, in preference order for host memory."""
     out = []
-    for name in ("cpu", "reference"):
+    for name in ("cpu", "reference", "triton"):
         ok, _ = _load(name).availability()
         if ok:
             out.append(name)
@@ -35,7 +35,12 @@ def get_backend(name: str = "auto", device: str = "cpu"):
     if name in (None, "auto"):
         name = os.environ.get("PYSOUP_BACKEND") or "auto"
     if name == "auto":
-        choices = available_backends() if device == "cpu" else ["reference"]
+        # Host memory: the C++ kernels. CUDA tensors: Triton when it loads, else torch.
+        choices = (
+            available_backends()
+            if device == "cpu"
+            else (["triton"] if _load("triton").availability()[0] else ["reference"])
+        )
         if not choices:
             raise BackendError("no backend can run here: the C++ module did not load and torch is not installed")
         return _load(choices[0])
@@ -58,7 +63,7 @@ def weighted_sum(tensors, weights, out_dtype=None, normalize=False, backend="aut
         weights: one number per tensor.
         out_dtype: torch dtype of the result (default: the first tensor's).
         normalize: divide by the sum of the weights.
-        backend: "auto", "cpu" or "reference".
+        backend: "auto", "cpu", "triton" (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) or "reference".
         threads: CPU threads (cpu backend; default: every core this process may use).
 
     Returns:

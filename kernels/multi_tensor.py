@@ -1,0 +1,109 @@
+"""Multi-tensor updates for averaging during training: one launch over every tensor of a model.
+
+`lerp_` computes, for every tensor pair (a, b), a <- weighted_sum([a, b], [1 - t, t]) in place, by the numerical
+contract (EMA is t = 1 - beta, SWA is t = 1 / (n + 1)). A table of
+pointers and sizes drives the programs, so hundreds of small tensors cost one launch, not hundreds.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from pysoup.kernels._rounding import round_to_out, to_f32
+from pysoup.kernels.weighted_sum import _kind
+
+BLOCK = 1024
+
+
+@triton.jit
+def _lerp_kernel(
+    a_table,
+    b_table,
+    sizes,
+    block_start,
+    tensor_of_block,
+    w_a,
+    w_b,
+    A_DTYPE: tl.constexpr,
+    B_DTYPE: tl.constexpr,
+    OUT_KIND: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = tl.load(tensor_of_block + pid)
+    first = tl.load(block_start + t)
+    n = tl.load(sizes + t)
+    a = tl.load(a_table + t).to(tl.pointer_type(A_DTYPE))
+    b = tl.load(b_table + t).to(tl.pointer_type(B_DTYPE))
+    offs = (pid - first).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    acc = tl.full((BLOCK,), -0.0, tl.float32)
+    acc = tl.fma(w_a, to_f32(tl.load(a + offs, mask=mask, other=0.0)), acc)
+    acc = tl.fma(w_b, to_f32(tl.load(b + offs, mask=mask, other=0.0)), acc)
+    tl.store(a + offs, round_to_out(acc, OUT_KIND), mask=mask)
+
+
+class TensorTable:
+    """The launch tables for one list of (a, b) tensor pairs; build once, reuse every step."""
+
+    def __init__(self, avg, new):
+        import torch
+
+        if len(avg) != len(new):
+            raise ValueError(f"{len(avg)} averaged tensors for {len(new)} new ones")
+        dtypes = {t.dtype for t in avg}, {t.dtype for t in new}
+        if len(dtypes[0]) > 1 or len(dtypes[1]) > 1:
+            raise ValueError("one launch takes one dtype per side; group the tensors by dtype")
+        for a, b in zip(avg, new):
+            if a.shape != b.shape or not a.is_contiguous() or not b.is_contiguous():
+                raise ValueError("tensor pairs must have one shape and be contiguous")
+        device = avg[0].device
+        sizes = [a.numel() for a in avg]
+        blocks = [triton.cdiv(s, BLOCK) for s in sizes]
+        starts, owner = [], []
+        total = 0
+        for i, nb in enumerate(blocks):
+            starts.append(total)
+            owner += [i] * nb
+            total += nb
+        as_i64 = dict(dtype=torch.int64, device=device)
+        self.a = torch.tensor([t.data_ptr() for t in avg], **as_i64)
+        self.b = torch.tensor([t.data_ptr() for t in new], **as_i64)
+        self.sizes = torch.tensor(sizes, **as_i64)
+        self.starts = torch.tensor(starts, **as_i64)
+        self.owner = torch.tensor(owner, dtype=torch.int32, device=device)
+        self.blocks = total
+        self.a_dtype, self.b_dtype = avg[0].dtype, new[0].dtype
+        self.keep = (avg, new)  # the tables hold raw pointers: keep the tensors alive
+
+
+_TL = {}
+
+
+def _tl_dtype(dtype):
+    import torch
+
+    if not _TL:
+        _TL.update({torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16})
+    return _TL[dtype]
+
+
+def lerp_(table: TensorTable, t: float) -> None:
+    """avg <- (1 - t) * avg + t * new for every pair in the table, in one launch."""
+    from pysoup.dtypes import to_f32
+
+    if table.blocks == 0:
+        return
+    _lerp_kernel[(table.blocks,)](
+        table.a,
+        table.b,
+        table.sizes,
+        table.starts,
+        table.owner,
+        to_f32(1.0 - t),
+        to_f32(t),
+        A_DTYPE=_tl_dtype(table.a_dtype),
+        B_DTYPE=_tl_dtype(table.b_dtype),
+        OUT_KIND=_kind(table.a_dtype),
+        BLOCK=BLOCK,
+    )

@@ -1,0 +1,60 @@
+"""The triton backend: pysoup.kernels on CUDA tensors (and on CPU tensors under TRITON_INTERPRET=1, which is how
+CI tests them). It implements weighted_sum and the multi-tensor lerp; the other ops are not written for Triton yet,
+and asking for one is a BackendError naming the backends that have it."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from pysoup.errors import BackendError
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def availability():
+    if importlib.util.find_spec("triton") is None or importlib.util.find_spec("torch") is None:
+        return False, "triton is not installed: pip install 'pysoup[gpu]'"
+    if interpreting():
+        return True, ""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU, slowly)"
+    return True, ""
+
+
+def _check_device(t) -> None:
+    if t.device.type != "cuda" and not interpreting():
+        raise BackendError(f"the triton backend takes CUDA tensors (got {t.device}; TRITON_INTERPRET=1 allows CPU)")
+
+
+def weighted_sum(tensors, weights, out_dtype, normalize, threads=None):
+    from pysoup.kernels.weighted_sum import weighted_sum as launch
+
+    _check_device(tensors[0])
+    return launch(tensors, weights, out_dtype, normalize)
+
+
+def weighted_sum_raw(addrs, dtypes, weights, n, out_addr, out_dtype, normalize, threads=None) -> int:
+    """The engine's entry on host buffers (interpreter only): views, the kernel, a copy into the output."""
+    import torch
+
+    from pysoup.dtypes import to_torch
+    from pysoup.ops.reference import _view
+
+    if not interpreting():
+        raise BackendError("the triton backend merges files only under TRITON_INTERPRET=1 (device merges: open issue)")
+    out = weighted_sum([_view(a, n, d) for a, d in zip(addrs, dtypes)], weights, to_torch(out_dtype), normalize)
+    _view(out_addr, n, out_dtype).copy_(out)
+    return int((~torch.isfinite(out)).sum())
+
+
+def __getattr__(name):
+    if name.endswith("_raw") or name in ("TopKSelector",):
+        raise BackendError(
+            f"the triton backend has no {name} yet (the merge methods run on backend='cpu' or 'reference')"
+        )
+    raise AttributeError(name)

@@ -1,0 +1,97 @@
+"""The Triton kernels under TRITON_INTERPRET=1 (set in conftest), bit for bit against the reference backend."""
+
+import pytest
+import torch
+from conftest import assert_bit_equal, id_formatter, random_tensor, save_st, small_model
+
+pytest.importorskip("triton")
+
+import pysoup  # noqa: E402
+from pysoup.errors import BackendError  # noqa: E402
+from pysoup.ops import reference  # noqa: E402
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [(1,), (7,), (4097,), (3, 5, 17)]
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=id_formatter("out"))
+@pytest.mark.parametrize("in_dtype", DTYPES, ids=id_formatter("in"))
+@pytest.mark.parametrize("normalize", [False, True], ids=id_formatter("normalize"))
+def test_weighted_sum_matches_reference(in_dtype, out_dtype, normalize):
+    from pysoup.kernels.weighted_sum import weighted_sum
+
+    for k, shape in enumerate(SHAPES):
+        xs = [random_tensor(shape, in_dtype, seed=10 * k + i, wide=True) for i in range(3)]
+        ws = [0.3, -1.7, 2.5e-3]
+        assert_bit_equal(
+            weighted_sum(xs, ws, out_dtype, normalize), reference.weighted_sum(xs, ws, out_dtype, normalize)
+        )
+
+
+@pytest.mark.parametrize("count", [1, 8, 11], ids=id_formatter("inputs"))
+def test_many_inputs_chain_through_fp32(count):
+    """More than 8 inputs take several launches through an fp32 accumulator: same bits."""
+    from pysoup.kernels.weighted_sum import weighted_sum
+
+    dtypes = [DTYPES[i % 3] for i in range(count)]
+    xs = [random_tensor((5000,), d, seed=i, wide=True) for i, d in enumerate(dtypes)]
+    ws = [0.1 * (i + 1) * (-1) ** i for i in range(count)]
+    for out_dtype in DTYPES:
+        assert_bit_equal(weighted_sum(xs, ws, out_dtype, True), reference.weighted_sum(xs, ws, out_dtype, True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=id_formatter("dtype"))
+def test_every_16_bit_pattern(dtype):
+    from pysoup.kernels.weighted_sum import weighted_sum
+
+    x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+    for out_dtype in (torch.float32, torch.bfloat16):
+        for ws in ([1.0], [0.37], [1e30]):
+            assert_bit_equal(weighted_sum([x], ws, out_dtype, False), reference.weighted_sum([x], ws, out_dtype, False))
+    finite = x[torch.isfinite(x.float())]  # fp16 outputs: NaN payloads are the converter's business
+    assert_bit_equal(
+        weighted_sum([finite, finite.flip(0)], [0.37, 0.63], torch.float16, True),
+        reference.weighted_sum([finite, finite.flip(0)], [0.37, 0.63], torch.float16, True),
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=id_formatter("dtype"))
+def test_multi_tensor_lerp(dtype):
+    """One launch updates every tensor of a model like the per-tensor weighted sum would (EMA with beta 0.9)."""
+    from pysoup.kernels.multi_tensor import TensorTable, lerp_
+
+    sizes = [(1,), (7,), (1000,), (4097,), (3, 5, 17), (0,)]
+    avg = [random_tensor(s, dtype, seed=i) for i, s in enumerate(sizes)]
+    new = [random_tensor(s, dtype, seed=100 + i) for i, s in enumerate(sizes)]
+    want = [reference.weighted_sum([a, b], [0.9, 0.1], dtype, False) for a, b in zip(avg, new)]
+    lerp_(TensorTable(avg, new), 0.1)
+    for got, w in zip(avg, want):
+        assert_bit_equal(got, w)
+
+
+def test_backend_dispatch_and_file_merge(tmp_path):
+    a, b = random_tensor((999,), torch.bfloat16, 1), random_tensor((999,), torch.float16, 2)
+    assert_bit_equal(
+        pysoup.ops.weighted_sum([a, b], [1, 2], backend="triton"),
+        reference.weighted_sum([a, b], [1.0, 2.0], torch.bfloat16, False),
+    )
+    assert "triton" in pysoup.info()["backends"]
+    sds = [small_model(seed=s) for s in range(2)]
+    paths = [save_st(tmp_path / f"m{i}.safetensors", sd) for i, sd in enumerate(sds)]
+    pysoup.merge(paths, tmp_path / "t.safetensors", weights=[0.4, 0.6], backend="triton")
+    pysoup.merge(paths, tmp_path / "c.safetensors", weights=[0.4, 0.6], backend="cpu")
+    assert (tmp_path / "t.safetensors").read_bytes() == (tmp_path / "c.safetensors").read_bytes()
+    with pytest.raises(BackendError, match="triton backend has no task_vector_raw"):
+        pysoup.merge(paths, tmp_path / "x.safetensors", strategy="task_arithmetic", base=paths[0], backend="triton")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_weighted_sum_on_gpu():
+    from pysoup.kernels.weighted_sum import weighted_sum
+
+    xs = [random_tensor((1 << 20,), torch.bfloat16, seed=i, wide=True) for i in range(4)]
+    want = reference.weighted_sum(xs, [0.1, 0.2, 0.3, 0.4], torch.bfloat16, True)
+    got = weighted_sum([x.cuda() for x in xs], [0.1, 0.2, 0.3, 0.4], torch.bfloat16, True).cpu()
+    assert_bit_equal(got, want)
