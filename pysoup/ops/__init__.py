@@ -2,8 +2,9 @@
 
 Each op has one signature here; each backend module (`reference`: torch, the definition of every result;
 `cpu`: the C++ kernels; `triton`: pysoup.kernels, for CUDA tensors) implements it. `backend="auto"` picks `cpu`
-for host memory when the C++ module loads, else `reference`, and `triton` for CUDA tensors when it loads; the environment variable PYSOUP_BACKEND overrides "auto"; an explicit backend that
-cannot run here is an error listing those that can.
+for host memory when the C++ module loads, else `reference`, and `triton` for CUDA tensors when it loads; the
+environment variable PYSOUP_BACKEND overrides "auto"; an explicit backend that cannot run here is an error
+listing those that can.
 """
 
 from __future__ import annotations
