@@ -81,8 +81,14 @@ def test_backend_dispatch_and_file_merge(tmp_path):
     pysoup.merge(paths, tmp_path / "t.safetensors", weights=[0.4, 0.6], backend="triton")
     pysoup.merge(paths, tmp_path / "c.safetensors", weights=[0.4, 0.6], backend="cpu")
     assert (tmp_path / "t.safetensors").read_bytes() == (tmp_path / "c.safetensors").read_bytes()
-    with pytest.raises(BackendError, match="triton backend has no task_vector_raw"):
-        pysoup.merge(paths, tmp_path / "x.safetensors", strategy="task_arithmetic", base=paths[0], backend="triton")
+    for strategy, params in (("ties", {"density": 0.4}), ("dare_ties", {"density": 0.5, "seed": 3})):
+        pysoup.merge(
+            paths, tmp_path / "t.safetensors", strategy=strategy, base=paths[0], params=params, backend="triton"
+        )
+        pysoup.merge(paths, tmp_path / "c.safetensors", strategy=strategy, base=paths[0], params=params, backend="cpu")
+        assert (tmp_path / "t.safetensors").read_bytes() == (tmp_path / "c.safetensors").read_bytes(), strategy
+    with pytest.raises(BackendError, match="triton backend has no sparse_scan_raw"):
+        pysoup.merge(paths, tmp_path / "x.safetensors", strategy="sparse", params={"mask": "union"}, backend="triton")
     assert not (tmp_path / "x.safetensors").exists()
 
 
@@ -95,3 +101,49 @@ def test_weighted_sum_on_gpu():
     want = reference.weighted_sum(xs, [0.1, 0.2, 0.3, 0.4], torch.bfloat16, True)
     got = weighted_sum([x.cuda() for x in xs], [0.1, 0.2, 0.3, 0.4], torch.bfloat16, True).cpu()
     assert_bit_equal(got, want)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["task_arithmetic", "ties", "ties_partial_quota", "dare", "dare_ties"],
+)
+def test_task_vector_combine_matches_reference(case):
+    from pysoup.kernels.task_vector import task_vector_combine
+
+    from pysoup.strategies.task_vector import TaskVectorParams, dare_key, keep_below
+
+    n = 9000
+    base = random_tensor((n,), torch.bfloat16, seed=50)
+    # bf16 differences repeat, so TIES thresholds have ties: the partial-quota case exercises index order.
+    xs = [(base.float() + 0.05 * random_tensor((n,), torch.float32, seed=60 + i)).to(torch.bfloat16) for i in range(3)]
+    ws = (0.5, 0.3, 0.2)
+    p = TaskVectorParams(ws, 0.9, case != "task_arithmetic", case.startswith(("ties", "dare_ties")))
+    quota = [-1, -1, -1]
+    if case.startswith("ties"):
+        sel = reference.TopKSelector([2000, 3100, 4500])
+        b = base.float()
+        sel._bits = [[reference._f32_bits(x.float() - b)] for x in xs]
+        sel.finish(0)
+        p = TaskVectorParams(ws, 0.9, True, True, trim_bits=tuple(sel.thresholds))
+        quota = list(sel.quotas)
+        if case == "ties_partial_quota":
+            assert any(q >= 0 for q in quota)
+    if case.startswith("dare"):
+        keys = tuple(dare_key(5, "w", i) for i in range(3))
+        p = TaskVectorParams(
+            ws,
+            0.9,
+            False,
+            case == "dare_ties",
+            keys,
+            tuple(keep_below(d) for d in (0.3, 0.6, 0.9)),
+            (1 / 0.3, 1 / 0.6, 1 / 0.9),
+        )
+    start = 4096 * 3  # a range inside a larger tensor: DARE's counters must start there
+    want = torch.empty(n, dtype=torch.bfloat16)
+    _, want_quota = reference.task_vector_raw(
+        [x.data_ptr() for x in xs], ["BF16"] * 3, base.data_ptr(), "BF16", n, want.data_ptr(), "BF16", p, start, quota
+    )
+    got, got_quota = task_vector_combine(xs, base, p, start, quota, torch.bfloat16)
+    assert_bit_equal(got, want)
+    assert got_quota == want_quota

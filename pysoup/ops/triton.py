@@ -1,6 +1,7 @@
 """The triton backend: pysoup.kernels on CUDA tensors (and on CPU tensors under TRITON_INTERPRET=1, which is how
-CI tests them). It implements weighted_sum and the multi-tensor lerp; the other ops are not written for Triton yet,
-and asking for one is a BackendError naming the backends that have it."""
+CI tests them). It implements weighted_sum, the task-vector combine (task arithmetic, TIES, DARE) and the
+multi-tensor lerp; TIES' threshold selection is the reference's stable sort (on the GPU a sort of |tau|'s bits,
+not yet a streaming select). Other ops are not written for Triton yet: asking for one is a BackendError."""
 
 from __future__ import annotations
 
@@ -52,8 +53,34 @@ def weighted_sum_raw(addrs, dtypes, weights, n, out_addr, out_dtype, normalize, 
     return int((~torch.isfinite(out)).sum())
 
 
+def task_vector_raw(addrs, dtypes, base, base_dtype, n, out, out_dtype, p, start, quota, threads=None):
+    """The engine's entry on host buffers (interpreter only)."""
+    import torch
+
+    from pysoup.dtypes import to_torch
+    from pysoup.kernels.task_vector import task_vector_combine
+    from pysoup.ops.reference import _view
+
+    if not interpreting():
+        raise BackendError("the triton backend merges files only under TRITON_INTERPRET=1 (device merges: open issue)")
+    result, quota = task_vector_combine(
+        [_view(a, n, d) for a, d in zip(addrs, dtypes)],
+        _view(base, n, base_dtype),
+        p,
+        start,
+        quota,
+        to_torch(out_dtype),
+    )
+    _view(out, n, out_dtype).copy_(result)
+    return int((~torch.isfinite(result)).sum()), quota
+
+
 def __getattr__(name):
-    if name.endswith("_raw") or name in ("TopKSelector",):
+    if name == "TopKSelector":
+        from pysoup.ops.reference import TopKSelector
+
+        return TopKSelector
+    if name.endswith("_raw"):
         raise BackendError(
             f"the triton backend has no {name} yet (the merge methods run on backend='cpu' or 'reference')"
         )
