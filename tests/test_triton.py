@@ -81,15 +81,22 @@ def test_backend_dispatch_and_file_merge(tmp_path):
     pysoup.merge(paths, tmp_path / "t.safetensors", weights=[0.4, 0.6], backend="triton")
     pysoup.merge(paths, tmp_path / "c.safetensors", weights=[0.4, 0.6], backend="cpu")
     assert (tmp_path / "t.safetensors").read_bytes() == (tmp_path / "c.safetensors").read_bytes()
-    for strategy, params in (("ties", {"density": 0.4}), ("dare_ties", {"density": 0.5, "seed": 3})):
-        pysoup.merge(
-            paths, tmp_path / "t.safetensors", strategy=strategy, base=paths[0], params=params, backend="triton"
-        )
-        pysoup.merge(paths, tmp_path / "c.safetensors", strategy=strategy, base=paths[0], params=params, backend="cpu")
-        assert (tmp_path / "t.safetensors").read_bytes() == (tmp_path / "c.safetensors").read_bytes(), strategy
-    with pytest.raises(BackendError, match="triton backend has no sparse_scan_raw"):
-        pysoup.merge(paths, tmp_path / "x.safetensors", strategy="sparse", params={"mask": "union"}, backend="triton")
+    with pytest.raises(BackendError, match="unknown backend 'cuda'"):
+        pysoup.merge(paths, tmp_path / "x.safetensors", backend="cuda")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.parametrize("method", __import__("test_methods").METHODS, ids=__import__("test_methods").IDS)
+def test_every_method_through_the_triton_backend(tmp_path, method):
+    """Each merge method, run by the engine on the triton backend (interpreter), writes the CPU backend's bytes."""
+    from test_methods import family
+
+    name, uses_base, params, model_params = method
+    bp, fps, _, _ = family(tmp_path, big=False, sparse=name == "sparse")
+    kw = dict(strategy=name, base=bp if uses_base else None, params=params, model_params=model_params)
+    pysoup.merge(fps, tmp_path / "t.safetensors", backend="triton", **kw)
+    pysoup.merge(fps, tmp_path / "c.safetensors", backend="cpu", **kw)
+    assert (tmp_path / "t.safetensors").read_bytes() == (tmp_path / "c.safetensors").read_bytes()
 
 
 @pytest.mark.gpu
@@ -147,3 +154,24 @@ def test_task_vector_combine_matches_reference(case):
     got, got_quota = task_vector_combine(xs, base, p, start, quota, torch.bfloat16)
     assert_bit_equal(got, want)
     assert got_quota == want_quota
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2, 3], ids=["shared", "intersection", "union", "affine-mean"])
+def test_masked_sum_matches_reference(mode):
+    from pysoup.kernels.masked_sum import masked_sum
+
+    n = 7001
+    g = torch.Generator().manual_seed(0)
+    pattern = torch.rand(n, generator=g) < 0.7
+    xs = []
+    for i in range(3):
+        x = random_tensor((n,), torch.bfloat16, seed=i, wide=True)
+        zero = pattern if mode == 0 or i < 2 else torch.rand(n, generator=g) < 0.5
+        xs.append(torch.where(zero, torch.zeros_like(x), x))
+    xs[0][5] = -0.0  # a signed zero of the first input survives under "shared"
+    ws = [0.5, 1.5, 2.0]
+    want = torch.empty(n, dtype=torch.bfloat16)
+    reference.masked_sum_raw(
+        [x.data_ptr() for x in xs], ["BF16"] * 3, ws, mode, n, want.data_ptr(), "BF16", center=0.125, scale=1.7
+    )
+    assert_bit_equal(masked_sum(xs, ws, mode, torch.bfloat16, center=0.125, scale=1.7), want)

@@ -1,7 +1,12 @@
-"""The triton backend: pysoup.kernels on CUDA tensors (and on CPU tensors under TRITON_INTERPRET=1, which is how
-CI tests them). It implements weighted_sum, the task-vector combine (task arithmetic, TIES, DARE) and the
-multi-tensor lerp; TIES' threshold selection is the reference's stable sort (on the GPU a sort of |tau|'s bits,
-not yet a streaming select). Other ops are not written for Triton yet: asking for one is a BackendError."""
+"""The triton backend: pysoup.kernels on CUDA tensors (and on CPU tensors under TRITON_INTERPRET=1, which is
+how CI tests them).
+
+Kernels: weighted_sum, the task-vector combine (task arithmetic, TIES, DARE), the masked sum (sparse soup,
+variance correction) and the multi-tensor lerp. The selection and statistics passes use the reference's torch
+code on the same device: TIES' threshold is a stable sort of |tau|'s bits (a copy, where the CPU streams a
+radix select), and on a GPU torch's cumsum is not sequential, so SLERP / model stock / variance coefficients
+there can differ from the CPU's in the last bit (under the interpreter they are identical).
+"""
 
 from __future__ import annotations
 
@@ -75,11 +80,32 @@ def task_vector_raw(addrs, dtypes, base, base_dtype, n, out, out_dtype, p, start
     return int((~torch.isfinite(result)).sum()), quota
 
 
-def __getattr__(name):
-    if name == "TopKSelector":
-        from pysoup.ops.reference import TopKSelector
+def masked_sum_raw(addrs, dtypes, weights, mode, n, out, out_dtype, threads=None, center=0.0, scale=1.0) -> int:
+    """The engine's entry on host buffers (interpreter only)."""
+    import torch
 
-        return TopKSelector
+    from pysoup.dtypes import to_torch
+    from pysoup.kernels.masked_sum import masked_sum
+    from pysoup.ops.reference import _view
+
+    if not interpreting():
+        raise BackendError("the triton backend merges files only under TRITON_INTERPRET=1 (device merges: open issue)")
+    result = masked_sum(
+        [_view(a, n, d) for a, d in zip(addrs, dtypes)], weights, mode, to_torch(out_dtype), center=center, scale=scale
+    )
+    _view(out, n, out_dtype).copy_(result)
+    return int((~torch.isfinite(result)).sum())
+
+
+# Selection and statistics: the reference's torch code (see the module docstring).
+_FROM_REFERENCE = ("TopKSelector", "sparse_scan_raw", "moments_raw")
+
+
+def __getattr__(name):
+    if name in _FROM_REFERENCE:
+        from pysoup.ops import reference
+
+        return getattr(reference, name)
     if name.endswith("_raw"):
         raise BackendError(
             f"the triton backend has no {name} yet (the merge methods run on backend='cpu' or 'reference')"
