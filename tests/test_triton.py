@@ -175,3 +175,38 @@ def test_masked_sum_matches_reference(mode):
         [x.data_ptr() for x in xs], ["BF16"] * 3, ws, mode, n, want.data_ptr(), "BF16", center=0.125, scale=1.7
     )
     assert_bit_equal(masked_sum(xs, ws, mode, torch.bfloat16, center=0.125, scale=1.7), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_task_vector_and_lerp_on_gpu():
+    from pysoup.kernels.multi_tensor import TensorTable, lerp_
+    from pysoup.kernels.task_vector import task_vector_combine
+
+    from pysoup.strategies.task_vector import TaskVectorParams, dare_key, keep_below
+
+    n = 1 << 20
+    base = random_tensor((n,), torch.bfloat16, seed=1)
+    xs = [(base.float() + 0.05 * random_tensor((n,), torch.float32, seed=2 + i)).to(torch.bfloat16) for i in range(3)]
+    p = TaskVectorParams(
+        (0.5, 0.3, 0.2),
+        1.0,
+        True,
+        True,
+        tuple(dare_key(0, "w", i) for i in range(3)),
+        (keep_below(0.5),) * 3,
+        (2.0,) * 3,
+    )
+    want = torch.empty(n, dtype=torch.bfloat16)
+    reference.task_vector_raw(
+        [x.data_ptr() for x in xs], ["BF16"] * 3, base.data_ptr(), "BF16", n, want.data_ptr(), "BF16", p, 0, [-1] * 3
+    )
+    got, _ = task_vector_combine([x.cuda() for x in xs], base.cuda(), p, 0, [-1] * 3, torch.bfloat16)
+    assert_bit_equal(got.cpu(), want)
+    avg = [random_tensor((s,), torch.bfloat16, seed=s) for s in (1, 1000, 4097)]
+    new = [random_tensor((s,), torch.bfloat16, seed=s + 1) for s in (1, 1000, 4097)]
+    want = [reference.weighted_sum([a, b], [0.9, 0.1], torch.bfloat16, False) for a, b in zip(avg, new)]
+    avg_gpu = [a.cuda() for a in avg]
+    lerp_(TensorTable(avg_gpu, [b.cuda() for b in new]), 0.1)
+    for got, w in zip(avg_gpu, want):
+        assert_bit_equal(got.cpu(), w)
