@@ -6,6 +6,21 @@ from pysoup.api import info, merge, open
 from pysoup.errors import BackendError, FormatError, PlanError, SoupError
 from pysoup.report import MergeReport
 
+
+def __getattr__(name):
+    # The searches, diagnostics and ensembles need torch: imported on first use, so `import pysoup` stays light.
+    lazy = {
+        "greedy_soup": "pysoup.search", "learned_soup": "pysoup.search", "lcsc_search": "pysoup.search",
+        "layer_group_ratios": "pysoup.search", "diagnose": "pysoup.diagnostics",
+        "interpolation_curve": "pysoup.diagnostics", "ensemble": "pysoup.ensembling",
+    }  # fmt: skip
+    if name in lazy:
+        import importlib
+
+        return getattr(importlib.import_module(lazy[name]), name)
+    raise AttributeError(f"module 'pysoup' has no attribute {name!r}")
+
+
 __all__ = [
     "BackendError",
     "FormatError",
@@ -13,7 +28,14 @@ __all__ = [
     "PlanError",
     "SoupError",
     "__version__",
+    "diagnose",
+    "ensemble",
+    "greedy_soup",
     "info",
+    "interpolation_curve",
+    "layer_group_ratios",
+    "lcsc_search",
+    "learned_soup",
     "merge",
     "open",
     "weights",
