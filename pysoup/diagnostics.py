@@ -92,4 +92,4 @@ def interpolation_curve(a, b, evaluate, points: int = 11) -> InterpolationCurve:
         packed.combine(packed.flats, [1.0 - al, al], normalize=False, out=out)
         scores.append(score_of(evaluate, packed.state_dict(out), f"alpha={al:.3f}"))
     line = [(1 - al) * scores[0] + al * scores[-1] for al in alphas]
-    return InterpolationCurve(alphas, scores, max(0.0, max(l - s for l, s in zip(line, scores))))
+    return InterpolationCurve(alphas, scores, max(0.0, max(on_line - s for on_line, s in zip(line, scores))))
