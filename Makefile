@@ -6,11 +6,12 @@ PIP := $(PY) -m pip --disable-pip-version-check
 # torch is pinned to the CPU build on this machine's disk; an unpinned `torch` would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.9.0
-DEV_DEPS := numpy tqdm pyyaml pytest hypothesis safetensors scikit-build-core pybind11 ninja ruff matplotlib
+DEV_DEPS := numpy tqdm pyyaml pytest hypothesis safetensors scikit-build-core pybind11 ninja ruff matplotlib \
+            scikit-learn
 # mergekit is the oracle of tests/test_mergekit.py and a benchmark baseline (pinned beside the CPU torch).
 MERGEKIT_SPEC ?= mergekit==0.1.5
 
-.PHONY: all install demo test test-fast bench bench-quick lint wheel clean
+.PHONY: all install demo test test-fast bench bench-quick examples lint wheel clean
 
 all: install
 
@@ -40,6 +41,9 @@ test-fast: install
 bench: install
 	$(PY) benchmarks/run.py
 	$(PY) benchmarks/run.py --suite methods
+
+examples: install
+	$(PY) examples/digits_soups.py
 
 bench-quick: install
 	$(PY) benchmarks/run.py --quick

@@ -1,0 +1,18 @@
+"""The examples, in their CI-sized form: they run, and their own checks hold (sparse pattern kept exactly,
+greedy soup >= the best single model on validation)."""
+
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+pytest.importorskip("sklearn")
+
+
+def test_digits_soups_quick():
+    proc = subprocess.run(
+        [sys.executable, f"{ROOT}/examples/digits_soups.py", "--quick"], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| greedy soup |" in proc.stdout and "pattern kept exactly: True" in proc.stdout
