@@ -83,7 +83,7 @@ def train(model, data, *, epochs, lr, wd=0.0, seed=0, aug=False, smoothing=0.0, 
     g = torch.Generator().manual_seed(seed)
     x, y = data
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
-    for epoch in range(epochs):
+    for _epoch in range(epochs):
         perm = torch.randperm(len(y), generator=g)
         for i in range(0, len(y), 32):
             idx = perm[i : i + 32]
@@ -167,7 +167,7 @@ def sparse_soup(data, pre, quick, tmp):
         else:
             sparse_pre[k] = v.clone()
     copies = []
-    for i, (lr, seed) in enumerate([(3e-3, 0), (1e-3, 1), (2e-3, 2), (3e-3, 3), (1e-3, 4)][: 3 if quick else 5]):
+    for lr, seed in [(3e-3, 0), (1e-3, 1), (2e-3, 2), (3e-3, 3), (1e-3, 4)][: 3 if quick else 5]:
         m = MLP()
         m.load_state_dict(sparse_pre)
         train(m, data["ft"], epochs=2 if quick else 8, lr=lr, seed=seed, mask=mask)
@@ -248,11 +248,18 @@ def markdown(res) -> str:
             cells.append(f"{sum(vals) / n:.4f} [{min(vals):.3f}-{max(vals):.3f}]")
         lines.append(f"| {name} | {' | '.join(cells)} |")
     s = res["sparse"]
-    lines += ["", f"Greedy soup members (best first): {res['soups_info']['greedy_members']}.", "",
-              f"Sparse soup: {len(s['copies_test'])} copies retrained on one 85% mask (weights {s['weight_sparsity']:.2%} "
-              f"zero; pattern kept exactly: {s['zero_pattern_kept_exactly']}). Test accuracy of the copies "
-              f"{', '.join(f'{a:.4f}' for a in s['copies_test'])}; of the soup {s['soup_test']:.4f}. Shifted test: "
-              f"copies {', '.join(f'{a:.4f}' for a in s['copies_shift'])}; soup {s['soup_shift']:.4f}.", ""]  # fmt: skip
+    copies_test = ", ".join(f"{a:.4f}" for a in s["copies_test"])
+    copies_shift = ", ".join(f"{a:.4f}" for a in s["copies_shift"])
+    lines += [
+        "",
+        f"Greedy soup members (best first): {res['soups_info']['greedy_members']}.",
+        "",
+        f"Sparse soup: {len(s['copies_test'])} copies retrained on one 85% mask (weights "
+        f"{s['weight_sparsity']:.2%} zero; pattern kept exactly: {s['zero_pattern_kept_exactly']}). Test accuracy of "
+        f"the copies {copies_test}; of the soup {s['soup_test']:.4f}. Shifted test: copies {copies_shift}; soup "
+        f"{s['soup_shift']:.4f}.",
+        "",
+    ]
     lc = res["lcsc"]
     lines += [f"LCSC over the last 6 epoch checkpoints of one run: final checkpoint val {lc['final_val']:.4f} / test "
               f"{lc['final_test']:.4f}; LCSC val {lc['lcsc_val']:.4f} / test {lc['lcsc_test']:.4f}; coefficients "
