@@ -199,8 +199,8 @@ def sparse_soup(data, pre, quick, tmp):
 def lcsc(data, quick):
     """Checkpoints along one run from scratch: LCSC coefficients vs the final checkpoint."""
     ckpts = []
-    m = MLP()
     torch.manual_seed(42)
+    m = MLP()
     train(m, data["ft"], epochs=4 if quick else 12, lr=3e-3, seed=42, checkpoints=ckpts)
     last = ckpts[-6:]
     res = pysoup.lcsc_search(
@@ -317,6 +317,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     torch.set_num_threads(2)
     data = load_data()
+    torch.manual_seed(0)  # torch's global generator starts from a random seed: every init must be seeded
     pre_model = MLP()
     train(pre_model, data["pre"], epochs=5 if args.quick else 30, lr=3e-3, seed=0)
     pre = {k: v.detach().clone() for k, v in pre_model.state_dict().items()}
@@ -325,6 +326,7 @@ def main(argv=None) -> int:
     res["soups_by_seed"] = [res["soups"]]
     for seed in range(1, 1 if args.quick else 3):  # two more data splits, pretrainings and fine-tune seeds
         d = load_data(seed)
+        torch.manual_seed(seed)
         m = MLP()
         train(m, d["pre"], epochs=30, lr=3e-3, seed=seed)
         rows, _, _ = soups(d, {k: v.detach().clone() for k, v in m.state_dict().items()}, args.quick, seed)
