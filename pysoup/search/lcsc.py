@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 from pysoup.errors import PlanError
@@ -66,6 +67,11 @@ def lcsc_search(
     scored = [(score(a), i, a) for i, a in enumerate(starts)]
     best_score, _, best = max(scored, key=lambda t: (t[0], -t[1]))
     history = [best_score]
+    bar = None
+    if progress or (progress is None and sys.stderr.isatty()):
+        from tqdm import tqdm
+
+        bar = tqdm(total=generations, desc="LCSC search", unit="generation")
     for g in range(1, generations + 1):
         step = sigma / np.sqrt(g)
         for _ in range(population):
@@ -74,5 +80,10 @@ def lcsc_search(
             if s > best_score:
                 best_score, best = s, trial
         history.append(best_score)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(score=f"{best_score:.4g}")
+    if bar is not None:
+        bar.close()
     models.combine(models.flats, [float(a) for a in best], normalize=False, out=out)
     return LcscResult([float(a) for a in best], best_score, models.state_dict(out), history)

@@ -78,15 +78,18 @@ def learned_soup(
     names = list(packed.layout)
     rows = names if per_tensor else ["*"]
     logits = torch.zeros(len(rows), k, requires_grad=True)
-    stacks = {n: torch.stack([sd[n].float() for sd in sds]) for n in names}
 
     def soup():
+        # A sum over the inputs, not a stacked copy: memory stays the k inputs plus one model.
         w = torch.softmax(temperature * logits, dim=1)
         params = {}
         for r, n in enumerate(names):
             row = w[r if per_tensor else 0]
-            params[n] = (row.view(k, *([1] * (stacks[n].dim() - 1))) * stacks[n]).sum(0)
-        params.update({n: t for n, t in packed.extras.items()})
+            acc = row[0] * sds[0][n].float()
+            for i in range(1, k):
+                acc = acc + row[i] * sds[i][n].float()
+            params[n] = acc
+        params.update(packed.extras)
         return params
 
     def step_loss(batch):
