@@ -9,10 +9,11 @@ from __future__ import annotations
 import ctypes
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pysoup.dtypes import KERNEL_CODE, SAFETENSORS_SIZES
 from pysoup.errors import PlanError
+from pysoup.io.format import canonical_order
 from pysoup.params import LayerPositions, validate_setting
 
 
@@ -99,7 +100,6 @@ class MergePlan:
     tasks: list  # in output layout order
     strategy: str
     base_index: int | None = None
-    notes: list = field(default_factory=list)
 
     @property
     def entries(self) -> list:
@@ -170,6 +170,7 @@ def build_plan(
     _check_keys(inputs)
 
     positions = LayerPositions(reference.infos)
+    # Imported here: pysoup.strategies imports this module for its ops.
     from pysoup.strategies.base import TensorContext
 
     tasks = []
@@ -194,8 +195,6 @@ def build_plan(
             raise PlanError(f"tensor {name!r}: cannot merge dtypes {', '.join(kinds)} (mergeable: F32, F16, BF16)")
 
     _warn_unused_filters(settings, model_settings, reference.infos)
-    from pysoup.io.format import canonical_order
-
     order = {e[0]: k for k, e in enumerate(canonical_order([(t.name, t.out_dtype, t.shape) for t in tasks]))}
     tasks.sort(key=lambda t: order[t.name])
     return MergePlan(inputs, tasks, strategy.name, base_index)
@@ -236,10 +235,3 @@ def _warn_unused_filters(settings, model_settings, names) -> None:
     for f in sorted(declared):
         if not any(f in name for name in names):
             warnings.warn(f"parameter filter {f!r} matches no tensor", stacklevel=3)
-
-
-def tensor_bytes(dtype: str, shape) -> int:
-    n = SAFETENSORS_SIZES[dtype]
-    for d in shape:
-        n *= d
-    return n
