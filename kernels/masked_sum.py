@@ -6,7 +6,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 from pysoup.kernels._rounding import round_to_out, to_f32
-from pysoup.kernels.task_vector import MAX_MODELS, _pad, _pick
 from pysoup.kernels.weighted_sum import _kind
 
 BLOCK = 2048
@@ -16,22 +15,8 @@ SHARED, INTERSECTION, UNION, AFFINE_MEAN = 0, 1, 2, 3
 @triton.jit
 def _masked_sum_kernel(
     out,
-    x0,
-    x1,
-    x2,
-    x3,
-    x4,
-    x5,
-    x6,
-    x7,
-    w0,
-    w1,
-    w2,
-    w3,
-    w4,
-    w5,
-    w6,
-    w7,
+    xs,
+    ws,
     n,
     divisor,
     center,
@@ -44,48 +29,42 @@ def _masked_sum_kernel(
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
+    first = to_f32(tl.load(xs[0] + offs, mask=mask, other=0.0))
     acc = tl.full((BLOCK,), -0.0, tl.float32)
     div = tl.zeros((BLOCK,), tl.float32)
     all_nonzero = tl.full((BLOCK,), 1, tl.int1)
-    first = tl.zeros((BLOCK,), tl.float32)
-    for i in tl.static_range(8):
-        if i < N:
-            x = to_f32(tl.load(_pick(i, x0, x1, x2, x3, x4, x5, x6, x7) + offs, mask=mask, other=0.0))
-            w = _pick(i, w0, w1, w2, w3, w4, w5, w6, w7)
-            if i == 0:
-                first = x
-            acc = tl.fma(w, x, acc)
-            div = tl.where(x != 0.0, div + w, div)
-            all_nonzero = all_nonzero & (x != 0.0)
-    if MODE == 0:
+    for i in tl.static_range(N):
+        x = to_f32(tl.load(xs[i] + offs, mask=mask, other=0.0))
+        acc = tl.fma(ws[i], x, acc)
+        div = tl.where(x != 0.0, div + ws[i], div)
+        all_nonzero = all_nonzero & (x != 0.0)
+    if MODE == 0:  # shared: zeros keep the first input's bits
         res = tl.where(first == 0.0, first, acc / divisor)
-    elif MODE == 1:
+    elif MODE == 1:  # intersection
         res = tl.where(all_nonzero, acc / divisor, 0.0)
-    elif MODE == 2:
+    elif MODE == 2:  # union
         res = tl.where(div != 0.0, acc / tl.where(div != 0.0, div, 1.0), 0.0)
-    else:
+    else:  # the variance-corrected average
         res = tl.fma(scale, acc / divisor - center, tl.full((BLOCK,), 0.0, tl.float32) + center)
     tl.store(out + offs, round_to_out(res, OUT_KIND), mask=mask)
 
 
 def masked_sum(xs, weights, mode: int, out_dtype, center: float = 0.0, scale: float = 1.0, out=None):
-    """Up to 8 contiguous tensors of one shape; mode 0 shared, 1 intersection, 2 union, 3 affine mean."""
+    """Tensors of one shape; mode 0 shared, 1 intersection, 2 union, 3 affine mean."""
     import torch
 
     from pysoup.dtypes import f32_sum, to_f32
 
-    if len(xs) > MAX_MODELS:
-        raise ValueError(f"the Triton masked sum takes at most {MAX_MODELS} inputs per launch")
-    flat = [x.contiguous().reshape(-1) for x in xs]
+    flat = tuple(x.contiguous().reshape(-1) for x in xs)
     n = flat[0].numel()
     if out is None:
         out = torch.empty(xs[0].shape, dtype=out_dtype, device=flat[0].device)
-    ws = [to_f32(w) for w in weights]
+    ws = tuple(to_f32(w) for w in weights)
     if n:
         _masked_sum_kernel[(triton.cdiv(n, BLOCK),)](
             out.view(-1),
-            *_pad(flat, flat[0]),
-            *_pad(ws, 0.0),
+            flat,
+            ws,
             n,
             f32_sum(ws),
             to_f32(center),
