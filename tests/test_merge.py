@@ -159,7 +159,15 @@ def test_file_merge_does_not_import_torch(tmp_path, models):
         "assert 'torch' not in sys.modules, 'torch was imported'; "
         "assert 'numpy' not in sys.modules, 'numpy was imported'"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    cli = (
+        "import sys; from pysoup.cli import main; "
+        f"assert main(['merge', *{paths!r}, '-o', {str(tmp_path / 'c.safetensors')!r}, '--no-progress']) == 0; "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    # Without TRITON_INTERPRET (conftest sets it): asking whether triton could run must not import torch either.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    for snippet in (code, cli):
+        subprocess.run([sys.executable, "-c", snippet], check=True, env=env)
 
 
 def test_inspect(models):
