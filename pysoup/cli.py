@@ -83,7 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="run the benchmark suite")
     b.add_argument("--quick", action="store_true", help="small cases only (seconds, not minutes)")
     b.add_argument("--debug", action="store_true")
-    b.add_argument("rest", nargs=argparse.REMAINDER, help="more options for benchmarks/run.py")
     return p
 
 
@@ -174,7 +173,11 @@ def _cmd_bench(args) -> int:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # `pysoup bench` passes any further options on to benchmarks/run.py (--cases, --runs, --suite ...).
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.rest = extra
 
     def show_warning(message, category, filename, lineno, file=None, line=None):
         print(f"pysoup: warning: {message}", file=sys.stderr)
