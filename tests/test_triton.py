@@ -3,6 +3,8 @@
 import pytest
 import torch
 from conftest import assert_bit_equal, id_formatter, random_tensor, save_st, small_model
+from test_methods import IDS as METHOD_IDS
+from test_methods import METHODS
 
 pytest.importorskip("triton")
 
@@ -86,7 +88,7 @@ def test_backend_dispatch_and_file_merge(tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
-@pytest.mark.parametrize("method", __import__("test_methods").METHODS, ids=__import__("test_methods").IDS)
+@pytest.mark.parametrize("method", METHODS, ids=METHOD_IDS)
 def test_every_method_through_the_triton_backend(tmp_path, method):
     """Each merge method, run by the engine on the triton backend (interpreter), writes the CPU backend's bytes."""
     from test_methods import family
