@@ -44,6 +44,10 @@ int64_t weighted_sum(const WeightedSumArgs& args, int64_t n, const std::string& 
 
 float fp32_sum_in_order(const float* weights, int k);
 
+// How far ahead (elements) the streaming loops prefetch each input: with 4 bf16 inputs on 2 cores the hardware
+// prefetcher alone reached 23-25 GB/s, software prefetch 29-34 GB/s (256 to 2048 all within noise; 1024 chosen).
+constexpr int64_t kPrefetch = 1024;
+
 // Elements per accumulator tile: 1024 floats (4 KiB) stay in L1 while k inputs stream through them.
 constexpr int64_t kTile = 1024;
 

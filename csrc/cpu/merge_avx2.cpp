@@ -77,6 +77,7 @@ int64_t streamed(const WeightedSumArgs& a, int64_t begin, int64_t end) {
         __m256 acc0 = _mm256_set1_ps(-0.0f), acc1 = _mm256_set1_ps(-0.0f);
         for (int i = 0; i < a.k; ++i) {
             const __m256 w = _mm256_set1_ps(a.weights[i]);
+            _mm_prefetch(static_cast<const char*>(x[i]) + (j + kPrefetch) * (DT == kF32 ? 4 : 2), _MM_HINT_T0);
             acc0 = _mm256_fmadd_ps(w, load8(x[i], DT, j), acc0);
             acc1 = _mm256_fmadd_ps(w, load8(x[i], DT, j + 8), acc1);
         }

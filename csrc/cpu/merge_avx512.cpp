@@ -113,6 +113,7 @@ int64_t streamed(const WeightedSumArgs& a, int64_t begin, int64_t end) {
         __m512 acc0 = _mm512_set1_ps(-0.0f), acc1 = _mm512_set1_ps(-0.0f);
         for (int i = 0; i < a.k; ++i) {
             const __m512 w = _mm512_set1_ps(a.weights[i]);
+            _mm_prefetch(static_cast<const char*>(x[i]) + (j + kPrefetch) * (DT == kF32 ? 4 : 2), _MM_HINT_T0);
             acc0 = _mm512_fmadd_ps(w, load16(x[i], DT, j, 0xFFFF), acc0);
             acc1 = _mm512_fmadd_ps(w, load16(x[i], DT, j + 16, 0xFFFF), acc1);
         }
