@@ -188,6 +188,8 @@ namespace {
 
 struct Avx512IO {
     static void load(const void* base, int dtype, int64_t start, int64_t n, float* dst) {
+        const char* ahead = static_cast<const char*>(base) + (start + kPrefetch) * dtype_size(dtype);
+        for (int64_t p = 0; p < n * dtype_size(dtype); p += 64) _mm_prefetch(ahead + p, _MM_HINT_T0);
         for (int64_t j = 0; j < n; j += 16) {
             const __mmask16 mask = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1u);
             _mm512_mask_storeu_ps(dst + j, mask, load16(base, dtype, start + j, mask));
