@@ -381,7 +381,7 @@ def check_targets(report: dict) -> list:
 
 
 def plot(report: dict, path: str) -> None:
-    if importlib.util.find_spec("matplotlib") is None:
+    if importlib.util.find_spec("matplotlib") is None or not report["cases"]:
         return
     import matplotlib
 
