@@ -40,25 +40,9 @@ def main(argv=None) -> int:
     rows = []
     # 1. The command line, as a user runs it: a sharded directory output with its index and config.json.
     cli_out = os.path.join(work, "soup-cli")
-    res = run_process(
-        [
-            sys.executable,
-            "-m",
-            "pysoup",
-            "merge",
-            *models,
-            "-o",
-            cli_out,
-            "--weights",
-            "0.5,0.3,0.2",
-            "--shard-size",
-            f"{size // 2}",
-            "--no-progress",
-        ]
+    res = pysoup_cli(
+        *models, "-o", cli_out, "--weights", "0.5,0.3,0.2", "--shard-size", f"{size // 2}", "--no-progress"
     )
-    if res["rc"] != 0:
-        print(res["stderr"], file=sys.stderr)
-        return 1
     rows.append(("pysoup merge (CLI, sharded dir)", res["seconds"], res["peak_rss_bytes"], _load_dir(cli_out)))
     # 2. The Python API, one file.
     api_out = os.path.join(work, "soup.safetensors")
@@ -90,27 +74,9 @@ def main(argv=None) -> int:
     # A task-vector method on the same files: TIES against the base, CLI vs the torch reference backend.
     base = os.path.join(os.path.dirname(models[0]), "base")
     ties_out = os.path.join(work, "ties.safetensors")
-    res = run_process(
-        [
-            sys.executable,
-            "-m",
-            "pysoup",
-            "merge",
-            *models,
-            "--base",
-            base,
-            "--strategy",
-            "ties",
-            "--param",
-            "density=0.3",
-            "-o",
-            ties_out,
-            "--no-progress",
-        ]
+    res = pysoup_cli(
+        *models, "--base", base, "--strategy", "ties", "--param", "density=0.3", "-o", ties_out, "--no-progress"
     )
-    if res["rc"] != 0:
-        print(res["stderr"], file=sys.stderr)
-        return 1
     t = time.perf_counter()
     pysoup.merge(
         models,
@@ -136,6 +102,14 @@ def main(argv=None) -> int:
     subprocess.run([sys.executable, "-m", "pysoup", "inspect", api_out], stdout=subprocess.PIPE, check=True)
     print("every method: docs/methods.md; benchmarks against the I/O floor, a naive script and mergekit: make bench")
     return 0
+
+
+def pysoup_cli(*args) -> dict:
+    """Runs `python -m pysoup merge ARGS` as a user would; exits on failure with its message."""
+    res = run_process([sys.executable, "-m", "pysoup", "merge", *args])
+    if res["rc"] != 0:
+        sys.exit(res["stderr"])
+    return res
 
 
 def _load_file(path):

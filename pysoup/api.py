@@ -8,6 +8,7 @@ from collections.abc import Mapping
 
 from pysoup._version import __version__
 from pysoup.dtypes import parse_dtype
+from pysoup.engine import OUTPUT_BUFFER_BYTES, execute
 from pysoup.errors import PlanError
 from pysoup.io.checkpoint import open_checkpoint
 from pysoup.io.writer import FileSink, MemorySink, OutputTarget
@@ -97,8 +98,6 @@ def merge(
 
         if out is None:
             sink = MemorySink(plan.entries)
-            from pysoup.engine import execute
-
             _, states = execute(plan, sink, be, threads, progress)
             order = {name: k for k, name in enumerate(plan.inputs[0].infos)}
             return dict(sorted(sink.tensors.items(), key=lambda kv: order[kv[0]]))
@@ -115,8 +114,6 @@ def merge(
             aux_files=aux,
             durable=durable,
         )
-        from pysoup.engine import OUTPUT_BUFFER_BYTES, execute
-
         target.create()
         sink = FileSink(target, OUTPUT_BUFFER_BYTES)
         try:

@@ -6,11 +6,11 @@ Memory stays bounded: one sliding window per input file (unmapped as it moves on
 
 from __future__ import annotations
 
-import sys
 import warnings
 
 from pysoup.dtypes import SAFETENSORS_SIZES
 from pysoup.plan import Chunk, MergePlan, NonFiniteWarning
+from pysoup.progress import progress_bar
 
 # Elements per kernel call: 4 Mi elements = 8 MiB of bf16 per input, which fits the inputs' 16 MiB windows
 # at every dtype. Smaller chunks lose throughput to per-call overhead.
@@ -25,7 +25,7 @@ def execute(plan: MergePlan, sink, backend, threads: int, progress=None) -> tupl
     Returns:
         (names of tensors that came out non-finite, {tensor name: op summary} for the ops that report one)
     """
-    bar = _progress_bar(plan, progress)
+    bar = progress_bar(plan.bytes_to_read, progress, unit="B", unit_scale=True, unit_divisor=1000, desc="merging read")
     nonfinite = []
     states = {}
     try:
@@ -110,21 +110,3 @@ def _combine(plan, task, sink, backend, threads, bar, state) -> int:
         if bar is not None:
             bar.update(n * sum(view.sizes))
     return nonfinite
-
-
-def _progress_bar(plan, progress):
-    if progress is None:
-        progress = sys.stderr.isatty()
-    if not progress:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(
-        total=plan.bytes_to_read,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1000,
-        desc="merging read",
-        dynamic_ncols=True,
-        mininterval=0.2,
-    )

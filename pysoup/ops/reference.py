@@ -67,6 +67,14 @@ def weighted_sum(tensors, weights, out_dtype, normalize, threads=None):
     return round_to(acc, out_dtype)
 
 
+def store(out_addr: int, n: int, out_dtype: str, result) -> int:
+    """Copies a result tensor into the engine's output buffer; returns how many values are not finite."""
+    import torch
+
+    _view(out_addr, n, out_dtype).copy_(result)
+    return int((~torch.isfinite(result)).sum())
+
+
 def _view(addr: int, n: int, dtype: str):
     import torch
 
@@ -79,12 +87,10 @@ def _view(addr: int, n: int, dtype: str):
 
 def weighted_sum_raw(addrs, dtypes, weights, n, out_addr, out_dtype, normalize, threads=None) -> int:
     """The engine's entry: raw buffers in and out. Returns the count of non-finite outputs."""
-    import torch
 
     xs = [_view(a, n, d) for a, d in zip(addrs, dtypes)]
     out = weighted_sum(xs, weights, to_torch(out_dtype), normalize)
-    _view(out_addr, n, out_dtype).copy_(out)
-    return int((~torch.isfinite(out)).sum())
+    return store(out_addr, n, out_dtype, out)
 
 
 # -- task-vector merges, sparse soups, statistics (the definitions the C++ kernels reproduce) ------------
@@ -174,9 +180,7 @@ def task_vector_raw(addrs, dtypes, base, base_dtype, n, out, out_dtype, p, start
         if p.normalize:
             mix = mix / torch.full_like(mix, f32_sum(p.weights))
     res = fma_f32(p.lam, mix, b)
-    rounded = round_to(res, to_torch(out_dtype))
-    _view(out, n, out_dtype).copy_(rounded)
-    return int((~torch.isfinite(rounded)).sum()), quota
+    return store(out, n, out_dtype, round_to(res, to_torch(out_dtype))), quota
 
 
 class TopKSelector:
@@ -232,9 +236,7 @@ def masked_sum_raw(addrs, dtypes, weights, mode, n, out, out_dtype, threads=None
         res = torch.where(div != 0, acc / torch.where(div != 0, div, torch.ones_like(div)), zero)
     else:
         res = fma_f32(scale, acc / total - to_f32(center), torch.full_like(acc, to_f32(center)))
-    rounded = round_to(res, to_torch(out_dtype))
-    _view(out, n, out_dtype).copy_(rounded)
-    return int((~torch.isfinite(rounded)).sum())
+    return store(out, n, out_dtype, round_to(res, to_torch(out_dtype)))
 
 
 def sparse_scan_raw(addrs, dtypes, n, threads=None):

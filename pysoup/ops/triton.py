@@ -44,57 +44,43 @@ def weighted_sum(tensors, weights, out_dtype, normalize, threads=None):
     return launch(tensors, weights, out_dtype, normalize)
 
 
-def weighted_sum_raw(addrs, dtypes, weights, n, out_addr, out_dtype, normalize, threads=None) -> int:
-    """The engine's entry on host buffers (interpreter only): views, the kernel, a copy into the output."""
-    import torch
-
-    from pysoup.dtypes import to_torch
+def _host_views(addrs, dtypes, n):
+    """The engine's host buffers as CPU tensors: only the interpreter can run kernels on them."""
     from pysoup.ops.reference import _view
 
     if not interpreting():
         raise BackendError("the triton backend merges files only under TRITON_INTERPRET=1 (device merges: open issue)")
-    out = weighted_sum([_view(a, n, d) for a, d in zip(addrs, dtypes)], weights, to_torch(out_dtype), normalize)
-    _view(out_addr, n, out_dtype).copy_(out)
-    return int((~torch.isfinite(out)).sum())
+    return [_view(a, n, d) for a, d in zip(addrs, dtypes)]
+
+
+def weighted_sum_raw(addrs, dtypes, weights, n, out_addr, out_dtype, normalize, threads=None) -> int:
+    """The engine's entry on host buffers (interpreter only)."""
+    from pysoup.dtypes import to_torch
+    from pysoup.ops.reference import store
+
+    result = weighted_sum(_host_views(addrs, dtypes, n), weights, to_torch(out_dtype), normalize)
+    return store(out_addr, n, out_dtype, result)
 
 
 def task_vector_raw(addrs, dtypes, base, base_dtype, n, out, out_dtype, p, start, quota, threads=None):
     """The engine's entry on host buffers (interpreter only)."""
-    import torch
-
     from pysoup.dtypes import to_torch
     from pysoup.kernels.task_vector import task_vector_combine
-    from pysoup.ops.reference import _view
+    from pysoup.ops.reference import store
 
-    if not interpreting():
-        raise BackendError("the triton backend merges files only under TRITON_INTERPRET=1 (device merges: open issue)")
-    result, quota = task_vector_combine(
-        [_view(a, n, d) for a, d in zip(addrs, dtypes)],
-        _view(base, n, base_dtype),
-        p,
-        start,
-        quota,
-        to_torch(out_dtype),
-    )
-    _view(out, n, out_dtype).copy_(result)
-    return int((~torch.isfinite(result)).sum()), quota
+    views = _host_views([*addrs, base], [*dtypes, base_dtype], n)
+    result, quota = task_vector_combine(views[:-1], views[-1], p, start, quota, to_torch(out_dtype))
+    return store(out, n, out_dtype, result), quota
 
 
 def masked_sum_raw(addrs, dtypes, weights, mode, n, out, out_dtype, threads=None, center=0.0, scale=1.0) -> int:
     """The engine's entry on host buffers (interpreter only)."""
-    import torch
-
     from pysoup.dtypes import to_torch
     from pysoup.kernels.masked_sum import masked_sum
-    from pysoup.ops.reference import _view
+    from pysoup.ops.reference import store
 
-    if not interpreting():
-        raise BackendError("the triton backend merges files only under TRITON_INTERPRET=1 (device merges: open issue)")
-    result = masked_sum(
-        [_view(a, n, d) for a, d in zip(addrs, dtypes)], weights, mode, to_torch(out_dtype), center=center, scale=scale
-    )
-    _view(out, n, out_dtype).copy_(result)
-    return int((~torch.isfinite(result)).sum())
+    result = masked_sum(_host_views(addrs, dtypes, n), weights, mode, to_torch(out_dtype), center=center, scale=scale)
+    return store(out, n, out_dtype, result)
 
 
 # Selection and statistics: the reference's torch code (see the module docstring).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pysoup.progress import progress_bar
 from pysoup.search.candidates import PackedModels, score_of
 
 
@@ -46,7 +47,7 @@ def greedy_soup(candidates, evaluate, *, accept_ties: bool = False, progress=Non
     soup = {dt: t.clone() for dt, t in models.flats[best].items()}
     members, score, n = [best], individual[best], 1
     history = [{"index": best, "score": score, "accepted": True}]
-    bar = _bar(len(order) - 1, progress)
+    bar = progress_bar(len(order) - 1, progress, desc="greedy soup", unit="candidate")
     trial = models.empty()
     for i in order[1:]:
         trial = models.combine([soup, models.flats[i]], [float(n), 1.0], normalize=True, out=trial)
@@ -63,15 +64,3 @@ def greedy_soup(candidates, evaluate, *, accept_ties: bool = False, progress=Non
     if bar is not None:
         bar.close()
     return GreedySoupResult(models.state_dict(soup), members, score, history, individual)
-
-
-def _bar(total, progress):
-    import sys
-
-    if progress is None:
-        progress = sys.stderr.isatty()
-    if not progress or total <= 0:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="greedy soup", unit="candidate")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 
 from pysoup.errors import PlanError
+from pysoup.progress import progress_bar
 from pysoup.search.candidates import PackedModels, score_of
 from pysoup.weights import ema
 
@@ -67,11 +67,7 @@ def lcsc_search(
     scored = [(score(a), i, a) for i, a in enumerate(starts)]
     best_score, _, best = max(scored, key=lambda t: (t[0], -t[1]))
     history = [best_score]
-    bar = None
-    if progress or (progress is None and sys.stderr.isatty()):
-        from tqdm import tqdm
-
-        bar = tqdm(total=generations, desc="LCSC search", unit="generation")
+    bar = progress_bar(generations, progress, desc="LCSC search", unit="generation")
     for g in range(1, generations + 1):
         step = sigma / np.sqrt(g)
         for _ in range(population):

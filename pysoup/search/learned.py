@@ -38,11 +38,15 @@ def _train(params, step_loss, batches, epochs, lr):
     return losses
 
 
-def _call(model, params, batch):
+def _loss_of(model, soup, loss_fn):
+    """batch -> loss_fn(model run with the soup's parameters on the batch's inputs, the batch's targets)."""
     from torch.func import functional_call
 
-    inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
-    return functional_call(model, params, (inputs,))
+    def step_loss(batch):
+        inputs, targets = batch if isinstance(batch, (tuple, list)) else (batch, None)
+        return loss_fn(functional_call(model, soup(), (inputs,)), targets)
+
+    return step_loss
 
 
 def learned_soup(
@@ -92,11 +96,7 @@ def learned_soup(
         params.update(packed.extras)
         return params
 
-    def step_loss(batch):
-        targets = batch[1] if isinstance(batch, (tuple, list)) else None
-        return loss_fn(_call(model, soup(), batch), targets)
-
-    losses = _train([logits], step_loss, batches, epochs, lr)
+    losses = _train([logits], _loss_of(model, soup, loss_fn), batches, epochs, lr)
     with torch.no_grad():
         w = torch.softmax(temperature * logits, dim=1)
         final = {n: t.detach().to(sds[0][n].dtype) for n, t in soup().items()}
@@ -171,11 +171,7 @@ def layer_group_ratios(
         params.update(packed.extras)
         return params
 
-    def step_loss(batch):
-        targets = batch[1] if isinstance(batch, (tuple, list)) else None
-        return loss_fn(_call(model, soup(), batch), targets)
-
-    losses = _train([a], step_loss, batches, epochs, lr)
+    losses = _train([a], _loss_of(model, soup, loss_fn), batches, epochs, lr)
     with torch.no_grad():
         alphas = group_ratios(a, mean_alpha, eps).tolist()
         final = {n: t.detach().to(sa[n].dtype) for n, t in soup().items()}

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+from pysoup.dtypes import f32_sum, to_f32
 from pysoup.errors import PlanError
 from pysoup.params import finite_number, resolve
 
@@ -27,6 +29,28 @@ class TensorContext:
         setting = self.model_settings[i].get(key, self.settings.get(key, default))
         value = resolve(setting, self.name, self.t)
         return default if value is None else value
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self.param(key, default)
+        if not isinstance(value, bool):
+            raise PlanError(f"tensor {self.name!r}: parameter {key!r} must be true or false, got {value!r}")
+        return value
+
+    def weights(self, normalize: bool) -> tuple:
+        """The per-model weights rounded to fp32, as the kernels use them. Under `normalize` their fp32 sum in
+        input order (the kernels' divisor) must be finite and non-zero."""
+        raw = [self.model_number(i, "weight", 1.0) for i in range(self.num_models)]
+        w32 = tuple(to_f32(w) for w in raw)
+        if not all(math.isfinite(w) for w in w32):
+            raise PlanError(f"tensor {self.name!r}: weights {raw} overflow float32")
+        if normalize:
+            total = f32_sum(w32)
+            if total == 0 or not math.isfinite(total):
+                raise PlanError(
+                    f"tensor {self.name!r}: weights {raw} sum to {float(total)}; cannot normalize "
+                    "(pass normalize=false or other weights)"
+                )
+        return w32
 
     def model_number(self, i: int, key: str, default=None) -> float:
         return finite_number(key, self.model_param(i, key, default), f"tensor {self.name!r}, model {i}")

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import math
-
-from pysoup.dtypes import f32_sum, to_f32
+from pysoup.dtypes import to_f32
 from pysoup.errors import PlanError
 from pysoup.plan import WeightedSum
 from pysoup.strategies import register
@@ -24,21 +22,8 @@ class Linear(Strategy):
     model_params = {"weight": 1.0}
 
     def plan_tensor(self, ctx: TensorContext):
-        weights = [ctx.model_number(i, "weight", 1.0) for i in range(ctx.num_models)]
-        normalize = ctx.param("normalize", True)
-        if not isinstance(normalize, bool):
-            raise PlanError(f"tensor {ctx.name!r}: parameter 'normalize' must be true or false, got {normalize!r}")
-        w32 = [to_f32(w) for w in weights]
-        if not all(math.isfinite(w) for w in w32):
-            raise PlanError(f"tensor {ctx.name!r}: weights {weights} overflow float32")
-        if normalize:
-            total = f32_sum(w32)  # the kernels' divisor: fp32, input order
-            if total == 0 or not math.isfinite(total):
-                raise PlanError(
-                    f"tensor {ctx.name!r}: weights {weights} sum to {float(total)}; cannot normalize "
-                    "(pass normalize=false or other weights)"
-                )
-        return WeightedSum(tuple(w32), normalize)
+        normalize = ctx.flag("normalize", True)
+        return WeightedSum(ctx.weights(normalize), normalize)
 
 
 @register

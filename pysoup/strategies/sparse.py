@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pysoup.dtypes import f32_sum, to_f32
 from pysoup.errors import PlanError
 from pysoup.plan import TensorOp
 from pysoup.strategies import register
@@ -65,7 +64,4 @@ class Sparse(Strategy):
         mode = ctx.param("mask", "shared")
         if mode not in MODES:
             raise PlanError(f"parameter 'mask' must be one of {', '.join(MODES)}, got {mode!r}")
-        weights = tuple(to_f32(ctx.model_number(i, "weight", 1.0)) for i in range(ctx.num_models))
-        if f32_sum(weights) == 0:
-            raise PlanError(f"tensor {ctx.name!r}: weights {list(weights)} sum to 0")
-        return SparseOp(weights, mode)
+        return SparseOp(ctx.weights(normalize=True), mode)

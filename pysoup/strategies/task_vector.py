@@ -173,18 +173,12 @@ class _TaskVectorStrategy(Strategy):
 
     def plan_tensor(self, ctx: TensorContext):
         k = ctx.num_models
-        weights = tuple(to_f32(ctx.model_number(i, "weight", 1.0)) for i in range(k))
+        normalize = ctx.flag("normalize", self.params["normalize"])
+        # TIES' disjoint mean divides by the agreeing weights, which may be zero: that case divides by 1.
+        weights = ctx.weights(normalize and not self.consensus)
         lam = to_f32(ctx.param("lambda", 1.0))
-        normalize = ctx.param("normalize", self.params["normalize"])
-        if not isinstance(normalize, bool):
-            raise PlanError(f"tensor {ctx.name!r}: parameter 'normalize' must be true or false, got {normalize!r}")
-        if not all(math.isfinite(w) for w in weights) or not math.isfinite(lam):
-            raise PlanError(f"tensor {ctx.name!r}: weights and lambda must be finite float32 numbers")
-        if normalize and not self.consensus:
-            from pysoup.dtypes import f32_sum
-
-            if f32_sum(weights) == 0:
-                raise PlanError(f"tensor {ctx.name!r}: weights {list(weights)} sum to 0; cannot normalize")
+        if not math.isfinite(lam):
+            raise PlanError(f"tensor {ctx.name!r}: lambda must be a finite float32 number")
         op = TaskVectorOp(weights, lam, normalize, self.consensus)
         if self.sparsify == "ties":
             return TaskVectorOp(weights, lam, normalize, True, densities=tuple(_density(ctx, i) for i in range(k)))
