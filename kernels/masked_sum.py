@@ -73,5 +73,6 @@ def masked_sum(xs, weights, mode: int, out_dtype, center: float = 0.0, scale: fl
             MODE=mode,
             OUT_KIND=_kind(out_dtype),
             BLOCK=BLOCK,
+            enable_fp_fusion=False,  # the contract's roundings: no a*b+c fused behind our back
         )
     return out

@@ -106,4 +106,5 @@ def lerp_(table: TensorTable, t: float) -> None:
         B_DTYPE=_tl_dtype(table.b_dtype),
         OUT_KIND=_kind(table.a_dtype),
         BLOCK=BLOCK,
+        enable_fp_fusion=False,  # the contract's roundings: no a*b+c fused behind our back
     )

@@ -171,5 +171,6 @@ def task_vector_combine(xs, base, p, start: int, quota, out_dtype, out=None):
             NORMALIZE=p.normalize,
             OUT_KIND=_kind(out_dtype),
             BLOCK=BLOCK,
+            enable_fp_fusion=False,  # the contract's roundings: no a*b+c fused behind our back
         )
     return out, quota

@@ -66,5 +66,6 @@ def weighted_sum(tensors, weights, out_dtype, normalize: bool, out=None):
             NORMALIZE=normalize,
             OUT_KIND=_kind(out_dtype),
             BLOCK=BLOCK,
+            enable_fp_fusion=False,  # the contract's roundings: no a*b+c fused behind our back
         )
     return out

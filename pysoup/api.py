@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Mapping
@@ -29,6 +30,7 @@ def merge(
     model_params=None,
     dtype=None,
     backend="auto",
+    device=None,
     threads=None,
     shard_size=None,
     progress=None,
@@ -47,7 +49,9 @@ def merge(
         params: strategy parameters, e.g. {"normalize": False} or {"density": 0.5} (then for every model).
         model_params: one dict of per-model parameters per input, e.g. [{"density": 0.5}, {"density": 0.7}].
         dtype: output dtype of merged tensors ("bfloat16", "float16", "float32"); default: the first input's.
-        backend: "auto", "cpu" or "reference".
+        backend: "auto", "cpu" or "reference" for a merge on the CPU; "auto" or "triton" with `device`.
+        device: None (the CPU), or a CUDA device ("cuda", "cuda:1"): the inputs stream through pinned buffers to
+            that GPU, the Triton kernels merge there, and the result comes back to the same files, bit for bit.
         threads: CPU threads for the kernels (default: all cores this process may use).
         shard_size: max tensor bytes per shard for directory outputs ("5GB", "500MiB" or an int).
         progress: show a progress bar (default: when stderr is a terminal).
@@ -60,7 +64,6 @@ def merge(
         >>> report = merge(["a.safetensors", "b.safetensors"], "soup.safetensors", weights=[0.7, 0.3])  # doctest: +SKIP
         >>> soup = merge([sd_a, sd_b], strategy="uniform")  # doctest: +SKIP
     """
-    from pysoup.ops import get_backend
     from pysoup.ops.cpu import active_isa, default_threads
 
     start = time.perf_counter()
@@ -71,7 +74,7 @@ def merge(
     out_dtype = parse_dtype(dtype)
     if shard_size is not None:
         shard_size = parse_size(shard_size)
-    be = get_backend(backend)
+    be = _backend_for(backend, device)
     threads = int(threads) if threads else default_threads()
     if threads < 1:
         raise PlanError(f"threads must be positive, got {threads}")
@@ -98,7 +101,8 @@ def merge(
 
         if out is None:
             sink = MemorySink(plan.entries)
-            _, states = execute(plan, sink, be, threads, progress)
+            with _activated(be):
+                _, states = execute(plan, sink, be, threads, progress)
             order = {name: k for k, name in enumerate(plan.inputs[0].infos)}
             return dict(sorted(sink.tensors.items(), key=lambda kv: order[kv[0]]))
 
@@ -117,7 +121,8 @@ def merge(
         target.create()
         sink = FileSink(target, OUTPUT_BUFFER_BYTES)
         try:
-            nonfinite, states = execute(plan, sink, be, threads, progress)
+            with _activated(be):
+                nonfinite, states = execute(plan, sink, be, threads, progress)
             target.commit()
         except BaseException:
             sink.close()
@@ -130,7 +135,8 @@ def merge(
             peak_rss_bytes=peak_rss_bytes(),
             outputs=target.paths,
             strategy=strat.name,
-            backend=be.__name__.rsplit(".", 1)[-1],
+            backend="triton" if device is not None else be.__name__.rsplit(".", 1)[-1],
+            device=str(be.device) if device is not None else "cpu",
             cpu_isa=active_isa() if be.__name__.endswith("cpu") else None,
             threads=threads,
             tensors=len(plan.tasks),
@@ -140,6 +146,24 @@ def merge(
     finally:
         for c in opened:
             c.close()
+
+
+def _backend_for(backend, device):
+    """The backend module, or for `device` the streaming DeviceBackend (which runs the triton kernels)."""
+    from pysoup.ops import get_backend
+
+    if device is None:
+        return get_backend(backend)
+    if backend not in (None, "auto", "triton"):
+        raise PlanError(f"device={device!r} merges run the triton kernels: backend must be 'auto' or 'triton'")
+    from pysoup.ops.device import DeviceBackend
+
+    return DeviceBackend(device)
+
+
+def _activated(be):
+    activate = getattr(be, "activate", None)
+    return activate() if activate else contextlib.nullcontext()
 
 
 def _stats(plan, states) -> dict:

@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--threads", type=int)
     m.add_argument("--shard-size", help="max bytes per shard for directory outputs: 400KB, 5GB, 5GiB")
     m.add_argument("--backend", default="auto")
+    m.add_argument("--device", help="merge on a GPU: cuda, cuda:1 (default: the CPU)")
     m.add_argument("--fsync", action="store_true", help="fsync the output before renaming it into place")
     m.add_argument("--no-progress", action="store_true")
     m.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -118,6 +119,7 @@ def _cmd_merge(args) -> int:
     report = pysoup.merge(
         out=args.output,
         backend=args.backend,
+        device=args.device,
         threads=args.threads,
         shard_size=args.shard_size,
         progress=False if args.no_progress else None,
@@ -137,7 +139,8 @@ def _cmd_merge(args) -> int:
         print(
             f"read {format_bytes(report.bytes_read)}, wrote {format_bytes(report.bytes_written)} in "
             f"{report.seconds:.2f} s; peak RSS {format_bytes(report.peak_rss_bytes)}; "
-            f"backend {report.backend}{'/' + report.cpu_isa if report.cpu_isa else ''}, {report.threads} threads"
+            f"backend {report.backend}{'/' + report.cpu_isa if report.cpu_isa else ''}"
+            + (f" on {report.device}" if report.backend == "triton" else f", {report.threads} threads")
         )
     return 0
 

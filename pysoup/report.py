@@ -35,6 +35,7 @@ class MergeReport:
     cpu_isa: str | None
     threads: int
     tensors: int
+    device: str = "cpu"  # where the arithmetic ran ("cuda:0" for device merges)
     nonfinite_tensors: list = field(default_factory=list)
     stats: dict = field(default_factory=dict)  # what the strategy measured, e.g. {"sparsity": 0.9}
 

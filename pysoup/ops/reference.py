@@ -240,11 +240,14 @@ def masked_sum_raw(addrs, dtypes, weights, mode, n, out, out_dtype, threads=None
 
 
 def sparse_scan_raw(addrs, dtypes, n, threads=None):
-    import torch
+    return sparse_scan([_view(a, n, d) for a, d in zip(addrs, dtypes)])
 
-    xs = [_view(a, n, d).float() for a, d in zip(addrs, dtypes)]
+
+def sparse_scan(xs):
+    """(first index where the zero patterns differ, or -1; zeros in the first input), on any device."""
+    xs = [x.reshape(-1).float() for x in xs]
     zero0 = xs[0] == 0
-    diff = torch.zeros_like(zero0)
+    diff = zero0 != zero0
     for x in xs[1:]:
         diff |= (x == 0) != zero0
     where = diff.nonzero()
@@ -268,13 +271,35 @@ def moments_raw(
     gram=True,
     threads=None,
 ):
-    """fp64 statistics summed exactly as the C++ kernels do: lanes of 8 within blocks of 4096, lanes combined
-    ((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7)), blocks added to the running totals in index order."""
+    """fp64 statistics of one range added to `totals` (layout: see csrc/cpu/task_vector.h, MomentsArgs)."""
+    xs = [_view(a, n, d) for a, d in zip(addrs, dtypes)]
+    b = _view(base, n, base_dtype) if base else None
+    return moments(xs, b, start, totals, mean_weights, dare_keys, keep_below, gram)
+
+
+def lane_block_sums(q):
+    """Per-block sums of a 1-D fp64 tensor in the kernels' order: lanes of 8 within blocks of 4096 (the last
+    padded with zeros), each lane sequential, lanes combined ((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7))."""
     import torch
 
-    xs = [_view(a, n, d).float() for a, d in zip(addrs, dtypes)]
-    if base:
-        b = _view(base, n, base_dtype).float()
+    n = q.numel()
+    pad = -n % STAT_BLOCK
+    blocks = (n + pad) // STAT_BLOCK
+    q = torch.nn.functional.pad(q, (0, pad)).view(blocks, STAT_BLOCK // STAT_LANES, STAT_LANES)
+    q = torch.cumsum(q, dim=1)[:, -1, :]  # sequential within each lane (on the CPU)
+    return ((q[:, 0] + q[:, 1]) + (q[:, 2] + q[:, 3])) + ((q[:, 4] + q[:, 5]) + (q[:, 6] + q[:, 7]))
+
+
+def moments(xs, base, start, totals, mean_weights=(), dare_keys=(), keep_below=(), gram=True, block_sums=None):
+    """The statistics of moments_raw over tensors on any device. `block_sums` maps a [stats, n] fp64 tensor to
+    its [stats, blocks] per-block sums (default: lane_block_sums row by row, sequential only on the CPU;
+    pysoup.kernels.statistics.block_sums on a GPU)."""
+    import torch
+
+    xs = [x.reshape(-1).float() for x in xs]
+    n = xs[0].numel()
+    if base is not None:
+        b = base.reshape(-1).float()
         xs = [x - b for x in xs]
     vecs = list(xs)
     if mean_weights:
@@ -282,30 +307,24 @@ def moments_raw(
         for w, x in zip(mean_weights, xs):
             m = fma_f32(w, x, m)
         vecs.append(m / torch.full_like(m, f32_sum(mean_weights)))
-    pad = -n % STAT_BLOCK
-    blocks = (n + pad) // STAT_BLOCK
 
-    def lanes(q):  # q: fp64 per-element quantity -> per-block sums in the kernels' order
-        q = torch.nn.functional.pad(q, (0, pad)).view(blocks, STAT_BLOCK // STAT_LANES, STAT_LANES)
-        q = torch.cumsum(q, dim=1)[:, -1, :]  # sequential within each lane
-        return ((q[:, 0] + q[:, 1]) + (q[:, 2] + q[:, 3])) + ((q[:, 4] + q[:, 5]) + (q[:, 6] + q[:, 7]))
-
-    stats = []
+    quantities = []  # fp64, exact: products of two fp32 values fit in fp64
     for v in vecs:
         d = v.double()
-        stats += [lanes(d), lanes(d * d), lanes(d.abs())]
+        quantities += [d, d * d, d.abs()]
     for i in range(len(vecs)):
         for j in range(i + 1, len(vecs)):
-            stats.append(
-                lanes(vecs[i].double() * vecs[j].double()) if gram else torch.zeros(blocks, dtype=torch.float64)
-            )
+            quantities.append(vecs[i].double() * vecs[j].double() if gram else torch.zeros_like(quantities[0]))
     if dare_keys:
-        idx = torch.arange(start, start + n, dtype=torch.int64)
+        idx = torch.arange(start, start + n, dtype=torch.int64, device=xs[0].device)
         for key, kb, x in zip(dare_keys, keep_below, xs):
             kept = torch.where(philox_words(key, idx) < kb, x, torch.zeros_like(x))
-            stats.append(lanes(kept.double().abs()))
+            quantities.append(kept.double().abs())
+    stacked = torch.stack(quantities)
+    per_block = block_sums(stacked) if block_sums else torch.stack([lane_block_sums(q) for q in stacked])
+    per_block = per_block.cpu()
     out = []
-    for total, per_block in zip(totals, stats):
-        seq = torch.cat([torch.tensor([total], dtype=torch.float64), per_block])
-        out.append(float(torch.cumsum(seq, 0)[-1]))  # sequential, as the kernels add blocks
+    for total, row in zip(totals, per_block):
+        seq = torch.cat([torch.tensor([total], dtype=torch.float64), row])
+        out.append(float(torch.cumsum(seq, 0)[-1]))  # sequential (on the CPU), as the kernels add blocks
     return out
