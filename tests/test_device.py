@@ -97,7 +97,8 @@ def test_block_sums_kernel_is_the_reference_order(n):
     from pysoup.kernels.statistics import block_sums
 
     g = torch.Generator().manual_seed(n)
-    q = torch.randn(n, generator=g, dtype=torch.float64) * torch.exp2(torch.randint(-40, 40, (n,), generator=g).double())
+    scale = torch.exp2(torch.randint(-40, 40, (n,), generator=g).double())
+    q = torch.randn(n, generator=g, dtype=torch.float64) * scale
     q[::97] = -0.0
     rows = torch.stack([q, q.flip(0), q * q])
     want = torch.stack([reference.lane_block_sums(r) for r in rows])

@@ -26,7 +26,7 @@ from pysoup.ops import reference
 from pysoup.ops import triton as triton_backend
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cuda_module():
     """pysoup._cuda when it was built (PYSOUP_CUDA=ON) and a CUDA device is present, else None."""
     import torch
