@@ -1,6 +1,8 @@
 """GPU benchmarks for benchmarks/gpu_check.sh: the fused weighted_sum against torch doing the same arithmetic and
-against a device-to-device copy (the bandwidth ceiling), and the multi-tensor EMA update against
-torch._foreach_lerp_. Writes benchmarks/results/gpu-<name>.{json,md}.
+against a device-to-device copy (the bandwidth ceiling); the multi-tensor EMA update against
+torch._foreach_lerp_; the TIES histograms of pysoup._cuda against torch.bincount; whole file merges with
+device="cuda" against the CPU path on the same machine (outputs compared byte for byte). Writes
+benchmarks/results/gpu-<name>.{json,md}.
 
     python benchmarks/gpu_bench.py [--quick]
 """
@@ -10,7 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
+import time
+import traceback
 
 import torch
 
@@ -18,6 +25,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from pysoup.bench import summarize  # noqa: E402
+
+# --smoke (a check of this script where there is no GPU): the file-merge case only, tiny files, the "device"
+# being the CPU under TRITON_INTERPRET=1.
+SMOKE_DEVICE = None
 
 
 def timed(fn, runs: int) -> dict:
@@ -83,14 +94,161 @@ def ema_case(params: int, tensors: int, runs: int) -> dict:
     return res
 
 
+def histogram_case(n: int, runs: int) -> dict:
+    """Pass 0 of the TIES threshold search (high 16 bits of |x_i - base|) for 3 bf16 models: the fused CUDA
+    kernel against the torch fallback (bits materialised, then torch.bincount)."""
+    from pysoup.ops.device import cuda_module
+
+    module = cuda_module()
+    base = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    xs = [(base.float() + 0.01 * torch.randn(n, device="cuda")).to(torch.bfloat16) for _ in range(3)]
+    hist = torch.zeros(3 * 65536, dtype=torch.int64, device="cuda")
+    stream = torch.cuda.current_stream().cuda_stream
+
+    def fused():
+        module.magnitude_histogram(
+            [x.data_ptr() for x in xs], [2] * 3, base.data_ptr(), 2, n, 0, [], hist.data_ptr(), stream
+        )
+
+    def bincount():
+        bf = base.float()
+        for i, x in enumerate(xs):
+            bits = (x.float() - bf).view(torch.int32) & 0x7FFFFFFF
+            hist[i * 65536 : (i + 1) * 65536] += torch.bincount(bits >> 16, minlength=65536)
+
+    counts = []
+    for fn in (fused, bincount):
+        hist.zero_()
+        fn()
+        counts.append(hist.clone())
+    res = {"elements": n, "models": 3, "same_counts": bool(torch.equal(counts[0], counts[1]))}
+    moved = 4 * n * 2
+    for name, fn in (("pysoup_cuda", fused), ("torch_bincount", bincount)):
+        s = timed(fn, runs)
+        res[name] = {"seconds": s, "gb_per_s": moved / s["median"] / 1e9}
+    res["speedup"] = res["torch_bincount"]["seconds"]["median"] / res["pysoup_cuda"]["seconds"]["median"]
+    return res
+
+
+def _write_family(directory: str, nbytes: int, count: int) -> tuple:
+    """A bf16 base and `count` fine-tunes of about nbytes each, made on the GPU (seconds, not minutes)."""
+    from safetensors.torch import save_file
+
+    from pysoup.synthetic import decoder_lm_shapes
+
+    dev = SMOKE_DEVICE or "cuda"
+    g = torch.Generator(device=dev).manual_seed(0)
+    shapes = decoder_lm_shapes(nbytes, 2)
+    base = {k: torch.randn(s, device=dev, generator=g) * (1.0 if "norm" in k else s[-1] ** -0.5) for k, s in shapes}
+    paths = []
+    for i in range(count + 1):
+        sd = {
+            k: (v if i == 0 else v + 0.01 * v.abs().mean() * torch.randn(v.shape, device=dev, generator=g))
+            for k, v in base.items()
+        }
+        path = os.path.join(directory, "base.safetensors" if i == 0 else f"ft{i}.safetensors")
+        save_file({k: v.to(torch.bfloat16).cpu() for k, v in sd.items()}, path, metadata={"format": "pt"})
+        paths.append(path)
+    return paths[0], paths[1:]
+
+
+# Each merge in a fresh process (as a user runs it), the contenders' order rotated from run to run.
+_MERGE = """
+import json, sys, pysoup
+a = json.loads(sys.argv[1])
+r = pysoup.merge(a["inputs"], a["out"], strategy=a["strategy"], base=a["base"], model_params=a["mp"],
+                 device=a["device"], progress=False)
+print(json.dumps({"seconds": r.seconds, "rss": r.peak_rss_bytes}))
+"""
+
+
+def file_merge_cases(nbytes: int, runs: int) -> list:
+    work = tempfile.mkdtemp(dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    try:
+        base, fts = _write_family(work, nbytes, 3)
+        torch.cuda.empty_cache()
+        results = []
+        for strategy, mp in (("linear", None), ("ties", [{"density": 0.3}] * 3)):
+            times = {"cpu": [], "cuda": []}
+            rss = {}
+            order = ["cpu", "cuda"]
+            for r in range(runs + 1):  # the first round warms the page cache and Triton's kernel cache
+                for dev in order if r % 2 else order[::-1]:
+                    out = os.path.join(work, f"{strategy}-{dev}.safetensors")
+                    arg = dict(inputs=fts, out=out, strategy=strategy, base=base if strategy != "linear" else None,
+                               mp=mp, device=None if dev == "cpu" else SMOKE_DEVICE or "cuda")  # fmt: skip
+                    t0 = time.perf_counter()
+                    run = subprocess.run(
+                        [sys.executable, "-c", _MERGE, json.dumps(arg)], capture_output=True, text=True
+                    )
+                    wall = time.perf_counter() - t0
+                    if run.returncode != 0:
+                        raise RuntimeError(f"{strategy} on {dev}: {run.stderr.strip().splitlines()[-1]}")
+                    if r:
+                        times[dev].append(wall)
+                        rss[dev] = json.loads(run.stdout.strip().splitlines()[-1])["rss"]
+            with (
+                open(os.path.join(work, f"{strategy}-cpu.safetensors"), "rb") as a,
+                open(os.path.join(work, f"{strategy}-cuda.safetensors"), "rb") as b,
+            ):
+                same = a.read() == b.read()
+            res = {
+                "strategy": strategy,
+                "inputs": f"{'base + ' if strategy != 'linear' else ''}3 x {nbytes >> 20} MiB bf16",
+                "identical_output": same,
+                "cpu": {"seconds": summarize(times["cpu"]), "peak_rss": rss["cpu"]},
+                "cuda": {"seconds": summarize(times["cuda"]), "peak_rss": rss["cuda"]},
+            }
+            res["cuda_vs_cpu"] = res["cpu"]["seconds"]["median"] / res["cuda"]["seconds"]["median"]
+            results.append(res)
+            print(
+                f"file merge {strategy} ({res['inputs']}): cpu {res['cpu']['seconds']['median']:.2f} s, cuda "
+                f"{res['cuda']['seconds']['median']:.2f} s, identical={same}",
+                flush=True,
+            )
+        return results
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _case(report: dict, key: str, fn, *args):
+    """Runs one benchmark case; a failure is recorded and the others still run."""
+    try:
+        report[key] = fn(*args)
+    except Exception as exc:  # noqa: BLE001 - the device run is one shot: keep what the other cases measure
+        traceback.print_exc()
+        report[key] = {"error": f"{type(exc).__name__}: {exc}"}
+    torch.cuda.empty_cache()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--smoke", action="store_true", help="no GPU: the file-merge case on tiny files, interpreted")
     args = p.parse_args(argv)
+    if args.smoke:
+        global SMOKE_DEVICE
+        SMOKE_DEVICE = "cpu"
+        for r in file_merge_cases(1 << 20, 1):
+            assert r["identical_output"], r
+        return 0
     name = torch.cuda.get_device_name(0)
     gib = (1 << 28) if args.quick else (1 << 30)
     runs = 5 if args.quick else 10
-    report = {"gpu": name, "torch": torch.__version__, "weighted_sum": [], "ema": None}
+    import triton
+
+    import pysoup
+
+    info = pysoup.info()
+    report = {
+        "gpu": name,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cpu_threads": info["threads"],
+        "cpu_isa": info["cpu_isa"],
+        "weighted_sum": [],
+        "ema": None,
+    }
     for k in (2, 4, 8):
         r = weighted_sum_case(k, gib, runs)
         torch.cuda.empty_cache()  # the case's tensors are gone: give their memory back before the next
@@ -101,13 +259,24 @@ def main(argv=None) -> int:
             f"({r['fraction_of_copy']:.0%} of copy; target >= 85%)",
             flush=True,
         )
-    report["ema"] = ema_case(10**8 if args.quick else 10**9, 500, runs)
+    _case(report, "ema", ema_case, 10**8 if args.quick else 10**9, 500, runs)
     e = report["ema"]
-    print(
-        f"multi-tensor EMA {e['params']:,} params / {e['tensors']} tensors: {e['speedup_vs_foreach']:.2f}x "
-        f"torch._foreach_lerp_ (target >= 2x)",
-        flush=True,
-    )
+    if "error" not in e:
+        print(
+            f"multi-tensor EMA {e['params']:,} params / {e['tensors']} tensors: {e['speedup_vs_foreach']:.2f}x "
+            f"torch._foreach_lerp_ (target >= 2x)",
+            flush=True,
+        )
+    _case(report, "ties_histogram", histogram_case, (1 << 26) if args.quick else (1 << 28), runs)
+    h = report["ties_histogram"]
+    if "error" not in h:
+        print(
+            f"TIES histogram pass, 3 x {h['elements']:,} bf16: pysoup._cuda {h['pysoup_cuda']['gb_per_s']:.0f} GB/s, "
+            f"torch.bincount {h['torch_bincount']['gb_per_s']:.0f} GB/s ({h['speedup']:.1f}x), same counts "
+            f"{h['same_counts']}",
+            flush=True,
+        )
+    _case(report, "file_merge", file_merge_cases, (1 << 27) if args.quick else (1 << 29), 3)
     stem = os.path.join(HERE, "results", "gpu-" + "".join(c if c.isalnum() else "-" for c in name).strip("-").lower())
     os.makedirs(os.path.dirname(stem), exist_ok=True)
     with open(stem + ".json", "w") as f:
@@ -126,12 +295,39 @@ def main(argv=None) -> int:
             f"{r['pysoup']['gb_per_s']:.0f} | {r['torch']['gb_per_s']:.0f} | {r['d2d_copy']['gb_per_s']:.0f} | "
             f"{r['fraction_of_copy']:.0%} |"
         )
-    lines += [
-        "",
-        f"Multi-tensor EMA, {e['params']:,} bf16 parameters in {e['tensors']} tensors: pysoup "
-        f"{e['pysoup']['seconds']['median'] * 1e3:.2f} ms, torch._foreach_lerp_ "
-        f"{e['torch_foreach_lerp']['seconds']['median'] * 1e3:.2f} ms ({e['speedup_vs_foreach']:.2f}x).",
-    ]
+    lines.append("")
+    if "error" in e:
+        lines.append(f"Multi-tensor EMA: failed ({e['error']}).")
+    else:
+        lines.append(
+            f"Multi-tensor EMA, {e['params']:,} bf16 parameters in {e['tensors']} tensors: pysoup "
+            f"{e['pysoup']['seconds']['median'] * 1e3:.2f} ms, torch._foreach_lerp_ "
+            f"{e['torch_foreach_lerp']['seconds']['median'] * 1e3:.2f} ms ({e['speedup_vs_foreach']:.2f}x)."
+        )
+    lines.append("")
+    if "error" in h:
+        lines.append(f"TIES histogram: failed ({h['error']}).")
+    else:
+        lines.append(
+            f"TIES threshold, histogram pass 0 over 3 x {h['elements']:,} bf16 elements (+ base): pysoup._cuda "
+            f"{h['pysoup_cuda']['seconds']['median'] * 1e3:.2f} ms ({h['pysoup_cuda']['gb_per_s']:.0f} GB/s), "
+            f"torch.bincount {h['torch_bincount']['seconds']['median'] * 1e3:.2f} ms "
+            f"({h['torch_bincount']['gb_per_s']:.0f} GB/s): {h['speedup']:.1f}x; identical counts: {h['same_counts']}."
+        )
+    fm = report["file_merge"]
+    lines += ["", f"File merges, each in a fresh process (CPU path: {report['cpu_threads']} threads, "
+              f"{report['cpu_isa']}; files in /dev/shm; medians of 3 after a warm-up round):", ""]  # fmt: skip
+    if isinstance(fm, dict):
+        lines.append(f"failed ({fm['error']})")
+    else:
+        lines += ["| merge | inputs | CPU s | device=cuda s | CPU / cuda | same bytes | peak RSS CPU / cuda MiB |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in fm:
+            lines.append(
+                f"| {r['strategy']} | {r['inputs']} | {r['cpu']['seconds']['median']:.2f} | "
+                f"{r['cuda']['seconds']['median']:.2f} | {r['cuda_vs_cpu']:.2f}x | {r['identical_output']} | "
+                f"{r['cpu']['peak_rss'] >> 20} / {r['cuda']['peak_rss'] >> 20} |"
+            )
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"wrote {stem}.json and .md")
