@@ -75,22 +75,33 @@ def weighted_sum_case(n_inputs: int, nbytes: int, runs: int) -> dict:
 
 
 def ema_case(params: int, tensors: int, runs: int) -> dict:
+    """The multi-tensor EMA step against torch._foreach_lerp_, over a sweep of block sizes and warps (the
+    table's layout depends on the block size); the best setting is the reported one."""
     from pysoup.kernels.multi_tensor import TensorTable, lerp_
 
     per = params // tensors
     sizes = [per + (17 * i) % 1024 for i in range(tensors)]  # uneven, as real models are
     avg = [torch.randn(s, device="cuda", dtype=torch.bfloat16) for s in sizes]
     new = [torch.randn(s, device="cuda", dtype=torch.bfloat16) for s in sizes]
-    table = TensorTable(avg, new)
     moved = 3 * sum(sizes) * 2
-    res = {"params": sum(sizes), "tensors": tensors}
-    for name, fn in (
-        ("pysoup", lambda: lerp_(table, 0.001)),
-        ("torch_foreach_lerp", lambda: torch._foreach_lerp_(avg, new, 0.001)),
-    ):
-        s = timed(fn, runs)
-        res[name] = {"seconds": s, "gb_per_s": moved / s["median"] / 1e9}
-    res["speedup_vs_foreach"] = res["torch_foreach_lerp"]["seconds"]["median"] / res["pysoup"]["seconds"]["median"]
+    res = {"params": sum(sizes), "tensors": tensors, "sweep": []}
+    best = None
+    for block in (1024, 4096, 8192, 16384):
+        for warps in (4, 8):
+            table = TensorTable(avg, new, block=block, num_warps=warps)
+            s = timed(lambda table=table: lerp_(table, 0.001), runs)
+            entry = {"block": block, "num_warps": warps, "seconds": s, "gb_per_s": moved / s["median"] / 1e9}
+            res["sweep"].append(entry)
+            print(f"  lerp_ block {block} warps {warps}: {entry['gb_per_s']:.0f} GB/s", flush=True)
+            if best is None or s["median"] < best["seconds"]["median"]:
+                best = entry
+    res["pysoup"] = best
+    s = timed(lambda: torch._foreach_lerp_(avg, new, 0.001), runs)
+    res["torch_foreach_lerp"] = {"seconds": s, "gb_per_s": moved / s["median"] / 1e9}
+    res["speedup_vs_foreach"] = res["torch_foreach_lerp"]["seconds"]["median"] / best["seconds"]["median"]
+    copy_dst = torch.empty_like(avg[0])
+    s = timed(lambda: [copy_dst.copy_(a) for a in avg[:1]], runs)  # one tensor's copy: the bandwidth ceiling
+    res["copy_gb_per_s"] = 2 * avg[0].numel() * 2 / s["median"] / 1e9
     return res
 
 
@@ -152,14 +163,42 @@ def _write_family(directory: str, nbytes: int, count: int) -> tuple:
     return paths[0], paths[1:]
 
 
-# Each merge in a fresh process (as a user runs it), the contenders' order rotated from run to run.
+# Each merge in a fresh process (as a user runs it), the contenders' order rotated from run to run. A device
+# merge's start-up (torch, the CUDA context) is timed apart from the merge. Peak RSS is VmHWM: ru_maxrss would
+# carry this benchmark's own peak across fork + exec.
 _MERGE = """
-import json, sys, pysoup
+import json, sys, time
+t0 = time.perf_counter()
 a = json.loads(sys.argv[1])
+if a["device"]:
+    import torch
+    torch.zeros(1, device=a["device"])
+t1 = time.perf_counter()
+import pysoup
 r = pysoup.merge(a["inputs"], a["out"], strategy=a["strategy"], base=a["base"], model_params=a["mp"],
                  device=a["device"], progress=False)
-print(json.dumps({"seconds": r.seconds, "rss": r.peak_rss_bytes}))
+hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
+print(json.dumps({"startup": t1 - t0, "merge": time.perf_counter() - t1, "rss": hwm}))
 """
+
+
+def profile_device_merge(inputs: list, out: str, base=None, strategy="linear", mp=None) -> None:
+    """Where a warm in-process device merge spends its time (printed to the log)."""
+    import cProfile
+    import pstats
+
+    import pysoup
+
+    kw = dict(strategy=strategy, base=base, model_params=mp, device=SMOKE_DEVICE or "cuda", progress=False)
+    pysoup.merge(inputs, out, **kw)
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    pysoup.merge(inputs, out, **kw)
+    prof.disable()
+    print(f"warm in-process device merge ({strategy}): {time.perf_counter() - t0:.2f} s", flush=True)
+    pstats.Stats(prof).sort_stats("cumulative").print_stats(22)
+    sys.stdout.flush()
 
 
 def file_merge_cases(nbytes: int, runs: int) -> list:
@@ -170,6 +209,7 @@ def file_merge_cases(nbytes: int, runs: int) -> list:
         results = []
         for strategy, mp in (("linear", None), ("ties", [{"density": 0.3}] * 3)):
             times = {"cpu": [], "cuda": []}
+            phases = {"cpu": [], "cuda": []}
             rss = {}
             order = ["cpu", "cuda"]
             for r in range(runs + 1):  # the first round warms the page cache and Triton's kernel cache
@@ -185,8 +225,10 @@ def file_merge_cases(nbytes: int, runs: int) -> list:
                     if run.returncode != 0:
                         raise RuntimeError(f"{strategy} on {dev}: {run.stderr.strip().splitlines()[-1]}")
                     if r:
+                        child = json.loads(run.stdout.strip().splitlines()[-1])
                         times[dev].append(wall)
-                        rss[dev] = json.loads(run.stdout.strip().splitlines()[-1])["rss"]
+                        phases[dev].append(child)
+                        rss[dev] = child["rss"]
             with (
                 open(os.path.join(work, f"{strategy}-cpu.safetensors"), "rb") as a,
                 open(os.path.join(work, f"{strategy}-cuda.safetensors"), "rb") as b,
@@ -196,16 +238,24 @@ def file_merge_cases(nbytes: int, runs: int) -> list:
                 "strategy": strategy,
                 "inputs": f"{'base + ' if strategy != 'linear' else ''}3 x {nbytes >> 20} MiB bf16",
                 "identical_output": same,
-                "cpu": {"seconds": summarize(times["cpu"]), "peak_rss": rss["cpu"]},
-                "cuda": {"seconds": summarize(times["cuda"]), "peak_rss": rss["cuda"]},
             }
+            for dev in ("cpu", "cuda"):
+                res[dev] = {
+                    "seconds": summarize(times[dev]),
+                    "startup_seconds": summarize([c["startup"] for c in phases[dev]]),
+                    "merge_seconds": summarize([c["merge"] for c in phases[dev]]),
+                    "peak_rss": rss[dev],
+                }
             res["cuda_vs_cpu"] = res["cpu"]["seconds"]["median"] / res["cuda"]["seconds"]["median"]
             results.append(res)
             print(
                 f"file merge {strategy} ({res['inputs']}): cpu {res['cpu']['seconds']['median']:.2f} s, cuda "
-                f"{res['cuda']['seconds']['median']:.2f} s, identical={same}",
+                f"{res['cuda']['seconds']['median']:.2f} s (start-up {res['cuda']['startup_seconds']['median']:.2f} s, "
+                f"merge {res['cuda']['merge_seconds']['median']:.2f} s), identical={same}",
                 flush=True,
             )
+            profiled = os.path.join(work, "profiled.safetensors")
+            profile_device_merge(fts, profiled, base if strategy != "linear" else None, strategy, mp)
         return results
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -302,8 +352,14 @@ def main(argv=None) -> int:
         lines.append(
             f"Multi-tensor EMA, {e['params']:,} bf16 parameters in {e['tensors']} tensors: pysoup "
             f"{e['pysoup']['seconds']['median'] * 1e3:.2f} ms, torch._foreach_lerp_ "
-            f"{e['torch_foreach_lerp']['seconds']['median'] * 1e3:.2f} ms ({e['speedup_vs_foreach']:.2f}x)."
+            f"{e['torch_foreach_lerp']['seconds']['median'] * 1e3:.2f} ms ({e['speedup_vs_foreach']:.2f}x); best "
+            f"of the sweep: block {e['pysoup']['block']}, {e['pysoup']['num_warps']} warps, "
+            f"{e['pysoup']['gb_per_s']:.0f} GB/s (a single-tensor copy: {e['copy_gb_per_s']:.0f} GB/s)."
         )
+        lines.append("")
+        lines.append("| lerp_ block | warps | GB/s |")
+        lines.append("|---|---|---|")
+        lines += [f"| {x['block']} | {x['num_warps']} | {x['gb_per_s']:.0f} |" for x in e["sweep"]]
     lines.append("")
     if "error" in h:
         lines.append(f"TIES histogram: failed ({h['error']}).")
@@ -320,13 +376,15 @@ def main(argv=None) -> int:
     if isinstance(fm, dict):
         lines.append(f"failed ({fm['error']})")
     else:
-        lines += ["| merge | inputs | CPU s | device=cuda s | CPU / cuda | same bytes | peak RSS CPU / cuda MiB |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += ["| merge | inputs | CPU s | device=cuda s (start-up + merge) | CPU / cuda | same bytes "
+                  "| peak RSS CPU / cuda MiB |", "|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in fm:
+            c = r["cuda"]
             lines.append(
                 f"| {r['strategy']} | {r['inputs']} | {r['cpu']['seconds']['median']:.2f} | "
-                f"{r['cuda']['seconds']['median']:.2f} | {r['cuda_vs_cpu']:.2f}x | {r['identical_output']} | "
-                f"{r['cpu']['peak_rss'] >> 20} / {r['cuda']['peak_rss'] >> 20} |"
+                f"{c['seconds']['median']:.2f} ({c['startup_seconds']['median']:.2f} + "
+                f"{c['merge_seconds']['median']:.2f}) | {r['cuda_vs_cpu']:.2f}x | {r['identical_output']} | "
+                f"{r['cpu']['peak_rss'] >> 20} / {c['peak_rss'] >> 20} |"
             )
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -39,13 +39,13 @@ def _masked_sum_kernel(
         div = tl.where(x != 0.0, div + ws[i], div)
         all_nonzero = all_nonzero & (x != 0.0)
     if MODE == 0:  # shared: zeros keep the first input's bits
-        res = tl.where(first == 0.0, first, acc / divisor)
+        res = tl.where(first == 0.0, first, tl.math.div_rn(acc, divisor))
     elif MODE == 1:  # intersection
-        res = tl.where(all_nonzero, acc / divisor, 0.0)
+        res = tl.where(all_nonzero, tl.math.div_rn(acc, divisor), 0.0)
     elif MODE == 2:  # union
-        res = tl.where(div != 0.0, acc / tl.where(div != 0.0, div, 1.0), 0.0)
+        res = tl.where(div != 0.0, tl.math.div_rn(acc, tl.where(div != 0.0, div, 1.0)), 0.0)
     else:  # the variance-corrected average
-        res = tl.fma(scale, acc / divisor - center, tl.full((BLOCK,), 0.0, tl.float32) + center)
+        res = tl.fma(scale, tl.math.div_rn(acc, divisor) - center, tl.full((BLOCK,), 0.0, tl.float32) + center)
     tl.store(out + offs, round_to_out(res, OUT_KIND), mask=mask)
 
 

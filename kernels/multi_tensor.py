@@ -12,7 +12,10 @@ import triton.language as tl
 from pysoup.kernels._rounding import round_to_out, to_f32
 from pysoup.kernels.weighted_sum import _kind
 
+# Elements per program. Each program first reads its tensor's row of the table (dependent loads), so small
+# blocks spend their time waiting on those; see benchmarks/results/gpu-*.md for the sweep behind the default.
 BLOCK = 1024
+NUM_WARPS = 4
 
 
 @triton.jit
@@ -46,9 +49,11 @@ def _lerp_kernel(
 class TensorTable:
     """The launch tables for one list of (a, b) tensor pairs; build once, reuse every step."""
 
-    def __init__(self, avg, new):
+    def __init__(self, avg, new, block: int = 0, num_warps: int = 0):
         import torch
 
+        self.block = block or BLOCK
+        self.num_warps = num_warps or NUM_WARPS
         if len(avg) != len(new):
             raise ValueError(f"{len(avg)} averaged tensors for {len(new)} new ones")
         dtypes = {t.dtype for t in avg}, {t.dtype for t in new}
@@ -59,7 +64,7 @@ class TensorTable:
                 raise ValueError("tensor pairs must have one shape and be contiguous")
         device = avg[0].device
         sizes = [a.numel() for a in avg]
-        blocks = [triton.cdiv(s, BLOCK) for s in sizes]
+        blocks = [triton.cdiv(s, self.block) for s in sizes]
         starts, owner = [], []
         total = 0
         for i, nb in enumerate(blocks):
@@ -105,6 +110,7 @@ def lerp_(table: TensorTable, t: float) -> None:
         A_DTYPE=_tl_dtype(table.a_dtype),
         B_DTYPE=_tl_dtype(table.b_dtype),
         OUT_KIND=_kind(table.a_dtype),
-        BLOCK=BLOCK,
+        BLOCK=table.block,
+        num_warps=table.num_warps,
         enable_fp_fusion=False,  # the contract's roundings: no a*b+c fused behind our back
     )

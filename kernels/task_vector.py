@@ -107,13 +107,13 @@ def _combine_kernel(
             mix = tl.where(agree, tl.fma(ws[i], t, mix), mix)
             div = tl.where(agree, div + ws[i], div)
         if NORMALIZE:
-            mix = mix / tl.where(div == 0.0, 1.0, div)
+            mix = tl.math.div_rn(mix, tl.where(div == 0.0, 1.0, div))
     else:
         for i in tl.static_range(N):
             t = _tau(i, xs, keys, keep_below, scales, thresholds, quotas, pid, b, offs, mask, e, N, DARE, TRIM)
             mix = tl.fma(ws[i], t, mix)
         if NORMALIZE:
-            mix = mix / divisor
+            mix = tl.math.div_rn(mix, divisor)
     tl.store(out + offs, round_to_out(tl.fma(lam, mix, b), OUT_KIND), mask=mask)
 
 

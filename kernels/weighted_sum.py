@@ -23,7 +23,7 @@ def _weighted_sum_kernel(
     for i in tl.static_range(N):  # unrolled: input order is the fma order
         acc = tl.fma(ws[i], to_f32(tl.load(xs[i] + offs, mask=mask, other=0.0)), acc)
     if NORMALIZE:
-        acc = acc / divisor
+        acc = tl.math.div_rn(acc, divisor)
     tl.store(out_ptr + offs, round_to_out(acc, OUT_KIND), mask=mask)
 
 

@@ -216,3 +216,25 @@ def test_gpu_ties_on_large_tensors(tmp_path, monkeypatch):
     pysoup.merge(paths, tmp_path / "g.safetensors", device="cuda", **kw)
     pysoup.merge(paths, tmp_path / "c.safetensors", backend="cpu", **kw)
     assert (tmp_path / "g.safetensors").read_bytes() == (tmp_path / "c.safetensors").read_bytes()
+
+
+@pytest.mark.gpu
+@on_gpu
+@pytest.mark.parametrize("mode", [0, 1, 2, 3])
+def test_gpu_divisions_round_correctly(mode):
+    """Triton's fp32 `/` is approximate on NVIDIA GPUs (2 ulp); the kernels divide with div_rn, as the CPU does.
+    Divisors that are not powers of two, over a million elements, catch an approximate division."""
+    from pysoup.kernels.masked_sum import masked_sum
+    from pysoup.kernels.weighted_sum import weighted_sum
+
+    n = 1 << 20
+    g = torch.Generator().manual_seed(mode)
+    xs = [random_tensor((n,), torch.float32, seed=10 + i, wide=True) for i in range(3)]
+    xs = [torch.where(torch.rand(n, generator=g) < 0.3, torch.zeros_like(x), x) for x in xs]
+    ws = [0.3, 0.45, 0.7]
+    want = torch.empty(n, dtype=torch.float32)
+    reference.masked_sum_raw([x.data_ptr() for x in xs], ["F32"] * 3, ws, mode, n, want.data_ptr(), "F32", 0, 0.1, 1.3)
+    got = masked_sum([x.cuda() for x in xs], ws, mode, torch.float32, center=0.1, scale=1.3)
+    assert_bit_equal(got.cpu(), want)
+    got = weighted_sum([x.cuda() for x in xs], ws, torch.float32, True)
+    assert_bit_equal(got.cpu(), reference.weighted_sum(xs, ws, torch.float32, True))
