@@ -31,6 +31,7 @@ def _lerp_kernel(
     B_DTYPE: tl.constexpr,
     OUT_KIND: tl.constexpr,
     BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = tl.load(tensor_of_block + pid)
@@ -38,18 +39,28 @@ def _lerp_kernel(
     n = tl.load(sizes + t)
     a = tl.load(a_table + t).to(tl.pointer_type(A_DTYPE))
     b = tl.load(b_table + t).to(tl.pointer_type(B_DTYPE))
-    offs = (pid - first).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    acc = tl.full((BLOCK,), -0.0, tl.float32)
-    acc = tl.fma(w_a, to_f32(tl.load(a + offs, mask=mask, other=0.0)), acc)
-    acc = tl.fma(w_b, to_f32(tl.load(b + offs, mask=mask, other=0.0)), acc)
-    tl.store(a + offs, round_to_out(acc, OUT_KIND), mask=mask)
+    if ALIGNED:  # pointers read from a table have unknown alignment: say so, or no load is a vector one
+        a = tl.multiple_of(a, 16)
+        b = tl.multiple_of(b, 16)
+    start = (pid - first).to(tl.int64) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    # A size read from a table has unknown divisibility, so a mask `offs < n` would split every access into
+    # scalar ones: whole blocks take the unmasked path and only each tensor's last block is masked.
+    if ALIGNED and start + BLOCK <= n:
+        acc = tl.fma(w_a, to_f32(tl.load(a + offs)), tl.full((BLOCK,), -0.0, tl.float32))
+        acc = tl.fma(w_b, to_f32(tl.load(b + offs)), acc)
+        tl.store(a + offs, round_to_out(acc, OUT_KIND))
+    else:
+        mask = offs < n
+        acc = tl.fma(w_a, to_f32(tl.load(a + offs, mask=mask, other=0.0)), tl.full((BLOCK,), -0.0, tl.float32))
+        acc = tl.fma(w_b, to_f32(tl.load(b + offs, mask=mask, other=0.0)), acc)
+        tl.store(a + offs, round_to_out(acc, OUT_KIND), mask=mask)
 
 
 class TensorTable:
     """The launch tables for one list of (a, b) tensor pairs; build once, reuse every step."""
 
-    def __init__(self, avg, new, block: int = 0, num_warps: int = 0):
+    def __init__(self, avg, new, block: int = 0, num_warps: int = 0, aligned=None):
         import torch
 
         self.block = block or BLOCK
@@ -79,6 +90,8 @@ class TensorTable:
         self.owner = torch.tensor(owner, dtype=torch.int32, device=device)
         self.blocks = total
         self.a_dtype, self.b_dtype = avg[0].dtype, new[0].dtype
+        # 16-byte aligned pointers let the kernel load vectors (torch's allocator aligns every tensor it makes).
+        self.aligned = all(t.data_ptr() % 16 == 0 for t in (*avg, *new)) if aligned is None else aligned
         self.keep = (avg, new)  # the tables hold raw pointers: keep the tensors alive
 
 
@@ -111,6 +124,7 @@ def lerp_(table: TensorTable, t: float) -> None:
         B_DTYPE=_tl_dtype(table.b_dtype),
         OUT_KIND=_kind(table.a_dtype),
         BLOCK=table.block,
+        ALIGNED=table.aligned,
         num_warps=table.num_warps,
         enable_fp_fusion=False,  # the contract's roundings: no a*b+c fused behind our back
     )
