@@ -15,7 +15,7 @@ from pysoup.kernels.weighted_sum import _kind
 # Elements per program. Each program first reads its tensor's row of the table (dependent loads), so small
 # blocks spend their time waiting on those; see benchmarks/results/gpu-*.md for the sweep behind the default.
 BLOCK = 1024
-NUM_WARPS = 4
+NUM_WARPS = 2
 
 
 @triton.jit

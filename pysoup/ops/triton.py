@@ -2,10 +2,10 @@
 how CI tests them).
 
 Kernels: weighted_sum, the task-vector combine (task arithmetic, TIES, DARE), the masked sum (sparse soup,
-variance correction) and the multi-tensor lerp. The selection and statistics passes use the reference's torch
-code on the same device: TIES' threshold is a stable sort of |tau|'s bits (a copy, where the CPU streams a
-radix select), and on a GPU torch's cumsum is not sequential, so SLERP / model stock / variance coefficients
-there can differ from the CPU's in the last bit (under the interpreter they are identical).
+variance correction) and the multi-tensor lerp. On host buffers (the engine's entry points below, interpreter
+only) the selection and statistics passes use the reference's torch code: TIES' threshold is a stable sort of
+|tau|'s bits. File merges on a GPU go through pysoup.ops.device, which streams the ranges to the device and
+counts the TIES histograms and the fixed-order statistics there.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def _host_views(addrs, dtypes, n):
     from pysoup.ops.reference import _view
 
     if not interpreting():
-        raise BackendError("the triton backend merges files only under TRITON_INTERPRET=1 (device merges: open issue)")
+        raise BackendError("the triton backend takes host buffers only under TRITON_INTERPRET=1 (GPU: device='cuda')")
     return [_view(a, n, d) for a, d in zip(addrs, dtypes)]
 
 
