@@ -47,6 +47,43 @@ int64_t weighted_sum_py(const std::vector<uintptr_t>& inputs, const std::vector<
     return weighted_sum(args, n, isa, threads < 1 ? 1 : threads);
 }
 
+// Many tensors in one call: inputs holds k pointers per tensor (tensor-major), outs one per tensor.
+int64_t weighted_sum_many_py(const std::vector<uintptr_t>& inputs, const std::vector<int>& in_dtypes,
+                             const std::vector<float>& weights, const std::vector<int64_t>& sizes,
+                             const std::vector<uintptr_t>& outs, int out_dtype, bool normalize, int threads,
+                             const std::string& isa) {
+    const size_t k = in_dtypes.size(), m = sizes.size();
+    if (k == 0) throw std::invalid_argument("weighted_sum_many needs at least one input per tensor");
+    if (weights.size() != k) throw std::invalid_argument("weighted_sum_many: dtypes and weights differ in length");
+    if (inputs.size() != k * m || outs.size() != m)
+        throw std::invalid_argument("weighted_sum_many: needs k input pointers and one output pointer per tensor");
+    for (int d : in_dtypes)
+        if (d < kF32 || d > kBF16) throw std::invalid_argument("weighted_sum_many: bad input dtype code");
+    if (out_dtype < kF32 || out_dtype > kBF16) throw std::invalid_argument("weighted_sum_many: bad output dtype code");
+    for (size_t t = 0; t < m; ++t) {
+        if (sizes[t] < 0) throw std::invalid_argument("weighted_sum_many: negative element count");
+        if (sizes[t] == 0) continue;
+        if (outs[t] == 0) throw std::invalid_argument("weighted_sum_many: null output pointer");
+        for (size_t i = 0; i < k; ++i)
+            if (inputs[t * k + i] == 0) throw std::invalid_argument("weighted_sum_many: null input pointer");
+    }
+    if (!isa_usable(isa)) throw std::invalid_argument("weighted_sum_many: CPU ISA '" + isa + "' is not usable here");
+    std::vector<const void*> ptrs(inputs.size());
+    for (size_t i = 0; i < inputs.size(); ++i) ptrs[i] = reinterpret_cast<const void*>(inputs[i]);
+    std::vector<void*> out_ptrs(m);
+    for (size_t t = 0; t < m; ++t) out_ptrs[t] = reinterpret_cast<void*>(outs[t]);
+    WeightedSumArgs shared{nullptr, in_dtypes.data(), weights.data(), static_cast<int>(k), nullptr, out_dtype,
+                           normalize, 1.0f};
+    if (normalize) {
+        shared.divisor = fp32_sum_in_order(weights.data(), static_cast<int>(k));
+        if (shared.divisor == 0.0f || !std::isfinite(shared.divisor))
+            throw std::invalid_argument("weighted_sum_many: the weights sum to zero or a non-finite value");
+    }
+    py::gil_scoped_release release;
+    return weighted_sum_many(shared, ptrs.data(), out_ptrs.data(), sizes.data(), static_cast<int64_t>(m), isa,
+                             threads < 1 ? 1 : threads);
+}
+
 struct Inputs {
     std::vector<const void*> ptrs;
     std::vector<int> dtypes;
@@ -211,6 +248,11 @@ PYBIND11_MODULE(_C, m) {
           py::arg("n"), py::arg("out"), py::arg("out_dtype"), py::arg("normalize"), py::arg("threads"),
           py::arg("isa"),
           "out = round(sum_i fma(w_i, x_i) [/ sum w]) over n elements; returns the count of non-finite outputs");
+    m.def("weighted_sum_many", &weighted_sum_many_py, py::arg("inputs"), py::arg("in_dtypes"), py::arg("weights"),
+          py::arg("sizes"), py::arg("outs"), py::arg("out_dtype"), py::arg("normalize"), py::arg("threads"),
+          py::arg("isa"),
+          "weighted_sum over many tensors in one call (k input pointers per tensor, tensor-major; an output may "
+          "be its tensor's first input); returns the count of non-finite outputs");
     m.def("cpu_isas", &usable_isas, "ISAs this CPU can run, 'scalar' first");
     m.def("task_vector", &task_vector_py, "fused task-vector merge (task arithmetic, TIES, DARE) over one range");
     m.def("magnitude_histogram", &histogram_py, "radix-select histogram of |x_i - base| bits over one range");

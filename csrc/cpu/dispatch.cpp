@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <stdexcept>
+#include <vector>
 
 #include "cpu/kernels.h"
 
@@ -83,6 +84,41 @@ int64_t weighted_sum(const WeightedSumArgs& args, int64_t n, const std::string& 
     // schedule(static) hands each thread one contiguous run of blocks: each thread streams its own range.
 #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(+ : nonfinite)
     for (int64_t b = 0; b < blocks; ++b) nonfinite += fn(args, b * kGrain, std::min(n, (b + 1) * kGrain));
+    return nonfinite;
+}
+
+int64_t weighted_sum_many(const WeightedSumArgs& shared, const void* const* inputs, void* const* outs,
+                          const int64_t* sizes, int64_t m, const std::string& isa, int threads) {
+    const WeightedSumFn fn = kernel_for(isa);
+    constexpr int64_t kGrain = int64_t(1) << 16;
+    std::vector<int64_t> first(m + 1, 0);  // first[t]: where tensor t starts in the concatenation of all
+    for (int64_t t = 0; t < m; ++t) first[t + 1] = first[t] + sizes[t];
+    const int64_t total = first[m];
+    // Tensor t's slice [begin, end) of the concatenation, through the kernel with its own pointers.
+    auto run = [&](int64_t t, int64_t begin, int64_t end) {
+        WeightedSumArgs a = shared;
+        a.inputs = inputs + t * shared.k;
+        a.out = outs[t];
+        return fn(a, begin, end);
+    };
+    int64_t nonfinite = 0;
+    if (threads <= 1 || total < 2 * kGrain) {
+        for (int64_t t = 0; t < m; ++t) nonfinite += run(t, 0, sizes[t]);
+        return nonfinite;
+    }
+    const int nthreads = static_cast<int>(std::min<int64_t>(threads, total / kGrain));
+    // Each thread takes one contiguous, equal share of the concatenated elements: hundreds of small tensors
+    // and a few large ones balance alike, and each thread streams its own range.
+#pragma omp parallel num_threads(nthreads) reduction(+ : nonfinite)
+    {
+        const int64_t id = omp_get_thread_num(), count = omp_get_num_threads();
+        const int64_t lo = total * id / count, hi = total * (id + 1) / count;
+        int64_t t = std::upper_bound(first.begin(), first.end(), lo) - first.begin() - 1;
+        for (; t < m && first[t] < hi; ++t) {
+            const int64_t begin = std::max(lo, first[t]) - first[t], end = std::min(hi, first[t + 1]) - first[t];
+            if (begin < end) nonfinite += run(t, begin, end);
+        }
+    }
     return nonfinite;
 }
 

@@ -44,6 +44,13 @@ int64_t weighted_sum(const WeightedSumArgs& args, int64_t n, const std::string& 
 
 float fp32_sum_in_order(const float* weights, int k);
 
+// The same weighted sum over m tensors in one call (multi-tensor updates during training): tensor t reads
+// inputs[t * k .. t * k + k) and writes outs[t] (which may be one of its inputs: each element is read before
+// it is written), sizes[t] elements. `shared` gives k, the dtypes, weights and divisor. The threads split the
+// concatenation of all tensors evenly; the result does not depend on `threads` or `isa`.
+int64_t weighted_sum_many(const WeightedSumArgs& shared, const void* const* inputs, void* const* outs,
+                          const int64_t* sizes, int64_t m, const std::string& isa, int threads);
+
 // How far ahead (elements) the streaming loops prefetch each input: with 4 bf16 inputs on 2 cores the hardware
 // prefetcher alone reached 23-25 GB/s, software prefetch 29-34 GB/s (256 to 2048 all within noise; 1024 chosen).
 constexpr int64_t kPrefetch = 1024;

@@ -80,4 +80,32 @@ def weighted_sum(tensors, weights, out_dtype=None, normalize=False, backend="aut
     return get_backend(backend, device).weighted_sum(tensors, weights, out_dtype, normalize, threads=threads)
 
 
-__all__ = ["available_backends", "get_backend", "weighted_sum"]
+def lerp_(averaged, current, weight, backend="auto", threads=None) -> None:
+    """Multi-tensor in-place interpolation, for averaging during training: for every pair (a, b),
+    a <- weighted_sum([a, b], [1 - weight, weight]) rounded into a's dtype, by the numerical contract.
+
+    EMA is weight = 1 - beta; SWA's n-th update is weight = 1 / (n + 1). All pairs go in one call per dtype pair:
+    one C++ call whose threads split every tensor's elements (cpu), or one Triton launch driven by a table of
+    pointers and sizes, kept for the next call on the same tensors (CUDA). The result does not depend on the
+    backend, the threads or the grouping. The update is not recorded by autograd.
+
+    Args:
+        averaged: tensors updated in place (float32, float16 or bfloat16; contiguous), or one tensor.
+        current: tensors of the same shapes (any of those dtypes), or one tensor.
+        weight: the share of `current`; a number whose float32 rounding, and that of 1 - weight, are finite.
+        backend: "auto", "cpu", "triton" (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) or "reference".
+        threads: CPU threads (cpu backend; default: every core this process may use).
+
+    Example:
+        >>> with torch.no_grad():                                                        # doctest: +SKIP
+        ...     pysoup.ops.lerp_(list(ema.parameters()), list(model.parameters()), 1 - 0.999)
+    """
+    from pysoup.ops._checks import check_lerp
+
+    avg, cur, t = check_lerp(averaged, current, weight)
+    if not avg:
+        return
+    get_backend(backend, avg[0].device.type).lerp_(avg, cur, t, threads=threads)
+
+
+__all__ = ["available_backends", "get_backend", "lerp_", "weighted_sum"]

@@ -74,6 +74,28 @@ def weighted_sum(tensors, weights, out_dtype, normalize, threads=None, isa=None)
     return out
 
 
+def lerp_(avg, cur, t: float, threads=None, isa=None) -> None:
+    """Every pair in one C++ call per dtype pair; the threads split all the tensors' elements evenly."""
+    from pysoup.dtypes import to_f32
+    from pysoup.ops._checks import lerp_groups
+
+    if avg and avg[0].device.type != "cpu":
+        raise BackendError(f"the cpu backend takes CPU tensors, got {avg[0].device}")
+    weights = [to_f32(1.0 - t), to_f32(t)]
+    for (a_dtype, b_dtype), (As, Bs) in lerp_groups(avg, cur).items():
+        _native.native.weighted_sum_many(
+            [p for a, b in zip(As, Bs) for p in (a.data_ptr(), b.data_ptr())],
+            [KERNEL_CODE[from_torch(a_dtype)], KERNEL_CODE[from_torch(b_dtype)]],
+            weights,
+            [a.numel() for a in As],
+            [a.data_ptr() for a in As],
+            KERNEL_CODE[from_torch(a_dtype)],
+            False,
+            threads or default_threads(),
+            isa or active_isa(),
+        )
+
+
 # -- task-vector merges, sparse soups, statistics (issue: merge methods) ----------------------------------
 def task_vector_raw(addrs, dtypes, base, base_dtype, n, out, out_dtype, p, start, quota, threads=None, isa=None):
     """TIES / DARE / task arithmetic over one range. `p` is a TaskVectorParams; returns (nonfinite, quota)."""

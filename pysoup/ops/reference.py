@@ -67,6 +67,12 @@ def weighted_sum(tensors, weights, out_dtype, normalize, threads=None):
     return round_to(acc, out_dtype)
 
 
+def lerp_(avg, cur, t: float, threads=None) -> None:
+    """a <- weighted_sum([a, b], [1 - t, t]) rounded into a's dtype, for every pair."""
+    for a, b in zip(avg, cur):
+        a.copy_(weighted_sum([a, b], [1.0 - t, t], a.dtype, False))
+
+
 def store(out_addr: int, n: int, out_dtype: str, result) -> int:
     """Copies a result tensor into the engine's output buffer; returns how many values are not finite."""
     import torch

@@ -44,6 +44,38 @@ def weighted_sum(tensors, weights, out_dtype, normalize, threads=None):
     return launch(tensors, weights, out_dtype, normalize)
 
 
+# Launch tables of recent lerp_ calls. A table is a function of the pointers, sizes and dtypes in its key, so
+# a hit is valid even if the tensors it was built for are gone; the tables hold no tensors, only these numbers.
+_TABLES = {}
+_TABLES_KEPT = 8
+
+
+def lerp_(avg, cur, t: float, threads=None) -> None:
+    """One launch per dtype pair over all its tensors (pysoup.kernels.multi_tensor), the tables reused across
+    calls on the same tensors, as a training loop makes them."""
+    from pysoup.kernels.multi_tensor import TensorTable
+    from pysoup.kernels.multi_tensor import lerp_ as launch
+    from pysoup.ops._checks import lerp_groups
+
+    if avg:
+        _check_device(avg[0])
+    for (a_dtype, b_dtype), (As, Bs) in lerp_groups(avg, cur).items():
+        key = (
+            As[0].device,
+            a_dtype,
+            b_dtype,
+            *(x for a, b in zip(As, Bs) for x in (a.data_ptr(), b.data_ptr(), a.numel())),
+        )
+        table = _TABLES.pop(key, None)
+        if table is None:
+            table = TensorTable(As, Bs)
+            table.keep = None
+        _TABLES[key] = table  # most recent last
+        while len(_TABLES) > _TABLES_KEPT:
+            del _TABLES[next(iter(_TABLES))]
+        launch(table, t)
+
+
 def _host_views(addrs, dtypes, n):
     """The engine's host buffers as CPU tensors: only the interpreter can run kernels on them."""
     from pysoup.ops.reference import _view
