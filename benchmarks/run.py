@@ -230,18 +230,6 @@ def kernel_case(elements: int, runs: int) -> dict:
     w = [0.25] * 4
     moved = 5 * elements * 2  # 4 inputs read + 1 output written, bf16
 
-    def interleaved(fns: dict) -> dict:
-        for fn in fns.values():
-            fn()  # warm up
-        times = {name: [] for name in fns}
-        names = list(fns)
-        for r in range(runs):
-            for name in names[r % len(names) :] + names[: r % len(names)]:
-                t = time.perf_counter()
-                fns[name]()
-                times[name].append(time.perf_counter() - t)
-        return {name: summarize(ts) for name, ts in times.items()}
-
     def torch_sum():
         acc = torch.zeros(elements, dtype=torch.float32)
         for x, wi in zip(xs, w):
@@ -260,12 +248,71 @@ def kernel_case(elements: int, runs: int) -> dict:
         torch.add(b, c, alpha=0.5, out=a)
 
     res = {"elements": elements, "threads": threads, "omp_wait_policy": os.environ["OMP_WAIT_POLICY"]}
-    stats = interleaved({"pysoup": pysoup_sum, "torch": torch_sum, "triad": triad})
+    stats = interleaved({"pysoup": pysoup_sum, "torch": torch_sum, "triad": triad}, runs)
     for name, nbytes in (("pysoup", moved), ("torch", moved), ("triad", 3 * elements * 4)):
         res[name] = {"seconds": stats[name], "gb_per_s": nbytes / stats[name]["median"] / 1e9}
     res["pysoup_vs_torch"] = res["torch"]["seconds"]["median"] / res["pysoup"]["seconds"]["median"]
     res["pysoup_fraction_of_triad"] = res["pysoup"]["gb_per_s"] / res["triad"]["gb_per_s"]
     return res
+
+
+def ema_case(params: int, tensors: int, runs: int) -> dict:
+    """One EMA step (a <- 0.999 a + 0.001 b) over a model of `tensors` uneven tensors: pysoup.ops.lerp_ (the public
+    op, argument checks included) and pysoup.ops.MultiTensorLerp (checked once, then called) against
+    torch._foreach_lerp_ and a per-tensor torch loop, in fp32 and bf16; and the same on 500 tensors of 64
+    elements, where only the per-call overhead counts."""
+    import torch
+
+    import pysoup
+
+    threads = pysoup.info()["threads"]
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    per = params // tensors
+    sizes = [per + (17 * i) % 1024 for i in range(tensors)]  # uneven, as real models are
+    res = {"params": sum(sizes), "tensors": tensors, "threads": threads, "configs": {}}
+
+    def step_fns(avg, new):
+        def loop():
+            for a, b in zip(avg, new):
+                a.lerp_(b, 0.001)
+
+        bound = pysoup.ops.MultiTensorLerp(avg, new)
+        return {
+            "pysoup": lambda: pysoup.ops.lerp_(avg, new, 0.001),
+            "pysoup_bound": lambda: bound(0.001),
+            "torch_foreach_lerp": lambda: torch._foreach_lerp_(avg, new, 0.001),
+            "torch_loop": loop,
+        }
+
+    for label, dtype, shape in (("fp32", torch.float32, sizes), ("bf16", torch.bfloat16, sizes)):
+        avg = [torch.randn(s, generator=g).to(dtype) for s in shape]
+        new = [torch.randn(s, generator=g).to(dtype) for s in shape]
+        moved = 3 * sum(shape) * avg[0].element_size()  # read a and b, write a
+        stats = interleaved(step_fns(avg, new), runs)
+        cfg = {name: {"seconds": st, "gb_per_s": moved / st["median"] / 1e9} for name, st in stats.items()}
+        cfg["speedup_vs_foreach"] = stats["torch_foreach_lerp"]["median"] / stats["pysoup"]["median"]
+        res["configs"][label] = cfg
+        del avg, new
+    avg = [torch.randn(64, generator=g) for _ in range(500)]
+    new = [torch.randn(64, generator=g) for _ in range(500)]
+    stats = interleaved(step_fns(avg, new), max(runs, 51))
+    res["overhead_500x64"] = {name: {"seconds": st} for name, st in stats.items()}
+    return res
+
+
+def interleaved(fns: dict, runs: int) -> dict:
+    """Each function once to warm up, then `runs` rounds with the order rotated; per-function time summaries."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(runs):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            t = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t)
+    return {name: summarize(ts) for name, ts in times.items()}
 
 
 def markdown(report: dict) -> str:
@@ -310,6 +357,32 @@ def markdown(report: dict) -> str:
             "",
             f"pysoup is {k['pysoup_vs_torch']:.2f}x torch and reaches {k['pysoup_fraction_of_triad']:.0%} "
             "of torch's triad bandwidth.",
+        ]
+    e = report.get("ema")
+    if e:
+        lines += [
+            "",
+            f"Multi-tensor EMA step, {e['params']:,} parameters in {e['tensors']} tensors, {e['threads']} threads "
+            "(pysoup: pysoup.ops.lerp_; pysoup_bound: pysoup.ops.MultiTensorLerp):",
+            "",
+            "| dtype | contender | seconds (median) | spread | GB/s | its time / pysoup's |",
+            "|---|---|---|---|---|---|",
+        ]
+        for label, cfg in e["configs"].items():
+            ps = cfg["pysoup"]["seconds"]["median"]
+            for name in ("pysoup", "pysoup_bound", "torch_foreach_lerp", "torch_loop"):
+                c = cfg[name]
+                rel = "" if name == "pysoup" else f"{c['seconds']['median'] / ps:.2f}"
+                lines.append(
+                    f"| {label} | {name} | {c['seconds']['median'] * 1e3:.1f} ms | {c['seconds']['spread']:.0%} | "
+                    f"{c['gb_per_s']:.1f} | {rel} |"
+                )
+        o = e["overhead_500x64"]
+        lines += [
+            "",
+            "Per-call overhead, 500 tensors of 64 fp32 elements: "
+            + ", ".join(f"{name} {c['seconds']['median'] * 1e6:.0f} us" for name, c in o.items())
+            + ".",
         ]
     if report.get("targets"):
         lines += ["", "## Targets", ""] + [f"- {t}" for t in report["targets"]]
@@ -472,6 +545,13 @@ def main(argv=None) -> int:
             f"triad {k['triad']['gb_per_s']:.1f} GB/s",
             flush=True,
         )
+        report["ema"] = ema_case(10**7 if args.quick else 10**8, 500, max(runs, 5))
+        for label, cfg in report["ema"]["configs"].items():
+            print(
+                f"ema {label}: pysoup {cfg['pysoup']['seconds']['median'] * 1e3:.1f} ms, torch._foreach_lerp_ "
+                f"{cfg['torch_foreach_lerp']['seconds']['median'] * 1e3:.1f} ms ({cfg['speedup_vs_foreach']:.2f}x)",
+                flush=True,
+            )
     report["targets"] = check_targets(report)
     for t in report["targets"]:
         print(t)

@@ -1,6 +1,6 @@
 """pysoup: fast, bounded-memory merging of neural-network checkpoints."""
 
-from pysoup import weights
+from pysoup import ops, weights  # ops: torch-free until an op runs
 from pysoup._version import __version__
 from pysoup.api import info, merge, open
 from pysoup.errors import BackendError, FormatError, PlanError, SoupError
@@ -38,5 +38,6 @@ __all__ = [
     "learned_soup",
     "merge",
     "open",
+    "ops",
     "weights",
 ]

@@ -9,6 +9,7 @@ import torch
 from conftest import assert_bit_equal, id_formatter, random_tensor
 
 import pysoup
+from pysoup.dtypes import from_torch
 from pysoup.errors import BackendError, PlanError
 from pysoup.ops import cpu, reference
 
@@ -29,6 +30,23 @@ def test_weighted_sum_matches_reference(isa, threads, out_dtype, in_dtype, norma
         want = reference.weighted_sum(xs, ws, out_dtype, normalize)
         got = cpu.weighted_sum(xs, ws, out_dtype, normalize, threads=threads, isa=isa)
         assert_bit_equal(got, want)
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=id_formatter("isa"))
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 5, 8, 9], ids=id_formatter("inputs"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=id_formatter("dtype"))
+def test_every_input_count(isa, count, dtype):
+    """The kernels unroll for 1, 2, 3, 4 and 8 inputs and loop for the others: all agree with the reference,
+    in place (the output is input 0, as in an EMA step) and not, with streaming stores (large aligned output)."""
+    xs = [random_tensor((70_011,), dtype, seed=i, wide=True) for i in range(count)]
+    ws = [(-1.0) ** i * (0.3 + i) for i in range(count)]
+    want = reference.weighted_sum(xs, ws, dtype, True)
+    assert_bit_equal(cpu.weighted_sum(xs, ws, dtype, True, threads=2, isa=isa), want)
+    cpu.weighted_sum_raw(
+        [x.data_ptr() for x in xs], [from_torch(dtype)] * count, ws, xs[0].numel(), xs[0].data_ptr(),
+        from_torch(dtype), True, 2, isa,
+    )  # fmt: skip
+    assert_bit_equal(xs[0], want)
 
 
 @pytest.mark.parametrize("isa", ISAS, ids=id_formatter("isa"))

@@ -96,24 +96,60 @@ def test_public_op_mixed_dtype_groups(backend):
 
 
 def test_triton_tables_are_reused_and_stay_correct():
-    """The second call on the same tensors reuses the launch table; a table outlives its tensors harmlessly."""
+    """The second call on the same tensors reuses the launch plan; a plan outlives its tensors harmlessly."""
     from pysoup.ops import triton as triton_backend
 
-    triton_backend._TABLES.clear()
+    triton_backend._PLANS.clear()
     avg, cur = model(torch.bfloat16, 0, wide=False), model(torch.float32, 7, wide=False)
     want = expected(avg, cur, 0.1)
     want = expected(want, cur, 0.1)
     for _ in range(2):
         pysoup.ops.lerp_(avg, cur, 0.1, backend="triton")
-    assert len(triton_backend._TABLES) == 1
+    assert len(triton_backend._PLANS) == 1
     for got, w in zip(avg, want):
         assert_bit_equal(got, w)
-    for step in range(triton_backend._TABLES_KEPT + 2):  # new tensors each time: the cache stays bounded
+    for step in range(triton_backend._PLANS_KEPT + 2):  # new tensors each time: the cache stays bounded
         a, b = [random_tensor((100 + step,), torch.float32, seed=step)], [random_tensor((100 + step,), torch.float32)]
         w = expected(a, b, 0.5)
         pysoup.ops.lerp_(a, b, 0.5, backend="triton")
         assert_bit_equal(a[0], w[0])
-    assert len(triton_backend._TABLES) == triton_backend._TABLES_KEPT
+    assert len(triton_backend._PLANS) == triton_backend._PLANS_KEPT
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"], ids=id_formatter("backend"))
+def test_bound_form_matches_one_shot_calls(backend):
+    avg = model(torch.float32, 0, wide=False) + model(torch.bfloat16, 20, sizes=[(9,), (4097,)], wide=False)
+    cur = model(torch.bfloat16, 100, wide=False) + model(torch.bfloat16, 120, sizes=[(9,), (4097,)], wide=False)
+    want = [a.clone() for a in avg]
+    step = pysoup.ops.MultiTensorLerp(avg, cur, backend=backend)
+    assert len(step) == len(avg)
+    for t in [0.1, 0.001, 0.5]:
+        for b in cur:
+            b.mul_(1.5)  # the model trains in place between steps
+        pysoup.ops.lerp_(want, cur, t, backend="reference")
+        assert step(t) is None
+        for got, w in zip(avg, want):
+            assert_bit_equal(got, w)
+
+
+def test_bound_form_refuses_moved_tensors_and_strided_current():
+    layer = torch.nn.Linear(8, 4)
+    ema = [p.detach().clone() for p in layer.parameters()]
+    step = pysoup.ops.MultiTensorLerp(ema, list(layer.parameters()))  # the parameters themselves, not detached
+    with torch.no_grad():
+        step(0.5)
+        layer.bias.data = torch.zeros(4)  # the model's tensor now lives elsewhere
+        before = [e.clone() for e in ema]
+        with pytest.raises(PlanError, match="current tensor 1 no longer holds the memory it had"):
+            step(0.5)
+    for e, b in zip(ema, before):
+        assert_bit_equal(e, b)
+    with pytest.raises(PlanError, match="current tensor 0 is not contiguous; MultiTensorLerp reads it in place"):
+        pysoup.ops.MultiTensorLerp([torch.zeros(4, 3)], [torch.zeros(3, 4).t()])
+    with pytest.raises(PlanError, match="must be a number, got str"):
+        step("0.5")
+    empty = pysoup.ops.MultiTensorLerp([], [])
+    assert len(empty) == 0 and empty(0.5) is None
 
 
 def test_ema_and_swa_worked_examples():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import os
 
-from pysoup.errors import BackendError
+from pysoup.errors import BackendError, PlanError
 
 _BACKEND_MODULES = {"reference": "pysoup.ops.reference", "cpu": "pysoup.ops.cpu", "triton": "pysoup.ops.triton"}
 
@@ -87,11 +87,13 @@ def lerp_(averaged, current, weight, backend="auto", threads=None) -> None:
     EMA is weight = 1 - beta; SWA's n-th update is weight = 1 / (n + 1). All pairs go in one call per dtype pair:
     one C++ call whose threads split every tensor's elements (cpu), or one Triton launch driven by a table of
     pointers and sizes, kept for the next call on the same tensors (CUDA). The result does not depend on the
-    backend, the threads or the grouping. The update is not recorded by autograd.
+    backend, the threads or the grouping. The update is not recorded by autograd. In a loop over the same
+    tensors, MultiTensorLerp does the checks once and costs a few microseconds per call instead of ~0.5 us per
+    tensor.
 
     Args:
         averaged: tensors updated in place (float32, float16 or bfloat16; contiguous), or one tensor.
-        current: tensors of the same shapes (any of those dtypes), or one tensor.
+        current: tensors of the same shapes (any of those dtypes; strided ones are copied), or one tensor.
         weight: the share of `current`; a number whose float32 rounding, and that of 1 - weight, are finite.
         backend: "auto", "cpu", "triton" (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) or "reference".
         threads: CPU threads (cpu backend; default: every core this process may use).
@@ -100,12 +102,56 @@ def lerp_(averaged, current, weight, backend="auto", threads=None) -> None:
         >>> with torch.no_grad():                                                        # doctest: +SKIP
         ...     pysoup.ops.lerp_(list(ema.parameters()), list(model.parameters()), 1 - 0.999)
     """
-    from pysoup.ops._checks import check_lerp
+    from pysoup.ops._checks import check_lerp_tensors, check_weight
 
-    avg, cur, t = check_lerp(averaged, current, weight)
-    if not avg:
-        return
-    get_backend(backend, avg[0].device.type).lerp_(avg, cur, t, threads=threads)
+    t = check_weight(weight)
+    avg, cur = check_lerp_tensors(averaged, current, copy_strided=True)
+    if avg:
+        get_backend(backend, avg[0].device.type).lerp_(avg, cur, t, threads=threads)
 
 
-__all__ = ["available_backends", "get_backend", "lerp_", "weighted_sum"]
+class MultiTensorLerp:
+    """pysoup.ops.lerp_ bound to one list of tensor pairs: the checks and the launch tables are made once, so each
+    call costs one C++ call or one launch per dtype pair, plus a check that no tensor has moved.
+
+    Args: as lerp_, without the weight; every current tensor must be contiguous (it is read in place each call).
+    Calling it with a weight updates the averaged tensors. The tensors are bound by their memory: replacing a
+    tensor's `.data` makes the next call raise instead of writing to memory the tensor no longer owns (pass the
+    parameters themselves: a detached view made before would go on reading the old memory).
+
+    Example:
+        >>> ema_step = pysoup.ops.MultiTensorLerp(list(ema.parameters()), list(model.parameters()))  # doctest: +SKIP
+        >>> with torch.no_grad():                                                                    # doctest: +SKIP
+        ...     ema_step(1 - 0.999)
+    """
+
+    def __init__(self, averaged, current, backend="auto", threads=None):
+        from pysoup.ops._checks import check_lerp_tensors
+
+        avg, cur = check_lerp_tensors(averaged, current, copy_strided=False)
+        self._tensors = avg + cur
+        self._addresses = [x.data_ptr() for x in self._tensors]
+        self._plan = get_backend(backend, avg[0].device.type).LerpPlan(avg, cur, threads=threads) if avg else None
+        self._count = len(avg)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __call__(self, weight) -> None:
+        from pysoup.ops._checks import check_weight
+
+        t = check_weight(weight)
+        if self._plan is None:
+            return
+        now = [x.data_ptr() for x in self._tensors]
+        if now != self._addresses:
+            i = next(i for i, (a, b) in enumerate(zip(now, self._addresses)) if a != b)
+            side, i = ("averaged", i) if i < self._count else ("current", i - self._count)
+            raise PlanError(
+                f"{side} tensor {i} no longer holds the memory it had when this MultiTensorLerp was made "
+                "(was its .data replaced?); make a new one"
+            )
+        self._plan(t)
+
+
+__all__ = ["MultiTensorLerp", "available_backends", "get_backend", "lerp_", "weighted_sum"]

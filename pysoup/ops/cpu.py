@@ -74,26 +74,35 @@ def weighted_sum(tensors, weights, out_dtype, normalize, threads=None, isa=None)
     return out
 
 
-def lerp_(avg, cur, t: float, threads=None, isa=None) -> None:
-    """Every pair in one C++ call per dtype pair; the threads split all the tensors' elements evenly."""
-    from pysoup.dtypes import to_f32
-    from pysoup.ops._checks import lerp_groups
+class LerpPlan:
+    """pysoup.ops.lerp_ on the CPU: one C++ call per dtype pair, whose threads split the elements of all its
+    tensors evenly; the pointer lists are made once per plan."""
 
-    if avg and avg[0].device.type != "cpu":
-        raise BackendError(f"the cpu backend takes CPU tensors, got {avg[0].device}")
-    weights = [to_f32(1.0 - t), to_f32(t)]
-    for (a_dtype, b_dtype), (As, Bs) in lerp_groups(avg, cur).items():
-        _native.native.weighted_sum_many(
-            [p for a, b in zip(As, Bs) for p in (a.data_ptr(), b.data_ptr())],
-            [KERNEL_CODE[from_torch(a_dtype)], KERNEL_CODE[from_torch(b_dtype)]],
-            weights,
-            [a.numel() for a in As],
-            [a.data_ptr() for a in As],
-            KERNEL_CODE[from_torch(a_dtype)],
-            False,
-            threads or default_threads(),
-            isa or active_isa(),
-        )
+    def __init__(self, avg, cur, threads=None, isa=None):
+        from pysoup.ops._checks import lerp_groups
+
+        if avg[0].device.type != "cpu":
+            raise BackendError(f"the cpu backend takes CPU tensors, got {avg[0].device}")
+        self.threads, self.isa = threads or default_threads(), isa or active_isa()
+        self.calls = []
+        for (a_dtype, b_dtype), (As, Bs) in lerp_groups(avg, cur).items():
+            outs = [a.data_ptr() for a in As]
+            inputs = [p for pair in zip(outs, [b.data_ptr() for b in Bs]) for p in pair]
+            codes = [KERNEL_CODE[from_torch(a_dtype)], KERNEL_CODE[from_torch(b_dtype)]]
+            self.calls.append((inputs, codes, [a.numel() for a in As], outs))
+
+    def __call__(self, t: float) -> None:
+        from pysoup.dtypes import to_f32
+
+        weights = [to_f32(1.0 - t), to_f32(t)]
+        for inputs, codes, sizes, outs in self.calls:
+            _native.native.weighted_sum_many(
+                inputs, codes, weights, sizes, outs, codes[0], False, self.threads, self.isa
+            )
+
+
+def lerp_(avg, cur, t: float, threads=None, isa=None) -> None:
+    LerpPlan(avg, cur, threads, isa)(t)
 
 
 # -- task-vector merges, sparse soups, statistics (issue: merge methods) ----------------------------------

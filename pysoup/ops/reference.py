@@ -67,10 +67,19 @@ def weighted_sum(tensors, weights, out_dtype, normalize, threads=None):
     return round_to(acc, out_dtype)
 
 
+class LerpPlan:
+    """a <- weighted_sum([a, b], [1 - t, t]) rounded into a's dtype, for every pair, tensor by tensor."""
+
+    def __init__(self, avg, cur, threads=None):
+        self.pairs = list(zip(avg, cur))
+
+    def __call__(self, t: float) -> None:
+        for a, b in self.pairs:
+            a.copy_(weighted_sum([a, b], [1.0 - t, t], a.dtype, False))
+
+
 def lerp_(avg, cur, t: float, threads=None) -> None:
-    """a <- weighted_sum([a, b], [1 - t, t]) rounded into a's dtype, for every pair."""
-    for a, b in zip(avg, cur):
-        a.copy_(weighted_sum([a, b], [1.0 - t, t], a.dtype, False))
+    LerpPlan(avg, cur)(t)
 
 
 def store(out_addr: int, n: int, out_dtype: str, result) -> int:

@@ -44,36 +44,46 @@ def weighted_sum(tensors, weights, out_dtype, normalize, threads=None):
     return launch(tensors, weights, out_dtype, normalize)
 
 
-# Launch tables of recent lerp_ calls. A table is a function of the pointers, sizes and dtypes in its key, so
-# a hit is valid even if the tensors it was built for are gone; the tables hold no tensors, only these numbers.
-_TABLES = {}
-_TABLES_KEPT = 8
+class LerpPlan:
+    """pysoup.ops.lerp_ on a GPU: one launch per dtype pair (pysoup.kernels.multi_tensor), driven by a table of
+    pointers and sizes made once per plan. The tables hold numbers, not tensors: whoever keeps a plan keeps the
+    tensors alive and unmoved (MultiTensorLerp checks)."""
+
+    def __init__(self, avg, cur, threads=None):
+        from pysoup.kernels.multi_tensor import TensorTable
+        from pysoup.ops._checks import lerp_groups
+
+        _check_device(avg[0])
+        self.tables = []
+        for As, Bs in lerp_groups(avg, cur).values():
+            table = TensorTable(As, Bs)
+            table.keep = None
+            self.tables.append(table)
+
+    def __call__(self, t: float) -> None:
+        from pysoup.kernels.multi_tensor import lerp_ as launch
+
+        for table in self.tables:
+            launch(table, t)
+
+
+# Plans of recent lerp_ calls, so a training loop's one-shot calls do not copy new tables to the device each
+# step. A plan is a function of the pointers, sizes and dtypes in its key: a hit is valid even when the tensors
+# it was made for are gone.
+_PLANS = {}
+_PLANS_KEPT = 8
 
 
 def lerp_(avg, cur, t: float, threads=None) -> None:
-    """One launch per dtype pair over all its tensors (pysoup.kernels.multi_tensor), the tables reused across
-    calls on the same tensors, as a training loop makes them."""
-    from pysoup.kernels.multi_tensor import TensorTable
-    from pysoup.kernels.multi_tensor import lerp_ as launch
-    from pysoup.ops._checks import lerp_groups
-
-    if avg:
-        _check_device(avg[0])
-    for (a_dtype, b_dtype), (As, Bs) in lerp_groups(avg, cur).items():
-        key = (
-            As[0].device,
-            a_dtype,
-            b_dtype,
-            *(x for a, b in zip(As, Bs) for x in (a.data_ptr(), b.data_ptr(), a.numel())),
-        )
-        table = _TABLES.pop(key, None)
-        if table is None:
-            table = TensorTable(As, Bs)
-            table.keep = None
-        _TABLES[key] = table  # most recent last
-        while len(_TABLES) > _TABLES_KEPT:
-            del _TABLES[next(iter(_TABLES))]
-        launch(table, t)
+    key = (
+        avg[0].device,
+        *(x for a, b in zip(avg, cur) for x in (a.data_ptr(), b.data_ptr(), a.numel(), a.dtype, b.dtype)),
+    )
+    plan = _PLANS.pop(key, None) or LerpPlan(avg, cur)
+    _PLANS[key] = plan  # most recent last
+    while len(_PLANS) > _PLANS_KEPT:
+        del _PLANS[next(iter(_PLANS))]
+    plan(t)
 
 
 def _host_views(addrs, dtypes, n):
