@@ -26,14 +26,21 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from pysoup.bench import summarize  # noqa: E402
 
-# --smoke (a check of this script where there is no GPU): the file-merge case only, tiny files, the "device"
+# --smoke (a check of this script where there is no GPU): the file-merge and EMA cases only, tiny, the "device"
 # being the CPU under TRITON_INTERPRET=1.
 SMOKE_DEVICE = None
 
 
 def timed(fn, runs: int) -> dict:
-    """CUDA-event timings of fn, after a warm-up call."""
+    """CUDA-event timings of fn, after a warm-up call (wall-clock ones in a --smoke run)."""
     fn()
+    if SMOKE_DEVICE:
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return summarize(times)
     torch.cuda.synchronize()
     times = []
     for _ in range(runs):
@@ -74,38 +81,56 @@ def weighted_sum_case(n_inputs: int, nbytes: int, runs: int) -> dict:
     return res
 
 
-def ema_case(params: int, tensors: int, runs: int) -> dict:
+# The EMA case's sweep: (aligned hint, block, warps).
+EMA_SWEEP = [
+    (aligned, block, warps) for aligned in (False, True) for block in (512, 1024, 2048, 4096) for warps in (2, 4, 8)
+]
+
+
+def ema_case(params: int, tensors: int, runs: int, sweep=EMA_SWEEP) -> dict:
     """The multi-tensor EMA step against torch._foreach_lerp_, over a sweep of block sizes and warps (the
     table's layout depends on the block size); the best setting is the reported one."""
     from pysoup.kernels.multi_tensor import TensorTable, lerp_
 
+    import pysoup
+
     per = params // tensors
     sizes = [per + (17 * i) % 1024 for i in range(tensors)]  # uneven, as real models are
-    avg = [torch.randn(s, device="cuda", dtype=torch.bfloat16) for s in sizes]
-    new = [torch.randn(s, device="cuda", dtype=torch.bfloat16) for s in sizes]
+    dev = SMOKE_DEVICE or "cuda"
+    avg = [torch.randn(s, device=dev, dtype=torch.bfloat16) for s in sizes]
+    new = [torch.randn(s, device=dev, dtype=torch.bfloat16) for s in sizes]
     moved = 3 * sum(sizes) * 2
     res = {"params": sum(sizes), "tensors": tensors, "sweep": []}
     best = None
-    for aligned in (False, True):
-        for block in (512, 1024, 2048, 4096):
-            for warps in (2, 4, 8):
-                table = TensorTable(avg, new, block=block, num_warps=warps, aligned=aligned)
-                s = timed(lambda table=table: lerp_(table, 0.001), runs)
-                entry = {"block": block, "num_warps": warps, "aligned": aligned, "seconds": s}
-                entry["gb_per_s"] = moved / s["median"] / 1e9
-                res["sweep"].append(entry)
-                print(
-                    f"  lerp_ block {block} warps {warps} aligned {aligned}: {entry['gb_per_s']:.0f} GB/s", flush=True
-                )
-                if best is None or s["median"] < best["seconds"]["median"]:
-                    best = entry
+    for aligned, block, warps in sweep:
+        table = TensorTable(avg, new, block=block, num_warps=warps, aligned=aligned)
+        s = timed(lambda table=table: lerp_(table, 0.001), runs)
+        entry = {"block": block, "num_warps": warps, "aligned": aligned, "seconds": s}
+        entry["gb_per_s"] = moved / s["median"] / 1e9
+        res["sweep"].append(entry)
+        print(f"  lerp_ block {block} warps {warps} aligned {aligned}: {entry['gb_per_s']:.0f} GB/s", flush=True)
+        if best is None or s["median"] < best["seconds"]["median"]:
+            best = entry
     res["pysoup"] = best
     s = timed(lambda: torch._foreach_lerp_(avg, new, 0.001), runs)
     res["torch_foreach_lerp"] = {"seconds": s, "gb_per_s": moved / s["median"] / 1e9}
     res["speedup_vs_foreach"] = res["torch_foreach_lerp"]["seconds"]["median"] / best["seconds"]["median"]
+    # The public ops at their defaults, host-side argument checks and dispatch included (a CUDA event starts
+    # before the Python call, so a launch the host delays shows in the time).
+    bound = pysoup.ops.MultiTensorLerp(avg, new)
+    res["public_ops"] = {}
+    public = {"lerp_": lambda: pysoup.ops.lerp_(avg, new, 0.001), "MultiTensorLerp": lambda b=bound: b(0.001)}
+    for name, fn in public.items():
+        s = timed(fn, runs)
+        res["public_ops"][name] = {
+            "seconds": s,
+            "gb_per_s": moved / s["median"] / 1e9,
+            "speedup_vs_foreach": res["torch_foreach_lerp"]["seconds"]["median"] / s["median"],
+        }
+    del bound
     avg.clear()  # free the model before allocating the copy (the tables hold these same lists)
     new.clear()
-    src = torch.empty(sum(sizes), device="cuda", dtype=torch.bfloat16)
+    src = torch.empty(sum(sizes), device=dev, dtype=torch.bfloat16)
     dst = torch.empty_like(src)
     s = timed(lambda: dst.copy_(src), runs)  # the same bytes in one copy: the bandwidth ceiling
     res["copy_gb_per_s"] = 2 * src.numel() * 2 / s["median"] / 1e9
@@ -261,8 +286,9 @@ def file_merge_cases(nbytes: int, runs: int) -> list:
                 f"merge {res['cuda']['merge_seconds']['median']:.2f} s), identical={same}",
                 flush=True,
             )
-            profiled = os.path.join(work, "profiled.safetensors")
-            profile_device_merge(fts, profiled, base if strategy != "linear" else None, strategy, mp)
+            if not SMOKE_DEVICE or strategy == "linear":  # interpreted, a profiled TIES merge takes 20 s
+                profiled = os.path.join(work, "profiled.safetensors")
+                profile_device_merge(fts, profiled, base if strategy != "linear" else None, strategy, mp)
         return results
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -281,7 +307,7 @@ def _case(report: dict, key: str, fn, *args):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--smoke", action="store_true", help="no GPU: the file-merge case on tiny files, interpreted")
+    p.add_argument("--smoke", action="store_true", help="no GPU: the file-merge and EMA cases, tiny, interpreted")
     p.add_argument("--cases", help="comma-separated subset (weighted_sum,ema,ties_histogram,file_merge); the other "
                    "cases keep their entries from the results file")  # fmt: skip
     args = p.parse_args(argv)
@@ -289,8 +315,10 @@ def main(argv=None) -> int:
     if args.smoke:
         global SMOKE_DEVICE
         SMOKE_DEVICE = "cpu"
-        for r in file_merge_cases(1 << 20, 1):
+        for r in file_merge_cases(1 << 18, 1):
             assert r["identical_output"], r
+        e = ema_case(1 << 14, 4, 1, sweep=[(True, 4096, 2)])
+        assert set(e["public_ops"]) == {"lerp_", "MultiTensorLerp"}, e
         return 0
     name = torch.cuda.get_device_name(0)
     gib = (1 << 28) if args.quick else (1 << 30)
@@ -376,6 +404,11 @@ def main(argv=None) -> int:
             f"{e['pysoup'].get('aligned')}: {e['pysoup']['gb_per_s']:.0f} GB/s (copying the same bytes: "
             f"{e['copy_gb_per_s']:.0f} GB/s)."
         )
+        for name, o in e.get("public_ops", {}).items():
+            lines.append(
+                f"Public op `pysoup.ops.{name}` (defaults, host-side checks included): "
+                f"{o['seconds']['median'] * 1e3:.2f} ms, {o['speedup_vs_foreach']:.2f}x torch._foreach_lerp_."
+            )
         lines.append("")
         lines.append("| lerp_ block | warps | aligned hint | GB/s |")
         lines.append("|---|---|---|---|")

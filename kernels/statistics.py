@@ -44,7 +44,7 @@ def block_sums(q):
 
     rows, n = q.shape
     pad = -n % STAT_BLOCK
-    flat = torch.nn.functional.pad(q, (0, pad)).reshape(-1)
+    flat = (torch.nn.functional.pad(q, (0, pad)) if pad else q).reshape(-1)  # whole blocks already: a view
     n_blocks = flat.numel() // STAT_BLOCK
     out = torch.empty(n_blocks, dtype=torch.float64, device=q.device)
     if n_blocks:

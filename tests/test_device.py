@@ -91,6 +91,21 @@ def test_bad_devices(tmp_path):
         assert "TRITON_INTERPRET=1" in run.stderr and not out.exists()
 
 
+@pytest.mark.slow
+def test_gpu_benchmark_script_runs_without_a_gpu():
+    """gpu_bench.py --smoke: the file-merge and EMA cases of the device check, tiny and interpreted, so the
+    script's own code is checked before the one GPU run it gets."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "gpu_bench.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+
+
 @pytest.mark.parametrize("n", [1, 4095, 4096, 3 * 4096 + 77])
 def test_block_sums_kernel_is_the_reference_order(n):
     """The GPU statistics kernel adds in the CPU kernels' lane/block order, bit for bit; a plain sum differs."""

@@ -323,20 +323,29 @@ def moments(xs, base, start, totals, mean_weights=(), dare_keys=(), keep_below=(
             m = fma_f32(w, x, m)
         vecs.append(m / torch.full_like(m, f32_sum(mean_weights)))
 
-    quantities = []  # fp64, exact: products of two fp32 values fit in fp64
-    for v in vecs:
-        d = v.double()
-        quantities += [d, d * d, d.abs()]
+    # Every quantity is written straight into its row of one zero-padded [rows, whole blocks] fp64 tensor: on a
+    # GPU this is the pass's peak memory, once, not a list, a stacked copy and a padded copy of it.
+    pairs = len(vecs) * (len(vecs) - 1) // 2
+    rows = 3 * len(vecs) + pairs + len(dare_keys)
+    stacked = torch.zeros((rows, n + -n % STAT_BLOCK), dtype=torch.float64, device=xs[0].device)
+    q = stacked[:, :n]
+    ds = [v.double() for v in vecs]  # fp64, exact: products of two fp32 values fit in fp64
+    for r, d in enumerate(ds):
+        q[3 * r].copy_(d)
+        torch.mul(d, d, out=q[3 * r + 1])
+        torch.abs(d, out=q[3 * r + 2])
+    r = 3 * len(vecs)
     for i in range(len(vecs)):
         for j in range(i + 1, len(vecs)):
-            quantities.append(vecs[i].double() * vecs[j].double() if gram else torch.zeros_like(quantities[0]))
+            if gram:
+                torch.mul(ds[i], ds[j], out=q[r])
+            r += 1
     if dare_keys:
         idx = torch.arange(start, start + n, dtype=torch.int64, device=xs[0].device)
         for key, kb, x in zip(dare_keys, keep_below, xs):
-            kept = torch.where(philox_words(key, idx) < kb, x, torch.zeros_like(x))
-            quantities.append(kept.double().abs())
-    stacked = torch.stack(quantities)
-    per_block = block_sums(stacked) if block_sums else torch.stack([lane_block_sums(q) for q in stacked])
+            q[r].copy_(torch.where(philox_words(key, idx) < kb, x, torch.zeros_like(x)).abs())
+            r += 1
+    per_block = block_sums(stacked) if block_sums else torch.stack([lane_block_sums(row) for row in stacked])
     per_block = per_block.cpu()
     out = []
     for total, row in zip(totals, per_block):
