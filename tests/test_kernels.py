@@ -50,6 +50,28 @@ def test_every_input_count(isa, count, dtype):
 
 
 @pytest.mark.parametrize("isa", ISAS, ids=id_formatter("isa"))
+@pytest.mark.parametrize("threads", [1, 2], ids=id_formatter("threads"))
+def test_top_k_selector_matches_the_reference(isa, threads):
+    """TIES' radix select against a stable sort: ranges long enough for the split pass-0 histograms, a last tile
+    of 77 elements (the vector pass-1 packing's masked lanes), and a third of the task-vector entries exactly
+    zero, so that keeping 90% puts the threshold in bin 0 (prefix 0, where a masked lane would also match)."""
+    n = (1 << 19) + 77
+    base = random_tensor((n,), torch.bfloat16, seed=1)
+    g = torch.Generator().manual_seed(2)
+    xs = []
+    for i in range(3):
+        x = (base.float() + 0.01 * random_tensor((n,), torch.float32, seed=3 + i)).to(torch.bfloat16)
+        xs.append(torch.where(torch.rand(n, generator=g) < 0.33, base, x))
+    for keep in ([1, n // 2, n - 1], [int(0.9 * n)] * 3, [n, 0, 12345]):
+        got, want = cpu.TopKSelector(keep, threads=threads, isa=isa), reference.TopKSelector(keep)
+        for sel in (got, want):
+            for pass_ in range(sel.passes):
+                sel.add([x.data_ptr() for x in xs], ["BF16"] * 3, base.data_ptr(), "BF16", n, 0, pass_)
+                sel.finish(pass_)
+        assert (got.thresholds, got.quotas) == (want.thresholds, want.quotas), keep
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=id_formatter("isa"))
 def test_mixed_input_dtypes(isa):
     xs = [random_tensor((5003,), d, seed=i, wide=True) for i, d in enumerate(DTYPES * 2)]
     ws = [0.5, 1.25, -0.75, 3.0, 1e-3, 7.0]

@@ -174,6 +174,9 @@ struct Avx2IO {
         for (; j < n; ++j) nonfinite += store_f32(base, dtype, start + j, src[j]);
         return nonfinite;
     }
+    static int64_t select_low(const float* t, const float* base, int64_t m, uint32_t prefix, uint32_t* low) {
+        return select_low_scalar(t, base, m, prefix, low);
+    }
 };
 
 #include "cpu/task_vector_impl.h"

@@ -216,6 +216,23 @@ struct Avx512IO {
         }
         return nonfinite;
     }
+    // 16 elements a step: the matches' low bits packed with vpcompressd into a register, then one unaligned
+    // store of all 16 lanes at low + count (low has 16 spare entries); the memory form of vpcompressd is slow on
+    // some cores (AMD Zen 4).
+    static int64_t select_low(const float* t, const float* base, int64_t m, uint32_t prefix, uint32_t* low) {
+        const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF), p = _mm512_set1_epi32(int(prefix));
+        const __m512i low_bits = _mm512_set1_epi32(0xFFFF);
+        int64_t count = 0;
+        for (int64_t j = 0; j < m; j += 16) {
+            const __mmask16 in = m - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (m - j)) - 1u);
+            const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(in, t + j), _mm512_maskz_loadu_ps(in, base + j));
+            const __m512i b = _mm512_and_si512(_mm512_castps_si512(d), magnitude);
+            const __mmask16 hit = _mm512_mask_cmpeq_epi32_mask(in, _mm512_srli_epi32(b, 16), p);
+            _mm512_storeu_si512(low + count, _mm512_maskz_compress_epi32(hit, _mm512_and_si512(b, low_bits)));
+            count += __builtin_popcount(hit);
+        }
+        return count;
+    }
 };
 
 #include "cpu/task_vector_impl.h"

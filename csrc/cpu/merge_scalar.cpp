@@ -39,6 +39,9 @@ struct ScalarIO {
         for (int64_t j = 0; j < n; ++j) nonfinite += store_f32(base, dtype, start + j, src[j]);
         return nonfinite;
     }
+    static int64_t select_low(const float* t, const float* base, int64_t m, uint32_t prefix, uint32_t* low) {
+        return select_low_scalar(t, base, m, prefix, low);
+    }
 };
 
 #include "cpu/task_vector_impl.h"

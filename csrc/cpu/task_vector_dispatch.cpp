@@ -79,10 +79,14 @@ void task_vector_histogram(const TaskVectorArgs& a, int64_t n, const std::string
     const int nt = threads_for(threads, nb);
     const size_t bins = size_t(a.k) * 65536;
     std::vector<std::vector<uint64_t>> local(nt - 1, std::vector<uint64_t>(bins, 0));
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t b = 0; b < nb; ++b) {
-        const int t = omp_get_thread_num();
-        kern.histogram(a, b * kBlock, std::min(n, (b + 1) * kBlock), pass, prefix, t == 0 ? hist : local[t - 1].data());
+    // Each thread counts one contiguous run of blocks in one call (what schedule(static) would hand it), so the
+    // kernel's per-call set-up is paid once per thread.
+#pragma omp parallel num_threads(nt)
+    {
+        const int t = omp_get_thread_num(), count = omp_get_num_threads();
+        const int64_t first = nb * t / count, last = nb * (t + 1) / count;
+        if (first < last)
+            kern.histogram(a, first * kBlock, std::min(n, last * kBlock), pass, prefix, t == 0 ? hist : local[t - 1].data());
     }
     for (const auto& h : local)
         for (size_t i = 0; i < bins; ++i) hist[i] += h[i];
