@@ -162,6 +162,19 @@ int64_t weighted_sum_avx2(const WeightedSumArgs& a, int64_t begin, int64_t end) 
 
 namespace {
 
+// For each 8-bit mask, the indices of its set bits in order, one byte each (Avx2IO::select_low).
+struct PackTable {
+    uint64_t lanes[256];
+    constexpr PackTable() : lanes() {
+        for (int mask = 0; mask < 256; ++mask) {
+            int k = 0;
+            for (int lane = 0; lane < 8; ++lane)
+                if (mask >> lane & 1) lanes[mask] |= uint64_t(lane) << (8 * k++);
+        }
+    }
+};
+constexpr PackTable kPack{};
+
 struct Avx2IO {
     static void load(const void* base, int dtype, int64_t start, int64_t n, float* dst) {
         int64_t j = 0;
@@ -174,8 +187,22 @@ struct Avx2IO {
         for (; j < n; ++j) nonfinite += store_f32(base, dtype, start + j, src[j]);
         return nonfinite;
     }
+    // 8 elements a step: the lanes that match are moved to the front by a permutation looked up by their mask
+    // (AVX2 has no compress instruction), then all 8 lanes are stored at low + count (low has spare entries).
     static int64_t select_low(const float* t, const float* base, int64_t m, uint32_t prefix, uint32_t* low) {
-        return select_low_scalar(t, base, m, prefix, low);
+        const __m256i magnitude = _mm256_set1_epi32(0x7FFFFFFF), p = _mm256_set1_epi32(int(prefix));
+        const __m256i low_bits = _mm256_set1_epi32(0xFFFF);
+        int64_t count = 0, j = 0;
+        for (; j + 8 <= m; j += 8) {
+            const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(t + j), _mm256_loadu_ps(base + j));
+            const __m256i b = _mm256_and_si256(_mm256_castps_si256(d), magnitude);
+            const int hit = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_srli_epi32(b, 16), p)));
+            const __m256i order = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kPack.lanes + hit)));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(low + count),
+                                _mm256_permutevar8x32_epi32(_mm256_and_si256(b, low_bits), order));
+            count += __builtin_popcount(hit);
+        }
+        return count + select_low_scalar(t + j, base + j, m - j, prefix, low + count);
     }
 };
 
