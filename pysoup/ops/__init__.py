@@ -87,9 +87,10 @@ def lerp_(averaged, current, weight, backend="auto", threads=None) -> None:
     EMA is weight = 1 - beta; SWA's n-th update is weight = 1 / (n + 1). All pairs go in one call per dtype pair:
     one C++ call whose threads split every tensor's elements (cpu), or one Triton launch driven by a table of
     pointers and sizes, kept for the next call on the same tensors (CUDA). The result does not depend on the
-    backend, the threads or the grouping. The update is not recorded by autograd. In a loop over the same
-    tensors, MultiTensorLerp does the checks once and costs a few microseconds per call instead of ~0.5 us per
-    tensor.
+    backend, the threads or the grouping. The update is not recorded by autograd. The averaged tensors must not
+    share memory with each other or with another pair's current tensor (threads update them at once). In a loop
+    over the same tensors, MultiTensorLerp does the checks once and costs a few microseconds per call instead of
+    ~0.5 us per tensor.
 
     Args:
         averaged: tensors updated in place (float32, float16 or bfloat16; contiguous), or one tensor.
