@@ -17,6 +17,25 @@ using namespace pysoup;
 
 namespace {
 
+// The checks both weighted-sum entries share: dtype codes, the ISA, and the divisor when normalizing. Returns the
+// arguments with everything but the pointers filled in.
+WeightedSumArgs checked_weighted_sum_args(const std::string& op, const std::vector<int>& in_dtypes,
+                                          const std::vector<float>& weights, int out_dtype, bool normalize,
+                                          const std::string& isa) {
+    for (int d : in_dtypes)
+        if (d < kF32 || d > kBF16) throw std::invalid_argument(op + ": bad input dtype code");
+    if (out_dtype < kF32 || out_dtype > kBF16) throw std::invalid_argument(op + ": bad output dtype code");
+    if (!isa_usable(isa)) throw std::invalid_argument(op + ": CPU ISA '" + isa + "' is not usable here");
+    const int k = static_cast<int>(in_dtypes.size());
+    WeightedSumArgs args{nullptr, in_dtypes.data(), weights.data(), k, nullptr, out_dtype, normalize, 1.0f};
+    if (normalize) {
+        args.divisor = fp32_sum_in_order(weights.data(), k);
+        if (args.divisor == 0.0f || !std::isfinite(args.divisor))
+            throw std::invalid_argument(op + ": the weights sum to zero or a non-finite value");
+    }
+    return args;
+}
+
 int64_t weighted_sum_py(const std::vector<uintptr_t>& inputs, const std::vector<int>& in_dtypes,
                         const std::vector<float>& weights, int64_t n, uintptr_t out, int out_dtype, bool normalize,
                         int threads, const std::string& isa) {
@@ -25,24 +44,16 @@ int64_t weighted_sum_py(const std::vector<uintptr_t>& inputs, const std::vector<
     if (in_dtypes.size() != k || weights.size() != k)
         throw std::invalid_argument("weighted_sum: inputs, dtypes and weights differ in length");
     if (n < 0) throw std::invalid_argument("weighted_sum: negative element count");
-    for (int d : in_dtypes)
-        if (d < kF32 || d > kBF16) throw std::invalid_argument("weighted_sum: bad input dtype code");
-    if (out_dtype < kF32 || out_dtype > kBF16) throw std::invalid_argument("weighted_sum: bad output dtype code");
     if (n > 0) {
         if (out == 0) throw std::invalid_argument("weighted_sum: null output pointer");
         for (uintptr_t p : inputs)
             if (p == 0) throw std::invalid_argument("weighted_sum: null input pointer");
     }
-    if (!isa_usable(isa)) throw std::invalid_argument("weighted_sum: CPU ISA '" + isa + "' is not usable here");
+    WeightedSumArgs args = checked_weighted_sum_args("weighted_sum", in_dtypes, weights, out_dtype, normalize, isa);
     std::vector<const void*> ptrs(k);
     for (size_t i = 0; i < k; ++i) ptrs[i] = reinterpret_cast<const void*>(inputs[i]);
-    WeightedSumArgs args{ptrs.data(), in_dtypes.data(), weights.data(), static_cast<int>(k),
-                         reinterpret_cast<void*>(out), out_dtype, normalize, 1.0f};
-    if (normalize) {
-        args.divisor = fp32_sum_in_order(weights.data(), static_cast<int>(k));
-        if (args.divisor == 0.0f || !std::isfinite(args.divisor))
-            throw std::invalid_argument("weighted_sum: the weights sum to zero or a non-finite value");
-    }
+    args.inputs = ptrs.data();
+    args.out = reinterpret_cast<void*>(out);
     py::gil_scoped_release release;
     return weighted_sum(args, n, isa, threads < 1 ? 1 : threads);
 }
@@ -57,9 +68,6 @@ int64_t weighted_sum_many_py(const std::vector<uintptr_t>& inputs, const std::ve
     if (weights.size() != k) throw std::invalid_argument("weighted_sum_many: dtypes and weights differ in length");
     if (inputs.size() != k * m || outs.size() != m)
         throw std::invalid_argument("weighted_sum_many: needs k input pointers and one output pointer per tensor");
-    for (int d : in_dtypes)
-        if (d < kF32 || d > kBF16) throw std::invalid_argument("weighted_sum_many: bad input dtype code");
-    if (out_dtype < kF32 || out_dtype > kBF16) throw std::invalid_argument("weighted_sum_many: bad output dtype code");
     for (size_t t = 0; t < m; ++t) {
         if (sizes[t] < 0) throw std::invalid_argument("weighted_sum_many: negative element count");
         if (sizes[t] == 0) continue;
@@ -67,18 +75,12 @@ int64_t weighted_sum_many_py(const std::vector<uintptr_t>& inputs, const std::ve
         for (size_t i = 0; i < k; ++i)
             if (inputs[t * k + i] == 0) throw std::invalid_argument("weighted_sum_many: null input pointer");
     }
-    if (!isa_usable(isa)) throw std::invalid_argument("weighted_sum_many: CPU ISA '" + isa + "' is not usable here");
+    const WeightedSumArgs shared =
+        checked_weighted_sum_args("weighted_sum_many", in_dtypes, weights, out_dtype, normalize, isa);
     std::vector<const void*> ptrs(inputs.size());
     for (size_t i = 0; i < inputs.size(); ++i) ptrs[i] = reinterpret_cast<const void*>(inputs[i]);
     std::vector<void*> out_ptrs(m);
     for (size_t t = 0; t < m; ++t) out_ptrs[t] = reinterpret_cast<void*>(outs[t]);
-    WeightedSumArgs shared{nullptr, in_dtypes.data(), weights.data(), static_cast<int>(k), nullptr, out_dtype,
-                           normalize, 1.0f};
-    if (normalize) {
-        shared.divisor = fp32_sum_in_order(weights.data(), static_cast<int>(k));
-        if (shared.divisor == 0.0f || !std::isfinite(shared.divisor))
-            throw std::invalid_argument("weighted_sum_many: the weights sum to zero or a non-finite value");
-    }
     py::gil_scoped_release release;
     return weighted_sum_many(shared, ptrs.data(), out_ptrs.data(), sizes.data(), static_cast<int64_t>(m), isa,
                              threads < 1 ? 1 : threads);

@@ -41,6 +41,9 @@ X86Features detect_x86() {
 }
 #endif
 
+// 64 Ki elements per block: below ~2 blocks a second thread costs more to wake than it saves.
+constexpr int64_t kGrain = int64_t(1) << 16;
+
 WeightedSumFn kernel_for(const std::string& isa) {
     if (isa == "scalar") return weighted_sum_scalar;
 #if PYSOUP_X86
@@ -75,8 +78,6 @@ float fp32_sum_in_order(const float* weights, int k) {
 
 int64_t weighted_sum(const WeightedSumArgs& args, int64_t n, const std::string& isa, int threads) {
     const WeightedSumFn fn = kernel_for(isa);
-    // 64 Ki elements per block: below ~2 blocks a second thread costs more to wake than it saves.
-    constexpr int64_t kGrain = int64_t(1) << 16;
     if (threads <= 1 || n < 2 * kGrain) return fn(args, 0, n);
     const int64_t blocks = (n + kGrain - 1) / kGrain;
     const int nthreads = static_cast<int>(std::min<int64_t>(threads, blocks));
@@ -90,7 +91,6 @@ int64_t weighted_sum(const WeightedSumArgs& args, int64_t n, const std::string& 
 int64_t weighted_sum_many(const WeightedSumArgs& shared, const void* const* inputs, void* const* outs,
                           const int64_t* sizes, int64_t m, const std::string& isa, int threads) {
     const WeightedSumFn fn = kernel_for(isa);
-    constexpr int64_t kGrain = int64_t(1) << 16;
     std::vector<int64_t> first(m + 1, 0);  // first[t]: where tensor t starts in the concatenation of all
     for (int64_t t = 0; t < m; ++t) first[t + 1] = first[t] + sizes[t];
     const int64_t total = first[m];

@@ -19,19 +19,6 @@ inline uint32_t f32_bits(float f) {
     return u;
 }
 
-// TIES' radix-select pass 1 over one tile: the low 16 bits of |t[j] - base[j]|'s fp32 bits, for the elements
-// whose high 16 bits equal `prefix`, packed into low[0 .. count). Returns count. Branch-free: whether an element
-// matches is data-dependent and would mispredict. (The AVX-512 path packs 16 at a time with vpcompressd.)
-inline int64_t select_low_scalar(const float* t, const float* base, int64_t m, uint32_t prefix, uint32_t* low) {
-    int64_t count = 0;
-    for (int64_t j = 0; j < m; ++j) {
-        const uint32_t b = f32_bits(t[j] - base[j]) & 0x7FFFFFFFu;
-        low[count] = b & 0xFFFFu;
-        count += (b >> 16) == prefix;
-    }
-    return count;
-}
-
 inline float bits_f32(uint32_t u) {
     float f;
     std::memcpy(&f, &u, 4);

@@ -67,9 +67,7 @@ inline int store8(void* base, int dtype, int64_t i, __m256 v) {
 // All inputs of one dtype: each output vector is finished in registers while every stream advances together
 // (see merge_avx512.cpp); the last < 16 elements go through the scalar helpers. Streaming stores, a gain
 // on AVX-512, measured 0.65x here (4 x bf16, 2 threads), so AVX2 stores through the cache.
-// K > 0: the input count, known at compile time so the loop over the inputs unrolls. With a run-time count the
-// loop measured 0.7x of the unrolled one's bandwidth (2 x fp32, AMD EPYC, one thread): the extra instructions
-// per cache line leave fewer loads in flight.
+// K > 0: the input count at compile time, so the loop over the inputs unrolls (see with_input_count).
 template <int DT, int K>
 int64_t streamed(const WeightedSumArgs& a, int64_t begin, int64_t end) {
     int64_t nonfinite = 0;
@@ -102,14 +100,7 @@ int64_t streamed(const WeightedSumArgs& a, int64_t begin, int64_t end) {
 
 template <int DT>
 int64_t streamed_any_k(const WeightedSumArgs& a, int64_t begin, int64_t end) {
-    switch (a.k) {
-    case 1: return streamed<DT, 1>(a, begin, end);
-    case 2: return streamed<DT, 2>(a, begin, end);
-    case 3: return streamed<DT, 3>(a, begin, end);
-    case 4: return streamed<DT, 4>(a, begin, end);
-    case 8: return streamed<DT, 8>(a, begin, end);
-    default: return streamed<DT, 0>(a, begin, end);
-    }
+    return with_input_count(a.k, [&](auto K) { return streamed<DT, decltype(K)::value>(a, begin, end); });
 }
 
 }  // namespace

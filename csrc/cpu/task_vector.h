@@ -6,7 +6,22 @@
 #include <cstdint>
 #include <string>
 
+#include "cpu/dtype.h"
+
 namespace pysoup {
+
+// TIES' radix-select pass 1 over one tile: the low 16 bits of |t[j] - base[j]|'s fp32 bits, for the elements
+// whose high 16 bits equal `prefix`, packed into low[0 .. count). Returns count. Branch-free: whether an element
+// matches is data-dependent and would mispredict. (The AVX-512 and AVX2 IO types pack 16 / 8 lanes at a time.)
+inline int64_t select_low_scalar(const float* t, const float* base, int64_t m, uint32_t prefix, uint32_t* low) {
+    int64_t count = 0;
+    for (int64_t j = 0; j < m; ++j) {
+        const uint32_t b = f32_bits(t[j] - base[j]) & 0x7FFFFFFFu;
+        low[count] = b & 0xFFFFu;
+        count += (b >> 16) == prefix;
+    }
+    return count;
+}
 
 // theta = base + lambda * mix(tau_1..tau_k), tau_i = x_i - base in fp32, with optional DARE drop, TIES
 // magnitude trim and TIES sign election. See pysoup/ops/reference.py: task_vector_combine for the definition.
