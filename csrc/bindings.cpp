@@ -270,5 +270,6 @@ PYBIND11_MODULE(_C, m) {
         .def_property_readonly("offset", &MappedRegion::offset)
         .def_property_readonly("length", &MappedRegion::length)
         .def_property_readonly("closed", &MappedRegion::closed)
+        .def("faulted", &MappedRegion::faulted, "whether a page vanished under a read (see io/fault_guard.h)")
         .def("close", &MappedRegion::close);
 }

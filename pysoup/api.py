@@ -15,6 +15,7 @@ from pysoup.io.checkpoint import open_checkpoint
 from pysoup.io.writer import FileSink, MemorySink, OutputTarget
 from pysoup.plan import build_plan
 from pysoup.report import MergeReport, peak_rss_bytes
+from pysoup.signals import cleanup_on_termination
 from pysoup.strategies import get_strategy
 from pysoup.units import parse_size
 
@@ -82,7 +83,10 @@ def merge(
         raise PlanError("empty output path")
 
     opened = []
-    try:
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(_close_all, opened)
+        # SIGTERM / SIGHUP clean up like Ctrl-C; registered after _close_all, so it runs first when leaving.
+        cleanup.enter_context(cleanup_on_termination())
         for i, src in enumerate(inputs):
             opened.append(open_checkpoint(src, i))
         base_ckpt = None
@@ -143,9 +147,11 @@ def merge(
             nonfinite_tensors=nonfinite,
             stats=_stats(plan, states),
         )
-    finally:
-        for c in opened:
-            c.close()
+
+
+def _close_all(checkpoints) -> None:
+    for c in checkpoints:
+        c.close()
 
 
 def _backend_for(backend, device):

@@ -186,6 +186,9 @@ def main(argv=None) -> int:
         print(f"pysoup: warning: {message}", file=sys.stderr)
 
     warnings.showwarning = show_warning
+    from pysoup.signals import Terminated, die_by, raise_on_termination
+
+    raise_on_termination()  # SIGTERM and SIGHUP clean up like Ctrl-C, then end the process
     try:
         return {"merge": _cmd_merge, "inspect": _cmd_inspect, "bench": _cmd_bench}[args.command](args)
     except (SoupError, ValueError, KeyError, OSError) as exc:
@@ -197,6 +200,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("pysoup: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except Terminated as exc:
+        print(f"pysoup: {exc}; nothing was written", file=sys.stderr)
+        sys.stderr.flush()
+        die_by(exc.signum)
+        raise
 
 
 if __name__ == "__main__":

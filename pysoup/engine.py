@@ -50,6 +50,9 @@ def execute(plan: MergePlan, sink, backend, threads: int, progress=None) -> tupl
             if bar is not None:
                 bar.set_postfix_str(f"tensors {k + 1}/{len(plan.tasks)}", refresh=False)
         sink.finish()
+        # An input written or truncated by another process while we read it: its bytes are not one file's.
+        for c in plan.inputs:
+            c.check_unchanged()
     finally:
         for c in plan.inputs:
             c.release()

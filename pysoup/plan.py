@@ -167,6 +167,9 @@ def build_plan(
     inputs = list(models) + ([base] if base is not None else [])
     base_index = len(models) if base is not None else None
     reference = inputs[0]
+    for c in inputs:
+        if not c.infos:
+            raise PlanError(f"{c.name}: checkpoint has no tensors (nothing to merge)")
     _check_keys(inputs)
 
     positions = LayerPositions(reference.infos)

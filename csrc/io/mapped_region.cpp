@@ -1,5 +1,7 @@
 #include "io/mapped_region.h"
 
+#include "io/fault_guard.h"
+
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -25,6 +27,8 @@ MappedRegion::MappedRegion(int fd, int64_t offset, int64_t length, bool populate
     void* p = mmap(nullptr, static_cast<size_t>(map_length_), PROT_READ, flags, fd, start);
     if (p == MAP_FAILED) throw std::runtime_error(std::string("mmap failed: ") + std::strerror(errno));
     base_ = p;
+    // A file truncated under us must not kill the process (SIGBUS); see fault_guard.h.
+    slot_ = fault_guard::guard(reinterpret_cast<uintptr_t>(p), reinterpret_cast<uintptr_t>(p) + map_length_);
     if (!populate) madvise(base_, static_cast<size_t>(map_length_), MADV_SEQUENTIAL);
 }
 
@@ -38,9 +42,14 @@ uintptr_t MappedRegion::address() const {
 
 void MappedRegion::close() {
     if (base_ != nullptr) {
+        faulted_ = faulted();
+        fault_guard::release(slot_);
+        slot_ = -1;
         munmap(base_, static_cast<size_t>(map_length_));
         base_ = nullptr;
     }
 }
+
+bool MappedRegion::faulted() const { return faulted_ || fault_guard::faulted(slot_); }
 
 }  // namespace pysoup

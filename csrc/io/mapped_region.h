@@ -20,6 +20,8 @@ public:
     int64_t length() const { return length_; }
     bool closed() const { return base_ == nullptr; }
     void close();
+    // Whether a page vanished under a read (the file shrank, or the disk failed): that page read as zeros.
+    bool faulted() const;
 
 private:
     void* base_ = nullptr;  // page-aligned start of the mapping
@@ -27,6 +29,8 @@ private:
     int64_t lead_ = 0;  // bytes between base_ and the requested offset
     int64_t offset_ = 0;
     int64_t length_ = 0;
+    int slot_ = -1;  // fault_guard slot
+    bool faulted_ = false;
 };
 
 }  // namespace pysoup

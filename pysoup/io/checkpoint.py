@@ -8,12 +8,11 @@ for the same file).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 
 from pysoup.errors import FormatError, PlanError
-from pysoup.io.format import TensorInfo
+from pysoup.io.format import MAX_HEADER_BYTES, TensorInfo, load_json
 from pysoup.io.reader import SafetensorsReader
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -36,6 +35,9 @@ class Checkpoint:
 
     def release(self) -> None:
         """Drops any mapping held, keeping the checkpoint usable."""
+
+    def check_unchanged(self) -> None:
+        """Raises FormatError if a file of this checkpoint changed since it was opened."""
 
     def close(self) -> None:
         self.release()
@@ -118,6 +120,10 @@ class FileCheckpoint(Checkpoint):
         for r in self._readers:
             r.release()
 
+    def check_unchanged(self):
+        for r in self._readers:
+            r.check_unchanged()
+
     def close(self):
         for r in self._readers:
             r.close()
@@ -198,10 +204,10 @@ def _open_directory(path: str, kw: dict) -> FileCheckpoint:
 
 def _open_index(path: str, index_path: str, kw: dict) -> FileCheckpoint:
     try:
-        with open(index_path, encoding="utf-8") as f:
-            index = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{index_path}: not a valid JSON index ({exc})") from None
+        with open(index_path, "rb") as f:
+            index = load_json(index_path, f.read(MAX_HEADER_BYTES + 1), "index")
+    except OSError as exc:
+        raise FormatError(f"{index_path}: cannot read ({exc.strerror})") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise FormatError(f"{index_path}: missing or malformed 'weight_map'")

@@ -18,6 +18,8 @@ from pysoup.errors import FormatError
 # The safetensors package refuses headers above 100 MB; so do we, before reading them.
 MAX_HEADER_BYTES = 100_000_000
 _MAX_BYTES = 2**63 - 1
+# numpy's limit (torch allows more); no real checkpoint comes near it.
+MAX_DIMS = 64
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,38 @@ def _reject_duplicates(pairs):
     return seen
 
 
+def load_json(path: str, raw: bytes, what: str):
+    """Parses JSON from an untrusted file: every failure is one FormatError naming the file.
+
+    Besides syntax, this refuses what Python's parser turns into foreign exceptions: nesting deeper than
+    the interpreter's recursion limit (RecursionError), integers of more than 4,300 digits (ValueError),
+    duplicate keys, and strings holding lone surrogates, which no UTF-8 writer (ours or the `safetensors`
+    package's) can write back.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FormatError(f"{path}: {what} is not valid UTF-8 (byte {exc.start})") from None
+    try:
+        obj = json.loads(text, object_pairs_hook=_reject_duplicates)
+    except FormatError as exc:
+        raise FormatError(f"{path}: {what}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise FormatError(f"{path}: {what} is not valid JSON ({exc.msg} at character {exc.pos})") from None
+    except RecursionError:
+        raise FormatError(f"{path}: {what} is nested too deeply to be a safetensors header or index") from None
+    except ValueError as exc:  # int() past sys.get_int_max_str_digits()
+        raise FormatError(f"{path}: {what} holds a number too large to read ({str(exc).split(';')[0]})") from None
+    return obj
+
+
+def _check_text(path: str, text: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise FormatError(f"{path}: {what} {text!r} is not valid Unicode (a lone surrogate)") from None
+
+
 def parse_header(path: str, prefix: bytes, file_size: int, read_header) -> tuple:
     """Validates everything about a header before any tensor is touched.
 
@@ -76,26 +110,20 @@ def parse_header(path: str, prefix: bytes, file_size: int, read_header) -> tuple
         )
     if 8 + n > file_size:
         raise FormatError(f"{path}: header length {n} runs past the end of the file ({file_size} bytes): truncated?")
-    raw = read_header(n)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise FormatError(f"{path}: header is not valid UTF-8 (byte {exc.start})") from None
-    try:
-        obj = json.loads(text, object_pairs_hook=_reject_duplicates)
-    except FormatError as exc:
-        raise FormatError(f"{path}: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise FormatError(f"{path}: header is not valid JSON ({exc.msg} at character {exc.pos})") from None
+    obj = load_json(path, read_header(n), "header")
     if not isinstance(obj, dict):
         raise FormatError(f"{path}: header is not a JSON object")
     data_start = 8 + n
     data_len = file_size - data_start
     metadata = obj.pop("__metadata__", None)
-    if metadata is not None and not (
-        isinstance(metadata, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
-    ):
-        raise FormatError(f"{path}: __metadata__ must map strings to strings")
+    if metadata is not None:
+        if not (
+            isinstance(metadata, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+        ):
+            raise FormatError(f"{path}: __metadata__ must map strings to strings")
+        for k, v in metadata.items():
+            _check_text(path, k, "metadata key")
+            _check_text(path, v, "metadata value")
     infos = [_parse_entry(path, name, entry, data_start, data_len) for name, entry in obj.items()]
     _check_overlaps(path, infos)
     infos.sort(key=lambda t: (t.begin, t.end))
@@ -103,32 +131,39 @@ def parse_header(path: str, prefix: bytes, file_size: int, read_header) -> tuple
 
 
 def _parse_entry(path, name, entry, data_start, data_len) -> TensorInfo:
+    _check_text(path, name, "tensor name")
     where = f"{path}: tensor {name!r}"
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise FormatError(f"{where}: entry must have exactly the keys dtype, shape, data_offsets")
     dtype = entry["dtype"]
-    if dtype not in SAFETENSORS_SIZES:
-        raise FormatError(f"{where}: unknown dtype {dtype!r} (known: {', '.join(SAFETENSORS_SIZES)})")
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_SIZES:
+        raise FormatError(f"{where}: unknown dtype {_short(dtype)} (known: {', '.join(SAFETENSORS_SIZES)})")
     shape = entry["shape"]
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
-        raise FormatError(f"{where}: shape {shape!r} must be a list of integers")
+        raise FormatError(f"{where}: shape {_short(shape)} must be a list of integers")
+    if len(shape) > MAX_DIMS:
+        raise FormatError(f"{where}: shape has {len(shape)} dimensions (at most {MAX_DIMS} are supported)")
     if any(d < 0 for d in shape):
-        raise FormatError(f"{where}: negative dimension in shape {shape}")
+        raise FormatError(f"{where}: negative dimension in shape {_short(shape)}")
+    # Every dimension must fit in int64 even when another is 0, and the size check must not depend on the
+    # order of the dimensions: the product is taken over the non-zero ones.
     nbytes = SAFETENSORS_SIZES[dtype]
     for d in shape:
-        nbytes *= d
-        if nbytes > _MAX_BYTES:
-            raise FormatError(f"{where}: element count of shape {shape} overflows")
+        nbytes *= max(d, 1)
+        if d > _MAX_BYTES or nbytes > _MAX_BYTES:
+            raise FormatError(f"{where}: element count of shape {_short(shape)} overflows")
+    if 0 in shape:
+        nbytes = 0
     offsets = entry["data_offsets"]
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
     ):
-        raise FormatError(f"{where}: data_offsets {offsets!r} must be two integers")
+        raise FormatError(f"{where}: data_offsets {_short(offsets)} must be two integers")
     begin, end = offsets
-    if begin < 0 or end < begin:
-        raise FormatError(f"{where}: data_offsets {offsets} are not an increasing pair of non-negative integers")
+    if begin < 0 or end < begin or end > _MAX_BYTES:
+        raise FormatError(f"{where}: data_offsets {_short(offsets)} are not an increasing pair of 64-bit offsets")
     if end - begin != nbytes:
         raise FormatError(
             f"{where}: byte range [{begin}, {end}) holds {end - begin} bytes but shape {shape} of "
@@ -139,6 +174,12 @@ def _parse_entry(path, name, entry, data_start, data_len) -> TensorInfo:
             f"{where}: byte range [{begin}, {end}) runs past the end of the data ({data_len} bytes): truncated file?"
         )
     return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+def _short(value, limit: int = 80) -> str:
+    """repr() cut to `limit` characters: a hostile header can hold megabytes in one value."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_overlaps(path, infos):

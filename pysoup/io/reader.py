@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 
 from pysoup._native import native
 from pysoup.errors import FormatError
@@ -17,6 +18,12 @@ from pysoup.io.format import TensorInfo, parse_header
 # 16 MiB per input: large enough that mapping costs vanish (one mmap per 16 MiB), small enough that
 # 8 inputs stay under 128 MiB resident.
 DEFAULT_WINDOW_BYTES = 16 << 20
+
+
+def file_identity(st: os.stat_result) -> tuple:
+    """What changes when a file is replaced, truncated or written: device, inode, size, mtime and ctime (ctime
+    cannot be set back by a writer, unlike mtime)."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 class SafetensorsReader:
@@ -30,7 +37,8 @@ class SafetensorsReader:
     def __init__(self, path: str, window_bytes: int = DEFAULT_WINDOW_BYTES):
         self.path = os.fspath(path)
         try:
-            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused just below.
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             raise FormatError(f"{self.path}: no such file") from None
         except IsADirectoryError:
@@ -38,7 +46,11 @@ class SafetensorsReader:
         except OSError as exc:
             raise FormatError(f"{self.path}: cannot open ({exc.strerror})") from None
         try:
-            self.file_size = os.fstat(self._fd).st_size
+            st = os.fstat(self._fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise FormatError(f"{self.path}: not a regular file (a FIFO, socket or device cannot be a checkpoint)")
+            self.file_size = st.st_size
+            self.identity = file_identity(st)
             prefix = os.pread(self._fd, 8, 0)
             self.metadata, infos, self.data_start = parse_header(
                 self.path, prefix, self.file_size, lambda n: os.pread(self._fd, n, 8)
@@ -50,6 +62,18 @@ class SafetensorsReader:
         self._window_bytes = window_bytes
         self._window = None
         self._whole = None
+        self._faulted = False  # a page of one of our windows went missing (see csrc/io/fault_guard.cpp)
+
+    def check_unchanged(self) -> None:
+        """Raises FormatError if the file changed since it was opened: its size, inode or modification time
+        differ, or a mapped page vanished under a read (the file shrank). A merge calls this before it commits.
+        """
+        faulted = self._window is not None and self._window.faulted()
+        self._faulted = self._faulted or faulted
+        if self._faulted or file_identity(os.fstat(self._fd)) != self.identity:
+            raise FormatError(
+                f"{self.path}: changed while being read (another process wrote or truncated it); nothing was written"
+            )
 
     # -- engine path -------------------------------------------------------------------------------
     def window_address(self, lo: int, hi: int) -> int:
@@ -58,7 +82,11 @@ class SafetensorsReader:
         if w is not None and w.offset <= lo and hi <= w.offset + w.length:
             return w.address + (lo - w.offset)
         if w is not None:
+            self._faulted = self._faulted or w.faulted()
             w.close()
+            self._window = None
+            if self._faulted:  # fail at once rather than merge the rest of a truncated file
+                self.check_unchanged()
         length = min(max(hi - lo, self._window_bytes), self.file_size - lo)
         self._window = native.MappedRegion(self._fd, lo, length, True)
         return self._window.address
@@ -66,6 +94,7 @@ class SafetensorsReader:
     def release(self) -> None:
         """Unmaps the current window (the page cache keeps the data; our resident memory drops)."""
         if self._window is not None:
+            self._faulted = self._faulted or self._window.faulted()
             self._window.close()
             self._window = None
 

@@ -8,14 +8,14 @@ A single-file target is `OUT.safetensors`; any other target is a Hugging Face di
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
 import math
 import mmap
 import os
-import secrets
-import shutil
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -23,6 +23,8 @@ from pysoup.dtypes import SAFETENSORS_SIZES
 from pysoup.errors import OutputError, PlanError
 from pysoup.io.checkpoint import INDEX_NAME, SINGLE_NAME
 from pysoup.io.format import build_header, canonical_order
+from pysoup.io.temporary import TempFile, remove_stale_temporaries
+from pysoup.signals import deferred_termination
 
 DEFAULT_SHARD_BYTES = 5 * 1000**3  # what transformers' save_pretrained uses
 
@@ -34,8 +36,11 @@ class ShardLayout:
     offsets: dict  # name -> (begin, end), absolute
     names: list
     size: int = 0
-    tmp: str | None = None  # named temporary path once linked
-    fd: int = -1
+    temp: TempFile | None = None  # while being written
+
+    @property
+    def fd(self) -> int:
+        return self.temp.fd
 
 
 def _shard_entries(entries, shard_bytes):
@@ -51,15 +56,24 @@ def _shard_entries(entries, shard_bytes):
     return shards
 
 
+# Weight files a Hugging Face directory output may hold; an older output's ones that the new output does not
+# have are removed after the new index is in place (else a reader could mix shards of two merges).
+_WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|" + re.escape(INDEX_NAME))
+
+
 class OutputTarget:
     """Every file of one merge output, laid out up front, committed atomically.
+
+    Every byte of the output (weights, index, copied config and tokenizer files) is written to temporaries
+    beside the targets before the first rename, so a full disk fails before anything is replaced; the renames
+    come last, the index after the shards.
 
     Args:
         out: a path ending in .safetensors (one file) or a directory.
         entries: (name, safetensors dtype, shape) of every output tensor.
         shard_size: max bytes of tensor data per shard (directory outputs only).
         metadata: the __metadata__ of every output file.
-        input_files: real paths of every input file; writing over one is refused.
+        input_files: every input file; writing over one (by path, link or bind mount) is refused.
         aux_files: files to copy beside a directory output.
         durable: fsync files and directory before and after the renames.
     """
@@ -88,7 +102,9 @@ class OutputTarget:
         self.shard_of = {name: s for s in self.shards for name in s.names}
         self.index_path = None if self.single or n == 1 else os.path.join(self.out, INDEX_NAME)
         self._check_not_inputs(input_files)
-        self._created_dir = False
+        self._created_dirs = []
+        self._extras = []  # TempFiles of the index and the copied files
+        self._stale = []
 
     @property
     def paths(self) -> list:
@@ -98,25 +114,36 @@ class OutputTarget:
     def total_bytes(self) -> int:
         return sum(s.size for s in self.shards)
 
-    def _check_not_inputs(self, input_files):
-        inputs = {os.path.realpath(p) for p in input_files}
-        for p in self.paths:
-            if os.path.realpath(p) in inputs:
-                raise PlanError(f"{p}: the output would overwrite an input")
-        if not self.single and any(os.path.dirname(p) == os.path.realpath(self.out) for p in inputs):
-            raise PlanError(f"{self.out}: the output directory holds an input checkpoint")
+    def _aux_path(self, src: str) -> str:
+        return os.path.join(self.out, os.path.basename(src))
+
+    def _check_not_inputs(self, input_files) -> None:
+        # By device and inode, not by path: a bind mount, a hard link or a symlink of an input is the input.
+        inputs = {}
+        for p in input_files:
+            st = os.stat(p)
+            inputs[(st.st_dev, st.st_ino)] = p
+        for p in self.paths + [self._aux_path(a) for a in self.aux_files]:
+            key = _identity(p)
+            if key in inputs:
+                raise PlanError(f"{p}: the output would overwrite an input ({inputs[key]})")
+        if not self.single:
+            out_dir = _identity(self.out)
+            held = next((p for p in inputs.values() if out_dir and _identity(os.path.dirname(p)) == out_dir), None)
+            if held:
+                raise PlanError(f"{self.out}: the output directory holds an input checkpoint ({held})")
 
     # -- files --------------------------------------------------------------------------------------
     def create(self) -> None:
-        """Creates every output file as a temporary (unnamed where the OS allows) and writes its header."""
+        """Creates every output file as a temporary (unnamed where the OS allows) and writes its header, the
+        index and the copied files, so that only the tensor data remains to be written."""
+        where = self.out
         try:
-            if not os.path.isdir(self.directory):
-                if os.path.exists(self.directory):
-                    raise OutputError(f"{self.directory}: exists and is not a directory")
-                os.makedirs(self.directory)
-                self._created_dir = True
+            self._created_dirs = _make_directories(self.directory)
+            remove_stale_temporaries(self.directory)
             for s in self.shards:
-                self._open_temp(s)
+                where = s.path
+                s.temp = TempFile(s.path)
                 _pwrite_all(s.fd, s.header, 0, s.path)
                 # Sizing the file up front makes a full disk fail here, before the merge does any work,
                 # on file systems that allocate eagerly (tmpfs, ext4 via fallocate).
@@ -127,38 +154,48 @@ class OutputTarget:
                     except OSError as exc:
                         if exc.errno == errno.ENOSPC:
                             raise
+            for src in self.aux_files:
+                where = self._aux_path(src)
+                self._extras.append(_temp_copy(src, where))
+            if self.index_path:
+                where = self.index_path
+                self._extras.append(_temp_bytes(self._index_bytes(), where))
+            if not self.single:
+                keep = {os.path.basename(p) for p in self.paths}
+                self._stale = sorted(f for f in os.listdir(self.out) if _WEIGHT_FILE.fullmatch(f) and f not in keep)
         except OSError as exc:
             self.abort()
-            raise OutputError(f"{getattr(exc, 'filename', None) or self.out}: cannot write ({exc.strerror})") from None
+            raise OutputError(f"{where}: cannot write ({exc.strerror})") from None
         except BaseException:
             self.abort()
             raise
 
-    def _open_temp(self, s: ShardLayout) -> None:
-        # A named temporary beside the target (O_TMPFILE + linkat would survive a kill -9 without debris,
-        # but linkat through /proc fails with EXDEV on overlay file systems, so it is not used).
-        s.tmp = _temp_name(s.path)
-        s.fd = os.open(s.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    def _index_bytes(self) -> bytes:
+        weight_map = {n: os.path.basename(s.path) for s in self.shards for n in s.names}
+        index = {
+            "metadata": {"total_size": sum(s.size - len(s.header) for s in self.shards)},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
+        return (json.dumps(index, indent=2) + "\n").encode()
 
     def commit(self) -> None:
-        """Renames every file into place (index last); fsyncs first when durable."""
+        """Renames every file into place (the index last), then removes an older output's stale weight files;
+        fsyncs first when durable. Termination signals wait until the renames are done."""
+        temps = [s.temp for s in self.shards] + self._extras
         try:
-            for s in self.shards:
+            for temp in temps:
                 if self.durable:
-                    os.fsync(s.fd)
-                os.close(s.fd)
-                s.fd = -1
-                os.replace(s.tmp, s.path)
-                s.tmp = None
-            for src in self.aux_files:
-                _atomic_write(os.path.join(self.out, os.path.basename(src)), open(src, "rb").read(), self.durable)
-            if self.index_path:
-                index = {
-                    "metadata": {"total_size": sum(s.size - len(s.header) for s in self.shards)},
-                    "weight_map": {n: os.path.basename(s.path) for s in self.shards for n in sorted(s.names)},
-                }
-                index["weight_map"] = dict(sorted(index["weight_map"].items()))
-                _atomic_write(self.index_path, (json.dumps(index, indent=2) + "\n").encode(), self.durable)
+                    os.fsync(temp.fd)
+                temp.materialize()  # may need space for a directory entry: before any rename
+            with deferred_termination():
+                for temp in temps:
+                    temp.replace()
+                for name in self._stale:
+                    with contextlib.suppress(OSError):
+                        os.unlink(os.path.join(self.out, name))
+            for s in self.shards:
+                s.temp = None
+            self._extras = []
             if self.durable:
                 _fsync_dir(self.directory)
         except OSError as exc:
@@ -166,20 +203,55 @@ class OutputTarget:
             raise OutputError(f"{self.out}: cannot commit the output ({exc.strerror})") from None
 
     def abort(self) -> None:
-        """Removes every temporary file (and a directory this target created); older files stay intact."""
+        """Removes every temporary file and every directory this target created; older files stay intact."""
+        for temp in [s.temp for s in self.shards] + self._extras:
+            if temp is not None:
+                temp.discard()
         for s in self.shards:
-            if s.fd >= 0:
-                os.close(s.fd)
-                s.fd = -1
-            if s.tmp is not None:
-                try:
-                    os.unlink(s.tmp)
-                except FileNotFoundError:
-                    pass
-                s.tmp = None
-        if self._created_dir:
-            shutil.rmtree(self.directory, ignore_errors=True)
-            self._created_dir = False
+            s.temp = None
+        self._extras = []
+        for d in reversed(self._created_dirs):
+            with contextlib.suppress(OSError):
+                os.rmdir(d)  # only if still empty: never what another process put there
+        self._created_dirs = []
+
+
+def _identity(path: str):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _make_directories(directory: str) -> list:
+    """Creates `directory` and its missing parents; returns the ones this call created, outermost first.
+    Another process creating the same directory at the same time is not an error."""
+    missing = []
+    d = directory
+    while not os.path.isdir(d):
+        if os.path.lexists(d) and not os.path.isdir(d):
+            raise OutputError(f"{d}: exists and is not a directory")
+        missing.append(d)
+        parent = os.path.dirname(d)
+        if parent == d:
+            break
+        d = parent
+    created = []
+    try:
+        for d in reversed(missing):
+            try:
+                os.mkdir(d)
+                created.append(d)
+            except FileExistsError:
+                if not os.path.isdir(d):
+                    raise OutputError(f"{d}: exists and is not a directory") from None
+    except BaseException:
+        for d in reversed(created):
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+        raise
+    return created
 
 
 def _pwrite_all(fd: int, data, offset: int, path: str = "") -> None:
@@ -192,26 +264,28 @@ def _pwrite_all(fd: int, data, offset: int, path: str = "") -> None:
         done += written
 
 
-def _temp_name(path: str) -> str:
-    """A hidden name beside `path`; `.pysoup-tmp-` marks it as ours."""
-    return os.path.join(
-        os.path.dirname(path), f".{os.path.basename(path)}.pysoup-tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    )
-
-
-def _atomic_write(path: str, data: bytes, durable: bool) -> None:
-    tmp = _temp_name(path)
+def _temp_bytes(data: bytes, path: str) -> TempFile:
+    temp = TempFile(path)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _pwrite_all(temp.fd, data, 0, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        temp.discard()
         raise
+    return temp
+
+
+def _temp_copy(src: str, path: str) -> TempFile:
+    temp = TempFile(path)
+    try:
+        with open(src, "rb") as f:
+            offset = 0
+            while chunk := f.read(1 << 20):
+                _pwrite_all(temp.fd, chunk, offset, path)
+                offset += len(chunk)
+    except BaseException:
+        temp.discard()
+        raise
+    return temp
 
 
 def _fsync_dir(path: str) -> None:
