@@ -109,6 +109,39 @@ BAD_HEADERS = {
     "missing key": (lambda p: write_raw(p, {"w": {"dtype": "F32", "shape": [2]}}, b"\0" * 8), "exactly the keys"),
     "bad metadata": (lambda p: write_raw(p, {"__metadata__": {"a": 1}}), "__metadata__"),
     "duplicate key": (lambda p: write_raw(p, None, raw_header=b'{"w":1,"w":2}'), "duplicate"),
+    # Values that Python's json module turns into foreign exceptions, or that only fail later (issue 9, 7-12).
+    "deep nesting": (lambda p: write_raw(p, None, raw_header=b'{"w":' + b"[" * 1100 + b"]" * 1100 + b"}"), "nested"),
+    "5000-digit integer": (
+        lambda p: write_raw(p, None, raw_header=b'{"w":{"dtype":"F32","shape":[' + b"9" * 5000 + b'],"a":1}}'),
+        "number too large",
+    ),
+    "list dtype": (lambda p: write_raw(p, {"w": {**good_entry(), "dtype": ["F32"]}}, b"\0" * 8), "unknown dtype"),
+    "object dtype": (lambda p: write_raw(p, {"w": {**good_entry(), "dtype": {"F": 1}}}, b"\0" * 8), "unknown dtype"),
+    "lone surrogate name": (
+        lambda p: write_raw(p, None, raw_header=b'{"\\ud800":' + json.dumps(good_entry()).encode() + b"}", data=b"\0" * 8),
+        "lone surrogate",
+    ),
+    "lone surrogate metadata": (lambda p: write_raw(p, None, raw_header=b'{"__metadata__":{"a":"\\udfff"}}'), "surrogate"),
+    "zero dim then 2^64": (
+        lambda p: write_raw(p, {"w": {"dtype": "F32", "shape": [0, 2**64], "data_offsets": [0, 0]}}),
+        "overflows",
+    ),
+    "2^63 then zero dim": (
+        lambda p: write_raw(p, {"w": {"dtype": "U8", "shape": [2**63, 0], "data_offsets": [0, 0]}}),
+        "overflows",
+    ),
+    "huge dims around zero": (
+        lambda p: write_raw(p, {"w": {"dtype": "U8", "shape": [2**62, 0, 2**62], "data_offsets": [0, 0]}}),
+        "overflows",
+    ),
+    "65 dimensions": (
+        lambda p: write_raw(p, {"w": {"dtype": "U8", "shape": [1] * 65, "data_offsets": [0, 1]}}, b"\0" * 8),
+        "65 dimensions",
+    ),
+    "offset past 2^63": (
+        lambda p: write_raw(p, {"w": {"dtype": "U8", "shape": [1], "data_offsets": [2**64, 2**64 + 1]}}, b"\0" * 8),
+        "64-bit offsets",
+    ),
 }
 
 
@@ -120,6 +153,13 @@ def test_bad_headers_raise_format_error(tmp_path, case):
     with pytest.raises(FormatError, match=match) as info:
         SafetensorsReader(str(p))
     assert str(p) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_empty_tensor_with_huge_dimension_reads(tmp_path):
+    """A zero dimension beside one that fits in int64 is a valid empty tensor; safetensors reads it too."""
+    p = write_raw(tmp_path / "e.safetensors", {"w": {"dtype": "U8", "shape": [0, 2**62], "data_offsets": [0, 0]}})
+    with pysoup.open(p) as ckpt:
+        assert ckpt["w"].shape == (0, 2**62) and ckpt.numpy("w").shape == (0, 2**62)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
