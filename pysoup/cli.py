@@ -175,6 +175,19 @@ def _cmd_bench(args) -> int:
 
 
 def main(argv=None) -> int:
+    from pysoup.signals import Terminated, die_by, raise_on_termination
+
+    raise_on_termination()  # SIGTERM and SIGHUP clean up like Ctrl-C, then end the process
+    try:
+        return _run(argv)
+    except Terminated as exc:
+        print(f"pysoup: {exc}; nothing was written", file=sys.stderr)
+        sys.stderr.flush()
+        die_by(exc.signum)
+        raise
+
+
+def _run(argv) -> int:
     parser = build_parser()
     # `pysoup bench` passes any further options on to benchmarks/run.py (--cases, --runs, --suite ...).
     args, extra = parser.parse_known_args(argv)
@@ -186,9 +199,6 @@ def main(argv=None) -> int:
         print(f"pysoup: warning: {message}", file=sys.stderr)
 
     warnings.showwarning = show_warning
-    from pysoup.signals import Terminated, die_by, raise_on_termination
-
-    raise_on_termination()  # SIGTERM and SIGHUP clean up like Ctrl-C, then end the process
     try:
         return {"merge": _cmd_merge, "inspect": _cmd_inspect, "bench": _cmd_bench}[args.command](args)
     except (SoupError, ValueError, KeyError, OSError) as exc:
@@ -200,11 +210,6 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("pysoup: interrupted; nothing was written", file=sys.stderr)
         return 130
-    except Terminated as exc:
-        print(f"pysoup: {exc}; nothing was written", file=sys.stderr)
-        sys.stderr.flush()
-        die_by(exc.signum)
-        raise
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ SIGTERM (what `kill`, systemd, Slurm and Kubernetes send) and SIGHUP (a closed t
 outright by default, skipping that cleanup. `cleanup_on_termination()` makes them behave like Ctrl-C for the
 duration of a merge (only where their action is still the default: a program that handles them keeps its
 handlers), then delivers the signal again with its default action, so the process still ends as it would have.
-`deferred_termination()` holds any of the three back while a commit renames files, so an output is all old
-or all new.
+`deferred_termination()` holds any of the three back while a commit renames files (whatever their handlers:
+one that raises would otherwise stop the renames halfway), so an output is all old or all new.
 """
 
 from __future__ import annotations
@@ -89,8 +89,7 @@ def deferred_termination():
         return
     replaced = {}
     for sig in (signal.SIGINT, *_TERMINATING):
-        handler = signal.getsignal(sig)
-        if handler in (signal.SIG_DFL, signal.default_int_handler, _raise_terminated):
+        if signal.getsignal(sig) not in (signal.SIG_IGN, None):  # None: a handler not set from Python
             replaced[sig] = signal.signal(sig, _record)
     _deferring = True
     try:

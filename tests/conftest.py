@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -63,6 +64,27 @@ def small_model(seed=0, dtype=torch.bfloat16, layers=3, hidden=24, vocab=40, ext
     return sd
 
 
+def hf_dir(path, sd, shards):
+    """A Hugging Face model directory: `shards` safetensors files (+ index when > 1), config and tokenizer."""
+    os.makedirs(path, exist_ok=True)
+    keys = list(sd)
+    per = -(-len(keys) // shards)
+    wm = {}
+    for s in range(shards):
+        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors" if shards > 1 else "model.safetensors"
+        part = keys[s * per : (s + 1) * per]
+        save_st(os.path.join(path, name), {k: sd[k] for k in part})
+        wm.update({k: name for k in part})
+    if shards > 1:
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": 0}, "weight_map": wm}, f)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({"model_type": "llama"}, f)
+    with open(os.path.join(path, "tokenizer.json"), "w") as f:
+        f.write("{}")
+    return str(path)
+
+
 @pytest.fixture
 def models(tmp_path):
     """Three small bf16 checkpoints written by the safetensors package, and their state dicts."""
@@ -99,6 +121,7 @@ def tree_snapshot(path):
 __all__ = [
     "assert_bit_equal",
     "bits",
+    "hf_dir",
     "id_formatter",
     "np",
     "random_tensor",

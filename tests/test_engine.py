@@ -3,7 +3,7 @@
 from dataclasses import dataclass, field
 
 import torch
-from conftest import assert_bit_equal, save_st, small_model
+from conftest import assert_bit_equal, hf_dir, save_st, small_model
 from safetensors.torch import load_file
 
 import pysoup
@@ -111,7 +111,6 @@ def test_windows_release_memory(tmp_path):
 
 def test_one_window_per_sharded_input(tmp_path, models):
     """Reading across shards keeps one mapped window per input, not one per shard (resident memory)."""
-    from test_merge import hf_dir
 
     _, sds = models
     d = hf_dir(tmp_path / "sharded", sds[0], shards=3)

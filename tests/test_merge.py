@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import assert_bit_equal, run_cli, save_st, small_model
+from conftest import assert_bit_equal, hf_dir, run_cli, save_st, small_model
 from safetensors.torch import load_file
 
 import pysoup
@@ -103,26 +103,6 @@ def test_filter_matching_nothing_warns(models):
     _, sds = models
     with pytest.warns(UserWarning, match="'conv' matches no tensor"):
         pysoup.merge(sds, weights=[[{"filter": "conv", "value": 2.0}, {"value": 1.0}], 1, 1])
-
-
-def hf_dir(path, sd, shards):
-    os.makedirs(path, exist_ok=True)
-    keys = list(sd)
-    per = -(-len(keys) // shards)
-    wm = {}
-    for s in range(shards):
-        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors" if shards > 1 else "model.safetensors"
-        part = keys[s * per : (s + 1) * per]
-        save_st(os.path.join(path, name), {k: sd[k] for k in part})
-        wm.update({k: name for k in part})
-    if shards > 1:
-        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": 0}, "weight_map": wm}, f)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump({"model_type": "llama"}, f)
-    with open(os.path.join(path, "tokenizer.json"), "w") as f:
-        f.write("{}")
-    return str(path)
 
 
 def test_sharded_in_and_out_equal_single_file(tmp_path, models):

@@ -25,17 +25,18 @@ std::mutex g_mutex;          // guards slot allocation and installation (never t
 struct sigaction g_previous;  // the handler we replaced, for SIGBUS that is not ours
 volatile sig_atomic_t g_chaining = 0;
 
-void restore_default_and_return() {
-    // Re-executing the faulting instruction raises SIGBUS again, now with the default action.
+void die_by_default_action(int sig) {
     struct sigaction dfl = {};
     dfl.sa_handler = SIG_DFL;
     sigemptyset(&dfl.sa_mask);
-    sigaction(SIGBUS, &dfl, nullptr);
+    sigaction(sig, &dfl, nullptr);
+    raise(sig);  // delivered at once (SA_NODEFER): the process ends as it would have without us
 }
 
 void on_sigbus(int sig, siginfo_t* info, void* context) {
     const uintptr_t addr = reinterpret_cast<uintptr_t>(info->si_addr);
-    const int high = g_high.load(std::memory_order_acquire);
+    // si_code <= 0: sent by kill() or sigqueue(), not raised by a memory access; si_addr means nothing then.
+    const int high = info->si_code > 0 ? g_high.load(std::memory_order_acquire) : 0;
     for (int i = 0; i < high; ++i) {
         Slot& s = g_slots[i];
         const uintptr_t end = s.end.load(std::memory_order_acquire);
@@ -49,14 +50,14 @@ void on_sigbus(int sig, siginfo_t* info, void* context) {
     }
     // Not ours. A chain that comes back here (a handler that calls the one it replaced, which is us) ends
     // in the default action rather than a loop.
-    if (g_chaining) return restore_default_and_return();
+    if (g_chaining) return die_by_default_action(sig);
     g_chaining = 1;
     if (g_previous.sa_flags & SA_SIGINFO) {
         g_previous.sa_sigaction(sig, info, context);
     } else if (g_previous.sa_handler != SIG_DFL && g_previous.sa_handler != SIG_IGN) {
         g_previous.sa_handler(sig);
     } else {
-        restore_default_and_return();  // ignoring a fault would spin forever
+        die_by_default_action(sig);  // SIG_IGN too: ignoring a fault would spin forever
     }
     g_chaining = 0;
 }
