@@ -91,6 +91,8 @@ def good_entry(begin=0, shape=(2,), dtype="F32"):
     return {"dtype": dtype, "shape": list(shape), "data_offsets": [begin, begin + size * int(np.prod(shape))]}
 
 
+ZEROS = b"\0" * 8
+
 BAD_HEADERS = {
     "empty file": (lambda p: p.write_bytes(b""), "empty or truncated"),
     "short file": (lambda p: p.write_bytes(b"\x01\x02"), "empty or truncated"),
@@ -118,10 +120,13 @@ BAD_HEADERS = {
     "list dtype": (lambda p: write_raw(p, {"w": {**good_entry(), "dtype": ["F32"]}}, b"\0" * 8), "unknown dtype"),
     "object dtype": (lambda p: write_raw(p, {"w": {**good_entry(), "dtype": {"F": 1}}}, b"\0" * 8), "unknown dtype"),
     "lone surrogate name": (
-        lambda p: write_raw(p, None, raw_header=b'{"\\ud800":' + json.dumps(good_entry()).encode() + b"}", data=b"\0" * 8),
+        lambda p: write_raw(p, None, raw_header=b'{"\\ud800":' + json.dumps(good_entry()).encode() + b"}", data=ZEROS),
         "lone surrogate",
     ),
-    "lone surrogate metadata": (lambda p: write_raw(p, None, raw_header=b'{"__metadata__":{"a":"\\udfff"}}'), "surrogate"),
+    "lone surrogate metadata": (
+        lambda p: write_raw(p, None, raw_header=b'{"__metadata__":{"a":"\\udfff"}}'),
+        "surrogate",
+    ),
     "zero dim then 2^64": (
         lambda p: write_raw(p, {"w": {"dtype": "F32", "shape": [0, 2**64], "data_offsets": [0, 0]}}),
         "overflows",

@@ -620,4 +620,3 @@ def test_fsync_before_rename(tmp_path, monkeypatch):
     events.clear()
     pysoup.merge(dirs, tmp_path / "fast", shard_size="5KB", progress=False)
     assert "fsync" not in [k for k, _ in events]
-
