@@ -11,7 +11,7 @@ DEV_DEPS := numpy tqdm pyyaml pytest hypothesis safetensors scikit-build-core py
 # mergekit is the oracle of tests/test_mergekit.py and a benchmark baseline (pinned beside the CPU torch).
 MERGEKIT_SPEC ?= mergekit==0.1.5
 
-.PHONY: all install demo test test-fast bench bench-quick examples lint wheel clean
+.PHONY: all install demo test test-fast fuzz bench bench-quick examples lint wheel clean
 
 all: install
 
@@ -37,6 +37,11 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
+
+# 100,000 mutated safetensors files through pysoup.open and pysoup.merge (~15 min on 2 cores); the counts per
+# outcome and per mutator go to benchmarks/results/fuzz.{json,md}. tests/test_fuzz.py runs a quick seeded form.
+fuzz: install
+	$(PY) tests/fuzzing.py --cases 100000 --seed 1 --json benchmarks/results/fuzz.json --markdown benchmarks/results/fuzz.md
 
 bench: install
 	$(PY) benchmarks/run.py
