@@ -258,32 +258,27 @@ def test_fault_guard_leaves_other_sigbus_fatal(tmp_path):
 
 def test_truncation_race(tmp_path):
     """Another process truncates an input at a random moment of a real merge: a clean error or a whole
-    output, never a signal, never debris (fixed seed)."""
-    paths = big_inputs(tmp_path, count=2, tensors=16, elems=1 << 20)
+    output, never a signal, never debris (fixed seed; without the fault guard most trials die of SIGBUS)."""
+    paths = big_inputs(tmp_path, count=3, tensors=16, elems=1 << 19)
     pristine = open(paths[1], "rb").read()
     target = tmp_path / "out.safetensors"
-    want = pysoup.merge(paths, progress=False)
+    want = pysoup.merge(paths[:2], strategy="ties", base=paths[2], progress=False)
     rng = random.Random(3)
     outcomes = []
     for _trial in range(8):
         target.write_bytes(OLD)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pysoup", "merge", *paths, "-o", str(target), "--no-progress", "--threads", "1"],
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        time.sleep(rng.uniform(0.05, 0.5))
-        os.truncate(paths[1], rng.randrange(0, len(pristine)))
+        proc = start_merge(tmp_path, "unnamed", "cli", paths, target)
+        time.sleep(rng.uniform(0.0, 0.12))
+        os.truncate(paths[1], rng.randrange(0, len(pristine) // 2))
         _, err = proc.communicate(timeout=60)
         outcomes.append(proc.returncode)
         assert proc.returncode in (0, 1), (proc.returncode, err)
         assert not debris(tmp_path)
         if proc.returncode == 1:
-            assert "changed while being read" in err or "truncated" in err, err
+            assert "changed while being read" in err or "truncated file?" in err, err  # before or while reading
             assert target.read_bytes() == OLD
         else:
-            with pysoup.open(str(target)) as got:
-                assert all(torch.equal(got[k], v) for k, v in want.items())
+            assert_whole(target, want)
         with open(paths[1], "wb") as f:
             f.write(pristine)
     assert 1 in outcomes, outcomes  # the race did hit merges in flight
@@ -335,8 +330,9 @@ def test_fifo_and_device_inputs_refused_without_hanging(tmp_path):
 # -- 6. signals and kills ----------------------------------------------------------------------------------------
 MERGE_CHILD = """
     import sys
-    import pysoup, pysoup.cli, pysoup.io.temporary as temporary
+    import pysoup, pysoup.cli
     if sys.argv[1] == "named":
+        import pysoup.io.temporary as temporary
         temporary._unnamed_temporaries_work = lambda directory: False
     print("ready", flush=True)  # the parent times its signal from here
     if sys.argv[2] == "api":  # the library, with the default signal actions
