@@ -38,7 +38,7 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
-# 100,000 mutated safetensors files through pysoup.open and pysoup.merge (~15 min on 2 cores); the counts per
+# 100,000 mutated safetensors files through pysoup.open and pysoup.merge (~9 min on 2 cores); the counts per
 # outcome and per mutator go to benchmarks/results/fuzz.{json,md}. tests/test_fuzz.py runs a quick seeded form.
 fuzz: install
 	$(PY) tests/fuzzing.py --cases 100000 --seed 1 --json benchmarks/results/fuzz.json --markdown benchmarks/results/fuzz.md

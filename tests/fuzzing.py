@@ -924,7 +924,7 @@ class CaseCheck:
     info: str | None = None
 
     def fail(self, label: str, detail: str) -> None:
-        self.failures.append((label, detail))
+        self.failures.append((label, detail.replace(self.work + os.sep, "")))  # the case directory is gone after
 
     def run(self) -> dict:
         import pysoup
@@ -976,7 +976,8 @@ class CaseCheck:
         return {
             "label": label,
             "failures": sorted({lab for lab, _ in self.failures}),
-            "detail": " | ".join(f"{lab}: {det}" for lab, det in self.failures),
+            # The first failure's label is the case's: its detail alone; any further one with its label.
+            "detail": "; ".join(det if k == 0 else f"{lab}: {det}" for k, (lab, det) in enumerate(self.failures)),
             "info": self.info,
         }
 
@@ -1046,15 +1047,22 @@ class CaseCheck:
             return "merged"
         if opened.kind == "ok" and merged.kind == "refused":
             if both_ok and self._reference_merge() is not None:
-                self.info = _normalise(str(merged.error), self.work)
+                self.info = self._normalise(merged.error)
                 return f"info: merge refuses what the reference merges ({merged.error_class})"
             return f"opened; merge refused ({merged.error_class})"
         if opened.kind == "refused":
             if st_ok:
-                self.info = _normalise(str(opened.error), self.work)
+                self.info = self._normalise(opened.error)
                 return f"info: refuses what safetensors loads ({opened.error_class})"
             return f"refused ({opened.error_class})"
         return "FAIL"  # a foreign exception: replaced by the failure's own label
+
+    def _normalise(self, error) -> str:
+        """The message with the case's paths replaced, numbers and quoted names abstracted: messages of one kind
+        count as one."""
+        message = str(error).replace(self.mutated, "MUTATED").replace(self.partner, "PARTNER")
+        message = re.sub(r"'[^']*'", "'…'", message)
+        return re.sub(r"(?<!\w)\d+", "N", message)[:200]
 
     def _compare_open(self, got: dict, metadata) -> None:
         want = self.st_tensors
@@ -1179,13 +1187,6 @@ def _accepted_label(refusal: str) -> str:
     reason = re.sub(r" at line \d+ column \d+$", "", reason)
     reason = re.sub(r"`[^`]*`", "…", reason)
     return f"FAIL accepted what safetensors refuses ({reason[:70]})"
-
-
-def _normalise(message: str, work: str = "") -> str:
-    """A message with the case directory, numbers and quoted names abstracted, to count messages by kind."""
-    message = message.replace(work + os.sep, "") if work else message
-    message = re.sub(r"'[^']*'", "'…'", message)
-    return re.sub(r"(?<![A-Za-z_])\d+", "N", message)[:200]
 
 
 def _snapshot(path: str) -> dict:
