@@ -68,18 +68,26 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--base", help="base model, for methods that use one")
     m.add_argument("--param", action="append", metavar="KEY=VALUE", help="strategy parameter (repeatable)")
     m.add_argument("--dtype", help="output dtype: bfloat16, float16 or float32 (default: the first input's)")
-    m.add_argument("--threads", type=int)
+    m.add_argument("--threads", type=int, help="CPU threads for the kernels (default: every core this process may use)")
     m.add_argument("--shard-size", help="max bytes per shard for directory outputs: 400KB, 5GB, 5GiB")
-    m.add_argument("--backend", default="auto")
+    m.add_argument(
+        "--backend",
+        default="auto",
+        help="cpu (C++ kernels), reference (torch, the definition) or triton (with --device); default auto",
+    )
     m.add_argument("--device", help="merge on a GPU: cuda, cuda:1 (default: the CPU)")
     m.add_argument("--fsync", action="store_true", help="fsync the output before renaming it into place")
-    m.add_argument("--no-progress", action="store_true")
+    m.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
     m.add_argument("--json", action="store_true", help="print the report as JSON")
     m.add_argument("--debug", action="store_true", help="show tracebacks")
 
     i = sub.add_parser("inspect", help="list a checkpoint's tensors")
     i.add_argument("path")
     i.add_argument("--debug", action="store_true")
+
+    n = sub.add_parser("info", help="what this installation can do: version, backends, CPU ISAs, threads")
+    n.add_argument("--json", action="store_true", help="print pysoup.info() as JSON")
+    n.add_argument("--debug", action="store_true")
 
     b = sub.add_parser("bench", help="run the benchmark suite")
     b.add_argument("--quick", action="store_true", help="small cases only (seconds, not minutes)")
@@ -168,6 +176,21 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+def _cmd_info(args) -> int:
+    import pysoup
+
+    info = pysoup.info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"pysoup {info['version']}")
+    print(f"backends: {', '.join(info['backends'])}")
+    isas = info["cpu_isas"] or ["none (the C++ module did not load)"]
+    print(f"CPU ISA: {info['cpu_isa']} (usable: {', '.join(isas)}; PYSOUP_CPU_ISA forces one)")
+    print(f"threads: {info['threads']}")
+    return 0
+
+
 def _cmd_bench(args) -> int:
     from pysoup.bench import run_suite
 
@@ -200,7 +223,8 @@ def _run(argv) -> int:
 
     warnings.showwarning = show_warning
     try:
-        return {"merge": _cmd_merge, "inspect": _cmd_inspect, "bench": _cmd_bench}[args.command](args)
+        commands = {"merge": _cmd_merge, "inspect": _cmd_inspect, "info": _cmd_info, "bench": _cmd_bench}
+        return commands[args.command](args)
     except (SoupError, ValueError, KeyError, OSError) as exc:
         if args.debug:
             raise

@@ -166,10 +166,12 @@ def test_progress_bar_and_json(tmp_path, models, capsys):
     assert rep["strategy"] == "linear" and rep["outputs"] == [str(tmp_path / "j.safetensors")]
 
 
-def test_fsync_option(tmp_path, models):
-    paths, _ = models
-    run_cli("merge", *paths, "-o", tmp_path / "d.safetensors", "--fsync", check=True)
-    assert os.path.getsize(tmp_path / "d.safetensors") > 0
+def test_info_command():
+    """`pysoup info` shows pysoup.info(); --json gives it whole."""
+    proc = run_cli("info", "--json", check=True)
+    assert json.loads(proc.stdout) == pysoup.info()
+    text = run_cli("info", check=True).stdout
+    assert text.startswith(f"pysoup {pysoup.__version__}\n") and f"CPU ISA: {pysoup.info()['cpu_isa']}" in text
 
 
 def test_nonfinite_values_warn(tmp_path, models):
