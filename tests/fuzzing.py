@@ -227,16 +227,23 @@ class Pairs:
     items: tuple
 
 
-def dump_json(node, ensure_ascii: bool = False) -> str:
-    """Compact JSON like the safetensors writer's, with Raw and Pairs nodes."""
+def dump_json(node, ensure_ascii: bool = False, separators: tuple = (",", ":")) -> str:
+    """Compact JSON like the safetensors writer's (other `separators` space it out), with Raw and Pairs nodes."""
     if isinstance(node, Raw):
         return node.text
+    item_sep, key_sep = separators
     if isinstance(node, (dict, Pairs)):
         items = node.items if isinstance(node, Pairs) else node.items()
-        inner = ",".join(json.dumps(k, ensure_ascii=ensure_ascii) + ":" + dump_json(v, ensure_ascii) for k, v in items)
-        return "{" + inner + "}"
+        return (
+            "{"
+            + item_sep.join(
+                json.dumps(k, ensure_ascii=ensure_ascii) + key_sep + dump_json(v, ensure_ascii, separators)
+                for k, v in items
+            )
+            + "}"
+        )
     if isinstance(node, (list, tuple)):
-        return "[" + ",".join(dump_json(v, ensure_ascii) for v in node) + "]"
+        return "[" + item_sep.join(dump_json(v, ensure_ascii, separators) for v in node) + "]"
     return json.dumps(node, ensure_ascii=ensure_ascii)
 
 
@@ -258,6 +265,7 @@ class Draft:
     partner_header: object = None  # a mutator that renames in both files sets this
     partner_data: bytes = b""
     ensure_ascii: bool = False
+    separators: tuple = (",", ":")  # between items, between a key and its value
     prefix: bytes = b""  # before the JSON text
     tail: bytes = b""  # after the JSON text, before the space padding
     align: bool = True  # pad the header with spaces to a multiple of 8
@@ -274,7 +282,7 @@ class Draft:
         data = self.data
         if self.relayout and isinstance(self.header, dict):
             data = relayout(self.header, data)
-        body = self.prefix + dump_json(self.header, self.ensure_ascii).encode("utf-8", "surrogatepass")
+        body = self.prefix + dump_json(self.header, self.ensure_ascii, self.separators).encode("utf-8", "surrogatepass")
         for marker, bad in self.replace:
             body = body.replace(marker, bad)
         if self.cut is not None:
@@ -396,12 +404,15 @@ def _metadata(d):
     return md
 
 
-def _rename(d, old: str, new: str, partner_too: bool) -> None:
+def _rename(d, old: str, new: str, partner_too: bool, partner_new: str | None = None) -> None:
+    """Renames tensor `old` to `new` in the mutated file (keeping its place), and to `partner_new` (default: the
+    same) in the partner when `partner_too`."""
     d.header = {(new if k == old else k): v for k, v in d.header.items()}
     if partner_too:
         n, text, data = split_file(d.partner_raw)
         partner = json.loads(text)
-        d.partner_header = {(new if k == old else k): v for k, v in partner.items()}
+        partner_new = new if partner_new is None else partner_new
+        d.partner_header = {(partner_new if k == old else k): v for k, v in partner.items()}
         d.partner_data = data
 
 
@@ -618,6 +629,19 @@ def _register_mutators():  # noqa: C901 - one table of small mutations reads bet
 
     reg("keys.extra_tensor", relaid=True)(extra_tensor)
 
+    def reorder_fields(rng, d):
+        names = d.tensor_names()
+        if not names:
+            return False
+        for name in names:
+            items = list(d.header[name].items())
+            rng.shuffle(items)
+            d.header[name] = dict(items)
+        if "__metadata__" in d.header and rng.random() < 0.5:
+            d.header["__metadata__"] = d.header.pop("__metadata__")  # last, not first
+
+    reg("keys.reorder_fields")(reorder_fields)
+
     def metadata_as_tensor(rng, d):
         name = d.pick(rng)
         entry = copy.deepcopy(d.header[name]) if name else {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}
@@ -708,6 +732,20 @@ def _register_mutators():  # noqa: C901 - one table of small mutations reads bet
     reg("name.metadata")(name_to(["__metadata__"], 0))
     reg("name.escaped")(lambda rng, d: setattr(d, "ensure_ascii", True))  # same header, \uXXXX everywhere
 
+    def escape_forms(rng, d):
+        """A name written with an escape json.dumps never writes (\\/, \\u0041, an escaped surrogate pair)."""
+        name = d.pick(rng)
+        if name is None:
+            return False
+        forms = [("a/b", "a\\/b"), ('q"uote', 'q\\"uote'), ("back\\slash", "back\\\\slash"), ("A", "\\u0041")]
+        forms += [("é", "\\u00E9"), ("😀", "\\uD83D\\uDE00"), ("nul\x00", "nul\\u0000"), ("tab\tname", "tab\\tname")]
+        new, text = rng.choice(forms)
+        marker = "\x07ESCAPED\x07"
+        _rename(d, name, marker, partner_too=rng.random() < 0.7, partner_new=new)
+        d.replace = ((json.dumps(marker).strip('"').encode(), text.encode()),)
+
+    reg("name.escape_forms")(escape_forms)
+
     # the header length field, padding and framing
     reg("length.small")(lambda rng, d: setattr(d, "length", len(d.render()) - len(d.data) - 8 - rng.randint(1, 64)))
     reg("length.large")(lambda rng, d: setattr(d, "length", len(d.render()) - len(d.data) - 8 + rng.randint(1, 64)))
@@ -724,6 +762,9 @@ def _register_mutators():  # noqa: C901 - one table of small mutations reads bet
     )
     reg("padding.leading")(
         lambda rng, d: setattr(d, "prefix", rng.choice([b" ", b"\t\n", b"\x0c", b"\xef\xbb\xbf", b"\x00"]))
+    )
+    reg("header.pretty")(
+        lambda rng, d: setattr(d, "separators", rng.choice([(", ", ": "), (",\n", " : "), ("\t,\r\n", ":\t")]))
     )
     reg("header.not_object")(
         lambda rng, d: setattr(d, "header", Raw(rng.choice(["[]", '"x"', "1", "null", "true", "[{}]", ""])))
@@ -1141,8 +1182,14 @@ class CaseCheck:
             return
         for name, want in reference.items():
             got = merged[name]
-            if got.dtype != want.dtype or got.shape != want.shape or tensor_bytes(got) != tensor_bytes(want):
-                self.fail("FAIL output differs from the reference merge", f"tensor {name!r}")
+            if got.dtype != want.dtype or got.shape != want.shape:
+                what = f"{got.dtype} {list(got.shape)} != {want.dtype} {list(want.shape)}"
+                self.fail("FAIL output differs from the reference merge", f"tensor {name!r}: {what}")
+                return
+            if tensor_bytes(got) != tensor_bytes(want):
+                self.fail(
+                    "FAIL output differs from the reference merge", f"tensor {name!r}: {_first_difference(got, want)}"
+                )
                 return
         if self.case["output"] == "file" and _read(self.out) != save(reference, metadata={"format": "pt"}):
             self.fail("FAIL output differs from the reference merge", "file bytes differ from safetensors.save")
@@ -1162,6 +1209,18 @@ class CaseCheck:
         debris = sorted(os.path.relpath(p, self.work) for p in found if p not in allowed)
         if debris:
             self.fail("FAIL debris", ", ".join(debris[:5]))
+
+
+def _first_difference(got, want) -> str:
+    """Where two tensors of one dtype and shape first differ, as raw element bits (NaN payloads show)."""
+    size = got.element_size()
+    a, b = tensor_bytes(got), tensor_bytes(want)
+    k = next(i for i in range(0, len(a), size) if a[i : i + size] != b[i : i + size])
+
+    def bits(raw):
+        return "0x" + raw[k : k + size][::-1].hex()  # the little-endian element, most significant byte first
+
+    return f"element {k // size} is {bits(a)}, the reference merge has {bits(b)}"
 
 
 def _pysoup_read(path: str) -> tuple:
