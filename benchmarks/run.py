@@ -5,6 +5,7 @@ plus an in-memory kernel case against torch and the triad bandwidth.
     python benchmarks/run.py            # the full suite (~20 min; makes ~15 GB of synthetic checkpoints once)
     python benchmarks/run.py --quick    # small cases, seconds
     python benchmarks/run.py --cases 4x512MiB --runs 7
+    python benchmarks/run.py --suite headers   # files of 10^5 and 10^6 tiny tensors (benchmarks/many_tensors.py)
 
 Results: benchmarks/results/<suite>.json and .md (and .png when matplotlib is installed).
 """
@@ -21,6 +22,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(1, HERE)
+
+import many_tensors  # noqa: E402
 
 from pysoup.bench import machine, machine_line, run_process, summarize, sync  # noqa: E402
 from pysoup.synthetic import make_family  # noqa: E402
@@ -420,6 +424,8 @@ def check_method_targets(report: dict) -> list:
 def check_targets(report: dict) -> list:
     if report["suite"] == "merge methods":
         return check_method_targets(report)
+    if report["suite"] == many_tensors.SUITE:
+        return many_tensors.targets(report)
     out = []
     by = {c["case"]: c for c in report["cases"]}
     t = by.get(TARGET_CASE)
@@ -485,8 +491,9 @@ def rewrite(stem: str) -> None:
     with open(stem + ".json", "w") as f:
         json.dump(report, f, indent=2)
     with open(stem + ".md", "w") as f:
-        f.write(markdown(report))
-    plot(report, stem + ".png")
+        f.write(many_tensors.markdown(report) if report["suite"] == many_tensors.SUITE else markdown(report))
+    if report["suite"] != many_tensors.SUITE:
+        plot(report, stem + ".png")
 
 
 def main(argv=None) -> int:
@@ -500,13 +507,16 @@ def main(argv=None) -> int:
     p.add_argument("--name", help="results file stem (default: linear, methods, or quick)")
     p.add_argument(
         "--suite",
-        choices=["linear", "methods"],
+        choices=["linear", "methods", "headers"],
         default="linear",
-        help="linear: N inputs x sizes; methods: every merge method on base + 3 x 512 MiB",
+        help="linear: N inputs x sizes; methods: every merge method on base + 3 x 512 MiB; headers: files of "
+        "10^5 and 10^6 tiny tensors (open vs safe_open, a 2-input merge)",
     )
     p.add_argument("--methods", help="comma-separated subset of the methods suite")
     p.add_argument("--kernel-only", action="store_true", help="only the in-memory kernel case (results: kernel.*)")
     args = p.parse_args(argv)
+    if args.suite == "headers":
+        return main_headers(args, argv)
 
     if args.suite == "methods":
         size = "64MiB" if args.quick else "512MiB"
@@ -562,6 +572,44 @@ def main(argv=None) -> int:
     with open(stem + ".md", "w") as f:
         f.write(markdown(report))
     plot(report, stem + ".png")
+    print(f"wrote {stem}.json and .md", flush=True)
+    return 0
+
+
+def main_headers(args, argv) -> int:
+    """`--suite headers`: runs per case default to 5, and 3 from 10^6 tensors (a merge there takes seconds)."""
+    names = (
+        args.cases.split(",") if args.cases else (many_tensors.QUICK_CASES if args.quick else many_tensors.FULL_CASES)
+    )
+    print(machine_line(), flush=True)
+    report = {
+        "suite": many_tensors.SUITE,
+        "machine": machine(),
+        "machine_line": machine_line(),
+        "command": "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "cases": [],
+    }
+    for case in names:
+        runs = args.runs or (3 if float(case) >= 1e6 else 5)
+        print(f"case {case} tensors, {runs} runs", flush=True)
+        res = many_tensors.run_case(case, runs, DATA, OUT_DIR, only=args.only.split(",") if args.only else None)
+        report["cases"].append(res)
+        for name, c in res["contenders"].items():
+            call = f"call {c['call_seconds']['median']:7.3f} s  " if "call_seconds" in c else " " * 19
+            print(
+                f"  {name:<13} {call}process {c['seconds']['median']:7.3f} s  (spread {c['seconds']['spread']:.0%})  "
+                f"{c['peak_rss_bytes'] / 2**20:7.0f} MiB",
+                flush=True,
+            )
+    report["targets"] = check_targets(report)
+    for t in report["targets"]:
+        print(t)
+    os.makedirs(RESULTS, exist_ok=True)
+    stem = os.path.join(RESULTS, args.name or ("quick-headers" if args.quick else "headers"))
+    with open(stem + ".json", "w") as f:
+        json.dump(report, f, indent=2)
+    with open(stem + ".md", "w") as f:
+        f.write(many_tensors.markdown(report))
     print(f"wrote {stem}.json and .md", flush=True)
     return 0
 

@@ -11,6 +11,8 @@
 #include "cpu/kernels.h"
 #include "cpu/task_vector.h"
 #include "io/mapped_region.h"
+#include "io/table_bindings.h"
+#include "io/tensor_table.h"
 
 namespace py = pybind11;
 using namespace pysoup;
@@ -84,6 +86,58 @@ int64_t weighted_sum_many_py(const std::vector<uintptr_t>& inputs, const std::ve
     py::gil_scoped_release release;
     return weighted_sum_many(shared, ptrs.data(), out_ptrs.data(), sizes.data(), static_cast<int64_t>(m), isa,
                              threads < 1 ? 1 : threads);
+}
+
+// The engine's batch of small tensors: plan tensors [k0, k1), tensor k's input i at bases[i] + that source table's
+// begin of row rows_i[k], its output at out_base + out.begin(k), out.numel(k) elements. One kernel call for the
+// whole batch (10^5 tensors of a few elements cost 10 us each as one call per tensor). Returns [(k, count)] for
+// the tensors with non-finite outputs.
+py::list weighted_sum_rows_py(const py::list& sources, const TensorTable& out, uintptr_t out_base, int64_t k0,
+                              int64_t k1, const std::vector<int>& in_dtypes, const std::vector<float>& weights,
+                              int out_dtype, bool normalize, int threads, const std::string& isa) {
+    const size_t k = sources.size();
+    if (k == 0 || in_dtypes.size() != k || weights.size() != k)
+        throw std::invalid_argument("weighted_sum_rows: sources, dtypes and weights differ in length");
+    if (k0 < 0 || k1 < k0 || k1 > out.size()) throw std::invalid_argument("weighted_sum_rows: bad tensor range");
+    const WeightedSumArgs shared =
+        checked_weighted_sum_args("weighted_sum_rows", in_dtypes, weights, out_dtype, normalize, isa);
+    const int64_t m = k1 - k0;
+    std::vector<const void*> ptrs(m * k);
+    std::vector<void*> outs(m);
+    std::vector<int64_t> sizes(m), counts(m);
+    for (size_t i = 0; i < k; ++i) {
+        const auto src = sources[i].cast<py::tuple>();
+        const auto& table = src[0].cast<const TensorTable&>();
+        const int32_t* rows = nullptr;
+        if (!src[1].is_none()) {
+            const py::buffer_info info = src[1].cast<py::buffer>().request();
+            if (info.size * info.itemsize != out.size() * 4)
+                throw std::invalid_argument("weighted_sum_rows: one int32 row per output tensor");
+            rows = static_cast<const int32_t*>(info.ptr);
+        }
+        const uintptr_t base = src[2].cast<uintptr_t>();
+        const int code = in_dtypes[i] == kF32 ? st_dtype_code("F32") : in_dtypes[i] == kF16 ? st_dtype_code("F16")
+                                                                                            : st_dtype_code("BF16");
+        for (int64_t j = 0; j < m; ++j) {
+            const int64_t r = rows ? rows[k0 + j] : k0 + j;
+            if (r < 0 || r >= table.size() || table.dtype(r) != code || table.numel(r) != out.numel(k0 + j))
+                throw std::invalid_argument("weighted_sum_rows: a source row is missing or differs in dtype or size");
+            ptrs[j * k + i] = reinterpret_cast<const void*>(base + static_cast<uintptr_t>(table.begin(r)));
+        }
+    }
+    for (int64_t j = 0; j < m; ++j) {
+        outs[j] = reinterpret_cast<void*>(out_base + static_cast<uintptr_t>(out.begin(k0 + j)));
+        sizes[j] = out.numel(k0 + j);
+    }
+    {
+        py::gil_scoped_release release;
+        weighted_sum_many(shared, ptrs.data(), outs.data(), sizes.data(), m, isa, threads < 1 ? 1 : threads,
+                          counts.data());
+    }
+    py::list nonfinite;
+    for (int64_t j = 0; j < m; ++j)
+        if (counts[j]) nonfinite.append(py::make_tuple(k0 + j, counts[j]));
+    return nonfinite;
 }
 
 struct Inputs {
@@ -255,6 +309,11 @@ PYBIND11_MODULE(_C, m) {
           py::arg("isa"),
           "weighted_sum over many tensors in one call (k input pointers per tensor, tensor-major; an output may "
           "be its tensor's first input); returns the count of non-finite outputs");
+    m.def("weighted_sum_rows", &weighted_sum_rows_py, py::arg("sources"), py::arg("out"), py::arg("out_base"),
+          py::arg("k0"), py::arg("k1"), py::arg("in_dtypes"), py::arg("weights"), py::arg("out_dtype"),
+          py::arg("normalize"), py::arg("threads"), py::arg("isa"),
+          "weighted_sum over plan tensors [k0, k1) in one call; sources: [(TensorTable, int32 rows or None, base)]; "
+          "returns [(k, non-finite count)]");
     m.def("cpu_isas", &usable_isas, "ISAs this CPU can run, 'scalar' first");
     m.def("task_vector", &task_vector_py, "fused task-vector merge (task arithmetic, TIES, DARE) over one range");
     m.def("magnitude_histogram", &histogram_py, "radix-select histogram of |x_i - base| bits over one range");
@@ -263,6 +322,7 @@ PYBIND11_MODULE(_C, m) {
     m.def("sparse_scan", &sparse_scan_py, "(first index where zero patterns differ or -1, zeros of input 0)");
     m.def("moments", &moments_py, "fp64 sums, squares, abs sums and Gram entries over one range, block-ordered");
     m.def("philox_word", [](uint64_t key, uint64_t e) { return philox_word(key, e); }, "DARE's generator");
+    bind_tensor_table(m);
     py::class_<MappedRegion>(m, "MappedRegion")
         .def(py::init<int, int64_t, int64_t, bool>(), py::arg("fd"), py::arg("offset"), py::arg("length"),
              py::arg("populate") = true)

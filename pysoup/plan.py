@@ -2,18 +2,23 @@
 
 Nothing is computed or written while planning; a plan that builds is a merge that can run. Errors name the
 file and the tensor.
+
+The plan is columns, not an object per tensor (checkpoints of 10^6 expert tensors): the output layout as a
+TensorTable, each input's row of every output tensor, and a "kind" per tensor, an index into the few distinct
+(op, source dtypes) pairs. `MergePlan.tasks` shows one TensorTask per tensor on demand.
 """
 
 from __future__ import annotations
 
 import ctypes
 import warnings
-from collections.abc import Mapping
+from array import array
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from pysoup.dtypes import KERNEL_CODE, SAFETENSORS_SIZES
 from pysoup.errors import PlanError
-from pysoup.io.format import canonical_order
+from pysoup.io.table import DTYPE_CODE, DTYPES, rows
 from pysoup.params import LayerPositions, validate_setting
 
 
@@ -33,6 +38,22 @@ class Chunk:
     threads: int
 
 
+@dataclass
+class Batch:
+    """Output tensors [k0, k1) of a plan computed by one op call (the engine's batches of small tensors): tensor k's
+    input i is at sources[i].base + the begin of row rows[k] of sources[i].table (rows None: row k), its output at
+    out_base + out.begin(k), out.numel(k) elements."""
+
+    sources: list  # (table, rows as int32 bytes or None, base address) per source
+    dtypes: list
+    out: object  # the plan's layout table
+    out_base: int
+    out_dtype: str
+    k0: int
+    k1: int
+    threads: int
+
+
 class TensorOp:
     """What one output tensor is. One-pass ops implement `combine`. Ops that need whole-tensor statistics (TIES
     thresholds, SLERP angles, variances) return a pass count from `reduce_passes`: the engine streams every chunk
@@ -41,6 +62,8 @@ class TensorOp:
     have their reduction run for every tensor before any output is computed."""
 
     verify_first = False
+    # One-pass ops that also implement combine_batch: the engine hands them runs of small tensors as one Batch.
+    batchable = False
 
     def reduce_passes(self, backend) -> int:
         return 0
@@ -70,10 +93,46 @@ class WeightedSum(TensorOp):
     weights: tuple
     normalize: bool
 
+    batchable = True
+
     def combine(self, backend, chunk, state):
         return backend.weighted_sum_raw(
             chunk.addrs, chunk.dtypes, self.weights, chunk.n, chunk.out, chunk.out_dtype, self.normalize, chunk.threads
         )
+
+    def combine_batch(self, backend, batch: Batch) -> list:
+        """Every tensor of the batch; returns [(k, count)] for the tensors with non-finite results."""
+        many = getattr(backend, "weighted_sum_rows", None)
+        if many is not None:
+            return many(
+                batch.sources,
+                batch.out,
+                batch.out_base,
+                batch.k0,
+                batch.k1,
+                batch.dtypes,
+                self.weights,
+                batch.out_dtype,
+                self.normalize,
+                batch.threads,
+            )
+        bad = []  # a backend without a batched kernel: one call per tensor
+        for k in range(batch.k0, batch.k1):
+            addrs = [base + t.begin(k if r is None else rows(r)[k]) for t, r, base in batch.sources]
+            out = batch.out_base + batch.out.begin(k)
+            count = backend.weighted_sum_raw(
+                addrs,
+                batch.dtypes,
+                self.weights,
+                batch.out.numel(k),
+                out,
+                batch.out_dtype,
+                self.normalize,
+                batch.threads,
+            )
+            if count:
+                bad.append((k, count))
+        return bad
 
 
 @dataclass(frozen=True)
@@ -94,23 +153,84 @@ class TensorTask:
     op: object
 
 
+@dataclass(frozen=True)
+class Kind:
+    """What a run of output tensors shares: the op, the inputs it reads and their dtypes."""
+
+    op: object
+    sources: tuple  # indices into MergePlan.inputs
+    dtypes: tuple  # safetensors dtype of each source
+
+
 @dataclass
 class MergePlan:
     inputs: list  # Checkpoint objects: the models, then the base if any
-    tasks: list  # in output layout order
+    layout: object  # TensorTable of the output tensors in layout order: name, output dtype, shape
+    rows: list  # per input: int32 bytes, output tensor k -> its row in that input's table
+    kinds: list  # the distinct Kinds
+    kind_of: array  # output tensor k -> index into kinds
     strategy: str
     base_index: int | None = None
+    bytes_to_read: int = 0  # what the merge reads from its inputs
+
+    def __len__(self) -> int:
+        return len(self.layout)
+
+    def kind(self, k: int) -> Kind:
+        return self.kinds[self.kind_of[k]]
+
+    def row(self, i: int, k: int) -> int:
+        """Input i's row of output tensor k."""
+        return rows(self.rows[i])[k]
+
+    def task(self, k: int) -> TensorTask:
+        kind = self.kind(k)
+        table = self.layout
+        return TensorTask(table.name(k), table.shape(k), table.dtype(k), list(kind.sources), kind.op)
 
     @property
-    def entries(self) -> list:
-        return [(t.name, t.out_dtype, t.shape) for t in self.tasks]
+    def tasks(self) -> Sequence:
+        """One TensorTask per output tensor, in layout order, made when read."""
+        return _Tasks(self)
 
     @property
-    def bytes_to_read(self) -> int:
-        total = 0
-        for t in self.tasks:
-            total += sum(self.inputs[i].infos[t.name].nbytes for i in t.sources)
-        return total
+    def entries(self) -> Sequence:
+        """(name, dtype, shape) of every output tensor in layout order; `.table` is the layout itself."""
+        return LayoutEntries(self.layout)
+
+
+class _Tasks(Sequence):
+    def __init__(self, plan):
+        self._plan = plan
+
+    def __len__(self):
+        return len(self._plan)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self._plan.task(i) for i in range(*k.indices(len(self)))]
+        if k < 0:
+            k += len(self)
+        return self._plan.task(k)
+
+
+class LayoutEntries(Sequence):
+    """(name, dtype, shape) rows of a layout TensorTable: what OutputTarget and MemorySink take, without a tuple
+    per tensor for the writer (it reads `.table`)."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def __len__(self):
+        return len(self.table)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        if k < 0:
+            k += len(self)
+        t = self.table
+        return t.name(k), t.dtype(k), t.shape(k)
 
 
 class NonFiniteWarning(UserWarning):
@@ -168,57 +288,160 @@ def build_plan(
     base_index = len(models) if base is not None else None
     reference = inputs[0]
     for c in inputs:
-        if not c.infos:
+        if not len(c.table):
             raise PlanError(f"{c.name}: checkpoint has no tensors (nothing to merge)")
-    _check_keys(inputs)
+    ref_rows = _check_keys(inputs)  # input i's row of each reference tensor (None: the reference itself)
+    table = reference.table
+    n = len(table)
+    planner = _TensorPlanner(strategy, settings, model_settings, len(models), table)
 
-    positions = LayerPositions(reference.infos)
-    # Imported here: pysoup.strategies imports this module for its ops.
-    from pysoup.strategies.base import TensorContext
-
-    tasks = []
-    for name, info in reference.infos.items():
-        infos = [c.infos[name] for c in inputs]
-        for c, other in zip(inputs[1:], infos[1:]):
-            if other.shape != info.shape:
-                raise PlanError(
-                    f"tensor {name!r}: shape {list(other.shape)} in {c.name} differs from "
-                    f"{list(info.shape)} in {reference.name}"
-                )
-        if all(i.dtype in KERNEL_CODE for i in infos):
-            ctx = TensorContext(name, positions.t(name), info.numel, model_settings, settings, len(models))
-            op = strategy.plan_tensor(ctx)
-            sources = list(range(len(inputs)))
-            tasks.append(TensorTask(name, info.shape, out_dtype or info.dtype, sources, op))
-        elif all(i.dtype == info.dtype and not i.dtype.startswith(("F", "BF")) for i in infos):
-            # Integer and bool buffers (position ids, masks) are not weights: copied from the first input.
-            tasks.append(TensorTask(name, info.shape, info.dtype, [0], Copy()))
+    # The first tensor (in the reference's order) whose shape differs in some input: raised when the loop gets there,
+    # so that errors come in the same order as when every tensor was checked in turn.
+    mismatch = min(
+        (k for k in (c.table.first_shape_mismatch(table, r) for c, r in zip(inputs[1:], ref_rows[1:])) if k >= 0),
+        default=-1,
+    )
+    codes = [memoryview(c.table.dtype_codes(r, n)) for c, r in zip(inputs, ref_rows)]
+    numels = memoryview(table.numels()).cast("q")
+    kind_ids: dict = {}  # Kind -> index
+    kinds: list = []
+    kind_of = array("I", bytes(4 * n))
+    out_codes = bytearray(n)
+    numel_of_kind: list = []
+    sig_kinds: dict = {}  # dtype codes of every input -> (all inputs mergeable, output dtype code, dtypes) or an error
+    for k, (sig, numel) in enumerate(zip(zip(*codes), numels)):
+        if k == mismatch:
+            _raise_shape_mismatch(inputs, ref_rows, k)
+        category = sig_kinds.get(sig)
+        if category is None:
+            category = sig_kinds[sig] = _category(sig, inputs, out_dtype)
+        if isinstance(category, str):
+            raise PlanError(f"tensor {table.name(k)!r}: {category}")
+        merge, out_code, dtypes = category
+        if merge:
+            kind = Kind(planner.op(k, numel), tuple(range(len(inputs))), dtypes)
         else:
-            kinds = sorted({f"{i.dtype} in {c.name}" for c, i in zip(inputs, infos)})
-            raise PlanError(f"tensor {name!r}: cannot merge dtypes {', '.join(kinds)} (mergeable: F32, F16, BF16)")
+            kind = Kind(Copy(), (0,), dtypes[:1])
+        kid = _kind_index(kind, kind_ids, kinds)
+        if kid == len(numel_of_kind):
+            numel_of_kind.append(0)
+        kind_of[k] = kid
+        out_codes[k] = out_code
+        numel_of_kind[kid] += numel
 
-    _warn_unused_filters(settings, model_settings, reference.infos)
-    order = {e[0]: k for k, e in enumerate(canonical_order([(t.name, t.out_dtype, t.shape) for t in tasks]))}
-    tasks.sort(key=lambda t: order[t.name])
-    return MergePlan(inputs, tasks, strategy.name, base_index)
+    _warn_unused_filters(settings, model_settings, planner.names)
+    # Layout order: the safetensors package's (dtype, then name) over the output dtypes.
+    order = table.canonical_order(bytes(out_codes))
+    perm = rows(order)
+    layout = table.permuted(order, bytes(out_codes))
+    plan_rows = [order] + [array("i", [r[j] for j in perm]).tobytes() for r in map(rows, ref_rows[1:])]
+    kind_of = array("I", [kind_of[j] for j in perm])
+    read = sum(total * sum(SAFETENSORS_SIZES[d] for d in kind.dtypes) for kind, total in zip(kinds, numel_of_kind))
+    return MergePlan(inputs, layout, plan_rows, kinds, kind_of, strategy.name, base_index, read)
 
 
-def _check_keys(inputs) -> None:
+def _kind_index(kind: Kind, ids: dict, kinds: list) -> int:
+    try:
+        kid = ids.get(kind)
+    except TypeError:  # an op that cannot be hashed: a kind of its own
+        kinds.append(kind)
+        return len(kinds) - 1
+    if kid is None:
+        kid = ids[kind] = len(kinds)
+        kinds.append(kind)
+    return kid
+
+
+def _category(sig: tuple, inputs, out_dtype):
+    """For one combination of input dtypes: (True, output dtype code, dtypes) when merged, (False, ...) for integer
+    and bool buffers (copied from the first input), or the error."""
+    dtypes = tuple(DTYPES[c] for c in sig)
+    first = dtypes[0]
+    if all(d in KERNEL_CODE for d in dtypes):
+        return True, DTYPE_CODE[out_dtype or first], dtypes
+    if all(d == first and not d.startswith(("F", "BF")) for d in dtypes):
+        # Integer and bool buffers (position ids, masks) are not weights: copied from the first input.
+        return False, sig[0], dtypes
+    kinds = sorted({f"{d} in {c.name}" for c, d in zip(inputs, dtypes)})
+    return f"cannot merge dtypes {', '.join(kinds)} (mergeable: F32, F16, BF16)"
+
+
+def _raise_shape_mismatch(inputs, ref_rows, k):
     reference = inputs[0]
-    ref_keys = set(reference.infos)
+    name, shape = reference.table.name(k), reference.table.shape(k)
+    for c, r in zip(inputs[1:], ref_rows[1:]):
+        other = c.table.shape(k if r is None else rows(r)[k])
+        if other != shape:
+            raise PlanError(
+                f"tensor {name!r}: shape {list(other)} in {c.name} differs from {list(shape)} in {reference.name}"
+            )
+
+
+class _TensorPlanner:
+    """strategy.plan_tensor for each tensor, asked once per distinct context: a strategy that reads the name only
+    through its parameters' filters (Strategy.plans_by_name false) gets one call per (element count, layer position
+    where a gradient needs it, filters that match), so 10^6 expert tensors cost a few calls, not 10^6 at ~10 us."""
+
+    def __init__(self, strategy, settings, model_settings, num_models, table):
+        from pysoup.strategies.base import TensorContext
+
+        self._context = TensorContext
+        self.strategy, self.settings, self.model_settings = strategy, settings, model_settings
+        self.num_models, self.table = num_models, table
+        declared: set = set()
+        for s in [settings, *model_settings]:
+            for v in s.values():
+                _collect_filters(v, declared)
+        self.filters = sorted(declared)
+        self.per_tensor = getattr(strategy, "plans_by_name", True)
+        self.gradients = any(_has_gradient(v) for s in [settings, *model_settings] for v in s.values())
+        self.names = table.names() if self.filters or self.gradients or self.per_tensor else ()
+        self.positions = LayerPositions(self.names) if self.gradients or self.per_tensor else None
+        self._ops: dict = {}
+
+    def op(self, k: int, numel: int):
+        name = self.names[k] if self.names else None
+        t = self.positions.t(name) if self.positions is not None else 0.0
+        if self.per_tensor:
+            return self._plan(k, name, t, numel)
+        key = (numel, t, tuple(f in name for f in self.filters) if self.filters else ())
+        op = self._ops.get(key)
+        if op is None:
+            op = self._ops[key] = self._plan(k, name, t, numel)
+        return op
+
+    def _plan(self, k, name, t, numel):
+        name = self.table.name(k) if name is None else name
+        ctx = self._context(name, t, numel, self.model_settings, self.settings, self.num_models)
+        return self.strategy.plan_tensor(ctx)
+
+
+def _has_gradient(setting) -> bool:
+    if isinstance(setting, (list, tuple)):
+        return any(_has_gradient(e.get("value")) if isinstance(e, Mapping) else True for e in setting)
+    return False
+
+
+def _check_keys(inputs) -> list:
+    """Input i's row of each of the reference's tensors (as int32 bytes; None for the reference itself). A tensor
+    the reference has and another input lacks is an error; one only another input has is ignored with a warning."""
+    reference = inputs[0]
+    out = [None]
     for c in inputs[1:]:
-        missing = [k for k in reference.infos if k not in c.infos]
+        found, missing, first = c.table.rows_of(reference.table)
         if missing:
             raise PlanError(
-                f"tensor {missing[0]!r} is missing from {c.name} (it is in {reference.name}; "
-                f"{len(missing)} missing in all)"
+                f"tensor {reference.table.name(first)!r} is missing from {c.name} (it is in {reference.name}; "
+                f"{missing} missing in all)"
             )
-        extra = [k for k in c.infos if k not in ref_keys]
-        if extra:
+        if len(c.table) != len(reference.table):
+            _, extra, first = reference.table.rows_of(c.table)
             warnings.warn(
-                f"{c.name}: {len(extra)} tensors not in {reference.name} are ignored (first: {extra[0]!r})",
+                f"{c.name}: {extra} tensors not in {reference.name} are ignored (first: {c.table.name(first)!r})",
                 stacklevel=3,
             )
+        out.append(found)
+    return out
 
 
 def _collect_filters(setting, out: set) -> None:

@@ -89,17 +89,23 @@ int64_t weighted_sum(const WeightedSumArgs& args, int64_t n, const std::string& 
 }
 
 int64_t weighted_sum_many(const WeightedSumArgs& shared, const void* const* inputs, void* const* outs,
-                          const int64_t* sizes, int64_t m, const std::string& isa, int threads) {
+                          const int64_t* sizes, int64_t m, const std::string& isa, int threads, int64_t* counts) {
     const WeightedSumFn fn = kernel_for(isa);
     std::vector<int64_t> first(m + 1, 0);  // first[t]: where tensor t starts in the concatenation of all
     for (int64_t t = 0; t < m; ++t) first[t + 1] = first[t] + sizes[t];
     const int64_t total = first[m];
+    if (counts) std::fill(counts, counts + m, 0);
     // Tensor t's slice [begin, end) of the concatenation, through the kernel with its own pointers.
     auto run = [&](int64_t t, int64_t begin, int64_t end) {
         WeightedSumArgs a = shared;
         a.inputs = inputs + t * shared.k;
         a.out = outs[t];
-        return fn(a, begin, end);
+        const int64_t c = fn(a, begin, end);
+        if (c && counts) {
+#pragma omp atomic
+            counts[t] += c;
+        }
+        return c;
     };
     int64_t nonfinite = 0;
     if (threads <= 1 || total < 2 * kGrain) {

@@ -48,9 +48,11 @@ float fp32_sum_in_order(const float* weights, int k);
 // The same weighted sum over m tensors in one call (multi-tensor updates during training): tensor t reads
 // inputs[t * k .. t * k + k) and writes outs[t] (which may be one of its inputs: each element is read before
 // it is written), sizes[t] elements. `shared` gives k, the dtypes, weights and divisor. The threads split the
-// concatenation of all tensors evenly; the result does not depend on `threads` or `isa`.
+// concatenation of all tensors evenly; the result does not depend on `threads` or `isa`. When `counts` is not null,
+// counts[t] receives tensor t's count of non-finite outputs.
 int64_t weighted_sum_many(const WeightedSumArgs& shared, const void* const* inputs, void* const* outs,
-                          const int64_t* sizes, int64_t m, const std::string& isa, int threads);
+                          const int64_t* sizes, int64_t m, const std::string& isa, int threads,
+                          int64_t* counts = nullptr);
 
 // Calls f(std::integral_constant<int, K>) with K = k for the input counts the streaming loops unroll (1, 2, 3, 4
 // and 8), else K = 0 (a loop over the run-time count). With a run-time count the loop measured 0.7x of the

@@ -1,19 +1,22 @@
 """A model's tensors, wherever they live: one safetensors file, a Hugging Face directory (single file or
 sharded with `model.safetensors.index.json`), or an in-memory state dict of torch tensors.
 
-Every kind answers the same two questions the planner and engine ask: `infos` (name -> TensorInfo) and
-`address(name, lo, hi)` (a pointer to bytes [lo, hi) of that tensor's data, valid until the next call
-for the same file).
+Every kind answers the same questions the planner and engine ask: `table` (its tensors as columns, see
+pysoup/io/table.py), `infos` (name -> TensorInfo, made from the table per lookup) and `address_at(row, lo, hi)` (a
+pointer to bytes [lo, hi) of the data of the table's row `row`, valid until the next call for the same file; the
+tensors of one table group share the address space, so one call serves a batch of them).
 """
 
 from __future__ import annotations
 
 import os
+from array import array
 from collections.abc import Mapping
 
 from pysoup.errors import FormatError, PlanError
-from pysoup.io.format import MAX_HEADER_BYTES, TensorInfo, load_json
+from pysoup.io.format import MAX_HEADER_BYTES, load_json
 from pysoup.io.reader import SafetensorsReader
+from pysoup.io.table import TensorInfos, TensorTable
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -25,12 +28,19 @@ class Checkpoint:
     """Common interface of file and in-memory checkpoints."""
 
     name: str
-    infos: dict
+    table: TensorTable
+    infos: TensorInfos
     metadata: dict | None = None
     files: tuple = ()  # real paths of the files holding the weights (for the output != input check)
     directory: str | None = None
 
     def address(self, name: str, lo: int, hi: int) -> int:
+        row = self.table.find(name)
+        if row < 0:
+            raise KeyError(f"{self.name}: no tensor {name!r}")
+        return self.address_at(row, lo, hi)
+
+    def address_at(self, row: int, lo: int, hi: int) -> int:
         raise NotImplementedError
 
     def release(self) -> None:
@@ -56,20 +66,20 @@ class Checkpoint:
 
 
 class FileCheckpoint(Checkpoint):
-    """A safetensors file, or the shards of a Hugging Face directory."""
+    """A safetensors file, or the shards of a Hugging Face directory: a row's group is the index of its reader."""
 
-    def __init__(self, name: str, readers: list, owner: dict, directory: str | None = None):
+    def __init__(self, name: str, readers: list, table, directory: str | None = None):
         self.name = name
         self._readers = readers
-        self._owner = owner  # tensor name -> reader
-        self.infos = {k: r.infos[k] for k, r in owner.items()}
+        self.table = table
+        self.infos = TensorInfos(table)
         self.metadata = readers[0].metadata if readers else None
         self.files = tuple(os.path.realpath(r.path) for r in readers)
         self.directory = directory
         self._active = None
 
-    def address(self, name, lo, hi):
-        reader = self._owner[name]
+    def address_at(self, row, lo, hi):
+        reader = self._readers[self.table.group(row)]
         if reader is not self._active:
             # One mapped window per input, not per shard: moving to another shard releases the last one's.
             if self._active is not None:
@@ -102,10 +112,10 @@ class FileCheckpoint(Checkpoint):
         return self._reader(name).torch(name)
 
     def _reader(self, name):
-        try:
-            return self._owner[name]
-        except KeyError:
-            raise KeyError(f"{self.name}: no tensor {name!r}") from None
+        row = self.table.find(name)
+        if row < 0:
+            raise KeyError(f"{self.name}: no tensor {name!r}")
+        return self._readers[self.table.group(row)]
 
     def __enter__(self):
         return self
@@ -130,14 +140,15 @@ class FileCheckpoint(Checkpoint):
 
 
 class MemoryCheckpoint(Checkpoint):
-    """A state dict of torch tensors; offsets are relative to each tensor's first byte."""
+    """A state dict of torch tensors; offsets are relative to each tensor's first byte, and every tensor is a group
+    of its own (tensors live apart in memory)."""
 
     def __init__(self, state_dict: Mapping, name: str):
         from pysoup.dtypes import from_torch
 
         self.name = name
         self.tensors = {}
-        self.infos = {}
+        columns = ([], [], [], [])  # dtype, shape, end, and the names are the keys of self.tensors
         for key, t in state_dict.items():
             if not hasattr(t, "data_ptr"):
                 raise PlanError(f"{name}: {key!r} is a {type(t).__name__}, not a torch tensor")
@@ -148,11 +159,16 @@ class MemoryCheckpoint(Checkpoint):
                 )
             t = t.detach().contiguous()
             self.tensors[key] = t
-            nbytes = t.numel() * t.element_size()
-            self.infos[key] = TensorInfo(key, from_torch(t.dtype), tuple(t.shape), 0, nbytes)
+            for col, v in zip(columns, (from_torch(t.dtype), list(t.shape), t.numel() * t.element_size())):
+                col.append(v)
+        dtypes, shapes, ends = columns[:3]
+        n = len(ends)
+        self.table = TensorTable.from_entries(list(self.tensors), dtypes, shapes, [0] * n, ends, list(range(n)))
+        self.infos = TensorInfos(self.table)
+        self._by_row = list(self.tensors.values())
 
-    def address(self, name, lo, hi):
-        return self.tensors[name].data_ptr() + lo
+    def address_at(self, row, lo, hi):
+        return self._by_row[row].data_ptr() + lo
 
 
 def open_checkpoint(source, index: int = 0, window_bytes: int | None = None) -> Checkpoint:
@@ -166,7 +182,7 @@ def open_checkpoint(source, index: int = 0, window_bytes: int | None = None) -> 
     if os.path.isdir(path):
         return _open_directory(path, kw)
     reader = SafetensorsReader(path, **kw)
-    return FileCheckpoint(path, [reader], {k: reader for k in reader.infos})
+    return FileCheckpoint(path, [reader], reader.table)
 
 
 def _open_directory(path: str, kw: dict) -> FileCheckpoint:
@@ -186,20 +202,29 @@ def _open_directory(path: str, kw: dict) -> FileCheckpoint:
         if any(f.endswith((".bin", ".pt", ".pth")) for f in os.listdir(path)):
             hint = " (it has PyTorch pickles: convert them to safetensors first)"
         raise PlanError(f"{path}: directory has no safetensors checkpoint ({INDEX_NAME} or *.safetensors){hint}")
+    if len(candidates) == 1:
+        r = SafetensorsReader(candidates[0], **kw)
+        return FileCheckpoint(path, [r], r.table, directory=path)
     readers, owner = [], {}
+    picks = array("I")  # (reader, row) pairs, in the order of the readers
     try:
         for file in candidates:
             r = SafetensorsReader(file, **kw)
             readers.append(r)
-            for k in r.infos:
+            for row, k in enumerate(r.table.names()):
                 if k in owner:
                     raise FormatError(f"{path}: tensor {k!r} is in both {owner[k].path} and {file}")
                 owner[k] = r
+                picks.extend((len(readers) - 1, row))
     except BaseException:
         for r in readers:
             r.close()
         raise
-    return FileCheckpoint(path, readers, owner, directory=path)
+    return FileCheckpoint(path, readers, _gather(readers, picks), directory=path)
+
+
+def _gather(readers: list, picks) -> TensorTable:
+    return TensorTable.gather([r.table for r in readers], picks.tobytes())
 
 
 def _open_index(path: str, index_path: str, kw: dict) -> FileCheckpoint:
@@ -211,8 +236,8 @@ def _open_index(path: str, index_path: str, kw: dict) -> FileCheckpoint:
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise FormatError(f"{index_path}: missing or malformed 'weight_map'")
-    readers = {}
-    owner = {}
+    readers = {}  # shard -> (number, reader)
+    picks = array("I")  # (reader, row) pairs, in the order of the weight map
     try:
         for key, shard in weight_map.items():
             if os.path.basename(shard) != shard:
@@ -221,14 +246,17 @@ def _open_index(path: str, index_path: str, kw: dict) -> FileCheckpoint:
                 shard_path = os.path.join(path, shard)
                 if not os.path.isfile(shard_path):
                     raise FormatError(f"{index_path}: shard {shard!r} (holding {key!r}) does not exist")
-                readers[shard] = SafetensorsReader(shard_path, **kw)
-            if key not in readers[shard].infos:
+                readers[shard] = (len(readers), SafetensorsReader(shard_path, **kw))
+            number, reader = readers[shard]
+            row = reader.table.find(key)
+            if row < 0:
                 raise FormatError(
                     f"{os.path.join(path, shard)}: tensor {key!r} is listed in the index but missing from the shard"
                 )
-            owner[key] = readers[shard]
+            picks.extend((number, row))
     except BaseException:
-        for r in readers.values():
+        for _, r in readers.values():
             r.close()
         raise
-    return FileCheckpoint(path, list(readers.values()), owner, directory=path)
+    ordered = [r for _, r in readers.values()]
+    return FileCheckpoint(path, ordered, _gather(ordered, picks), directory=path)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from pysoup.dtypes import SAFETENSORS_ORDER, SAFETENSORS_SIZES
 from pysoup.errors import FormatError
+from pysoup.io.table import parse_plain_header, table_from_infos
 
 # The safetensors package refuses headers above 100 MB; so do we, before reading them.
 MAX_HEADER_BYTES = 100_000_000
@@ -98,6 +99,31 @@ def parse_header(path: str, prefix: bytes, file_size: int, read_header) -> tuple
     Returns:
         (metadata dict or None, list of TensorInfo in file order, data start offset)
     """
+    n = _header_length(path, prefix, file_size)
+    return _parse_json_header(path, read_header(n), n, file_size)
+
+
+def parse_header_table(path: str, prefix: bytes, file_size: int, read_header) -> tuple:
+    """parse_header's result as a TensorTable (pysoup/io/table.py), for files of any number of tensors.
+
+    A plain header, as every writer makes them, is parsed and checked in C++: 0.05 s for 10^5 tensors, where
+    json.loads alone took 0.43 s (0.64 s with the duplicate-key hook) and parse_header 2.1 s. Any other header goes
+    through parse_header, which accepts it with the same result or raises the error that names the problem.
+
+    Returns:
+        (metadata dict or None, TensorTable of the tensors in file order, data start offset)
+    """
+    n = _header_length(path, prefix, file_size)
+    raw = read_header(n)
+    plain = parse_plain_header(raw, 8 + n, file_size - 8 - n)
+    if plain is not None:
+        pairs, table = plain
+        return (None if pairs is None else dict(pairs)), table, 8 + n
+    metadata, infos, data_start = _parse_json_header(path, raw, n, file_size)
+    return metadata, table_from_infos(infos), data_start
+
+
+def _header_length(path: str, prefix: bytes, file_size: int) -> int:
     if file_size < 8 or len(prefix) < 8:
         raise FormatError(
             f"{path}: empty or truncated file ({file_size} bytes; a safetensors file starts with an "
@@ -110,7 +136,11 @@ def parse_header(path: str, prefix: bytes, file_size: int, read_header) -> tuple
         )
     if 8 + n > file_size:
         raise FormatError(f"{path}: header length {n} runs past the end of the file ({file_size} bytes): truncated?")
-    obj = load_json(path, read_header(n), "header")
+    return n
+
+
+def _parse_json_header(path: str, raw: bytes, n: int, file_size: int) -> tuple:
+    obj = load_json(path, raw, "header")
     if not isinstance(obj, dict):
         raise FormatError(f"{path}: header is not a JSON object")
     data_start = 8 + n

@@ -13,7 +13,8 @@ import stat
 
 from pysoup._native import native
 from pysoup.errors import FormatError
-from pysoup.io.format import TensorInfo, parse_header
+from pysoup.io.format import TensorInfo, parse_header_table
+from pysoup.io.table import TensorInfos
 
 # 16 MiB per input: large enough that mapping costs vanish (one mmap per 16 MiB), small enough that
 # 8 inputs stay under 128 MiB resident.
@@ -52,13 +53,13 @@ class SafetensorsReader:
             self.file_size = st.st_size
             self.identity = file_identity(st)
             prefix = os.pread(self._fd, 8, 0)
-            self.metadata, infos, self.data_start = parse_header(
+            self.metadata, self.table, self.data_start = parse_header_table(
                 self.path, prefix, self.file_size, lambda n: os.pread(self._fd, n, 8)
             )
         except BaseException:
             os.close(self._fd)
             raise
-        self.infos = {t.name: t for t in infos}
+        self.infos = TensorInfos(self.table)  # name -> TensorInfo, in file order
         self._window_bytes = window_bytes
         self._window = None
         self._whole = None

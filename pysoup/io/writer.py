@@ -8,21 +8,21 @@ A single-file target is `OUT.safetensors`; any other target is a Hugging Face di
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import ctypes
 import errno
 import json
-import math
 import mmap
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from pysoup.dtypes import SAFETENSORS_SIZES
 from pysoup.errors import OutputError, PlanError
 from pysoup.io.checkpoint import INDEX_NAME, SINGLE_NAME
-from pysoup.io.format import build_header, canonical_order
+from pysoup.io.format import build_header
+from pysoup.io.table import TensorTable, metadata_member
 from pysoup.io.temporary import TempFile, remove_stale_temporaries
 from pysoup.signals import deferred_termination
 
@@ -31,10 +31,14 @@ DEFAULT_SHARD_BYTES = 5 * 1000**3  # what transformers' save_pretrained uses
 
 @dataclass
 class ShardLayout:
+    """One output file: rows [start, stop) of the output's layout table, whose begin / end are absolute offsets in
+    this file once it is laid out."""
+
     path: str  # final path
     header: bytes
-    offsets: dict  # name -> (begin, end), absolute
-    names: list
+    layout: object  # TensorTable of every output tensor, in write order
+    start: int
+    stop: int
     size: int = 0
     temp: TempFile | None = None  # while being written
 
@@ -42,18 +46,42 @@ class ShardLayout:
     def fd(self) -> int:
         return self.temp.fd
 
+    @property
+    def names(self) -> list:
+        return self.layout.names(self.start, self.stop)
 
-def _shard_entries(entries, shard_bytes):
-    shards, cur, cur_bytes = [], [], 0
-    for e in canonical_order(entries):
-        nbytes = SAFETENSORS_SIZES[e[1]] * math.prod(e[2])
-        if cur and cur_bytes + nbytes > shard_bytes:
-            shards.append(cur)
-            cur, cur_bytes = [], 0
-        cur.append(e)
-        cur_bytes += nbytes
-    shards.append(cur)
-    return shards
+    @property
+    def offsets(self) -> dict:
+        """name -> (begin, end), absolute."""
+        t = self.layout
+        return {t.name(i): (t.begin(i), t.end(i)) for i in range(self.start, self.stop)}
+
+
+def _layout_table(entries):
+    """The output tensors as a TensorTable in the safetensors package's write order: a plan's layout as it is
+    (`entries.table`), other (name, dtype, shape) entries sorted."""
+    table = getattr(entries, "table", None)
+    if table is not None:
+        return table
+    entries = list(entries)
+    zeros = [0] * len(entries)
+    table = TensorTable.from_entries(
+        [e[0] for e in entries], [e[1] for e in entries], [list(e[2]) for e in entries], zeros, zeros
+    )
+    return table.permuted(table.canonical_order(None))
+
+
+def _lay_out_shard(path: str, layout, start: int, stop: int, metadata) -> ShardLayout:
+    """Writes the header of rows [start, stop) as `safetensors` would (C++ for 10^6 tensors: 0.2 s where
+    build_header took 2.5 s for 10^5) and sets their offsets."""
+    header = layout.write_header(start, stop, metadata_member(metadata))
+    if header is None:  # a name the C++ writer leaves to build_header (not valid UTF-8, or "__metadata__")
+        entries = [(layout.name(i), layout.dtype(i), layout.shape(i)) for i in range(start, stop)]
+        header, offsets, _ = build_header(entries, metadata)
+        for i, (name, _, _) in zip(range(start, stop), entries):
+            layout.set_range(i, *offsets[name])
+    size = layout.end(stop - 1) if stop > start else len(header)
+    return ShardLayout(path, header, layout, start, stop, size)
 
 
 # Weight files a Hugging Face directory output may hold; an older output's ones that the new output does not
@@ -86,25 +114,29 @@ class OutputTarget:
         self.directory = os.path.dirname(self.out) if self.single else self.out
         self.durable = durable
         self.aux_files = list(aux_files) if not self.single else []
-        groups = [list(entries)] if self.single else _shard_entries(entries, shard_size or DEFAULT_SHARD_BYTES)
-        n = len(groups)
+        self.layout = _layout_table(entries)
+        total = len(self.layout)
+        bounds = [0, total] if self.single else self.layout.shard_bounds(shard_size or DEFAULT_SHARD_BYTES)
+        n = len(bounds) - 1
         self.shards = []
-        for i, group in enumerate(groups):
+        for i in range(n):
             if self.single:
                 path = self.out
             elif n == 1:
                 path = os.path.join(self.out, SINGLE_NAME)
             else:
                 path = os.path.join(self.out, f"model-{i + 1:05d}-of-{n:05d}.safetensors")
-            header, offsets, ordered = build_header(group, metadata)
-            size = len(header) + sum(e - b for b, e in offsets.values())
-            self.shards.append(ShardLayout(path, header, offsets, [e[0] for e in ordered], size))
-        self.shard_of = {name: s for s in self.shards for name in s.names}
+            self.shards.append(_lay_out_shard(path, self.layout, bounds[i], bounds[i + 1], metadata))
+        self._shard_starts = bounds[:-1]
         self.index_path = None if self.single or n == 1 else os.path.join(self.out, INDEX_NAME)
         self._check_not_inputs(input_files)
         self._created_dirs = []
         self._extras = []  # TempFiles of the index and the copied files
         self._stale = []
+
+    def shard_at(self, k: int) -> ShardLayout:
+        """The shard holding output tensor k (a row of `layout`)."""
+        return self.shards[bisect.bisect_right(self._shard_starts, k) - 1]
 
     @property
     def paths(self) -> list:
@@ -307,7 +339,10 @@ class _Buffer:
 
 class FileSink:
     """Streams computed bytes into the output files, in layout order, through two buffers: the kernel fills
-    one while a writer thread hands the other to the kernel with pwrite (both release the GIL)."""
+    one while a writer thread hands the other to the kernel with pwrite (both release the GIL). Output tensors are
+    addressed by their row in the target's layout; a run of them in one file lies back to back (`runs`)."""
+
+    runs = True
 
     def __init__(self, target: OutputTarget, buffer_bytes: int):
         self.target = target
@@ -320,13 +355,17 @@ class FileSink:
         self._offset = 0  # file offset where the current buffer starts
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pysoup-writer")
 
-    def begin_tensor(self, name: str) -> None:
-        shard = self.target.shard_of[name]
-        begin = shard.offsets[name][0]
+    def begin_tensor(self, k: int) -> None:
+        shard = self.target.shard_at(k)
+        begin = self.target.layout.begin(k)
         if shard is not self._shard or begin != self._offset + self._fill:
             self._flush()
             self._shard = shard
             self._offset = begin
+
+    def run_end(self, k: int) -> int:
+        """The end of the run of output tensors from k that lie back to back: the end of k's file."""
+        return self.target.shard_at(k).stop
 
     def available(self) -> int:
         return self.capacity - self._fill
@@ -376,7 +415,10 @@ class FileSink:
 
 
 class MemorySink:
-    """Writes each output tensor straight into a fresh torch tensor (the in-memory API's result)."""
+    """Writes each output tensor straight into a fresh torch tensor (the in-memory API's result); tensor k is the
+    k-th entry."""
+
+    runs = False  # every tensor is memory of its own
 
     def __init__(self, entries):
         import torch
@@ -384,18 +426,19 @@ class MemorySink:
         from pysoup.dtypes import to_torch
 
         self.tensors = {name: torch.empty(shape, dtype=to_torch(dtype)) for name, dtype, shape in entries}
+        self._by_row = list(self.tensors.values())
         self.capacity = 1 << 62
-        self._name = None
+        self._tensor = None
         self._fill = 0
 
-    def begin_tensor(self, name):
-        self._name, self._fill = name, 0
+    def begin_tensor(self, k):
+        self._tensor, self._fill = self._by_row[k], 0
 
     def available(self):
         return self.capacity
 
     def reserve(self, nbytes):
-        return self.tensors[self._name].data_ptr() + self._fill
+        return self._tensor.data_ptr() + self._fill
 
     def advance(self, nbytes):
         self._fill += nbytes

@@ -53,6 +53,24 @@ def weighted_sum_raw(addrs, dtypes, weights, n, out_addr, out_dtype, normalize, 
     )
 
 
+def weighted_sum_rows(sources, out, out_base, k0, k1, dtypes, weights, out_dtype, normalize, threads=None, isa=None):
+    """The engine's batches (pysoup.plan.Batch): output tensors [k0, k1) in one C++ call. Returns [(k, non-finite
+    count)] for the tensors that have any."""
+    return _native.native.weighted_sum_rows(
+        list(sources),
+        out,
+        out_base,
+        k0,
+        k1,
+        [KERNEL_CODE[d] for d in dtypes],
+        list(weights),
+        KERNEL_CODE[out_dtype],
+        normalize,
+        threads or default_threads(),
+        isa or active_isa(),
+    )
+
+
 def weighted_sum(tensors, weights, out_dtype, normalize, threads=None, isa=None):
     import torch
 

@@ -18,6 +18,7 @@ class Linear(Strategy):
     """
 
     name = "linear"
+    plans_by_name = False
     params = {"normalize": True}
     model_params = {"weight": 1.0}
 
@@ -44,6 +45,7 @@ class Interpolate(Strategy):
     are per-tensor values of alpha: a gradient over the layers, or {filter, value} entries."""
 
     name = "interpolate"
+    plans_by_name = False
     params = {"alpha": 0.5}
     min_models = max_models = 2
 

@@ -66,6 +66,7 @@ class ModelStock(Strategy):
     """theta = t mean(theta_i) + (1 - t) theta_0, computed as the fused sum (t/k) sum_i theta_i + (1 - t) theta_0."""
 
     name = "model_stock"
+    plans_by_name = False
     base = "required"
     min_models = 2
     params = {"filter_wise": False}

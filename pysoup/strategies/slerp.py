@@ -58,6 +58,7 @@ class Slerp(Strategy):
     linear when |cos Omega| > 0.9995. t = 0 gives the first model."""
 
     name = "slerp"
+    plans_by_name = False
     params = {"t": None}
     min_models = max_models = 2
 

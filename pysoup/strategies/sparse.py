@@ -57,6 +57,7 @@ class Sparse(Strategy):
     intersection (keep entries non-zero in every input), union (average over the inputs where non-zero)."""
 
     name = "sparse"
+    plans_by_name = False
     params = {"mask": "shared"}
     model_params = {"weight": 1.0}
 

@@ -166,6 +166,7 @@ def _density(ctx: TensorContext, i: int) -> float:
 
 class _TaskVectorStrategy(Strategy):
     base = "required"
+    plans_by_name = False
     params = {"lambda": 1.0, "normalize": False}
     model_params = {"weight": 1.0}
     consensus = False
