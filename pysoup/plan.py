@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from pysoup.dtypes import KERNEL_CODE, SAFETENSORS_SIZES
 from pysoup.errors import PlanError
-from pysoup.io.table import DTYPE_CODE, DTYPES, rows
+from pysoup.io.table import DTYPE_CODE, DTYPES, rows, sum_by_group, take
 from pysoup.params import LayerPositions, validate_setting
 
 
@@ -303,40 +303,47 @@ def build_plan(
     )
     codes = [memoryview(c.table.dtype_codes(r, n)) for c, r in zip(inputs, ref_rows)]
     numels = memoryview(table.numels()).cast("q")
-    kind_ids: dict = {}  # Kind -> index
     kinds: list = []
+    kind_ids: dict = {}  # Kind -> its index in kinds
+    known: dict = {}  # (input dtype codes, planning context) -> kind index
+    categories: dict = {}  # input dtype codes -> (merged?, output dtype code, dtypes), or an error
     kind_of = array("I", bytes(4 * n))
-    out_codes = bytearray(n)
-    numel_of_kind: list = []
-    sig_kinds: dict = {}  # dtype codes of every input -> (all inputs mergeable, output dtype code, dtypes) or an error
-    for k, (sig, numel) in enumerate(zip(zip(*codes), numels)):
+    out_code_of: list = []  # per kind
+    plain = planner.plain
+    for k, key in enumerate(zip(zip(*codes), numels)):  # key: (dtype codes of every input, element count)
         if k == mismatch:
             _raise_shape_mismatch(inputs, ref_rows, k)
-        category = sig_kinds.get(sig)
-        if category is None:
-            category = sig_kinds[sig] = _category(sig, inputs, out_dtype)
-        if isinstance(category, str):
-            raise PlanError(f"tensor {table.name(k)!r}: {category}")
-        merge, out_code, dtypes = category
-        if merge:
-            kind = Kind(planner.op(k, numel), tuple(range(len(inputs))), dtypes)
-        else:
-            kind = Kind(Copy(), (0,), dtypes[:1])
-        kid = _kind_index(kind, kind_ids, kinds)
-        if kid == len(numel_of_kind):
-            numel_of_kind.append(0)
+        if not plain:
+            key = (key[0], planner.context(k, key[1]))
+        kid = known.get(key)
+        if kid is None:
+            sig, context, numel = key[0], key[1], numels[k]
+            category = categories.get(sig)
+            if category is None:
+                category = categories[sig] = _category(sig, inputs, out_dtype)
+            if isinstance(category, str):
+                raise PlanError(f"tensor {table.name(k)!r}: {category}")
+            merge, out_code, dtypes = category
+            if merge:
+                kind = Kind(planner.op(k, numel, context), tuple(range(len(inputs))), dtypes)
+            else:
+                kind = Kind(Copy(), (0,), dtypes[:1])
+            kid = _kind_index(kind, kind_ids, kinds)
+            if kid == len(out_code_of):
+                out_code_of.append(out_code)
+            if context is not None:
+                known[key] = kid
         kind_of[k] = kid
-        out_codes[k] = out_code
-        numel_of_kind[kid] += numel
 
     _warn_unused_filters(settings, model_settings, planner.names)
-    # Layout order: the safetensors package's (dtype, then name) over the output dtypes.
-    order = table.canonical_order(bytes(out_codes))
-    perm = rows(order)
-    layout = table.permuted(order, bytes(out_codes))
-    plan_rows = [order] + [array("i", [r[j] for j in perm]).tobytes() for r in map(rows, ref_rows[1:])]
-    kind_of = array("I", [kind_of[j] for j in perm])
+    numel_of_kind = sum_by_group(numels, kind_of, len(kinds))
     read = sum(total * sum(SAFETENSORS_SIZES[d] for d in kind.dtypes) for kind, total in zip(kinds, numel_of_kind))
+    # Layout order: the safetensors package's (dtype, then name) over the output dtypes.
+    out_codes = take(bytes(out_code_of), 1, kind_of)
+    order = table.canonical_order(out_codes)
+    layout = table.permuted(order, out_codes)
+    plan_rows = [order] + [take(r, 4, order) for r in ref_rows[1:]]
+    kind_of = array("I", take(kind_of, 4, order))
     return MergePlan(inputs, layout, plan_rows, kinds, kind_of, strategy.name, base_index, read)
 
 
@@ -397,23 +404,32 @@ class _TensorPlanner:
         self.gradients = any(_has_gradient(v) for s in [settings, *model_settings] for v in s.values())
         self.names = table.names() if self.filters or self.gradients or self.per_tensor else ()
         self.positions = LayerPositions(self.names) if self.gradients or self.per_tensor else None
+        # The context is the element count alone: the planner's loop asks nothing per tensor.
+        self.plain = not (self.per_tensor or self.filters or self.gradients)
         self._ops: dict = {}
 
-    def op(self, k: int, numel: int):
-        name = self.names[k] if self.names else None
-        t = self.positions.t(name) if self.positions is not None else 0.0
+    def context(self, k: int, numel: int):
+        """What the op of tensor k depends on: its element count, and where a gradient or a filter needs them, its
+        layer position and the filters its name matches; None when the strategy plans every tensor on its own."""
         if self.per_tensor:
-            return self._plan(k, name, t, numel)
-        key = (numel, t, tuple(f in name for f in self.filters) if self.filters else ())
-        op = self._ops.get(key)
-        if op is None:
-            op = self._ops[key] = self._plan(k, name, t, numel)
-        return op
+            return None
+        if not (self.filters or self.gradients):
+            return numel
+        name = self.names[k]
+        t = self.positions.t(name) if self.gradients else 0.0
+        return numel, t, tuple(f in name for f in self.filters)
 
-    def _plan(self, k, name, t, numel):
-        name = self.table.name(k) if name is None else name
-        ctx = self._context(name, t, numel, self.model_settings, self.settings, self.num_models)
-        return self.strategy.plan_tensor(ctx)
+    def op(self, k: int, numel: int, context):
+        """strategy.plan_tensor for tensor k, or the op of an earlier tensor of the same context."""
+        op = self._ops.get(context) if context is not None else None
+        if op is None:
+            name = self.names[k] if self.names else self.table.name(k)
+            t = self.positions.t(name) if self.positions is not None else 0.0
+            ctx = self._context(name, t, numel, self.model_settings, self.settings, self.num_models)
+            op = self.strategy.plan_tensor(ctx)
+            if context is not None:
+                self._ops[context] = op
+        return op
 
 
 def _has_gradient(setting) -> bool:

@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -257,6 +258,40 @@ void bind_tensor_table(py::module_& m) {
         .def("set_range",
              [](TensorTable& t, int64_t i, int64_t begin, int64_t end) { t.set_range(checked_row(t, i), begin, end); });
 
+    m.def(
+        "take",
+        [](const py::buffer& values, int itemsize, const py::buffer& order) {
+            const py::buffer_info v = values.request(), o = order.request();
+            const int64_t n = (v.size * v.itemsize) / itemsize, m = (o.size * o.itemsize) / 4;
+            if (itemsize != 1 && itemsize != 4) throw std::invalid_argument("take: items of 1 or 4 bytes");
+            const auto* src = static_cast<const char*>(v.ptr);
+            const auto* idx = static_cast<const int32_t*>(o.ptr);
+            std::string out(static_cast<size_t>(m * itemsize), '\0');
+            for (int64_t j = 0; j < m; ++j) {
+                if (idx[j] < 0 || idx[j] >= n) throw py::index_error("take: index out of range");
+                std::memcpy(&out[j * itemsize], src + static_cast<int64_t>(idx[j]) * itemsize, itemsize);
+            }
+            return py::bytes(out);
+        },
+        py::arg("values"), py::arg("itemsize"), py::arg("order"),
+        "bytes of values[order[j]] for each int32 order[j]: the items of `values` (1 or 4 bytes each) reordered");
+    m.def(
+        "sum_by_group",
+        [](const py::buffer& values, const py::buffer& groups, int64_t count) {
+            const py::buffer_info v = values.request(), g = groups.request();
+            const int64_t n = (v.size * v.itemsize) / 8;
+            if ((g.size * g.itemsize) / 4 != n) throw std::invalid_argument("sum_by_group: one group per value");
+            const auto* x = static_cast<const int64_t*>(v.ptr);
+            const auto* grp = static_cast<const uint32_t*>(g.ptr);
+            std::vector<int64_t> sums(count);
+            for (int64_t j = 0; j < n; ++j) {
+                if (grp[j] >= static_cast<uint64_t>(count)) throw py::index_error("sum_by_group: group out of range");
+                sums[grp[j]] += x[j];
+            }
+            return sums;
+        },
+        py::arg("values"), py::arg("groups"), py::arg("count"),
+        "per group g < count, the sum of the int64 values whose uint32 group is g");
     m.def("parse_safetensors_header", &parse_header_py, py::arg("json"), py::arg("data_start"), py::arg("data_len"),
           "(metadata pairs or None, TensorTable) for a plain header that passes every check, else None");
     m.def(

@@ -30,7 +30,7 @@ class TensorTable {
 public:
     int64_t size() const { return static_cast<int64_t>(dtype_.size()); }
     std::string_view name(int64_t i) const {
-        const uint64_t b = i ? name_end_[i - 1] : 0;
+        const uint32_t b = i ? name_end_[i - 1] : 0;
         return {names_.data() + b, static_cast<size_t>(name_end_[i] - b)};
     }
     int dtype(int64_t i) const { return dtype_[i]; }
@@ -65,7 +65,7 @@ public:
 
 private:
     std::string names_;               // every name's UTF-8 bytes, one after the other
-    std::vector<uint64_t> name_end_;  // name i ends at name_end_[i]
+    std::vector<uint32_t> name_end_;  // name i ends at name_end_[i] (names total < 4 GiB)
     std::vector<uint8_t> dtype_;
     std::vector<uint32_t> dims_end_;
     std::vector<int64_t> dims_;

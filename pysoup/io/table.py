@@ -26,9 +26,9 @@ DTYPE_CODE = {d: i for i, d in enumerate(DTYPES)}
 _RANK = [SAFETENSORS_ORDER.index(d) for d in DTYPES]
 
 
-def rows(data: bytes):
-    """A memoryview of int32 over a row list."""
-    return memoryview(data).cast("i")
+def rows(data):
+    """A memoryview of int32 over a row list (bytes, or any buffer of 4-byte items)."""
+    return memoryview(data).cast("B").cast("i")
 
 
 def _name_key(name: str) -> bytes:
@@ -198,13 +198,32 @@ def py_batch_end(sources, out, kinds, k0, k1, max_span, out_room, max_numel):
     return k, spans or [(0, 0)] * len(sources)
 
 
+def py_take(values, itemsize: int, order) -> bytes:
+    """The reference of pysoup._C.take: values[order[j]] (items of 1 or 4 bytes) for each int32 order[j]."""
+    v = memoryview(values).cast("B")
+    v = v.cast("i") if itemsize == 4 else v
+    return array("i" if itemsize == 4 else "B", map(v.__getitem__, rows(order))).tobytes()
+
+
+def py_sum_by_group(values, groups, count: int) -> list:
+    """The reference of pysoup._C.sum_by_group: per group g < count, the sum of the int64 values in group g."""
+    sums = [0] * count
+    for v, g in zip(memoryview(values).cast("B").cast("q"), memoryview(groups).cast("B").cast("I")):
+        sums[g] += v
+    return sums
+
+
 if _native.available:
     TensorTable = _native.native.TensorTable
     parse_plain_header = _native.native.parse_safetensors_header
     batch_end = _native.native.batch_end
+    take = _native.native.take
+    sum_by_group = _native.native.sum_by_group
 else:  # pragma: no cover - depends on the installation
     TensorTable = PyTensorTable
     batch_end = py_batch_end
+    take = py_take
+    sum_by_group = py_sum_by_group
 
     def parse_plain_header(json, data_start, data_len):
         return None  # format.parse_header does it all
