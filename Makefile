@@ -46,12 +46,14 @@ fuzz: install
 bench: install
 	$(PY) benchmarks/run.py
 	$(PY) benchmarks/run.py --suite methods
+	$(PY) benchmarks/run.py --suite headers
 
 examples: install
 	$(PY) examples/digits_soups.py
 
 bench-quick: install
 	$(PY) benchmarks/run.py --quick
+	$(PY) benchmarks/run.py --suite headers --quick
 
 lint: install
 	$(VENV)/bin/ruff check pysoup tests benchmarks examples

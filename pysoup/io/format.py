@@ -68,7 +68,7 @@ def load_json(path: str, raw: bytes, what: str):
     except UnicodeDecodeError as exc:
         raise FormatError(f"{path}: {what} is not valid UTF-8 (byte {exc.start})") from None
     try:
-        obj = json.loads(text, object_pairs_hook=_reject_duplicates)
+        obj = json.loads(text, object_pairs_hook=_reject_duplicates, parse_int=_parse_int)
     except FormatError as exc:
         raise FormatError(f"{path}: {what}: {exc}") from None
     except json.JSONDecodeError as exc:
@@ -78,6 +78,13 @@ def load_json(path: str, raw: bytes, what: str):
     except ValueError as exc:  # int() past sys.get_int_max_str_digits()
         raise FormatError(f"{path}: {what} holds a number too large to read ({str(exc).split(';')[0]})") from None
     return obj
+
+
+def _parse_int(text: str) -> int:
+    # JSON has no integer -0 (serde_json, which the safetensors package uses, reads it as the float -0.0).
+    if text == "-0":
+        raise FormatError("-0 is not an integer")
+    return int(text)
 
 
 def _check_text(path: str, text: str, what: str) -> None:
@@ -139,6 +146,9 @@ def _header_length(path: str, prefix: bytes, file_size: int) -> int:
     return n
 
 
+# Every check below has a twin in parse_header_fast (csrc/io/tensor_table.cpp), which must decline any header these
+# refuse: a new check here needs one there (or a reason there to decline), and tests/test_many_tensors.py compares
+# the two on mutated headers.
 def _parse_json_header(path: str, raw: bytes, n: int, file_size: int) -> tuple:
     obj = load_json(path, raw, "header")
     if not isinstance(obj, dict):
@@ -155,7 +165,7 @@ def _parse_json_header(path: str, raw: bytes, n: int, file_size: int) -> tuple:
             _check_text(path, k, "metadata key")
             _check_text(path, v, "metadata value")
     infos = [_parse_entry(path, name, entry, data_start, data_len) for name, entry in obj.items()]
-    _check_overlaps(path, infos)
+    _check_layout(path, infos, data_start, data_len)
     infos.sort(key=lambda t: (t.begin, t.end))
     return metadata, infos, data_start
 
@@ -212,11 +222,25 @@ def _short(value, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _check_overlaps(path, infos):
-    spans = sorted((t for t in infos if t.nbytes), key=lambda t: t.begin)
-    for prev, cur in zip(spans, spans[1:]):
-        if cur.begin < prev.end:
-            raise FormatError(f"{path}: tensors {prev.name!r} and {cur.name!r} overlap in the file")
+def _check_layout(path, infos, data_start, data_len):
+    """The tensors tile the data exactly, as the safetensors package requires: in (begin, end) order the first
+    starts at the data's start, each where the one before ended, and the last ends at the end of the file. An
+    overlap would alias two tensors; bytes that belong to no tensor mean the header does not describe the file."""
+    expected, prev = data_start, None
+    for t in sorted(infos, key=lambda t: (t.begin, t.end)):
+        if t.begin < expected:
+            raise FormatError(f"{path}: tensors {prev.name!r} and {t.name!r} overlap in the file")
+        if t.begin > expected:
+            raise FormatError(
+                f"{path}: {t.begin - expected} bytes before tensor {t.name!r} belong to no tensor "
+                "(the header does not describe the data)"
+            )
+        expected, prev = t.end, t
+    if expected != data_start + data_len:
+        raise FormatError(
+            f"{path}: {data_start + data_len - expected} bytes after the last tensor belong to no tensor "
+            "(the header does not describe the data)"
+        )
 
 
 def canonical_order(entries):
