@@ -143,6 +143,18 @@ BAD_HEADERS = {
         lambda p: write_raw(p, {"w": {"dtype": "U8", "shape": [1] * 65, "data_offsets": [0, 1]}}, b"\0" * 8),
         "65 dimensions",
     ),
+    # Bytes that belong to no tensor, as the safetensors package refuses them (found by tests/fuzzing.py).
+    "trailing bytes": (lambda p: write_raw(p, {"w": good_entry()}, ZEROS + b"\0" * 8), "after the last tensor"),
+    "no tensors, some data": (lambda p: write_raw(p, {}, ZEROS), "after the last tensor"),
+    "gap before a tensor": (lambda p: write_raw(p, {"w": good_entry(begin=4, shape=(1,))}, ZEROS), "before tensor"),
+    "empty tensor inside another": (
+        lambda p: write_raw(p, {"a": good_entry(0, (2,)), "e": good_entry(4, (0,))}, ZEROS),
+        "overlap",
+    ),
+    "integer -0": (
+        lambda p: write_raw(p, None, raw_header=b'{"w":{"dtype":"F32","shape":[-0],"data_offsets":[0,0]}}'),
+        "-0 is not an integer",
+    ),
     "offset past 2^63": (
         lambda p: write_raw(p, {"w": {"dtype": "U8", "shape": [1], "data_offsets": [2**64, 2**64 + 1]}}, b"\0" * 8),
         "64-bit offsets",

@@ -33,6 +33,20 @@ def test_weighted_sum_matches_reference(isa, threads, out_dtype, in_dtype, norma
 
 
 @pytest.mark.parametrize("isa", ISAS, ids=id_formatter("isa"))
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=id_formatter("out"))
+def test_fp16_nan_payloads_match_reference(isa, out_dtype):
+    """fp16 NaNs keep sign and payload into fp32 on every backend (torch's own fp16 -> fp32 conversion turns them
+    all into 0x7FFFFFFF; the fuzzer found the reference differing from the kernels there)."""
+    nans = [0xFE01, 0x7C01, 0x7E45, 0xFFFF, 0x7D00]
+    x = torch.tensor([b - 0x10000 if b >= 0x8000 else b for b in nans] * 7, dtype=torch.int16).view(torch.float16)
+    y = torch.full_like(x, 0.5)
+    want = reference.weighted_sum([x, y], [0.5, 2.0], out_dtype, True)
+    assert_bit_equal(cpu.weighted_sum([x, y], [0.5, 2.0], out_dtype, True, threads=2, isa=isa), want)
+    if out_dtype == torch.float16:
+        assert [b & 0xFFFF for b in want.view(torch.int16)[:5].tolist()] == [0xFE01, 0x7E01, 0x7E45, 0xFFFF, 0x7F00]
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=id_formatter("isa"))
 @pytest.mark.parametrize("count", [1, 2, 3, 4, 5, 8, 9], ids=id_formatter("inputs"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=id_formatter("dtype"))
 def test_every_input_count(isa, count, dtype):

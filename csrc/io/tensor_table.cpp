@@ -345,13 +345,14 @@ std::unique_ptr<ParsedHeader> parse_header_fast(const char* json, size_t n, int6
         table = table.permuted(order);
         table.build_index();
     }
-    // Overlaps: among the non-empty ranges in begin order, each must start at or after the previous one's end.
-    int64_t prev_end = std::numeric_limits<int64_t>::min();
+    // The ranges tile the data exactly (format.py's _check_layout, the safetensors package's rule): in file order
+    // each starts where the previous ended, the first at the data's start, the last at the end of the file.
+    int64_t expected = data_start;
     for (int64_t i = 0; i < count; ++i) {
-        if (table.begin(i) == table.end(i)) continue;
-        if (table.begin(i) < prev_end) return nullptr;
-        prev_end = table.end(i);
+        if (table.begin(i) != expected) return nullptr;
+        expected = table.end(i);
     }
+    if (expected != data_start + data_len) return nullptr;
     return out;
 }
 

@@ -22,6 +22,20 @@ def availability():
     return True, ""
 
 
+def exact_f32(x):
+    """An input tensor converted to fp32 exactly, NaN payloads included: torch (2.13) turns every fp16 NaN into
+    0x7FFFFFFF when converting, where the hardware conversion (vcvtph2ps) and the C++ kernels keep its sign and
+    payload."""
+    import torch
+
+    f = x.float()
+    if x.dtype != torch.float16:
+        return f
+    h = x.view(torch.int16).to(torch.int32)
+    bits = ((h & 0x8000) << 16) | 0x7F800000 | ((h & 0x3FF) << 13)
+    return torch.where(torch.isnan(x), bits.view(torch.float32), f)
+
+
 def fma_f32(w: float, x, acc):
     """round_fp32(w * x + acc), exactly, for an fp32 scalar w and fp32 tensors x and acc."""
     import torch
@@ -35,7 +49,7 @@ def fma_f32(w: float, x, acc):
     even = (s.view(torch.int64) & 1) == 0
     toward = torch.where(err > 0, torch.full_like(s, float("inf")), torch.full_like(s, float("-inf")))
     s = torch.where(inexact & even, torch.nextafter(s, toward), s)
-    return s.float()
+    return s.float()  # fp64 -> fp32: a rounding, not an input conversion
 
 
 def round_to(acc, out_dtype):
@@ -59,7 +73,7 @@ def weighted_sum(tensors, weights, out_dtype, normalize, threads=None):
 
     acc = torch.full(tensors[0].shape, -0.0, dtype=torch.float32, device=tensors[0].device)
     for x, w in zip(tensors, weights):
-        acc = fma_f32(w, x.float(), acc)
+        acc = fma_f32(w, exact_f32(x), acc)
     if normalize:
         total = f32_sum(weights)
         # A tensor divisor: torch may turn division by a scalar into multiplication by its reciprocal.
@@ -147,11 +161,11 @@ def task_vectors(xs, base, p, start, quota):
     """tau_i = x_i - base (fp32), then the DARE drop or the TIES trim (ties kept in index order)."""
     import torch
 
-    b = base.float()
+    b = exact_f32(base)
     taus, quota = [], list(quota)
     idx = torch.arange(start, start + b.numel(), dtype=torch.int64)
     for i, x in enumerate(xs):
-        t = x.float() - b
+        t = exact_f32(x) - b
         if p.dare_keys:
             keep = philox_words(p.dare_keys[i], idx) < p.keep_below[i]
             t = torch.where(keep, t * to_f32(p.dare_scale[i]), torch.zeros_like(t))
@@ -209,9 +223,9 @@ class TopKSelector:
         self.thresholds = self.quotas = None
 
     def add(self, addrs, dtypes, base, base_dtype, n, start, pass_):
-        b = _view(base, n, base_dtype).float()
+        b = exact_f32(_view(base, n, base_dtype))
         for i, (a, d) in enumerate(zip(addrs, dtypes)):
-            self._bits[i].append(_f32_bits(_view(a, n, d).float() - b))
+            self._bits[i].append(_f32_bits(exact_f32(_view(a, n, d)) - b))
 
     def finish(self, pass_):
         import torch
@@ -233,7 +247,7 @@ class TopKSelector:
 def masked_sum_raw(addrs, dtypes, weights, mode, n, out, out_dtype, threads=None, center=0.0, scale=1.0) -> int:
     import torch
 
-    xs = [_view(a, n, d).float() for a, d in zip(addrs, dtypes)]
+    xs = [exact_f32(_view(a, n, d)) for a, d in zip(addrs, dtypes)]
     acc = torch.full_like(xs[0], -0.0)
     div = torch.zeros_like(xs[0])
     nz = torch.ones_like(xs[0], dtype=torch.bool)
@@ -260,7 +274,7 @@ def sparse_scan_raw(addrs, dtypes, n, threads=None):
 
 def sparse_scan(xs):
     """(first index where the zero patterns differ, or -1; zeros in the first input), on any device."""
-    xs = [x.reshape(-1).float() for x in xs]
+    xs = [exact_f32(x.reshape(-1)) for x in xs]
     zero0 = xs[0] == 0
     diff = zero0 != zero0
     for x in xs[1:]:
@@ -311,10 +325,10 @@ def moments(xs, base, start, totals, mean_weights=(), dare_keys=(), keep_below=(
     pysoup.kernels.statistics.block_sums on a GPU)."""
     import torch
 
-    xs = [x.reshape(-1).float() for x in xs]
+    xs = [exact_f32(x.reshape(-1)) for x in xs]
     n = xs[0].numel()
     if base is not None:
-        b = base.reshape(-1).float()
+        b = exact_f32(base.reshape(-1))
         xs = [x - b for x in xs]
     vecs = list(xs)
     if mean_weights:
