@@ -374,6 +374,15 @@ def test_batches_stop_at_shards_of_inputs_and_outputs(tmp_path, monkeypatch):
         assert (tmp_path / "batched" / f).read_bytes() == (tmp_path / "single" / f).read_bytes()
 
 
+def test_state_dict_inputs_into_a_file_batch_one_tensor_at_a_time(tmp_path, monkeypatch):
+    """A state dict's tensors live apart (a group each): mixed with a file, batches hold one tensor, same bytes."""
+    sds = [moe_model(s) for s in range(2)]
+    path = save_st(tmp_path / "m0.safetensors", sds[0])
+    want = merge_bytes(tmp_path, [path, sds[1]], "mixed", weights=[2, 1])
+    monkeypatch.setattr(engine, "BATCH_MAX_ELEMENTS", 0)
+    assert merge_bytes(tmp_path, [path, sds[1]], "single", weights=[2, 1]) == want
+
+
 def test_the_python_reference_table_opens_and_merges_the_same(tmp_path, monkeypatch):
     """Without the C++ module's tables (PyTensorTable, format.parse_header alone, the reference helpers), opening
     gives the same infos and a merge the same bytes, through the engine's batches too (one call per tensor)."""
