@@ -216,11 +216,12 @@ def _open_directory(path: str, kw: dict) -> FileCheckpoint:
                     raise FormatError(f"{path}: tensor {k!r} is in both {owner[k].path} and {file}")
                 owner[k] = r
                 picks.extend((len(readers) - 1, row))
+        table = _gather(readers, picks)
     except BaseException:
         for r in readers:
             r.close()
         raise
-    return FileCheckpoint(path, readers, _gather(readers, picks), directory=path)
+    return FileCheckpoint(path, readers, table, directory=path)
 
 
 def _gather(readers: list, picks) -> TensorTable:
@@ -254,9 +255,10 @@ def _open_index(path: str, index_path: str, kw: dict) -> FileCheckpoint:
                     f"{os.path.join(path, shard)}: tensor {key!r} is listed in the index but missing from the shard"
                 )
             picks.extend((number, row))
+        ordered = [r for _, r in readers.values()]
+        table = _gather(ordered, picks)
     except BaseException:
         for _, r in readers.values():
             r.close()
         raise
-    ordered = [r for _, r in readers.values()]
-    return FileCheckpoint(path, ordered, _gather(ordered, picks), directory=path)
+    return FileCheckpoint(path, ordered, table, directory=path)
