@@ -85,6 +85,26 @@ def hf_dir(path, sd, shards):
     return str(path)
 
 
+def disk_full_after(monkeypatch, writes=1):
+    """Makes pysoup's writer fail with ENOSPC after `writes` pwrite calls went through (the first: a header).
+    Returns a function that starts the count again."""
+    import errno
+
+    import pysoup.io.writer as writer
+
+    real = os.pwrite
+    calls = {"n": 0}
+
+    def full(fd, data, offset):
+        calls["n"] += 1
+        if calls["n"] > writes:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(writer.os, "pwrite", full)
+    return lambda: calls.update(n=0)
+
+
 @pytest.fixture
 def models(tmp_path):
     """Three small bf16 checkpoints written by the safetensors package, and their state dicts."""
@@ -121,6 +141,7 @@ def tree_snapshot(path):
 __all__ = [
     "assert_bit_equal",
     "bits",
+    "disk_full_after",
     "hf_dir",
     "id_formatter",
     "np",

@@ -1,7 +1,6 @@
 """Every broken input of the core issue: a one-line error naming the file and tensor, a non-zero exit, no file
 and no temporary file at the target, inputs untouched, an older file at the target intact."""
 
-import errno
 import math
 import os
 import subprocess
@@ -9,7 +8,7 @@ import uuid
 
 import pytest
 import torch
-from conftest import run_cli, save_st, small_model, tree_snapshot
+from conftest import disk_full_after, run_cli, save_st, small_model, tree_snapshot
 from test_format import BAD_HEADERS
 
 import pysoup
@@ -162,18 +161,7 @@ def test_output_equal_to_input(workspace):
 def test_disk_full_mid_write(workspace, monkeypatch):
     """The writer thread's pwrite fails with ENOSPC after some data went out: the error is clean."""
     tmp_path, inputs, _sds, target = workspace
-    import pysoup.io.writer as writer
-
-    real = os.pwrite
-    calls = {"n": 0}
-
-    def full(fd, data, offset):
-        calls["n"] += 1
-        if calls["n"] > 1:  # the header goes through, the data does not
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(fd, data, offset)
-
-    monkeypatch.setattr(writer.os, "pwrite", full)
+    disk_full_after(monkeypatch)
     before = tree_snapshot(str(tmp_path))
     with pytest.raises(OutputError, match="No space left on device"):
         pysoup.merge(inputs, target, progress=False)

@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 import torch
-from conftest import ROOT, hf_dir, run_cli, save_st, small_model, tree_snapshot
+from conftest import ROOT, disk_full_after, hf_dir, run_cli, save_st, small_model, tree_snapshot
 
 import pysoup
 from pysoup.errors import FormatError, OutputError, PlanError
@@ -460,22 +460,11 @@ def test_read_only_output_filesystem(tmp_path, tmpfs):
 
 # -- 14. directories the merge created are removed when it fails -----------------------------------------------
 def test_created_directories_removed_on_failure(tmp_path, monkeypatch):
-    import pysoup.io.writer as writer
-
     a, b = (save_st(tmp_path / f"{n}.safetensors", small_model(seed=s)) for s, n in enumerate("ab"))
-    real = os.pwrite
-    calls = {"n": 0}
-
-    def full(fd, data, offset):
-        calls["n"] += 1
-        if calls["n"] > 1:  # the header goes through, the data does not
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(fd, data, offset)
-
-    monkeypatch.setattr(writer.os, "pwrite", full)
+    restart = disk_full_after(monkeypatch)
     (tmp_path / "kept").mkdir()
     for out in (tmp_path / "new1" / "new2" / "soup.safetensors", tmp_path / "kept" / "new" / "hfdir"):
-        calls["n"] = 0
+        restart()
         with pytest.raises(OutputError, match="No space left"):
             pysoup.merge([a, b], out, progress=False)
     assert sorted(os.listdir(tmp_path)) == ["a.safetensors", "b.safetensors", "kept"]
