@@ -50,7 +50,7 @@ def main(argv=None) -> int:
         "ties base + 3 x 512MiB (density 0.5)": [*fts[:3], "--base", base, "--strategy", "ties", "--param", TIES],
     }
     suite.warm([*fts[:4], base])
-    pythons = {"before": args.before, "after": args.after}
+    pythons = {"before": os.path.abspath(args.before), "after": os.path.abspath(args.after)}  # they run in /
     seconds = {case: {k: [] for k in pythons} for case in cases}
     for case, inputs in cases.items():
         for r in range(args.runs):
