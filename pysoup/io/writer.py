@@ -166,8 +166,9 @@ class OutputTarget:
         # By device and inode, not by path: a bind mount, a hard link or a symlink of an input is the input.
         inputs = {}
         for p in input_files:
-            st = os.stat(p)
-            inputs[(st.st_dev, st.st_ino)] = p
+            key = _identity(p)
+            if key is not None:  # an input removed since it was opened cannot be overwritten
+                inputs[key] = p
         for p in self.paths + [self._aux_path(a) for a in self.aux_files]:
             key = _identity(p)
             if key in inputs:
