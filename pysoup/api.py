@@ -122,14 +122,16 @@ def merge(
             aux_files=aux,
             durable=durable,
         )
-        target.create()
-        sink = FileSink(target, OUTPUT_BUFFER_BYTES)
+        sink = None
         try:
+            target.create()
+            sink = FileSink(target, OUTPUT_BUFFER_BYTES)
             with _activated(be):
                 nonfinite, states = execute(plan, sink, be, threads, progress)
             target.commit()
         except BaseException:
-            sink.close()
+            if sink is not None:
+                sink.close()
             target.abort()
             raise
         return MergeReport(

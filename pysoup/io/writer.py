@@ -183,6 +183,16 @@ class OutputTarget:
     def create(self) -> None:
         """Creates every output file as a temporary (unnamed where the OS allows) and writes its header, the
         index and the copied files, so that only the tensor data remains to be written."""
+        # Signals wait while temporaries are made: one that lands between a file's creation and its recording
+        # here would leave a file abort() does not know (the work is short: headers, fallocate, small copies).
+        try:
+            with deferred_termination():
+                self._create()
+        except BaseException:  # a signal held back is raised on leaving the block
+            self.abort()
+            raise
+
+    def _create(self) -> None:
         where = self.out
         try:
             self._created_dirs = _make_directories(self.directory)
@@ -226,14 +236,15 @@ class OutputTarget:
 
     def commit(self) -> None:
         """Renames every file into place (the index last), then removes an older output's stale weight files;
-        fsyncs first when durable. Termination signals wait until the renames are done."""
+        fsyncs first when durable. Termination signals wait from the first name given to the last rename."""
         temps = [s.temp for s in self.shards] + self._extras
         try:
-            for temp in temps:
-                if self.durable:
+            if self.durable:
+                for temp in temps:
                     os.fsync(temp.fd)
-                temp.materialize()  # may need space for a directory entry: before any rename
             with deferred_termination():
+                for temp in temps:
+                    temp.materialize()  # may need space for a directory entry: before any rename
                 for temp in temps:
                     temp.replace()
                 for name in self._stale:
@@ -250,6 +261,10 @@ class OutputTarget:
 
     def abort(self) -> None:
         """Removes every temporary file and every directory this target created; older files stay intact."""
+        with deferred_termination():  # a second signal must not cut the cleanup short
+            self._abort()
+
+    def _abort(self) -> None:
         for temp in [s.temp for s in self.shards] + self._extras:
             if temp is not None:
                 temp.discard()
