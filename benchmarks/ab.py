@@ -13,7 +13,6 @@ site-packages (so the editable install of the checkout does not shadow it).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -72,18 +71,14 @@ def main(argv=None) -> int:
         os.remove(OUT)
 
     report = {
+        "suite": f"A/B {args.name}",
         "machine_line": suite.machine_line(),
         "command": "python benchmarks/ab.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "builds": {k: version(v) for k, v in pythons.items()},
         "seconds": seconds,
     }
     lines = [
-        f"# pysoup A/B: {args.name}",
-        "",
-        f"Machine: {report['machine_line']}",
-        "",
-        f"Command: `{report['command']}`",
-        "",
+        *suite.markdown_head(report),
         *(f"- {k}: {v}" for k, v in report["builds"].items()),
         "",
         f"Whole `pysoup merge` processes, interleaved, {args.runs} runs each; seconds.",
@@ -99,10 +94,7 @@ def main(argv=None) -> int:
         )
     text = "\n".join(lines) + "\n"
     print(text)
-    with open(os.path.join(suite.RESULTS, f"{args.name}.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    with open(os.path.join(suite.RESULTS, f"{args.name}.md"), "w") as f:
-        f.write(text)
+    suite.save_results(args.name, report, text)
     return 0
 
 

@@ -18,7 +18,7 @@ import sys
 
 import numpy as np
 
-from pysoup.bench import run_process, summarize, sync
+from pysoup.bench import markdown_head, run_process, summarize, sync
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -189,12 +189,7 @@ def targets(report: dict) -> list:
 
 def markdown(report: dict) -> str:
     lines = [
-        f"# pysoup benchmarks: {report['suite']}",
-        "",
-        f"Machine: {report['machine_line']}",
-        "",
-        f"Command: `{report['command']}`",
-        "",
+        *markdown_head(report),
         "Two files per case of tiny tensors (F32 4-element norms, BF16 2 x 2 experts); whole processes, warm page "
         "cache, output on /dev/shm, contenders rotated each round; medians (spread = (max - min) / median). "
         "`open` columns: the time of `open(path)` + `len(keys())` inside the process (imports excluded); "

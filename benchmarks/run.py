@@ -26,7 +26,7 @@ sys.path.insert(1, HERE)
 
 import many_tensors  # noqa: E402
 
-from pysoup.bench import machine, machine_line, run_process, summarize, sync  # noqa: E402
+from pysoup.bench import machine, machine_line, markdown_head, run_process, summarize, sync  # noqa: E402
 from pysoup.synthetic import make_family  # noqa: E402
 from pysoup.units import parse_size  # noqa: E402
 
@@ -321,12 +321,7 @@ def interleaved(fns: dict, runs: int) -> dict:
 
 def markdown(report: dict) -> str:
     lines = [
-        f"# pysoup benchmarks: {report['suite']}",
-        "",
-        f"Machine: {report['machine_line']}",
-        "",
-        f"Command: `{report['command']}`",
-        "",
+        *markdown_head(report),
         "Whole processes, warm page cache, outputs on /dev/shm, contenders rotated each round; "
         f"median of {report['runs']} runs (spread = (max - min) / median).",
         "",
@@ -565,15 +560,23 @@ def main(argv=None) -> int:
     report["targets"] = check_targets(report)
     for t in report["targets"]:
         print(t)
+    stem = save_results(
+        args.name or ("kernel" if args.kernel_only else "quick" if args.quick else args.suite), report, markdown(report)
+    )
+    plot(report, stem + ".png")
+    return 0
+
+
+def save_results(name: str, report: dict, text: str) -> str:
+    """Writes results/NAME.json and NAME.md; returns the path without its extension."""
     os.makedirs(RESULTS, exist_ok=True)
-    stem = os.path.join(RESULTS, args.name or ("kernel" if args.kernel_only else "quick" if args.quick else args.suite))
+    stem = os.path.join(RESULTS, name)
     with open(stem + ".json", "w") as f:
         json.dump(report, f, indent=2)
     with open(stem + ".md", "w") as f:
-        f.write(markdown(report))
-    plot(report, stem + ".png")
+        f.write(text)
     print(f"wrote {stem}.json and .md", flush=True)
-    return 0
+    return stem
 
 
 def main_headers(args, argv) -> int:
@@ -604,13 +607,7 @@ def main_headers(args, argv) -> int:
     report["targets"] = check_targets(report)
     for t in report["targets"]:
         print(t)
-    os.makedirs(RESULTS, exist_ok=True)
-    stem = os.path.join(RESULTS, args.name or ("quick-headers" if args.quick else "headers"))
-    with open(stem + ".json", "w") as f:
-        json.dump(report, f, indent=2)
-    with open(stem + ".md", "w") as f:
-        f.write(many_tensors.markdown(report))
-    print(f"wrote {stem}.json and .md", flush=True)
+    save_results(args.name or ("quick-headers" if args.quick else "headers"), report, many_tensors.markdown(report))
     return 0
 
 

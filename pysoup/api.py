@@ -83,77 +83,73 @@ def merge(
         raise PlanError("empty output path")
 
     opened = []
-    with contextlib.ExitStack() as cleanup:
-        cleanup.callback(_close_all, opened)
-        # SIGTERM / SIGHUP clean up like Ctrl-C; registered after _close_all, so it runs first when leaving.
-        cleanup.enter_context(cleanup_on_termination())
-        for i, src in enumerate(inputs):
-            opened.append(open_checkpoint(src, i))
-        base_ckpt = None
-        if base is not None:
-            base_ckpt = open_checkpoint(base, len(inputs))
-            opened.append(base_ckpt)
-        plan = build_plan(
-            strat,
-            opened[: len(inputs)],
-            base_ckpt,
-            weights=weights,
-            params=params,
-            model_params=model_params,
-            out_dtype=out_dtype,
-        )
-
-        if out is None:
-            sink = MemorySink(plan.entries)
-            with _activated(be):
-                _, states = execute(plan, sink, be, threads, progress)
-            order = {name: k for k, name in enumerate(plan.inputs[0].infos)}
-            return dict(sorted(sink.tensors.items(), key=lambda kv: order[kv[0]]))
-
-        input_files = [f for c in opened for f in c.files]
-        aux = opened[0].aux_files()
-        metadata = {"format": "pt"}
-        target = OutputTarget(
-            out,
-            plan.entries,
-            shard_size=shard_size,
-            metadata=metadata,
-            input_files=input_files,
-            aux_files=aux,
-            durable=durable,
-        )
-        sink = None
+    with cleanup_on_termination():  # SIGTERM / SIGHUP clean up like Ctrl-C
         try:
-            target.create()
-            sink = FileSink(target, OUTPUT_BUFFER_BYTES)
-            with _activated(be):
-                nonfinite, states = execute(plan, sink, be, threads, progress)
-            target.commit()
-        except BaseException:
-            if sink is not None:
-                sink.close()
-            target.abort()
-            raise
-        return MergeReport(
-            seconds=time.perf_counter() - start,
-            bytes_read=plan.bytes_to_read,
-            bytes_written=target.total_bytes,
-            peak_rss_bytes=peak_rss_bytes(),
-            outputs=target.paths,
-            strategy=strat.name,
-            backend="triton" if device is not None else be.__name__.rsplit(".", 1)[-1],
-            device=str(be.device) if device is not None else "cpu",
-            cpu_isa=active_isa() if be.__name__.endswith("cpu") else None,
-            threads=threads,
-            tensors=len(plan.tasks),
-            nonfinite_tensors=nonfinite,
-            stats=_stats(plan, states),
-        )
+            for i, src in enumerate(inputs):
+                opened.append(open_checkpoint(src, i))
+            base_ckpt = None
+            if base is not None:
+                base_ckpt = open_checkpoint(base, len(inputs))
+                opened.append(base_ckpt)
+            plan = build_plan(
+                strat,
+                opened[: len(inputs)],
+                base_ckpt,
+                weights=weights,
+                params=params,
+                model_params=model_params,
+                out_dtype=out_dtype,
+            )
 
+            if out is None:
+                sink = MemorySink(plan.entries)
+                with _activated(be):
+                    _, states = execute(plan, sink, be, threads, progress)
+                order = {name: k for k, name in enumerate(plan.inputs[0].infos)}
+                return dict(sorted(sink.tensors.items(), key=lambda kv: order[kv[0]]))
 
-def _close_all(checkpoints) -> None:
-    for c in checkpoints:
-        c.close()
+            input_files = [f for c in opened for f in c.files]
+            aux = opened[0].aux_files()
+            metadata = {"format": "pt"}
+            target = OutputTarget(
+                out,
+                plan.entries,
+                shard_size=shard_size,
+                metadata=metadata,
+                input_files=input_files,
+                aux_files=aux,
+                durable=durable,
+            )
+            sink = None
+            try:
+                target.create()
+                sink = FileSink(target, OUTPUT_BUFFER_BYTES)
+                with _activated(be):
+                    nonfinite, states = execute(plan, sink, be, threads, progress)
+                target.commit()
+            except BaseException:
+                if sink is not None:
+                    sink.close()
+                target.abort()
+                raise
+            return MergeReport(
+                seconds=time.perf_counter() - start,
+                bytes_read=plan.bytes_to_read,
+                bytes_written=target.total_bytes,
+                peak_rss_bytes=peak_rss_bytes(),
+                outputs=target.paths,
+                strategy=strat.name,
+                backend="triton" if device is not None else be.__name__.rsplit(".", 1)[-1],
+                device=str(be.device) if device is not None else "cpu",
+                cpu_isa=active_isa() if be.__name__.endswith("cpu") else None,
+                threads=threads,
+                tensors=len(plan.tasks),
+                nonfinite_tensors=nonfinite,
+                stats=_stats(plan, states),
+            )
+        finally:
+            for c in opened:
+                c.close()
 
 
 def _backend_for(backend, device):

@@ -92,6 +92,18 @@ def machine_line() -> str:
     )
 
 
+def markdown_head(report: dict) -> list:
+    """The lines every results file starts with: the suite, the machine, the command that made it."""
+    return [
+        f"# pysoup benchmarks: {report['suite']}",
+        "",
+        f"Machine: {report['machine_line']}",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+    ]
+
+
 def sync() -> None:
     """Flushes dirty pages so one run's writeback does not land in the next run's timing."""
     os.sync()

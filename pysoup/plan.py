@@ -199,22 +199,30 @@ class MergePlan:
         return LayoutEntries(self.layout)
 
 
-class _Tasks(Sequence):
+class _Rows(Sequence):
+    """A read-only sequence whose k-th item is made when read: no object per row is kept (10^6 rows)."""
+
+    def _item(self, k: int):
+        raise NotImplementedError
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self._item(i) for i in range(*k.indices(len(self)))]
+        return self._item(k + len(self) if k < 0 else k)
+
+
+class _Tasks(_Rows):
     def __init__(self, plan):
         self._plan = plan
 
     def __len__(self):
         return len(self._plan)
 
-    def __getitem__(self, k):
-        if isinstance(k, slice):
-            return [self._plan.task(i) for i in range(*k.indices(len(self)))]
-        if k < 0:
-            k += len(self)
+    def _item(self, k):
         return self._plan.task(k)
 
 
-class LayoutEntries(Sequence):
+class LayoutEntries(_Rows):
     """(name, dtype, shape) rows of a layout TensorTable: what OutputTarget and MemorySink take, without a tuple
     per tensor for the writer (it reads `.table`)."""
 
@@ -224,11 +232,7 @@ class LayoutEntries(Sequence):
     def __len__(self):
         return len(self.table)
 
-    def __getitem__(self, k):
-        if isinstance(k, slice):
-            return [self[i] for i in range(*k.indices(len(self)))]
-        if k < 0:
-            k += len(self)
+    def _item(self, k):
         t = self.table
         return t.name(k), t.dtype(k), t.shape(k)
 

@@ -68,13 +68,9 @@ def cleanup_on_termination():
     try:
         yield
     except Terminated as exc:
-        if exc.signum not in replaced:
-            raise
-        for sig, old in replaced.items():
-            signal.signal(sig, old)
-        replaced = {}
-        die_by(exc.signum)
-        raise  # not reached: the default action ends the process
+        if exc.signum in replaced:
+            die_by(exc.signum)  # the default action ends the process here
+        raise
     finally:
         for sig, old in replaced.items():
             signal.signal(sig, old)

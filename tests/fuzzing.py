@@ -1175,24 +1175,12 @@ class CaseCheck:
         if reference is None:
             self.fail("FAIL merged what the reference merge refuses", f"{len(merged)} tensors written")
             return
-        if set(merged) != set(reference):
-            self.fail(
-                "FAIL output differs from the reference merge", f"keys {sorted(set(merged) ^ set(reference))[:5]!r}"
-            )
-            return
-        for name, want in reference.items():
-            got = merged[name]
-            if got.dtype != want.dtype or got.shape != want.shape:
-                what = f"{got.dtype} {list(got.shape)} != {want.dtype} {list(want.shape)}"
-                self.fail("FAIL output differs from the reference merge", f"tensor {name!r}: {what}")
-                return
-            if tensor_bytes(got) != tensor_bytes(want):
-                self.fail(
-                    "FAIL output differs from the reference merge", f"tensor {name!r}: {_first_difference(got, want)}"
-                )
-                return
-        if self.case["output"] == "file" and _read(self.out) != save(reference, metadata={"format": "pt"}):
-            self.fail("FAIL output differs from the reference merge", "file bytes differ from safetensors.save")
+        difference = _difference(merged, reference)
+        if difference is None and self.case["output"] == "file":
+            if _read(self.out) != save(reference, metadata={"format": "pt"}):
+                difference = "file bytes differ from safetensors.save"
+        if difference is not None:
+            self.fail("FAIL output differs from the reference merge", difference)
 
     def _check_leftovers(self, merged: bool) -> None:
         allowed = {self.mutated, self.partner, os.path.dirname(self.mutated)}
@@ -1209,6 +1197,19 @@ class CaseCheck:
         debris = sorted(os.path.relpath(p, self.work) for p in found if p not in allowed)
         if debris:
             self.fail("FAIL debris", ", ".join(debris[:5]))
+
+
+def _difference(merged: dict, reference: dict):
+    """How a merged state dict differs from the reference merge (keys, dtype, shape or bits), or None."""
+    if set(merged) != set(reference):
+        return f"keys {sorted(set(merged) ^ set(reference))[:5]!r}"
+    for name, want in reference.items():
+        got = merged[name]
+        if got.dtype != want.dtype or got.shape != want.shape:
+            return f"tensor {name!r}: {got.dtype} {list(got.shape)} != {want.dtype} {list(want.shape)}"
+        if tensor_bytes(got) != tensor_bytes(want):
+            return f"tensor {name!r}: {_first_difference(got, want)}"
+    return None
 
 
 def _first_difference(got, want) -> str:

@@ -69,8 +69,8 @@ class SafetensorsReader:
         """Raises FormatError if the file changed since it was opened: its size, inode or modification time
         differ, or a mapped page vanished under a read (the file shrank). A merge calls this before it commits.
         """
-        faulted = self._window is not None and self._window.faulted()
-        self._faulted = self._faulted or faulted
+        if self._window is not None and self._window.faulted():
+            self._faulted = True
         if self._faulted or file_identity(os.fstat(self._fd)) != self.identity:
             raise FormatError(
                 f"{self.path}: changed while being read (another process wrote or truncated it); nothing was written"
@@ -83,9 +83,7 @@ class SafetensorsReader:
         if w is not None and w.offset <= lo and hi <= w.offset + w.length:
             return w.address + (lo - w.offset)
         if w is not None:
-            self._faulted = self._faulted or w.faulted()
-            w.close()
-            self._window = None
+            self.release()
             if self._faulted:  # fail at once rather than merge the rest of a truncated file
                 self.check_unchanged()
         length = min(max(hi - lo, self._window_bytes), self.file_size - lo)
@@ -95,7 +93,7 @@ class SafetensorsReader:
     def release(self) -> None:
         """Unmaps the current window (the page cache keeps the data; our resident memory drops)."""
         if self._window is not None:
-            self._faulted = self._faulted or self._window.faulted()
+            self._faulted = self._faulted or self._window.faulted()  # the mark goes with the mapping
             self._window.close()
             self._window = None
 

@@ -60,12 +60,6 @@ class ShardLayout:
     def names(self) -> list:
         return self.layout.names(self.start, self.stop)
 
-    @property
-    def offsets(self) -> dict:
-        """name -> (begin, end), absolute."""
-        t = self.layout
-        return {t.name(i): (t.begin(i), t.end(i)) for i in range(self.start, self.stop)}
-
 
 def _layout_table(entries):
     """The output tensors as a TensorTable in the safetensors package's write order: a plan's layout as it is
@@ -188,11 +182,11 @@ class OutputTarget:
         try:
             with deferred_termination():
                 self._create()
-        except BaseException:  # a signal held back is raised on leaving the block
+        except BaseException:  # also a signal held back, raised on leaving the block
             self.abort()
             raise
 
-    def _create(self) -> None:
+    def _create(self) -> None:  # create() removes whatever this made when it fails
         where = self.out
         try:
             self._created_dirs = _make_directories(self.directory)
@@ -220,11 +214,7 @@ class OutputTarget:
                 keep = {os.path.basename(p) for p in self.paths}
                 self._stale = sorted(f for f in os.listdir(self.out) if _WEIGHT_FILE.fullmatch(f) and f not in keep)
         except OSError as exc:
-            self.abort()
             raise OutputError(f"{where}: cannot write ({exc.strerror})") from None
-        except BaseException:
-            self.abort()
-            raise
 
     def _index_bytes(self) -> bytes:
         weight_map = {n: os.path.basename(s.path) for s in self.shards for n in s.names}
@@ -291,7 +281,7 @@ def _make_directories(directory: str) -> list:
     missing = []
     d = directory
     while not os.path.isdir(d):
-        if os.path.lexists(d) and not os.path.isdir(d):
+        if os.path.lexists(d):
             raise OutputError(f"{d}: exists and is not a directory")
         missing.append(d)
         parent = os.path.dirname(d)
