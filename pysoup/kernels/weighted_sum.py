@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
 from pysoup.kernels._rounding import BF16, F16, F32, round_to_out, to_f32
 
 # 4096 elements per program: large blocks keep the interpreter (20-50x slower than torch) fast in CI and are

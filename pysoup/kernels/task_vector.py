@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
 from pysoup.kernels._rounding import round_to_out, to_f32
 from pysoup.kernels.weighted_sum import _kind
 
