@@ -24,7 +24,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from pysoup.bench import summarize  # noqa: E402
+from pysoup.bench.harness import summarize  # noqa: E402
 
 # --smoke (a check of this script where there is no GPU): the file-merge and EMA cases only, tiny, the "device"
 # being the CPU under TRITON_INTERPRET=1.
@@ -90,9 +90,8 @@ EMA_SWEEP = [
 def ema_case(params: int, tensors: int, runs: int, sweep=EMA_SWEEP) -> dict:
     """The multi-tensor EMA step against torch._foreach_lerp_, over a sweep of block sizes and warps (the
     table's layout depends on the block size); the best setting is the reported one."""
-    from pysoup.kernels.multi_tensor import TensorTable, lerp_
-
     import pysoup
+    from pysoup.kernels.multi_tensor import TensorTable, lerp_
 
     per = params // tensors
     sizes = [per + (17 * i) % 1024 for i in range(tensors)]  # uneven, as real models are
@@ -140,7 +139,7 @@ def ema_case(params: int, tensors: int, runs: int, sweep=EMA_SWEEP) -> dict:
 def histogram_case(n: int, runs: int) -> dict:
     """Pass 0 of the TIES threshold search (high 16 bits of |x_i - base|) for 3 bf16 models: the fused CUDA
     kernel against the torch fallback (bits materialised, then torch.bincount)."""
-    from pysoup.ops.device import cuda_module
+    from pysoup.ops.triton import cuda_module
 
     module = cuda_module()
     base = torch.randn(n, device="cuda", dtype=torch.bfloat16)
@@ -177,7 +176,7 @@ def _write_family(directory: str, nbytes: int, count: int) -> tuple:
     """A bf16 base and `count` fine-tunes of about nbytes each, made on the GPU (seconds, not minutes)."""
     from safetensors.torch import save_file
 
-    from pysoup.synthetic import decoder_lm_shapes
+    from pysoup.testing import decoder_lm_shapes
 
     dev = SMOKE_DEVICE or "cuda"
     g = torch.Generator(device=dev).manual_seed(0)

@@ -27,9 +27,9 @@ def main(argv=None) -> int:
     import torch
 
     import pysoup
-    from pysoup.engine import CHUNK_ELEMENTS
+    from pysoup.engine.execute import CHUNK_ELEMENTS
     from pysoup.ops import cpu
-    from pysoup.strategies.task_vector import TaskVectorParams
+    from pysoup.ops.table import Chunk, TaskVectorParams
 
     n = args.elements
     g = torch.Generator().manual_seed(0)
@@ -40,11 +40,11 @@ def main(argv=None) -> int:
 
     def select(isa, passes):
         """The selector after `passes` passes, and the seconds the last of them took."""
-        sel = cpu.TopKSelector([n // 2] * 3, isa=isa)
+        sel = cpu.CpuBackend(isa=isa).top_k_selector([n // 2] * 3)
         for pass_ in range(passes):
             t = time.perf_counter()
             for s, m in chunks:
-                sel.add([x[s:].data_ptr() for x in xs], ["BF16"] * 3, base[s:].data_ptr(), "BF16", m, s, pass_)
+                sel.add(Chunk("w", [x[s:].data_ptr() for x in [*xs, base]], ["BF16"] * 4, s, m), pass_)
             seconds = time.perf_counter() - t
             sel.finish(pass_)
         return sel, seconds
@@ -52,22 +52,11 @@ def main(argv=None) -> int:
     def combine(isa, sel):
         params = TaskVectorParams((1.0,) * 3, 1.0, True, True, trim_bits=tuple(sel.thresholds))
         quota = list(sel.quotas)
+        backend = cpu.CpuBackend(isa=isa)
         t = time.perf_counter()
         for s, m in chunks:
-            ptrs = [x[s:].data_ptr() for x in xs]
-            _, quota = cpu.task_vector_raw(
-                ptrs,
-                ["BF16"] * 3,
-                base[s:].data_ptr(),
-                "BF16",
-                m,
-                out[s:].data_ptr(),
-                "BF16",
-                params,
-                s,
-                quota,
-                isa=isa,
-            )
+            chunk = Chunk("w", [x[s:].data_ptr() for x in [*xs, base]], ["BF16"] * 4, s, m, out[s:].data_ptr(), "BF16")
+            _, quota = backend.task_vector_raw(chunk, params, quota)
         return time.perf_counter() - t
 
     print(f"{pysoup.info()['threads']} threads, 3 x {n:,} bf16 elements, medians of {args.runs}")

@@ -14,9 +14,9 @@ import sys
 import time
 
 import pysoup
-from pysoup.bench import run_process
-from pysoup.synthetic import make_family
-from pysoup.units import format_bytes, parse_size
+from pysoup.bench.harness import run_process
+from pysoup.io.units import format_bytes, parse_size
+from pysoup.testing import make_family
 
 
 def main(argv=None) -> int:

@@ -1,18 +1,20 @@
 """pysoup: fast, bounded-memory merging of neural-network checkpoints."""
 
-from pysoup import ops, weights  # ops: torch-free until an op runs
+from pysoup import ops  # torch-free until an op runs
 from pysoup._version import __version__
 from pysoup.api import info, merge, open
+from pysoup.engine.execute import NonFiniteWarning
+from pysoup.engine.report import MergeReport
 from pysoup.errors import BackendError, FormatError, PlanError, SoupError
-from pysoup.report import MergeReport
+from pysoup.search import weights
 
 
 def __getattr__(name):
     # The searches, diagnostics and ensembles need torch: imported on first use, so `import pysoup` stays light.
     lazy = {
         "greedy_soup": "pysoup.search", "learned_soup": "pysoup.search", "lcsc_search": "pysoup.search",
-        "layer_group_ratios": "pysoup.search", "diagnose": "pysoup.diagnostics",
-        "interpolation_curve": "pysoup.diagnostics", "ensemble": "pysoup.ensembling",
+        "layer_group_ratios": "pysoup.search", "diagnose": "pysoup.search.diagnostics",
+        "interpolation_curve": "pysoup.search.diagnostics", "ensemble": "pysoup.search.ensembling",
     }  # fmt: skip
     if name in lazy:
         import importlib
@@ -25,6 +27,7 @@ __all__ = [
     "BackendError",
     "FormatError",
     "MergeReport",
+    "NonFiniteWarning",
     "PlanError",
     "SoupError",
     "__version__",

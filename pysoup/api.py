@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from collections.abc import Mapping
 
 from pysoup._version import __version__
 from pysoup.dtypes import parse_dtype
-from pysoup.engine import OUTPUT_BUFFER_BYTES, execute
+from pysoup.engine.execute import OUTPUT_BUFFER_BYTES, execute
+from pysoup.engine.plan import build_plan
+from pysoup.engine.report import MergeReport, peak_rss_bytes
 from pysoup.errors import PlanError
 from pysoup.io.checkpoint import open_checkpoint
+from pysoup.io.signals import cleanup_on_termination
+from pysoup.io.units import parse_size
 from pysoup.io.writer import FileSink, MemorySink, OutputTarget
-from pysoup.plan import build_plan
-from pysoup.report import MergeReport, peak_rss_bytes
-from pysoup.signals import cleanup_on_termination
 from pysoup.strategies import get_strategy
-from pysoup.units import parse_size
 
 
 def merge(
@@ -65,7 +64,7 @@ def merge(
         >>> report = merge(["a.safetensors", "b.safetensors"], "soup.safetensors", weights=[0.7, 0.3])  # doctest: +SKIP
         >>> soup = merge([sd_a, sd_b], strategy="uniform")  # doctest: +SKIP
     """
-    from pysoup.ops.cpu import active_isa, default_threads
+    from pysoup.ops.cpu import default_threads
 
     start = time.perf_counter()
     if isinstance(inputs, (str, os.PathLike, Mapping)):
@@ -75,10 +74,10 @@ def merge(
     out_dtype = parse_dtype(dtype)
     if shard_size is not None:
         shard_size = parse_size(shard_size)
-    be = _backend_for(backend, device)
     threads = int(threads) if threads else default_threads()
     if threads < 1:
         raise PlanError(f"threads must be positive, got {threads}")
+    be = _backend_for(backend, device, threads)
     if out is not None and os.fspath(out) == "":
         raise PlanError("empty output path")
 
@@ -103,10 +102,9 @@ def merge(
 
             if out is None:
                 sink = MemorySink(plan.entries)
-                with _activated(be):
-                    _, states = execute(plan, sink, be, threads, progress)
-                order = {name: k for k, name in enumerate(plan.inputs[0].infos)}
-                return dict(sorted(sink.tensors.items(), key=lambda kv: order[kv[0]]))
+                with be.activate():
+                    execute(plan, sink, be, progress)
+                return {name: sink.tensors[name] for name in plan.state_dict_order()}
 
             input_files = [f for c in opened for f in c.files]
             aux = opened[0].aux_files()
@@ -124,8 +122,8 @@ def merge(
             try:
                 target.create()
                 sink = FileSink(target, OUTPUT_BUFFER_BYTES)
-                with _activated(be):
-                    nonfinite, states = execute(plan, sink, be, threads, progress)
+                with be.activate():
+                    nonfinite, (stats, notes) = execute(plan, sink, be, progress)
                 target.commit()
             except BaseException:
                 if sink is not None:
@@ -139,45 +137,27 @@ def merge(
                 peak_rss_bytes=peak_rss_bytes(),
                 outputs=target.paths,
                 strategy=strat.name,
-                backend="triton" if device is not None else be.__name__.rsplit(".", 1)[-1],
-                device=str(be.device) if device is not None else "cpu",
-                cpu_isa=active_isa() if be.__name__.endswith("cpu") else None,
+                **be.describe(),
                 threads=threads,
-                tensors=len(plan.tasks),
+                tensors=len(plan),
                 nonfinite_tensors=nonfinite,
-                stats=_stats(plan, states),
+                stats=stats,
+                notes=notes,
             )
         finally:
             for c in opened:
                 c.close()
 
 
-def _backend_for(backend, device):
-    """The backend module, or for `device` the streaming DeviceBackend (which runs the triton kernels)."""
+def _backend_for(backend, device, threads):
+    """The backend a merge runs on: for `device`, the triton backend streaming to it."""
     from pysoup.ops import get_backend
 
-    if device is None:
-        return get_backend(backend)
-    if backend not in (None, "auto", "triton"):
+    if device is not None and backend not in (None, "auto", "triton"):
         raise PlanError(f"device={device!r} merges run the triton kernels: backend must be 'auto' or 'triton'")
-    from pysoup.ops.device import DeviceBackend
-
-    return DeviceBackend(device)
-
-
-def _activated(be):
-    activate = getattr(be, "activate", None)
-    return activate() if activate else contextlib.nullcontext()
-
-
-def _stats(plan, states) -> dict:
-    """What a strategy measured while merging, summed over tensors (e.g. the sparse soup's sparsity)."""
-    zeros = sum(s["zeros"] for s in states.values() if isinstance(s, dict) and "zeros" in s)
-    out = {}
-    if any(isinstance(s, dict) and "zeros" in s for s in states.values()):
-        total = sum(plan.inputs[0].infos[t.name].numel for t in plan.tasks if t.name in states)
-        out["sparsity"] = zeros / total if total else 0.0
-    return out
+    if device is not None:
+        return get_backend("triton", device, threads)
+    return get_backend(backend, None, threads)
 
 
 def open(path):  # noqa: A001 - the public name mirrors safetensors' safe_open

@@ -89,9 +89,25 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--json", action="store_true", help="print pysoup.info() as JSON")
     n.add_argument("--debug", action="store_true")
 
-    b = sub.add_parser("bench", help="run the benchmark suite")
-    b.add_argument("--quick", action="store_true", help="small cases only (seconds, not minutes)")
+    b = sub.add_parser(
+        "bench",
+        help="run a benchmark suite: prints the table, writes SUITE.json, SUITE.md and SUITE.png into --out",
+    )
+    b.add_argument("--quick", action="store_true", help="one small case, torch and mergekit timed once (seconds)")
+    b.add_argument(
+        "--suite",
+        choices=["linear", "methods", "headers"],
+        default="linear",
+        help="linear: N inputs x sizes (default); methods: every merge method on base + 3 inputs; headers: files "
+        "of 10^5 and 10^6 tiny tensors",
+    )
+    b.add_argument("--out", metavar="DIR", help="results folder (default: a new ./pysoup-bench-<timestamp>)")
+    b.add_argument("--force", action="store_true", help="overwrite earlier results of this suite in --out")
+    b.add_argument("--cases", help="comma-separated cases instead of the suite's: 4x512MiB,2x1GiB (headers: 1e5)")
+    b.add_argument("--runs", type=int, help="timed runs per contender (default 5; quick runs 3)")
+    b.add_argument("--no-mergekit", action="store_true", help="leave mergekit out even when it is installed")
     b.add_argument("--debug", action="store_true")
+    b.set_defaults(bench_parser=b)
     return p
 
 
@@ -107,7 +123,7 @@ def _merge_arguments(args) -> dict:
         )
     if args.inputs:
         raise SoupError("give the inputs either on the command line or in --config, not both")
-    from pysoup.config import load_config
+    from pysoup.strategies.config import load_config
 
     spec = load_config(args.config)
     return dict(
@@ -139,11 +155,11 @@ def _cmd_merge(args) -> int:
 
         print(json.dumps(asdict(report), indent=2))
     else:
-        from pysoup.units import format_bytes
+        from pysoup.io.units import format_bytes
 
         print(f"merged {report.tensors} tensors ({report.strategy}) -> {', '.join(report.outputs)}")
-        if "sparsity" in report.stats:
-            print(f"sparsity {report.stats['sparsity']:.2%} (zeros kept exactly)")
+        for note in report.notes:
+            print(note)
         print(
             f"read {format_bytes(report.bytes_read)}, wrote {format_bytes(report.bytes_written)} in "
             f"{report.seconds:.2f} s; peak RSS {format_bytes(report.peak_rss_bytes)}; "
@@ -155,7 +171,7 @@ def _cmd_merge(args) -> int:
 
 def _cmd_inspect(args) -> int:
     import pysoup
-    from pysoup.units import format_bytes
+    from pysoup.io.units import format_bytes
 
     with pysoup.open(args.path) as ckpt:
         width = max((len(k) for k in ckpt.infos), default=4)
@@ -192,13 +208,33 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from pysoup.bench import run_suite
+    if args.rest:
+        args.bench_parser.error(f"unrecognized arguments: {' '.join(args.rest)}")
+    if args.runs is not None and args.runs < 1:
+        args.bench_parser.error("--runs must be at least 1")
+    import pysoup.bench
 
-    return run_suite(quick=args.quick, extra=args.rest)
+    shown = [("--quick", args.quick), (f"--suite {args.suite}", args.suite != "linear")]
+    shown += [
+        (f"--cases {args.cases}", args.cases),
+        (f"--runs {args.runs}", args.runs),
+        ("--no-mergekit", args.no_mergekit),
+    ]
+    pysoup.bench.run(
+        args.suite,
+        args.out,
+        quick=args.quick,
+        cases=[c for c in args.cases.split(",") if c] if args.cases else None,
+        runs=args.runs,
+        mergekit=not args.no_mergekit,
+        force=args.force,
+        command=" ".join(["pysoup bench"] + [flag for flag, given in shown if given]),
+    )
+    return 0
 
 
 def main(argv=None) -> int:
-    from pysoup.signals import Terminated, die_by, raise_on_termination
+    from pysoup.io.signals import Terminated, die_by, raise_on_termination
 
     raise_on_termination()  # SIGTERM and SIGHUP clean up like Ctrl-C, then end the process
     try:

@@ -5,13 +5,13 @@ import yaml
 from conftest import run_cli
 
 import pysoup
-from pysoup.config import load_config
 from pysoup.errors import PlanError
+from pysoup.strategies.config import load_config
 
 
 @pytest.fixture
 def family(tmp_path):
-    from pysoup.synthetic import make_family
+    from pysoup.testing import make_family
 
     fts = make_family(str(tmp_path / "models"), 2, 400_000, dtype="BF16", layout="hf")
     return str(tmp_path / "models" / "base"), fts

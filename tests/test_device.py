@@ -14,9 +14,12 @@ from test_methods import METHODS, family
 pytest.importorskip("triton")
 
 import pysoup  # noqa: E402
-from pysoup import engine  # noqa: E402
+from pysoup.engine import execute as engine  # noqa: E402
 from pysoup.errors import BackendError, PlanError  # noqa: E402
-from pysoup.ops import cpu, reference  # noqa: E402
+from pysoup.ops import reference  # noqa: E402
+from pysoup.ops.cpu import CpuBackend  # noqa: E402
+from pysoup.ops.table import Chunk, MaskedSumMode  # noqa: E402
+from pysoup.ops.triton import TritonBackend  # noqa: E402
 
 on_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 # Every method, and SLERP twice: its coefficients come from the fp64 statistics pass.
@@ -122,22 +125,14 @@ def test_block_sums_kernel_is_the_reference_order(n):
         assert float(want[0].sum()) != float(q.sum())  # the order matters for these values
 
 
-def _histograms(selector_cls, xs, base, keep):
-    """Thresholds and tie quotas a selector finds over the tensors, fed in two ranges."""
-    sel = selector_cls(keep)
+def _histograms(backend, xs, base, keep):
+    """Thresholds and tie quotas a backend's selector finds over the tensors, fed in two ranges."""
+    sel = backend.top_k_selector(keep)
     n = base.numel()
     half = (n // 2) // 4096 * 4096
     for pass_ in range(sel.passes):
         for lo, hi in ((0, half), (half, n)):
-            sel.add(
-                [x[lo:].data_ptr() for x in xs],
-                ["BF16"] * len(xs),
-                base[lo:].data_ptr(),
-                "BF16",
-                hi - lo,
-                lo,
-                pass_,
-            )
+            sel.add(Chunk("w", [x[lo:].data_ptr() for x in [*xs, base]], ["BF16"] * (len(xs) + 1), lo, hi - lo), pass_)
         sel.finish(pass_)
     return sel.thresholds, sel.quotas
 
@@ -150,12 +145,10 @@ def _tie_heavy(n):
 
 
 def test_device_top_k_matches_the_cpu_selector():
-    from pysoup.ops.device import DeviceBackend
-
     xs, base = _tie_heavy(50000)
     keep = [1, 12345, 49999]
-    want = _histograms(cpu.TopKSelector, xs, base, keep)
-    got = _histograms(DeviceBackend("cpu").TopKSelector, xs, base, keep)
+    want = _histograms(CpuBackend(), xs, base, keep)
+    got = _histograms(TritonBackend(device="cpu"), xs, base, keep)
     assert got == want and any(q >= 0 for q in want[1])
 
 
@@ -164,7 +157,7 @@ def test_device_top_k_matches_the_cpu_selector():
 @on_gpu
 def test_cuda_module_is_built_when_required():
     """gpu_check.sh builds with PYSOUP_CUDA=ON and sets PYSOUP_REQUIRE_CUDA_MODULE: the fused histograms must run."""
-    from pysoup.ops.device import cuda_module
+    from pysoup.ops.triton import cuda_module
 
     if os.environ.get("PYSOUP_REQUIRE_CUDA_MODULE") == "1":
         assert cuda_module() is not None
@@ -177,7 +170,7 @@ def test_cuda_module_is_built_when_required():
 @pytest.mark.parametrize("dtypes", [("BF16", "BF16"), ("F16", "F32"), ("F32", "BF16")], ids=str)
 def test_cuda_histograms_count_what_the_cpu_counts(dtypes):
     from pysoup.dtypes import KERNEL_CODE, to_torch
-    from pysoup.ops.device import cuda_module
+    from pysoup.ops.triton import cuda_module
 
     module = cuda_module()
     if module is None:
@@ -194,7 +187,7 @@ def test_cuda_histograms_count_what_the_cpu_counts(dtypes):
         host = (ctypes.c_uint64 * (3 * 65536))()
         pysoup._native.native.magnitude_histogram(
             [x.data_ptr() for x in xs], [KERNEL_CODE[dtypes[0]]] * 3, base.data_ptr(), KERNEL_CODE[dtypes[1]],
-            n, pass_, prefix, ctypes.addressof(host), 2, cpu.active_isa(),
+            n, pass_, prefix, ctypes.addressof(host), 2, CpuBackend()._isa,
         )  # fmt: skip
         dev = torch.zeros(3 * 65536, dtype=torch.int64, device="cuda")
         xg, bg = [x.cuda() for x in xs], base.cuda()
@@ -248,7 +241,8 @@ def test_gpu_divisions_round_correctly(mode):
     xs = [torch.where(torch.rand(n, generator=g) < 0.3, torch.zeros_like(x), x) for x in xs]
     ws = [0.3, 0.45, 0.7]
     want = torch.empty(n, dtype=torch.float32)
-    reference.masked_sum_raw([x.data_ptr() for x in xs], ["F32"] * 3, ws, mode, n, want.data_ptr(), "F32", 0, 0.1, 1.3)
+    chunk = Chunk("w", [x.data_ptr() for x in xs], ["F32"] * 3, 0, n, want.data_ptr(), "F32")
+    reference.ReferenceBackend(1).masked_sum_raw(chunk, ws, MaskedSumMode(mode), 0.1, 1.3)
     got = masked_sum([x.cuda() for x in xs], ws, mode, torch.float32, center=0.1, scale=1.3)
     assert_bit_equal(got.cpu(), want)
     got = weighted_sum([x.cuda() for x in xs], ws, torch.float32, True)

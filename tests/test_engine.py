@@ -7,11 +7,11 @@ from conftest import assert_bit_equal, hf_dir, save_st, small_model
 from safetensors.torch import load_file
 
 import pysoup
-import pysoup.engine as engine
+import pysoup.engine.execute as engine
 from pysoup.ops import reference
-from pysoup.plan import TensorOp
 from pysoup.strategies import _REGISTRY, register
 from pysoup.strategies.base import Strategy
+from pysoup.strategies.tensor_op import TensorOp
 
 
 def test_chunking_does_not_change_bytes(tmp_path, models, monkeypatch):
@@ -53,16 +53,7 @@ class ScaleByMax(TensorOp):
 
     def combine(self, backend, chunk, state):
         assert state["at_max"] >= 1  # the second pass ran after the first
-        return backend.weighted_sum_raw(
-            chunk.addrs[:1],
-            chunk.dtypes[:1],
-            [state["scale"]],
-            chunk.n,
-            chunk.out,
-            chunk.out_dtype,
-            False,
-            chunk.threads,
-        )
+        return backend.weighted_sum_raw(chunk, [state["scale"]], False)
 
 
 def test_two_pass_op_sees_every_element_once(tmp_path, models, monkeypatch):
@@ -95,13 +86,13 @@ def test_windows_release_memory(tmp_path):
     sds = [small_model(seed=s, hidden=64) for s in range(2)]
     paths = [save_st(tmp_path / f"w{i}.safetensors", sd) for i, sd in enumerate(sds)]
     ckpts = [pysoup.open(p) for p in paths]
-    from pysoup.plan import build_plan
+    from pysoup.engine.plan import build_plan
     from pysoup.strategies import get_strategy
 
     plan = build_plan(get_strategy("linear"), ckpts)
     from pysoup.io.writer import MemorySink
 
-    engine.execute(plan, MemorySink(plan.entries), pysoup.ops.get_backend("cpu"), 2, progress=False)
+    engine.execute(plan, MemorySink(plan.entries), pysoup.ops.get_backend("cpu", threads=2), progress=False)
     assert all(r._window is None for c in ckpts for r in c._readers)
     maps = open("/proc/self/maps").read()
     assert not any(p in maps for p in paths)

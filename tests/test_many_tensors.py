@@ -16,14 +16,14 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import pysoup
-import pysoup.engine as engine
+import pysoup.engine.execute as engine
 import pysoup.io.reader as reader
-from pysoup import _native
+from pysoup import NonFiniteWarning, _native
+from pysoup.engine.plan import build_plan
 from pysoup.errors import FormatError, PlanError
 from pysoup.io import table as tbl
 from pysoup.io.format import TensorInfo, build_header, parse_header, parse_header_table
 from pysoup.ops import reference
-from pysoup.plan import NonFiniteWarning, build_plan
 from pysoup.strategies import get_strategy
 
 ISAS = pysoup.info()["cpu_isas"]
@@ -391,10 +391,10 @@ def test_the_python_reference_table_opens_and_merges_the_same(tmp_path, monkeypa
     want = merge_bytes(tmp_path, paths, "native")
     with pysoup.open(paths[0]) as ckpt:
         infos = dict(ckpt.infos.items())
+    import pysoup.engine.plan as plan
     import pysoup.io.checkpoint as checkpoint
     import pysoup.io.format as fmt
     import pysoup.io.writer as writer
-    import pysoup.plan as plan
 
     monkeypatch.setattr(fmt, "parse_plain_header", lambda *a: None)
     monkeypatch.setattr(tbl, "TensorTable", tbl.PyTensorTable)

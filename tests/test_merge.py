@@ -180,7 +180,7 @@ def test_nonfinite_values_warn(tmp_path, models):
     bad["lm_head.weight"] = bad["lm_head.weight"].clone()
     bad["lm_head.weight"][0, 0] = float("nan")
     path = save_st(tmp_path / "nan.safetensors", bad)
-    with pytest.warns(pysoup.plan.NonFiniteWarning, match="lm_head.weight"):
+    with pytest.warns(pysoup.NonFiniteWarning, match="lm_head.weight"):
         report = pysoup.merge([path, sds[1]], tmp_path / "o.safetensors")
     assert report.nonfinite_tensors == ["lm_head.weight"]
     assert torch.isnan(load_file(str(tmp_path / "o.safetensors"))["lm_head.weight"][0, 0])

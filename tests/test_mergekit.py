@@ -12,7 +12,7 @@ import yaml
 from safetensors.torch import load_file
 
 import pysoup
-from pysoup.config import load_config
+from pysoup.strategies.config import load_config
 
 MERGEKIT = shutil.which("mergekit-yaml") or os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")
 pytestmark = [pytest.mark.mergekit, pytest.mark.skipif(not os.path.exists(MERGEKIT), reason="mergekit not installed")]
@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.mergekit, pytest.mark.skipif(not os.path.exists(MERGEK
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
     """fp32 Llama-shaped checkpoints (fp32: magnitude ties, which mergekit breaks arbitrarily, are improbable)."""
-    from pysoup.synthetic import make_family
+    from pysoup.testing import make_family
 
     root = tmp_path_factory.mktemp("mk")
     fts = make_family(str(root / "models"), 3, 3_000_000, dtype="F32", layout="hf", noise=0.05)

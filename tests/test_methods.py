@@ -10,10 +10,10 @@ from conftest import assert_bit_equal, save_st, small_model
 from safetensors.torch import load_file
 
 import pysoup
-import pysoup.engine as engine
+import pysoup.engine.execute as engine
 from pysoup import _native
 from pysoup.errors import PlanError
-from pysoup.weights import ema, mwa
+from pysoup.search.weights import ema, mwa
 
 ISAS = pysoup.info()["cpu_isas"]
 

@@ -33,11 +33,11 @@ def expected(avg, cur, t):
 @pytest.mark.parametrize("cur_dtype", DTYPES, ids=id_formatter("cur"))
 @pytest.mark.parametrize("avg_dtype", DTYPES, ids=id_formatter("avg"))
 def test_cpu_matches_reference(isa, threads, avg_dtype, cur_dtype):
-    from pysoup.ops import cpu
+    from pysoup.ops.cpu import CpuBackend
 
     avg, cur = model(avg_dtype, 0), model(cur_dtype, 100)
     want = expected(avg, cur, 0.001)
-    cpu.lerp_(avg, cur, 0.001, threads=threads, isa=isa)
+    CpuBackend(threads, isa).lerp_(avg, cur, 0.001)
     for got, w in zip(avg, want):
         assert_bit_equal(got, w)
 

@@ -11,6 +11,8 @@ pytest.importorskip("triton")
 import pysoup  # noqa: E402
 from pysoup.errors import BackendError  # noqa: E402
 from pysoup.ops import reference  # noqa: E402
+from pysoup.ops.reference import ReferenceBackend  # noqa: E402
+from pysoup.ops.table import Chunk, MaskedSumMode  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(1,), (7,), (4097,), (3, 5, 17)]
@@ -119,7 +121,8 @@ def test_weighted_sum_on_gpu():
 def test_task_vector_combine_matches_reference(case):
     from pysoup.kernels.task_vector import task_vector_combine
 
-    from pysoup.strategies.task_vector import TaskVectorParams, dare_key, keep_below
+    from pysoup.ops.table import TaskVectorParams
+    from pysoup.strategies.task_vector import dare_key, keep_below
 
     n = 9000
     base = random_tensor((n,), torch.bfloat16, seed=50)
@@ -129,10 +132,10 @@ def test_task_vector_combine_matches_reference(case):
     p = TaskVectorParams(ws, 0.9, case != "task_arithmetic", case.startswith(("ties", "dare_ties")))
     quota = [-1, -1, -1]
     if case.startswith("ties"):
-        sel = reference.TopKSelector([2000, 3100, 4500])
-        b = base.float()
-        sel._bits = [[reference._f32_bits(x.float() - b)] for x in xs]
-        sel.finish(0)
+        sel = ReferenceBackend().top_k_selector([2000, 3100, 4500])
+        for pass_ in range(sel.passes):
+            sel.add(Chunk("w", [x.data_ptr() for x in [*xs, base]], ["BF16"] * 4, 0, n), pass_)
+            sel.finish(pass_)
         p = TaskVectorParams(ws, 0.9, True, True, trim_bits=tuple(sel.thresholds))
         quota = list(sel.quotas)
         if case == "ties_partial_quota":
@@ -150,9 +153,8 @@ def test_task_vector_combine_matches_reference(case):
         )
     start = 4096 * 3  # a range inside a larger tensor: DARE's counters must start there
     want = torch.empty(n, dtype=torch.bfloat16)
-    _, want_quota = reference.task_vector_raw(
-        [x.data_ptr() for x in xs], ["BF16"] * 3, base.data_ptr(), "BF16", n, want.data_ptr(), "BF16", p, start, quota
-    )
+    chunk = Chunk("w", [x.data_ptr() for x in [*xs, base]], ["BF16"] * 4, start, n, want.data_ptr(), "BF16")
+    _, want_quota = ReferenceBackend().task_vector_raw(chunk, p, quota)
     got, got_quota = task_vector_combine(xs, base, p, start, quota, torch.bfloat16)
     assert_bit_equal(got, want)
     assert got_quota == want_quota
@@ -173,9 +175,8 @@ def test_masked_sum_matches_reference(mode):
     xs[0][5] = -0.0  # a signed zero of the first input survives under "shared"
     ws = [0.5, 1.5, 2.0]
     want = torch.empty(n, dtype=torch.bfloat16)
-    reference.masked_sum_raw(
-        [x.data_ptr() for x in xs], ["BF16"] * 3, ws, mode, n, want.data_ptr(), "BF16", center=0.125, scale=1.7
-    )
+    chunk = Chunk("w", [x.data_ptr() for x in xs], ["BF16"] * 3, 0, n, want.data_ptr(), "BF16")
+    ReferenceBackend().masked_sum_raw(chunk, ws, MaskedSumMode(mode), center=0.125, scale=1.7)
     assert_bit_equal(masked_sum(xs, ws, mode, torch.bfloat16, center=0.125, scale=1.7), want)
 
 
@@ -185,7 +186,8 @@ def test_task_vector_and_lerp_on_gpu():
     from pysoup.kernels.multi_tensor import TensorTable, lerp_
     from pysoup.kernels.task_vector import task_vector_combine
 
-    from pysoup.strategies.task_vector import TaskVectorParams, dare_key, keep_below
+    from pysoup.ops.table import TaskVectorParams
+    from pysoup.strategies.task_vector import dare_key, keep_below
 
     n = 1 << 20
     base = random_tensor((n,), torch.bfloat16, seed=1)
@@ -200,9 +202,8 @@ def test_task_vector_and_lerp_on_gpu():
         (2.0,) * 3,
     )
     want = torch.empty(n, dtype=torch.bfloat16)
-    reference.task_vector_raw(
-        [x.data_ptr() for x in xs], ["BF16"] * 3, base.data_ptr(), "BF16", n, want.data_ptr(), "BF16", p, 0, [-1] * 3
-    )
+    chunk = Chunk("w", [x.data_ptr() for x in [*xs, base]], ["BF16"] * 4, 0, n, want.data_ptr(), "BF16")
+    ReferenceBackend().task_vector_raw(chunk, p, [-1] * 3)
     got, _ = task_vector_combine([x.cuda() for x in xs], base.cuda(), p, 0, [-1] * 3, torch.bfloat16)
     assert_bit_equal(got.cpu(), want)
     avg = [random_tensor((s,), torch.bfloat16, seed=s) for s in (1, 1000, 4097)]

@@ -19,12 +19,14 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
+
 from pysoup.errors import OutputError, PlanError
 from pysoup.io.checkpoint import INDEX_NAME, SINGLE_NAME
 from pysoup.io.format import build_header
+from pysoup.io.signals import deferred_termination
 from pysoup.io.table import TensorTable, metadata_member
 from pysoup.io.temporary import TempFile, remove_stale_temporaries
-from pysoup.signals import deferred_termination
 
 DEFAULT_SHARD_BYTES = 5 * 1000**3  # what transformers' save_pretrained uses
 
@@ -470,3 +472,45 @@ class MemorySink:
 
     def close(self):
         pass
+
+
+def write_arrays(out, arrays: dict, dtypes: dict, *, shard_size=None, metadata=None, buffer_bytes=16 << 20) -> list:
+    """Writes host arrays as a safetensors file (`out` ends in .safetensors) or a Hugging Face directory, through
+    the merge's own OutputTarget: laid out up front, written to temporaries, renamed into place.
+
+    Args:
+        arrays: {name: numpy array} (bf16 as uint16 bits).
+        dtypes: {name: safetensors dtype}.
+        shard_size: max tensor bytes per shard (directory outputs).
+        metadata: the files' __metadata__.
+
+    Returns:
+        The paths written, the index last.
+    """
+    entries = [(name, dtypes[name], tuple(a.shape)) for name, a in arrays.items()]
+    target = OutputTarget(out, entries, shard_size=shard_size, metadata=metadata)
+    sink = None
+    try:
+        target.create()
+        sink = FileSink(target, buffer_bytes)
+        for k in range(len(target.layout)):
+            a = np.ascontiguousarray(arrays[target.layout.name(k)])
+            if a.nbytes != target.layout.nbytes(k):
+                name, want = target.layout.name(k), target.layout.nbytes(k)
+                raise PlanError(f"tensor {name!r}: {a.nbytes} bytes, its dtype and shape take {want}")
+            sink.begin_tensor(k)
+            pos = 0
+            while pos < a.nbytes:
+                n = min(sink.capacity, a.nbytes - pos)
+                ctypes.memmove(sink.reserve(n), a.ctypes.data + pos, n)
+                sink.advance(n)
+                sink.flush_if_full()
+                pos += n
+        sink.finish()
+        target.commit()
+    except BaseException:
+        if sink is not None:
+            sink.close()
+        target.abort()
+        raise
+    return target.paths

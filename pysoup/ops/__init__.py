@@ -1,9 +1,10 @@
 """Primitive ops and their backends.
 
-Each op has one signature here; each backend module (`reference`: torch, the definition of every result;
-`cpu`: the C++ kernels; `triton`: pysoup.kernels, for CUDA tensors) implements it. `backend="auto"` picks `cpu`
-for host memory when the C++ module loads, else `reference`, and `triton` for CUDA tensors when it loads; the
-environment variable PYSOUP_BACKEND overrides "auto"; an explicit backend that cannot run here is an error
+Every op is declared once, in `pysoup.ops.table` (the `Backend` class: names, arguments, results). Each backend is
+a registered subclass: `reference` (torch, the definition of every result), `cpu` (the C++ kernels) and `triton`
+(pysoup.kernels: on CUDA tensors, and for file merges on a GPU, streaming host ranges to it). `backend="auto"`
+picks `cpu` for host memory when the C++ module loads, else `reference`, and `triton` for CUDA when it loads;
+the environment variable PYSOUP_BACKEND overrides "auto"; an explicit backend that cannot run here is an error
 listing those that can.
 """
 
@@ -14,45 +15,59 @@ import os
 
 from pysoup.errors import BackendError, PlanError
 
-_BACKEND_MODULES = {"reference": "pysoup.ops.reference", "cpu": "pysoup.ops.cpu", "triton": "pysoup.ops.triton"}
+# name -> module that defines and registers it (imported on first use: torch and triton stay unloaded until needed)
+_BACKEND_MODULES = {"cpu": "pysoup.ops.cpu", "reference": "pysoup.ops.reference", "triton": "pysoup.ops.triton"}
+_REGISTRY: dict = {}  # name -> Backend subclass
+_INSTANCES: dict = {}  # (name, threads, device, PYSOUP_CPU_ISA) -> a Backend made before
 
 
-def _load(name: str):
-    return importlib.import_module(_BACKEND_MODULES[name])
+def register_backend(cls):
+    """Class decorator: makes a Backend subclass available under `cls.name`."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def backend_class(name: str):
+    """The Backend subclass registered under `name`."""
+    if name not in _REGISTRY and name in _BACKEND_MODULES:
+        importlib.import_module(_BACKEND_MODULES[name])
+    return _REGISTRY[name]
 
 
 def available_backends() -> list:
     """Backends that can run here, in preference order for host memory."""
-    out = []
-    for name in ("cpu", "reference", "triton"):
-        ok, _ = _load(name).availability()
-        if ok:
-            out.append(name)
-    return out
+    return [name for name in ("cpu", "reference", "triton") if backend_class(name).availability()[0]]
 
 
-def get_backend(name: str = "auto", device: str = "cpu"):
-    """The backend module to use. Raises BackendError (listing the usable ones) when it cannot run here."""
+def get_backend(name: str = "auto", device=None, threads: int | None = None):
+    """A Backend instance. `device`: None or "cpu" for host memory (tensors on the CPU, file merges on the CPU),
+    or a CUDA device ("cuda", "cuda:1"): file merges stream there; only triton runs there. Raises BackendError
+    (listing the usable backends) when the backend cannot run here."""
     if name in (None, "auto"):
         name = os.environ.get("PYSOUP_BACKEND") or "auto"
+    on_host = device is None or str(device) == "cpu"
     if name == "auto":
         # Host memory: the C++ kernels, else torch. Not triton: asking whether it could run imports torch
-        # (1.5 s and 200 MB on every file merge). CUDA tensors: Triton when it loads, else torch.
-        if device == "cpu":
-            choices = [b for b in ("cpu", "reference") if _load(b).availability()[0]]
-        else:
-            choices = ["triton"] if _load("triton").availability()[0] else ["reference"]
+        # (1.5 s and 200 MB on every file merge). A device: Triton when it loads, else torch (tensor ops only).
+        order = ("cpu", "reference") if on_host else ("triton", "reference")
+        choices = [b for b in order if backend_class(b).availability()[0]]
         if not choices:
             raise BackendError("no backend can run here: the C++ module did not load and torch is not installed")
-        return _load(choices[0])
-    if name not in _BACKEND_MODULES:
+        name = choices[0]
+    if name not in _BACKEND_MODULES and name not in _REGISTRY:
         raise BackendError(f"unknown backend {name!r} (usable here: {', '.join(available_backends()) or 'none'})")
-    ok, reason = _load(name).availability()
+    cls = backend_class(name)
+    ok, reason = cls.availability()
     if not ok:
         raise BackendError(
             f"backend {name!r} cannot run here ({reason}); usable here: {', '.join(available_backends()) or 'none'}"
         )
-    return _load(name)
+    key = (name, threads, None if on_host else str(device), os.environ.get("PYSOUP_CPU_ISA"))
+    backend = _INSTANCES.get(key)
+    if backend is None:
+        backend = cls(threads) if on_host or name != "triton" else cls(threads, device=device)
+        _INSTANCES[key] = backend
+    return backend
 
 
 def weighted_sum(tensors, weights, out_dtype=None, normalize=False, backend="auto", threads=None):
@@ -73,11 +88,10 @@ def weighted_sum(tensors, weights, out_dtype=None, normalize=False, backend="aut
     Example:
         >>> out = weighted_sum([a, b], [0.25, 0.75], out_dtype=torch.bfloat16)   # doctest: +SKIP
     """
-    from pysoup.ops._checks import check_weighted_sum
+    from pysoup.ops.checks import check_weighted_sum
 
     tensors, weights, out_dtype = check_weighted_sum(tensors, weights, out_dtype, normalize)
-    device = tensors[0].device.type
-    return get_backend(backend, device).weighted_sum(tensors, weights, out_dtype, normalize, threads=threads)
+    return get_backend(backend, tensors[0].device.type, threads).weighted_sum(tensors, weights, out_dtype, normalize)
 
 
 def lerp_(averaged, current, weight, backend="auto", threads=None) -> None:
@@ -103,12 +117,12 @@ def lerp_(averaged, current, weight, backend="auto", threads=None) -> None:
         >>> with torch.no_grad():                                                        # doctest: +SKIP
         ...     pysoup.ops.lerp_(list(ema.parameters()), list(model.parameters()), 1 - 0.999)
     """
-    from pysoup.ops._checks import check_lerp_tensors, check_weight
+    from pysoup.ops.checks import check_lerp_tensors, check_weight
 
     t = check_weight(weight)
     avg, cur = check_lerp_tensors(averaged, current, copy_strided=True)
     if avg:
-        get_backend(backend, avg[0].device.type).lerp_(avg, cur, t, threads=threads)
+        get_backend(backend, avg[0].device.type, threads).lerp_(avg, cur, t)
 
 
 class MultiTensorLerp:
@@ -127,19 +141,19 @@ class MultiTensorLerp:
     """
 
     def __init__(self, averaged, current, backend="auto", threads=None):
-        from pysoup.ops._checks import check_lerp_tensors
+        from pysoup.ops.checks import check_lerp_tensors
 
         avg, cur = check_lerp_tensors(averaged, current, copy_strided=False)
         self._tensors = avg + cur
         self._addresses = [x.data_ptr() for x in self._tensors]
-        self._plan = get_backend(backend, avg[0].device.type).LerpPlan(avg, cur, threads=threads) if avg else None
+        self._plan = get_backend(backend, avg[0].device.type, threads).lerp_plan(avg, cur) if avg else None
         self._count = len(avg)
 
     def __len__(self) -> int:
         return self._count
 
     def __call__(self, weight) -> None:
-        from pysoup.ops._checks import check_weight
+        from pysoup.ops.checks import check_weight
 
         t = check_weight(weight)
         if self._plan is None:
@@ -155,4 +169,12 @@ class MultiTensorLerp:
         self._plan(t)
 
 
-__all__ = ["MultiTensorLerp", "available_backends", "get_backend", "lerp_", "weighted_sum"]
+__all__ = [
+    "MultiTensorLerp",
+    "available_backends",
+    "backend_class",
+    "get_backend",
+    "lerp_",
+    "register_backend",
+    "weighted_sum",
+]

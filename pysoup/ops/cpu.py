@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 
 from pysoup import _native
 from pysoup.dtypes import KERNEL_CODE, from_torch
 from pysoup.errors import BackendError
-
-
-def availability():
-    if not _native.available:
-        return False, f"the C++ module did not load: {_native.load_error}"
-    return True, ""
+from pysoup.ops import register_backend
+from pysoup.ops.table import Backend, Batch, Chunk, RadixTopK
 
 
 def default_threads() -> int:
@@ -38,70 +35,152 @@ def active_isa() -> str:
     return isas[-1]
 
 
-def weighted_sum_raw(addrs, dtypes, weights, n, out_addr, out_dtype, normalize, threads=None, isa=None) -> int:
-    """The engine's entry: raw buffers in and out. Returns the count of non-finite outputs."""
-    return _native.native.weighted_sum(
-        list(addrs),
-        [KERNEL_CODE[d] for d in dtypes],
-        list(weights),
-        n,
-        out_addr,
-        KERNEL_CODE[out_dtype],
-        normalize,
-        threads or default_threads(),
-        isa or active_isa(),
-    )
+def _codes(dtypes) -> list:
+    return [KERNEL_CODE[d] for d in dtypes]
 
 
-def weighted_sum_rows(sources, out, out_base, k0, k1, dtypes, weights, out_dtype, normalize, threads=None, isa=None):
-    """The engine's batches (pysoup.plan.Batch): output tensors [k0, k1) in one C++ call. Returns [(k, non-finite
-    count)] for the tensors that have any."""
-    return _native.native.weighted_sum_rows(
-        list(sources),
-        out,
-        out_base,
-        k0,
-        k1,
-        [KERNEL_CODE[d] for d in dtypes],
-        list(weights),
-        KERNEL_CODE[out_dtype],
-        normalize,
-        threads or default_threads(),
-        isa or active_isa(),
-    )
+@register_backend
+class CpuBackend(Backend):
+    """The C++ kernels. The ISA and the thread count are resolved once, when the backend is made."""
+
+    name = "cpu"
+
+    def __init__(self, threads: int | None = None, isa: str | None = None):
+        super().__init__(threads or default_threads())
+        self.isa = isa or active_isa()
+        if self.isa not in usable_isas():
+            raise BackendError(f"CPU ISA {self.isa!r} cannot run here (usable: {', '.join(usable_isas())})")
+        self._isa = self.isa  # what the kernels take
+
+    @classmethod
+    def availability(cls):
+        if not _native.available:
+            return False, f"the C++ module did not load: {_native.load_error}"
+        return True, ""
+
+    def describe(self):
+        return {"backend": self.name, "device": "cpu", "cpu_isa": self.isa}
+
+    # -- tensor ops ------------------------------------------------------------------------------------------
+    def weighted_sum(self, tensors, weights, out_dtype, normalize):
+        import torch
+
+        if tensors[0].device.type != "cpu":
+            raise BackendError(f"the cpu backend takes CPU tensors, got {tensors[0].device}")
+        xs = [t.contiguous() for t in tensors]
+        out = torch.empty(xs[0].shape, dtype=out_dtype)
+        chunk = Chunk("", [x.data_ptr() for x in xs], [from_torch(x.dtype) for x in xs], 0, out.numel())
+        chunk.out, chunk.out_dtype = out.data_ptr(), from_torch(out_dtype)
+        self.weighted_sum_raw(chunk, weights, normalize)
+        return out
+
+    def lerp_plan(self, averaged, current):
+        if averaged[0].device.type != "cpu":
+            raise BackendError(f"the cpu backend takes CPU tensors, got {averaged[0].device}")
+        return _LerpPlan(averaged, current, self.threads, self._isa)
+
+    # -- range ops -------------------------------------------------------------------------------------------
+    def weighted_sum_raw(self, chunk, weights, normalize):
+        return _native.native.weighted_sum(
+            list(chunk.addrs),
+            _codes(chunk.dtypes),
+            list(weights),
+            chunk.n,
+            chunk.out,
+            KERNEL_CODE[chunk.out_dtype],
+            normalize,
+            self.threads,
+            self._isa,
+        )
+
+    def weighted_sum_batch(self, batch: Batch, weights, normalize):
+        return _native.native.weighted_sum_rows(
+            list(batch.sources),
+            batch.out,
+            batch.out_base,
+            batch.k0,
+            batch.k1,
+            _codes(batch.dtypes),
+            list(weights),
+            KERNEL_CODE[batch.out_dtype],
+            normalize,
+            self.threads,
+            self._isa,
+        )
+
+    def task_vector_raw(self, chunk, p, quota):
+        return _native.native.task_vector(
+            list(chunk.addrs[:-1]),
+            _codes(chunk.dtypes[:-1]),
+            chunk.addrs[-1],
+            KERNEL_CODE[chunk.dtypes[-1]],
+            chunk.n,
+            chunk.out,
+            KERNEL_CODE[chunk.out_dtype],
+            list(p.weights),
+            p.lam,
+            p.normalize,
+            p.consensus,
+            list(p.dare_keys),
+            list(p.keep_below),
+            list(p.dare_scale),
+            list(p.trim_bits),
+            list(quota),
+            chunk.start,
+            self.threads,
+            self._isa,
+        )
+
+    def top_k_selector(self, keep):
+        return _RadixTopK(keep, self)
+
+    def masked_sum_raw(self, chunk, weights, mode, center=0.0, scale=1.0):
+        return _native.native.masked_sum(
+            list(chunk.addrs),
+            _codes(chunk.dtypes),
+            list(weights),
+            int(mode),
+            chunk.n,
+            chunk.out,
+            KERNEL_CODE[chunk.out_dtype],
+            self.threads,
+            self._isa,
+            center,
+            scale,
+        )
+
+    def sparse_scan_raw(self, chunk):
+        return _native.native.sparse_scan(list(chunk.addrs), _codes(chunk.dtypes), chunk.n, self.threads, self._isa)
+
+    def moments_raw(self, chunk, acc):
+        spec = acc.spec
+        addrs, dtypes = (chunk.addrs[:-1], chunk.dtypes[:-1]) if spec.base else (chunk.addrs, chunk.dtypes)
+        totals = _native.native.moments(
+            list(addrs),
+            _codes(dtypes),
+            chunk.addrs[-1] if spec.base else 0,
+            KERNEL_CODE[chunk.dtypes[-1] if spec.base else "F32"],
+            chunk.n,
+            list(spec.mean_weights),
+            list(spec.dare_keys),
+            list(spec.keep_below),
+            chunk.start,
+            list(acc.totals),
+            self.threads,
+            self._isa,
+            spec.gram,
+        )
+        return type(acc)(spec, list(totals))
 
 
-def weighted_sum(tensors, weights, out_dtype, normalize, threads=None, isa=None):
-    import torch
-
-    if tensors[0].device.type != "cpu":
-        raise BackendError(f"the cpu backend takes CPU tensors, got {tensors[0].device}")
-    xs = [t.contiguous() for t in tensors]
-    out = torch.empty(xs[0].shape, dtype=out_dtype)
-    weighted_sum_raw(
-        [x.data_ptr() for x in xs],
-        [from_torch(x.dtype) for x in xs],
-        weights,
-        out.numel(),
-        out.data_ptr(),
-        from_torch(out_dtype),
-        normalize,
-        threads,
-        isa,
-    )
-    return out
-
-
-class LerpPlan:
+class _LerpPlan:
     """pysoup.ops.lerp_ on the CPU: one C++ call per dtype pair, whose threads split the elements of all its
     tensors evenly; the pointer lists are made once per plan."""
 
-    def __init__(self, avg, cur, threads=None, isa=None):
-        from pysoup.ops._checks import lerp_groups
+    def __init__(self, avg, cur, threads, isa):
+        from pysoup.ops.checks import lerp_groups
 
-        if avg[0].device.type != "cpu":
-            raise BackendError(f"the cpu backend takes CPU tensors, got {avg[0].device}")
-        self.threads, self.isa = threads or default_threads(), isa or active_isa()
+        self.threads, self.isa = threads, isa
         self.calls = []
         for (a_dtype, b_dtype), (As, Bs) in lerp_groups(avg, cur).items():
             outs = [a.data_ptr() for a in As]
@@ -119,148 +198,37 @@ class LerpPlan:
             )
 
 
-def lerp_(avg, cur, t: float, threads=None, isa=None) -> None:
-    LerpPlan(avg, cur, threads, isa)(t)
-
-
-# -- task-vector merges, sparse soups, statistics (issue: merge methods) ----------------------------------
-def task_vector_raw(addrs, dtypes, base, base_dtype, n, out, out_dtype, p, start, quota, threads=None, isa=None):
-    """TIES / DARE / task arithmetic over one range. `p` is a TaskVectorParams; returns (nonfinite, quota)."""
-    return _native.native.task_vector(
-        list(addrs),
-        [KERNEL_CODE[d] for d in dtypes],
-        base,
-        KERNEL_CODE[base_dtype],
-        n,
-        out,
-        KERNEL_CODE[out_dtype],
-        list(p.weights),
-        p.lam,
-        p.normalize,
-        p.consensus,
-        list(p.dare_keys),
-        list(p.keep_below),
-        list(p.dare_scale),
-        list(p.trim_bits),
-        list(quota),
-        start,
-        threads or default_threads(),
-        isa or active_isa(),
-    )
-
-
-class TopKSelector:
-    """The exact keep[i]-th largest |x_i - base| per model, by radix select over the fp32 bits in two histogram
-    passes (high 16 bits, then low 16 bits inside the chosen bin): no copy of any tensor, two streaming reads."""
-
-    passes = 2
+class _RadixTopK(RadixTopK):
+    """RadixTopK with the counting and the search in C++."""
 
     _buffers: dict = {}  # one histogram per model count, reused by every tensor (cleared between passes)
 
-    def __init__(self, keep, threads=None, isa=None):
-        import ctypes
-
-        self.keep = list(keep)
-        self.k = len(self.keep)
+    def __init__(self, keep, backend: CpuBackend):
+        super().__init__(keep)
         if self.k not in self._buffers:
-            self._buffers[self.k] = (ctypes.c_uint64 * (self.k * 65536))()
+            self._buffers[self.k] = (ctypes.c_uint64 * (self.k * self.BINS))()
         self._hist = self._buffers[self.k]
-        ctypes.memset(self._hist, 0, ctypes.sizeof(self._hist))
         self._addr = ctypes.addressof(self._hist)
-        self._prefix = [0] * self.k
-        self._threads, self._isa = threads, isa
-        self.thresholds = None
-        self.quotas = None
+        self._clear()
+        self._backend = backend
 
-    def add(self, addrs, dtypes, base, base_dtype, n, start, pass_):
+    def _count(self, chunk, pass_):
+        be = self._backend
         _native.native.magnitude_histogram(
-            list(addrs),
-            [KERNEL_CODE[d] for d in dtypes],
-            base,
-            KERNEL_CODE[base_dtype],
-            n,
+            list(chunk.addrs[:-1]),
+            _codes(chunk.dtypes[:-1]),
+            chunk.addrs[-1],
+            KERNEL_CODE[chunk.dtypes[-1]],
+            chunk.n,
             pass_,
             self._prefix,
             self._addr,
-            self._threads or default_threads(),
-            self._isa or active_isa(),
+            be.threads,
+            be._isa,
         )
 
-    def finish(self, pass_):
-        import ctypes
+    def _select(self, want):
+        return _native.native.radix_select(self._addr, want)
 
-        # Models keeping nothing or everything need no search: threshold above / at the bottom of every value.
-        want = [max(1, k) for k in self.keep]
-        if pass_ == 0:
-            bins, above, _ = _native.native.radix_select(self._addr, want)
-            self._prefix, self._above = list(bins), list(above)
-            ctypes.memset(self._addr, 0, ctypes.sizeof(self._hist))
-            return
-        need = [w - a for w, a in zip(want, self._above)]
-        bins, above, in_bin = _native.native.radix_select(self._addr, need)
-        self.thresholds, self.quotas = [], []
-        for i, keep in enumerate(self.keep):
-            if keep == 0:
-                self.thresholds.append(0xFFFFFFFF)
-                self.quotas.append(0)
-                continue
-            self.thresholds.append((self._prefix[i] << 16) | bins[i])
-            quota = need[i] - above[i]
-            self.quotas.append(-1 if quota == in_bin[i] else quota)
-
-
-def masked_sum_raw(addrs, dtypes, weights, mode, n, out, out_dtype, threads=None, isa=None, center=0.0, scale=1.0):
-    """Sparse soup (mode 0 shared, 1 intersection, 2 union) or the variance-corrected mean (mode 3)."""
-    return _native.native.masked_sum(
-        list(addrs),
-        [KERNEL_CODE[d] for d in dtypes],
-        list(weights),
-        mode,
-        n,
-        out,
-        KERNEL_CODE[out_dtype],
-        threads or default_threads(),
-        isa or active_isa(),
-        center,
-        scale,
-    )
-
-
-def sparse_scan_raw(addrs, dtypes, n, threads=None, isa=None):
-    """(first index where the zero patterns differ, or -1; zeros in the first input)."""
-    return _native.native.sparse_scan(
-        list(addrs), [KERNEL_CODE[d] for d in dtypes], n, threads or default_threads(), isa or active_isa()
-    )
-
-
-def moments_raw(
-    addrs,
-    dtypes,
-    base,
-    base_dtype,
-    n,
-    start,
-    totals,
-    mean_weights=(),
-    dare_keys=(),
-    keep_below=(),
-    gram=True,
-    threads=None,
-    isa=None,
-):
-    """fp64 statistics of one range added to `totals` (layout: see csrc/cpu/task_vector.h, MomentsArgs)."""
-    return _native.native.moments(
-        list(addrs),
-        [KERNEL_CODE[d] for d in dtypes],
-        base or 0,
-        KERNEL_CODE[base_dtype or "F32"],
-        n,
-        list(mean_weights),
-        list(dare_keys),
-        list(keep_below),
-        start,
-        list(totals),
-        threads or default_threads(),
-        isa or active_isa(),
-        gram,
-    )
+    def _clear(self):
+        ctypes.memset(self._addr, 0, ctypes.sizeof(self._hist))

@@ -13,13 +13,8 @@ import ctypes
 import importlib.util
 
 from pysoup.dtypes import SAFETENSORS_SIZES, f32_sum, to_f32, to_torch
-
-
-def availability():
-    # find_spec, not import: asking must not cost torch's 1.5 s import on the file-merge path.
-    if importlib.util.find_spec("torch") is None:
-        return False, "torch is not installed: pip install 'pysoup[torch]'"
-    return True, ""
+from pysoup.ops import register_backend
+from pysoup.ops.table import Backend, Chunk, MaskedSumMode, Moments, RadixTopK
 
 
 def exact_f32(x):
@@ -68,7 +63,7 @@ def round_to(acc, out_dtype):
     return bits.view(torch.bfloat16)
 
 
-def weighted_sum(tensors, weights, out_dtype, normalize, threads=None):
+def weighted_sum(tensors, weights, out_dtype, normalize):
     import torch
 
     acc = torch.full(tensors[0].shape, -0.0, dtype=torch.float32, device=tensors[0].device)
@@ -79,21 +74,6 @@ def weighted_sum(tensors, weights, out_dtype, normalize, threads=None):
         # A tensor divisor: torch may turn division by a scalar into multiplication by its reciprocal.
         acc = acc / torch.full_like(acc, float(total))
     return round_to(acc, out_dtype)
-
-
-class LerpPlan:
-    """a <- weighted_sum([a, b], [1 - t, t]) rounded into a's dtype, for every pair, tensor by tensor."""
-
-    def __init__(self, avg, cur, threads=None):
-        self.pairs = list(zip(avg, cur))
-
-    def __call__(self, t: float) -> None:
-        for a, b in self.pairs:
-            a.copy_(weighted_sum([a, b], [1.0 - t, t], a.dtype, False))
-
-
-def lerp_(avg, cur, t: float, threads=None) -> None:
-    LerpPlan(avg, cur)(t)
 
 
 def store(out_addr: int, n: int, out_dtype: str, result) -> int:
@@ -112,14 +92,6 @@ def _view(addr: int, n: int, dtype: str):
         return torch.empty(0, dtype=to_torch(dtype))
     buf = (ctypes.c_char * nbytes).from_address(addr)
     return torch.frombuffer(buf, dtype=torch.uint8).view(to_torch(dtype))
-
-
-def weighted_sum_raw(addrs, dtypes, weights, n, out_addr, out_dtype, normalize, threads=None) -> int:
-    """The engine's entry: raw buffers in and out. Returns the count of non-finite outputs."""
-
-    xs = [_view(a, n, d) for a, d in zip(addrs, dtypes)]
-    out = weighted_sum(xs, weights, to_torch(out_dtype), normalize)
-    return store(out_addr, n, out_dtype, out)
 
 
 # -- task-vector merges, sparse soups, statistics (the definitions the C++ kernels reproduce) ------------
@@ -185,93 +157,6 @@ def task_vectors(xs, base, p, start, quota):
     return b, taus, quota
 
 
-def task_vector_raw(addrs, dtypes, base, base_dtype, n, out, out_dtype, p, start, quota, threads=None):
-    import torch
-
-    xs = [_view(a, n, d) for a, d in zip(addrs, dtypes)]
-    b, taus, quota = task_vectors(xs, _view(base, n, base_dtype), p, start, quota)
-    mix = torch.full_like(b, -0.0)
-    if p.consensus:
-        s = torch.full_like(b, -0.0)
-        for w, t in zip(p.weights, taus):
-            s = fma_f32(w, t, s)
-        positive = s >= 0
-        div = torch.zeros_like(b)
-        for w, t in zip(p.weights, taus):
-            agree = torch.where(positive, t > 0, t < 0)
-            mix = torch.where(agree, fma_f32(w, t, mix), mix)
-            div = torch.where(agree, div + to_f32(w), div)
-        if p.normalize:
-            mix = mix / torch.where(div == 0, torch.ones_like(div), div)
-    else:
-        for w, t in zip(p.weights, taus):
-            mix = fma_f32(w, t, mix)
-        if p.normalize:
-            mix = mix / torch.full_like(mix, f32_sum(p.weights))
-    res = fma_f32(p.lam, mix, b)
-    return store(out, n, out_dtype, round_to(res, to_torch(out_dtype))), quota
-
-
-class TopKSelector:
-    """The keep[i]-th largest |x_i - base| per model by a stable sort of the fp32 bits (ties by index)."""
-
-    passes = 1
-
-    def __init__(self, keep, threads=None):
-        self.keep = list(keep)
-        self._bits = [[] for _ in self.keep]
-        self.thresholds = self.quotas = None
-
-    def add(self, addrs, dtypes, base, base_dtype, n, start, pass_):
-        b = exact_f32(_view(base, n, base_dtype))
-        for i, (a, d) in enumerate(zip(addrs, dtypes)):
-            self._bits[i].append(_f32_bits(exact_f32(_view(a, n, d)) - b))
-
-    def finish(self, pass_):
-        import torch
-
-        self.thresholds, self.quotas = [], []
-        for keep, parts in zip(self.keep, self._bits):
-            if keep == 0:
-                self.thresholds.append(0xFFFFFFFF)
-                self.quotas.append(0)
-                continue
-            bits = torch.cat(parts)
-            thr = int(torch.sort(bits, descending=True, stable=True).values[keep - 1])
-            greater = int((bits > thr).sum())
-            ties = int((bits == thr).sum())
-            self.thresholds.append(thr)
-            self.quotas.append(-1 if keep - greater == ties else keep - greater)
-
-
-def masked_sum_raw(addrs, dtypes, weights, mode, n, out, out_dtype, threads=None, center=0.0, scale=1.0) -> int:
-    import torch
-
-    xs = [exact_f32(_view(a, n, d)) for a, d in zip(addrs, dtypes)]
-    acc = torch.full_like(xs[0], -0.0)
-    div = torch.zeros_like(xs[0])
-    nz = torch.ones_like(xs[0], dtype=torch.bool)
-    for w, x in zip(weights, xs):
-        acc = fma_f32(w, x, acc)
-        div = torch.where(x != 0, div + to_f32(w), div)
-        nz &= x != 0
-    total = torch.full_like(acc, f32_sum(weights))
-    zero = torch.zeros_like(acc)
-    if mode == 0:
-        res = torch.where(xs[0] == 0, xs[0], acc / total)
-    elif mode == 1:
-        res = torch.where(nz, acc / total, zero)
-    elif mode == 2:
-        res = torch.where(div != 0, acc / torch.where(div != 0, div, torch.ones_like(div)), zero)
-    else:
-        res = fma_f32(scale, acc / total - to_f32(center), torch.full_like(acc, to_f32(center)))
-    return store(out, n, out_dtype, round_to(res, to_torch(out_dtype)))
-
-
-def sparse_scan_raw(addrs, dtypes, n, threads=None):
-    return sparse_scan([_view(a, n, d) for a, d in zip(addrs, dtypes)])
-
-
 def sparse_scan(xs):
     """(first index where the zero patterns differ, or -1; zeros in the first input), on any device."""
     xs = [exact_f32(x.reshape(-1)) for x in xs]
@@ -284,26 +169,6 @@ def sparse_scan(xs):
 
 
 STAT_BLOCK, STAT_LANES = 4096, 8
-
-
-def moments_raw(
-    addrs,
-    dtypes,
-    base,
-    base_dtype,
-    n,
-    start,
-    totals,
-    mean_weights=(),
-    dare_keys=(),
-    keep_below=(),
-    gram=True,
-    threads=None,
-):
-    """fp64 statistics of one range added to `totals` (layout: see csrc/cpu/task_vector.h, MomentsArgs)."""
-    xs = [_view(a, n, d) for a, d in zip(addrs, dtypes)]
-    b = _view(base, n, base_dtype) if base else None
-    return moments(xs, b, start, totals, mean_weights, dare_keys, keep_below, gram)
 
 
 def lane_block_sums(q):
@@ -319,12 +184,14 @@ def lane_block_sums(q):
     return ((q[:, 0] + q[:, 1]) + (q[:, 2] + q[:, 3])) + ((q[:, 4] + q[:, 5]) + (q[:, 6] + q[:, 7]))
 
 
-def moments(xs, base, start, totals, mean_weights=(), dare_keys=(), keep_below=(), gram=True, block_sums=None):
-    """The statistics of moments_raw over tensors on any device. `block_sums` maps a [stats, n] fp64 tensor to
-    its [stats, blocks] per-block sums (default: lane_block_sums row by row, sequential only on the CPU;
-    pysoup.kernels.statistics.block_sums on a GPU)."""
+def moments(xs, base, start, acc: Moments, block_sums=None) -> Moments:
+    """acc plus the statistics of its MomentsSpec over tensors on any device (the models, and the base or None).
+    `block_sums` maps a [stats, n] fp64 tensor to its [stats, blocks] per-block sums (default: lane_block_sums row
+    by row, sequential only on the CPU; pysoup.kernels.statistics.block_sums on a GPU)."""
     import torch
 
+    spec = acc.spec
+    mean_weights, dare_keys, keep_below, gram = spec.mean_weights, spec.dare_keys, spec.keep_below, spec.gram
     xs = [exact_f32(x.reshape(-1)) for x in xs]
     n = xs[0].numel()
     if base is not None:
@@ -339,9 +206,7 @@ def moments(xs, base, start, totals, mean_weights=(), dare_keys=(), keep_below=(
 
     # Every quantity is written straight into its row of one zero-padded [rows, whole blocks] fp64 tensor: on a
     # GPU this is the pass's peak memory, once, not a list, a stacked copy and a padded copy of it.
-    pairs = len(vecs) * (len(vecs) - 1) // 2
-    rows = 3 * len(vecs) + pairs + len(dare_keys)
-    stacked = torch.zeros((rows, n + -n % STAT_BLOCK), dtype=torch.float64, device=xs[0].device)
+    stacked = torch.zeros((len(spec), n + -n % STAT_BLOCK), dtype=torch.float64, device=xs[0].device)
     q = stacked[:, :n]
     ds = [v.double() for v in vecs]  # fp64, exact: products of two fp32 values fit in fp64
     for r, d in enumerate(ds):
@@ -362,7 +227,148 @@ def moments(xs, base, start, totals, mean_weights=(), dare_keys=(), keep_below=(
     per_block = block_sums(stacked) if block_sums else torch.stack([lane_block_sums(row) for row in stacked])
     per_block = per_block.cpu()
     out = []
-    for total, row in zip(totals, per_block):
+    for total, row in zip(acc.totals, per_block):
         seq = torch.cat([torch.tensor([total], dtype=torch.float64), row])
         out.append(float(torch.cumsum(seq, 0)[-1]))  # sequential (on the CPU), as the kernels add blocks
-    return out
+    return Moments(spec, out)
+
+
+def task_vector_combine(xs, base, p, start, quota):
+    """The task-vector combine over tensors (the definition the kernels reproduce): (fp32 result, quotas left)."""
+    import torch
+
+    b, taus, quota = task_vectors(xs, base, p, start, quota)
+    mix = torch.full_like(b, -0.0)
+    if p.consensus:
+        s = torch.full_like(b, -0.0)
+        for w, t in zip(p.weights, taus):
+            s = fma_f32(w, t, s)
+        positive = s >= 0
+        div = torch.zeros_like(b)
+        for w, t in zip(p.weights, taus):
+            agree = torch.where(positive, t > 0, t < 0)
+            mix = torch.where(agree, fma_f32(w, t, mix), mix)
+            div = torch.where(agree, div + to_f32(w), div)
+        if p.normalize:
+            mix = mix / torch.where(div == 0, torch.ones_like(div), div)
+    else:
+        for w, t in zip(p.weights, taus):
+            mix = fma_f32(w, t, mix)
+        if p.normalize:
+            mix = mix / torch.full_like(mix, f32_sum(p.weights))
+    return fma_f32(p.lam, mix, b), quota
+
+
+def masked_sum(xs, weights, mode: MaskedSumMode, center=0.0, scale=1.0):
+    """The masked means over tensors (the definition the kernels reproduce), fp32."""
+    import torch
+
+    xs = [exact_f32(x) for x in xs]
+    acc = torch.full_like(xs[0], -0.0)
+    div = torch.zeros_like(xs[0])
+    nz = torch.ones_like(xs[0], dtype=torch.bool)
+    for w, x in zip(weights, xs):
+        acc = fma_f32(w, x, acc)
+        div = torch.where(x != 0, div + to_f32(w), div)
+        nz &= x != 0
+    total = torch.full_like(acc, f32_sum(weights))
+    zero = torch.zeros_like(acc)
+    if mode == MaskedSumMode.SHARED:
+        return torch.where(xs[0] == 0, xs[0], acc / total)
+    if mode == MaskedSumMode.INTERSECTION:
+        return torch.where(nz, acc / total, zero)
+    if mode == MaskedSumMode.UNION:
+        return torch.where(div != 0, acc / torch.where(div != 0, div, torch.ones_like(div)), zero)
+    return fma_f32(scale, acc / total - to_f32(center), torch.full_like(acc, to_f32(center)))
+
+
+class TorchRadixTopK(RadixTopK):
+    """RadixTopK counted with torch.bincount and searched with torch (the device backend counts on its device)."""
+
+    def __init__(self, keep):
+        import torch
+
+        super().__init__(keep)
+        self._hist = torch.zeros(self.k * self.BINS, dtype=torch.int64)
+
+    def _count(self, chunk, pass_):
+        self._bincount(views(chunk), pass_, self._hist)
+
+    def _bincount(self, xs, pass_: int, hist) -> None:
+        """Adds the pass's histogram of |x_i - base| (xs: the models, then the base) into hist, on xs' device."""
+        import torch
+
+        b = exact_f32(xs[-1])
+        for i, x in enumerate(xs[:-1]):
+            bits = _f32_bits(exact_f32(x) - b)
+            binned = bits >> 16 if pass_ == 0 else bits[(bits >> 16) == self._prefix[i]] & 0xFFFF
+            hist[i * self.BINS : (i + 1) * self.BINS] += torch.bincount(binned, minlength=self.BINS)
+
+    def _select(self, want):
+        import torch
+
+        bins, above, in_bin = [], [], []
+        for row, w in zip(self._hist.view(-1, self.BINS), want):
+            from_top = torch.flip(row, [0]).cumsum(0)
+            i = int(torch.searchsorted(from_top, torch.tensor([w], dtype=from_top.dtype)))
+            bins.append(self.BINS - 1 - i)
+            in_bin.append(int(row[bins[-1]]))
+            above.append(int(from_top[i]) - in_bin[-1])
+        return bins, above, in_bin
+
+    def _clear(self):
+        self._hist.zero_()
+
+
+@register_backend
+class ReferenceBackend(Backend):
+    """Plain torch, fp32: the definition of every result, slow and simple."""
+
+    name = "reference"
+    @classmethod
+    def availability(cls):
+        # find_spec, not import: asking must not cost torch's 1.5 s import on the file-merge path.
+        if importlib.util.find_spec("torch") is None:
+            return False, "torch is not installed: pip install 'pysoup[torch]'"
+        return True, ""
+
+    def weighted_sum(self, tensors, weights, out_dtype, normalize):
+        return weighted_sum(tensors, weights, out_dtype, normalize)
+
+    def lerp_plan(self, averaged, current):
+        pairs = list(zip(averaged, current))
+
+        def lerp(t: float) -> None:  # a <- weighted_sum([a, b], [1 - t, t]) rounded into a's dtype
+            for a, b in pairs:
+                a.copy_(weighted_sum([a, b], [1.0 - t, t], a.dtype, False))
+
+        return lerp
+
+    def weighted_sum_raw(self, chunk, weights, normalize):
+        out = weighted_sum(views(chunk), weights, to_torch(chunk.out_dtype), normalize)
+        return store(chunk.out, chunk.n, chunk.out_dtype, out)
+
+    def task_vector_raw(self, chunk, p, quota):
+        xs = views(chunk)
+        result, quota = task_vector_combine(xs[:-1], xs[-1], p, chunk.start, quota)
+        return store(chunk.out, chunk.n, chunk.out_dtype, round_to(result, to_torch(chunk.out_dtype))), quota
+
+    def top_k_selector(self, keep):
+        return TorchRadixTopK(keep)
+
+    def masked_sum_raw(self, chunk, weights, mode, center=0.0, scale=1.0):
+        result = masked_sum(views(chunk), weights, mode, center, scale)
+        return store(chunk.out, chunk.n, chunk.out_dtype, round_to(result, to_torch(chunk.out_dtype)))
+
+    def sparse_scan_raw(self, chunk):
+        return sparse_scan(views(chunk))
+
+    def moments_raw(self, chunk, acc):
+        xs = views(chunk)
+        base = xs.pop() if acc.spec.base else None
+        return moments(xs, base, chunk.start, acc)
+
+
+def views(chunk: Chunk) -> list:
+    """A chunk's sources as CPU tensors over the engine's buffers (no copy)."""
+    return [_view(a, chunk.n, d) for a, d in zip(chunk.addrs, chunk.dtypes)]

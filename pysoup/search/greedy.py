@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pysoup.progress import progress_bar
+from pysoup.engine.progress import progress_bar
 from pysoup.search.candidates import PackedModels, score_of
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pysoup.engine.progress import progress_bar
 from pysoup.errors import PlanError
-from pysoup.progress import progress_bar
 from pysoup.search.candidates import PackedModels, score_of
-from pysoup.weights import ema
+from pysoup.search.weights import ema
 
 
 @dataclass

@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pysoup.errors import PlanError
-from pysoup.params import layer_index
 from pysoup.search.candidates import PackedModels
+from pysoup.strategies.params import layer_index
 
 
 @dataclass

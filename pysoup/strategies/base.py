@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from pysoup.dtypes import f32_sum, to_f32
 from pysoup.errors import PlanError
-from pysoup.params import finite_number, resolve
+from pysoup.strategies.params import finite_number, resolve
 
 
 @dataclass

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pysoup.dtypes import to_f32
 from pysoup.errors import PlanError
-from pysoup.plan import WeightedSum
 from pysoup.strategies import register
 from pysoup.strategies.base import Strategy, TensorContext
+from pysoup.strategies.tensor_op import WeightedSum
 
 
 @register

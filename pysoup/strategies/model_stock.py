@@ -7,21 +7,19 @@ from dataclasses import dataclass
 
 from pysoup.dtypes import to_f32
 from pysoup.errors import PlanError
-from pysoup.plan import TensorOp
+from pysoup.ops.table import Moments, MomentsSpec
 from pysoup.strategies import register
 from pysoup.strategies.base import Strategy
+from pysoup.strategies.tensor_op import TensorOp
 
 
-def model_stock_ratio(k: int, totals: list) -> float:
+def model_stock_ratio(k: int, m: Moments) -> float:
     """t = k c / (1 + (k - 1) c), c the mean pairwise cosine of the task vectors (0 where a norm is 0)."""
-    sq = [totals[3 * i + 1] for i in range(k)]
     cosines = []
-    g = 3 * k
     for i in range(k):
         for j in range(i + 1, k):
-            denom = math.sqrt(sq[i] * sq[j])
-            cosines.append(max(-1.0, min(1.0, totals[g] / denom)) if denom > 0 else 0.0)
-            g += 1
+            denom = math.sqrt(m.squares(i) * m.squares(j))
+            cosines.append(max(-1.0, min(1.0, m.dot(i, j) / denom)) if denom > 0 else 0.0)
     c = sum(cosines) / len(cosines)
     denom = 1 + (k - 1) * c
     return k * c / denom if denom != 0 else 0.0
@@ -35,30 +33,18 @@ class ModelStockOp(TensorOp):
         return 1
 
     def begin(self, backend, name, numel):
-        k = self.k
-        return {"totals": [0.0] * (3 * k + k * (k - 1) // 2)}
+        return {"moments": MomentsSpec(self.k, base=True).zeros()}
 
     def reduce(self, backend, chunk, state, pass_):
-        state["totals"] = backend.moments_raw(
-            chunk.addrs[:-1],
-            chunk.dtypes[:-1],
-            chunk.addrs[-1],
-            chunk.dtypes[-1],
-            chunk.n,
-            chunk.start,
-            state["totals"],
-            threads=chunk.threads,
-        )
+        state["moments"] = backend.moments_raw(chunk, state["moments"])
 
     def end_pass(self, state, pass_):
-        t = model_stock_ratio(self.k, state["totals"])
+        t = model_stock_ratio(self.k, state["moments"])
         state["t"] = t
         state["weights"] = tuple(to_f32(t / self.k) for _ in range(self.k)) + (to_f32(1 - t),)
 
     def combine(self, backend, chunk, state):
-        return backend.weighted_sum_raw(
-            chunk.addrs, chunk.dtypes, state["weights"], chunk.n, chunk.out, chunk.out_dtype, False, chunk.threads
-        )
+        return backend.weighted_sum_raw(chunk, state["weights"], False)
 
 
 @register

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 
 from pysoup.dtypes import to_f32
 from pysoup.errors import PlanError
-from pysoup.plan import TensorOp
+from pysoup.ops.table import MomentsSpec
 from pysoup.strategies import register
 from pysoup.strategies.base import Strategy
+from pysoup.strategies.tensor_op import TensorOp
 
 # Above this |cos| the two tensors are nearly parallel and slerp's sin(Omega) ~ 0: interpolate linearly.
 COLINEAR = 0.9995
@@ -35,21 +36,18 @@ class SlerpOp(TensorOp):
         return 1
 
     def begin(self, backend, name, numel):
-        return {"totals": [0.0] * 7}  # sum, sum sq, sum abs for a and b, then <a, b>
+        return {"moments": MomentsSpec(2).zeros()}  # |a|^2, |b|^2 and <a, b>
 
     def reduce(self, backend, chunk, state, pass_):
-        state["totals"] = backend.moments_raw(
-            chunk.addrs, chunk.dtypes, 0, None, chunk.n, chunk.start, state["totals"], threads=chunk.threads
-        )
+        state["moments"] = backend.moments_raw(chunk, state["moments"])
 
     def end_pass(self, state, pass_):
-        tot = state["totals"]
-        state["coefficients"] = tuple(to_f32(c) for c in slerp_coefficients(self.t, tot[6], tot[1], tot[4]))
+        m = state["moments"]
+        coefficients = slerp_coefficients(self.t, m.dot(0, 1), m.squares(0), m.squares(1))
+        state["coefficients"] = tuple(to_f32(c) for c in coefficients)
 
     def combine(self, backend, chunk, state):
-        return backend.weighted_sum_raw(
-            chunk.addrs, chunk.dtypes, state["coefficients"], chunk.n, chunk.out, chunk.out_dtype, False, chunk.threads
-        )
+        return backend.weighted_sum_raw(chunk, state["coefficients"], False)
 
 
 @register

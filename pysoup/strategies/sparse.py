@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pysoup.errors import PlanError
-from pysoup.plan import TensorOp
+from pysoup.ops.table import MaskedSumMode
 from pysoup.strategies import register
 from pysoup.strategies.base import Strategy
+from pysoup.strategies.tensor_op import TensorOp
 
-MODES = {"shared": 0, "intersection": 1, "union": 2}
+MODES = {"shared": MaskedSumMode.SHARED, "intersection": MaskedSumMode.INTERSECTION, "union": MaskedSumMode.UNION}
 
 
 @dataclass(frozen=True)
@@ -24,10 +25,10 @@ class SparseOp(TensorOp):
         return 1
 
     def begin(self, backend, name, numel):
-        return {"name": name, "zeros": 0}
+        return {"zeros": 0}
 
     def reduce(self, backend, chunk, state, pass_):
-        first, zeros = backend.sparse_scan_raw(chunk.addrs, chunk.dtypes, chunk.n, threads=chunk.threads)
+        first, zeros = backend.sparse_scan_raw(chunk)
         if first >= 0 and self.mode == "shared":
             raise PlanError(
                 f"tensor {chunk.name!r}: the inputs' zero patterns differ (first at element "
@@ -35,20 +36,17 @@ class SparseOp(TensorOp):
             )
         state["zeros"] += zeros
 
-    def summary(self, state):
-        return {"zeros": state["zeros"]}
+    def summary(self, state, numel):
+        return state["zeros"], numel
+
+    @classmethod
+    def report(cls, summaries):
+        zeros, total = sum(z for z, _ in summaries), sum(n for _, n in summaries)
+        sparsity = zeros / total if total else 0.0
+        return {"sparsity": sparsity}, [f"sparsity {sparsity:.2%} (zeros kept exactly)"]
 
     def combine(self, backend, chunk, state):
-        return backend.masked_sum_raw(
-            chunk.addrs,
-            chunk.dtypes,
-            self.weights,
-            MODES[self.mode],
-            chunk.n,
-            chunk.out,
-            chunk.out_dtype,
-            threads=chunk.threads,
-        )
+        return backend.masked_sum_raw(chunk, self.weights, MODES[self.mode])
 
 
 @register

@@ -14,23 +14,10 @@ from dataclasses import dataclass
 
 from pysoup.dtypes import to_f32
 from pysoup.errors import PlanError
-from pysoup.plan import TensorOp
+from pysoup.ops.table import MomentsSpec, TaskVectorParams
 from pysoup.strategies import register
 from pysoup.strategies.base import Strategy, TensorContext
-
-
-@dataclass(frozen=True)
-class TaskVectorParams:
-    """What the task-vector kernel needs besides the data (see ops/reference.py: task_vector_raw)."""
-
-    weights: tuple
-    lam: float
-    normalize: bool
-    consensus: bool
-    dare_keys: tuple = ()
-    keep_below: tuple = ()
-    dare_scale: tuple = ()
-    trim_bits: tuple = ()
+from pysoup.strategies.tensor_op import TensorOp
 
 
 def dare_key(seed: int, tensor: str, model: int) -> int:
@@ -49,11 +36,6 @@ def keep_below(density: float) -> int:
 def top_k(density: float, numel: int) -> int:
     """How many entries TIES keeps: round(density * numel), at least one of a non-empty tensor (as mergekit)."""
     return 0 if numel == 0 else max(1, min(numel, int(math.floor(density * numel + 0.5))))
-
-
-def moments_size(k: int, mean: bool = False, dare: bool = False) -> int:
-    v = k + (1 if mean else 0)
-    return 3 * v + v * (v - 1) // 2 + (k if dare else 0)
 
 
 @dataclass(frozen=True)
@@ -79,38 +61,26 @@ class TaskVectorOp(TensorOp):
 
     def reduce_passes(self, backend) -> int:
         if self.trims:
-            return backend.TopKSelector.passes
+            return backend.top_k_passes
         return 1 if self.drops and self.rescale == "l1" else 0
 
     def begin(self, backend, name, numel):
         k = len(self.weights)
         state = {"quota": [-1] * k}
         if self.trims:
-            state["selector"] = backend.TopKSelector([top_k(d, numel) for d in self.densities])
+            state["selector"] = backend.top_k_selector([top_k(d, numel) for d in self.densities])
         if self.drops:
             state["keys"] = [dare_key(self.seed, name, i) for i in range(k)]
             state["keep"] = [keep_below(d) if d < 1 else 2**32 - 1 for d in self.dare_densities]
-            state["totals"] = [0.0] * moments_size(k, dare=True)
+            keys, keep = tuple(state["keys"]), tuple(state["keep"])
+            state["moments"] = MomentsSpec(k, base=True, gram=False, dare_keys=keys, keep_below=keep).zeros()
         return state
 
     def reduce(self, backend, chunk, state, pass_):
-        xs, dts, base, base_dtype = chunk.addrs[:-1], chunk.dtypes[:-1], chunk.addrs[-1], chunk.dtypes[-1]
         if "selector" in state:
-            state["selector"].add(xs, dts, base, base_dtype, chunk.n, chunk.start, pass_)
+            state["selector"].add(chunk, pass_)
         else:
-            state["totals"] = backend.moments_raw(
-                xs,
-                dts,
-                base,
-                base_dtype,
-                chunk.n,
-                chunk.start,
-                state["totals"],
-                dare_keys=state["keys"],
-                keep_below=state["keep"],
-                gram=False,
-                threads=chunk.threads,
-            )
+            state["moments"] = backend.moments_raw(chunk, state["moments"])
 
     def end_pass(self, state, pass_):
         if "selector" in state:
@@ -126,10 +96,10 @@ class TaskVectorOp(TensorOp):
         if self.drops:
             keys, keep = tuple(state["keys"]), tuple(state["keep"])
             if self.rescale == "l1":
-                totals, first_dropped = state["totals"], 3 * k + k * (k - 1) // 2
+                m = state["moments"]
                 scale = []
                 for i in range(k):
-                    before, after = totals[3 * i + 2], totals[first_dropped + i]
+                    before, after = m.abs_sum(i), m.kept_abs_sum(i)
                     scale.append(before / after if before >= 1e-7 and after >= 1e-7 else 1.0)  # as mergekit
             else:
                 scale = [1.0 / d if d < 1 else 1.0 for d in self.dare_densities]
@@ -141,19 +111,7 @@ class TaskVectorOp(TensorOp):
     def combine(self, backend, chunk, state):
         if "params" not in state:
             state["params"] = self._params(state)
-        nonfinite, state["quota"] = backend.task_vector_raw(
-            chunk.addrs[:-1],
-            chunk.dtypes[:-1],
-            chunk.addrs[-1],
-            chunk.dtypes[-1],
-            chunk.n,
-            chunk.out,
-            chunk.out_dtype,
-            state["params"],
-            chunk.start,
-            state["quota"],
-            threads=chunk.threads,
-        )
+        nonfinite, state["quota"] = backend.task_vector_raw(chunk, state["params"], state["quota"])
         return nonfinite
 
 

@@ -6,23 +6,24 @@ import math
 from dataclasses import dataclass
 
 from pysoup.dtypes import to_f32
-from pysoup.plan import TensorOp, WeightedSum
+from pysoup.ops.table import MaskedSumMode, Moments, MomentsSpec
 from pysoup.strategies import register
 from pysoup.strategies.base import Strategy
+from pysoup.strategies.tensor_op import TensorOp, WeightedSum
 
 # Buffers of BatchNorm are statistics, not weights: they are averaged but never rescaled.
 BATCHNORM_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
-def variance_scale(k: int, n: int, totals: list, eps: float) -> tuple:
+def variance_scale(k: int, n: int, m: Moments, eps: float) -> tuple:
     """(center, scale): the mean of the average and sqrt((mean_i Var(theta_i) + eps) / (Var(mean) + eps)),
     unbiased variances from the fp64 sums."""
 
     def var(s, q):
         return max(0.0, (q - s * s / n) / (n - 1))
 
-    target = sum(var(totals[3 * i], totals[3 * i + 1]) for i in range(k)) / k
-    s_m, q_m = totals[3 * k], totals[3 * k + 1]
+    target = sum(var(m.sum(i), m.squares(i)) for i in range(k)) / k
+    s_m, q_m = m.sum(m.mean), m.squares(m.mean)
     return s_m / n, math.sqrt((target + eps) / (var(s_m, q_m) + eps))
 
 
@@ -36,40 +37,18 @@ class VarianceCorrectedOp(TensorOp):
         return 1
 
     def begin(self, backend, name, numel):
-        k = self.k + 1
-        return {"totals": [0.0] * (3 * k + k * (k - 1) // 2)}
+        return {"moments": MomentsSpec(self.k, mean_weights=(1.0,) * self.k, gram=False).zeros()}
 
     def reduce(self, backend, chunk, state, pass_):
-        state["totals"] = backend.moments_raw(
-            chunk.addrs,
-            chunk.dtypes,
-            0,
-            None,
-            chunk.n,
-            chunk.start,
-            state["totals"],
-            mean_weights=(1.0,) * self.k,
-            gram=False,
-            threads=chunk.threads,
-        )
+        state["moments"] = backend.moments_raw(chunk, state["moments"])
 
     def end_pass(self, state, pass_):
-        center, scale = variance_scale(self.k, self.numel, state["totals"], self.eps)
+        center, scale = variance_scale(self.k, self.numel, state["moments"], self.eps)
         state["center"], state["scale"] = to_f32(center), to_f32(scale)
 
     def combine(self, backend, chunk, state):
-        return backend.masked_sum_raw(
-            chunk.addrs,
-            chunk.dtypes,
-            (1.0,) * self.k,
-            3,
-            chunk.n,
-            chunk.out,
-            chunk.out_dtype,
-            threads=chunk.threads,
-            center=state["center"],
-            scale=state["scale"],
-        )
+        weights = (1.0,) * self.k
+        return backend.masked_sum_raw(chunk, weights, MaskedSumMode.VARIANCE, state["center"], state["scale"])
 
 
 @register

@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from pysoup.io.format import build_header
+from pysoup.io.writer import write_arrays
 
 
 def decoder_lm_shapes(target_bytes: int, itemsize: int = 2, vocab: int = 32000) -> list:
@@ -78,17 +78,6 @@ def _random(rng, shape, dtype: str, scale: float):
     return x.astype(np.float16 if dtype == "F16" else np.float32)
 
 
-def write_safetensors(path: str, arrays: dict, dtypes: dict, metadata=None) -> None:
-    """Writes numpy arrays (bf16 given as uint16 bits) as a safetensors file."""
-    entries = [(k, dtypes[k], tuple(a.shape)) for k, a in arrays.items()]
-    header, offsets, _ = build_header(entries, metadata)
-    with open(path, "wb") as f:
-        f.write(header)
-        for name, (begin, _end) in sorted(offsets.items(), key=lambda kv: kv[1][0]):
-            f.seek(begin)
-            f.write(np.ascontiguousarray(arrays[name]).tobytes())
-
-
 def make_family(
     directory: str,
     count: int,
@@ -138,30 +127,11 @@ def _write_model(directory, label, model, dtypes, layout, shard_bytes, shapes):
     meta = {"format": "pt"}
     if layout == "file":
         path = os.path.join(directory, f"{label}.safetensors")
-        write_safetensors(path, model, dtypes, meta)
+        write_arrays(path, model, dtypes, metadata=meta)
         return path
     path = os.path.join(directory, label)
-    os.makedirs(path, exist_ok=True)
+    write_arrays(path, model, dtypes, shard_size=shard_bytes or None, metadata=meta)
     config = llama_config(shapes, next(iter(dtypes.values())))
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
-    if not shard_bytes:
-        write_safetensors(os.path.join(path, "model.safetensors"), model, dtypes, meta)
-        return path
-    groups, cur, size = [], {}, 0
-    for name, arr in model.items():
-        if cur and size + arr.nbytes > shard_bytes:
-            groups.append(cur)
-            cur, size = {}, 0
-        cur[name] = arr
-        size += arr.nbytes
-    groups.append(cur)
-    weight_map = {}
-    for i, g in enumerate(groups):
-        shard = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        write_safetensors(os.path.join(path, shard), g, dtypes, meta)
-        weight_map.update({n: shard for n in g})
-    index = {"metadata": {"total_size": sum(a.nbytes for a in model.values())}, "weight_map": weight_map}
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-        json.dump(index, f, indent=2)
     return path

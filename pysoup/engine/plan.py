@@ -10,7 +10,6 @@ TensorTable, each input's row of every output tensor, and a "kind" per tensor, a
 
 from __future__ import annotations
 
-import ctypes
 import warnings
 from array import array
 from collections.abc import Mapping, Sequence
@@ -19,129 +18,9 @@ from dataclasses import dataclass
 from pysoup.dtypes import KERNEL_CODE, SAFETENSORS_SIZES
 from pysoup.errors import PlanError
 from pysoup.io.table import DTYPE_CODE, DTYPES, rows, sum_by_group, take
-from pysoup.params import LayerPositions, validate_setting
-
-
-# -- what each output tensor is computed as ---------------------------------------------------------------
-@dataclass
-class Chunk:
-    """One piece of one tensor, as the engine hands it to an op: raw input addresses (one per source),
-    elements [start, start + n) of tensor `name`, and the output address (0 during a reduction pass)."""
-
-    name: str
-    addrs: list
-    dtypes: list
-    start: int
-    n: int
-    out: int
-    out_dtype: str
-    threads: int
-
-
-@dataclass
-class Batch:
-    """Output tensors [k0, k1) of a plan computed by one op call (the engine's batches of small tensors): tensor k's
-    input i is at sources[i].base + the begin of row rows[k] of sources[i].table (rows None: row k), its output at
-    out_base + out.begin(k), out.numel(k) elements."""
-
-    sources: list  # (table, rows as int32 bytes or None, base address) per source
-    dtypes: list
-    out: object  # the plan's layout table
-    out_base: int
-    out_dtype: str
-    k0: int
-    k1: int
-    threads: int
-
-
-class TensorOp:
-    """What one output tensor is. One-pass ops implement `combine`. Ops that need whole-tensor statistics (TIES
-    thresholds, SLERP angles, variances) return a pass count from `reduce_passes`: the engine streams every chunk
-    through `reduce` that many times (calling `end_pass` after each), then runs the combine pass with the state
-    `begin` made. No pass ever holds a whole input tensor. Ops with `verify_first` (the sparse soup's mask check)
-    have their reduction run for every tensor before any output is computed."""
-
-    verify_first = False
-    # One-pass ops that also implement combine_batch: the engine hands them runs of small tensors as one Batch.
-    batchable = False
-
-    def reduce_passes(self, backend) -> int:
-        return 0
-
-    def begin(self, backend, name: str, numel: int):
-        return None
-
-    def reduce(self, backend, chunk: Chunk, state, pass_: int) -> None:
-        raise NotImplementedError
-
-    def end_pass(self, state, pass_: int) -> None:
-        pass
-
-    def combine(self, backend, chunk: Chunk, state) -> int:
-        """Writes chunk.n results at chunk.out; returns how many are not finite."""
-        raise NotImplementedError
-
-    def summary(self, state):
-        """What to keep of a finished tensor's state for the report (None: nothing); the rest is freed."""
-        return None
-
-
-@dataclass(frozen=True)
-class WeightedSum(TensorOp):
-    """out = sum_i w_i x_i, divided by sum_i w_i (fp32, input order) when `normalize`."""
-
-    weights: tuple
-    normalize: bool
-
-    batchable = True
-
-    def combine(self, backend, chunk, state):
-        return backend.weighted_sum_raw(
-            chunk.addrs, chunk.dtypes, self.weights, chunk.n, chunk.out, chunk.out_dtype, self.normalize, chunk.threads
-        )
-
-    def combine_batch(self, backend, batch: Batch) -> list:
-        """Every tensor of the batch; returns [(k, count)] for the tensors with non-finite results."""
-        many = getattr(backend, "weighted_sum_rows", None)
-        if many is not None:
-            return many(
-                batch.sources,
-                batch.out,
-                batch.out_base,
-                batch.k0,
-                batch.k1,
-                batch.dtypes,
-                self.weights,
-                batch.out_dtype,
-                self.normalize,
-                batch.threads,
-            )
-        bad = []  # a backend without a batched kernel: one call per tensor
-        for k in range(batch.k0, batch.k1):
-            addrs = [base + t.begin(k if r is None else rows(r)[k]) for t, r, base in batch.sources]
-            out = batch.out_base + batch.out.begin(k)
-            count = backend.weighted_sum_raw(
-                addrs,
-                batch.dtypes,
-                self.weights,
-                batch.out.numel(k),
-                out,
-                batch.out_dtype,
-                self.normalize,
-                batch.threads,
-            )
-            if count:
-                bad.append((k, count))
-        return bad
-
-
-@dataclass(frozen=True)
-class Copy(TensorOp):
-    """out = the first source, byte for byte (integer buffers such as position ids)."""
-
-    def combine(self, backend, chunk, state):
-        ctypes.memmove(chunk.out, chunk.addrs[0], chunk.n * SAFETENSORS_SIZES[chunk.out_dtype])
-        return 0
+from pysoup.strategies.base import TensorContext
+from pysoup.strategies.params import LayerPositions, validate_setting
+from pysoup.strategies.tensor_op import Copy
 
 
 @dataclass
@@ -193,6 +72,12 @@ class MergePlan:
         """One TensorTask per output tensor, in layout order, made when read."""
         return _Tasks(self)
 
+    def state_dict_order(self) -> list:
+        """Output tensor names in the first input's order: a merge into memory returns its dict in this order.
+        (Files take the layout's order, `layout`: by dtype, then name, as the safetensors package writes.)"""
+        layout = set(self.layout.names())
+        return [name for name in self.inputs[0].infos if name in layout]
+
     @property
     def entries(self) -> Sequence:
         """(name, dtype, shape) of every output tensor in layout order; `.table` is the layout itself."""
@@ -235,10 +120,6 @@ class LayoutEntries(_Rows):
     def _item(self, k):
         t = self.table
         return t.name(k), t.dtype(k), t.shape(k)
-
-
-class NonFiniteWarning(UserWarning):
-    """A merged tensor holds NaN or inf (from its inputs, or from overflow in the output dtype)."""
 
 
 def _normalize_settings(strategy, weights, params, model_params, num_models):
@@ -394,9 +275,6 @@ class _TensorPlanner:
     where a gradient needs it, filters that match), so 10^6 expert tensors cost a few calls, not 10^6 at ~10 us."""
 
     def __init__(self, strategy, settings, model_settings, num_models, table):
-        from pysoup.strategies.base import TensorContext
-
-        self._context = TensorContext
         self.strategy, self.settings, self.model_settings = strategy, settings, model_settings
         self.num_models, self.table = num_models, table
         declared: set = set()
@@ -429,7 +307,7 @@ class _TensorPlanner:
         if op is None:
             name = self.names[k] if self.names else self.table.name(k)
             t = self.positions.t(name) if self.positions is not None else 0.0
-            ctx = self._context(name, t, numel, self.model_settings, self.settings, self.num_models)
+            ctx = TensorContext(name, t, numel, self.model_settings, self.settings, self.num_models)
             op = self.strategy.plan_tensor(ctx)
             if context is not None:
                 self._ops[context] = op

@@ -10,9 +10,10 @@ from __future__ import annotations
 import warnings
 
 from pysoup.dtypes import SAFETENSORS_SIZES
+from pysoup.engine.plan import MergePlan
+from pysoup.engine.progress import progress_bar
 from pysoup.io.table import batch_end
-from pysoup.plan import Batch, Chunk, MergePlan, NonFiniteWarning
-from pysoup.progress import progress_bar
+from pysoup.ops.table import Batch, Chunk
 
 # Elements per kernel call: 4 Mi elements = 8 MiB of bf16 per input, which fits the inputs' 16 MiB windows
 # at every dtype. Smaller chunks lose throughput to per-call overhead.
@@ -28,36 +29,40 @@ BATCH_MAX_ELEMENTS = 1 << 16
 BATCH_SPAN_BYTES = 16 << 20
 
 
-def execute(plan: MergePlan, sink, backend, threads: int, progress=None) -> tuple:
+class NonFiniteWarning(UserWarning):
+    """A merged tensor holds NaN or inf (from its inputs, or from overflow in the output dtype)."""
+
+
+def execute(plan: MergePlan, sink, backend, progress=None) -> tuple:
     """Runs every task of the plan into `sink`.
 
     Returns:
-        (names of tensors that came out non-finite, {tensor name: op summary} for the ops that report one)
+        (names of tensors that came out non-finite, the ops' report: (stats, notes), see TensorOp.report)
     """
     bar = progress_bar(plan.bytes_to_read, progress, unit="B", unit_scale=True, unit_divisor=1000, desc="merging read")
     nonfinite = []
-    states, summaries = {}, {}
+    states, summaries = {}, {}  # summaries: op type -> its tensors' summaries
     n = len(plan)
     try:
         # Checks that must pass for every tensor before anything is computed (e.g. sparse masks).
         if any(kind.op.verify_first for kind in plan.kinds):
             for k in range(n):
                 if plan.kind(k).op.verify_first:
-                    states[k] = _reduce(plan, k, backend, threads)
+                    states[k] = _reduce(plan, k, backend)
         k = 0
         while k < n:
             kind = plan.kind(k)
             end = k
             if kind.op.batchable and getattr(sink, "runs", False):
-                end = _combine_batch(plan, k, sink, backend, threads, bar, nonfinite)
+                end = _combine_batch(plan, k, sink, backend, bar, nonfinite)
             if end == k:  # a large tensor, or an op that takes one tensor at a time
                 name = plan.layout.name(k)
                 sink.begin_tensor(k)
-                state = states.pop(k) if k in states else _reduce(plan, k, backend, threads)
-                count = _combine(plan, k, sink, backend, threads, bar, state)
-                summary = kind.op.summary(state)  # free histograms and the like
+                state = states.pop(k) if k in states else _reduce(plan, k, backend)
+                count = _combine(plan, k, sink, backend, bar, state)
+                summary = kind.op.summary(state, plan.layout.numel(k))  # free histograms and the like
                 if summary is not None:
-                    summaries[name] = summary
+                    summaries.setdefault(type(kind.op), []).append(summary)
                 if count:
                     _warn_nonfinite(nonfinite, name, count)
                 end = k + 1
@@ -73,7 +78,16 @@ def execute(plan: MergePlan, sink, backend, threads: int, progress=None) -> tupl
             c.release()
         if bar is not None:
             bar.close()
-    return nonfinite, summaries
+    return nonfinite, _report(summaries)
+
+
+def _report(summaries: dict) -> tuple:
+    stats, notes = {}, []
+    for op_type, items in summaries.items():
+        more_stats, more_notes = op_type.report(items)
+        stats.update(more_stats)
+        notes.extend(more_notes)
+    return stats, notes
 
 
 def _warn_nonfinite(nonfinite: list, name: str, count: int, stacklevel: int = 3) -> None:
@@ -89,7 +103,7 @@ def _warn_nonfinite(nonfinite: list, name: str, count: int, stacklevel: int = 3)
 class _TaskView:
     """Where one output tensor's sources live, and how to cut them into chunks."""
 
-    def __init__(self, plan, k, threads):
+    def __init__(self, plan, k):
         kind = plan.kind(k)
         self.name = plan.layout.name(k)
         self.out_dtype = plan.layout.dtype(k)
@@ -98,19 +112,18 @@ class _TaskView:
         self.dtypes = list(kind.dtypes)
         self.sizes = [SAFETENSORS_SIZES[d] for d in self.dtypes]
         self.total = plan.layout.numel(k)
-        self.threads = threads
 
     def chunk(self, e: int, n: int, out: int = 0) -> Chunk:
         addrs = [
             c.address_at(r, b + e * s, b + (e + n) * s) for (c, r), b, s in zip(self.sources, self.begins, self.sizes)
         ]
-        return Chunk(self.name, addrs, self.dtypes, e, n, out, self.out_dtype, self.threads)
+        return Chunk(self.name, addrs, self.dtypes, e, n, out, self.out_dtype)
 
 
-def _reduce(plan, k, backend, threads):
+def _reduce(plan, k, backend):
     """The op's reduction passes over tensor k's chunks; returns its state (None for one-pass ops)."""
     op = plan.kind(k).op
-    view = _TaskView(plan, k, threads)
+    view = _TaskView(plan, k)
     state = op.begin(backend, view.name, view.total)
     for pass_ in range(op.reduce_passes(backend)):
         for e in range(0, view.total, CHUNK_ELEMENTS):
@@ -119,9 +132,9 @@ def _reduce(plan, k, backend, threads):
     return state
 
 
-def _combine(plan, k, sink, backend, threads, bar, state) -> int:
+def _combine(plan, k, sink, backend, bar, state) -> int:
     op = plan.kind(k).op
-    view = _TaskView(plan, k, threads)
+    view = _TaskView(plan, k)
     osize = SAFETENSORS_SIZES[view.out_dtype]
     chunk_elems = max(1, min(CHUNK_ELEMENTS, sink.capacity // osize))
     nonfinite = 0
@@ -142,7 +155,7 @@ def _combine(plan, k, sink, backend, threads, bar, state) -> int:
     return nonfinite
 
 
-def _combine_batch(plan, k0, sink, backend, threads, bar, nonfinite) -> int:
+def _combine_batch(plan, k0, sink, backend, bar, nonfinite) -> int:
     """Output tensors k0, k0 + 1, ... of one kind, as many as fit one batch (in the inputs' windows, the output
     buffer, the current output file); returns the first tensor left (k0 when tensor k0 is too large for a batch)."""
     kind, layout = plan.kind(k0), plan.layout
@@ -168,7 +181,6 @@ def _combine_batch(plan, k0, sink, backend, threads, bar, nonfinite) -> int:
         layout.dtype(k0),
         k0,
         k1,
-        threads,
     )
     bad = kind.op.combine_batch(backend, batch)
     sink.advance(nbytes)

@@ -38,6 +38,7 @@ class MergeReport:
     device: str = "cpu"  # where the arithmetic ran ("cuda:0" for device merges)
     nonfinite_tensors: list = field(default_factory=list)
     stats: dict = field(default_factory=dict)  # what the strategy measured, e.g. {"sparsity": 0.9}
+    notes: list = field(default_factory=list)  # the same, as lines for people (the command line prints them)
 
     @property
     def gb_per_s(self) -> float:

@@ -1,0 +1,291 @@
+"""The op table: every op a backend implements, declared once, with its argument and result types.
+
+Two families of ops:
+
+- **Tensor ops** take torch tensors and return torch tensors: `weighted_sum` and the multi-tensor lerp that
+  averaging during training runs every step (`lerp_plan`).
+- **Range ops** are what the merge engine calls. Each takes a `Chunk` (one piece of one output tensor: raw input
+  addresses, elements [start, start + n), the output address) or a `Batch` (many small output tensors at once),
+  reads the inputs in place and writes the output in place. Ops that use a base model find it as the chunk's
+  last source.
+
+A backend is a registered subclass of `Backend` with a `name`; `pysoup.ops.get_backend` picks one. The reference
+backend (plain torch) defines every result; the others match it bit for bit where the numerical contract says
+so (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+# -- argument types -----------------------------------------------------------------------------------------
+@dataclass
+class Chunk:
+    """Elements [start, start + n) of output tensor `name`: one raw address per source (models, then the base
+    when the op uses one), and the output address (0 during a reduction pass, which writes nothing)."""
+
+    name: str
+    addrs: list
+    dtypes: list
+    start: int
+    n: int
+    out: int = 0
+    out_dtype: str = "F32"
+
+    def without_base(self) -> Chunk:
+        """The same range over the models only (the last source, the base, left out)."""
+        return Chunk(self.name, self.addrs[:-1], self.dtypes[:-1], self.start, self.n, self.out, self.out_dtype)
+
+
+@dataclass
+class Batch:
+    """Output tensors [k0, k1) of a plan in one op call (runs of small tensors of one kind). Tensor k's input i
+    is at sources[i].base + the begin of row rows[k] of sources[i].table (rows None: row k); its output at
+    out_base + out.begin(k), out.numel(k) elements."""
+
+    sources: list  # (table, rows as int32 bytes or None, base address) per source
+    dtypes: list
+    out: object  # the plan's layout table
+    out_base: int
+    out_dtype: str
+    k0: int
+    k1: int
+
+    def chunks(self):
+        """(k, Chunk) for every tensor of the batch: for backends without a batched kernel."""
+        from pysoup.io.table import rows
+
+        for k in range(self.k0, self.k1):
+            addrs = [base + t.begin(k if r is None else rows(r)[k]) for t, r, base in self.sources]
+            out = self.out_base + self.out.begin(k)
+            yield k, Chunk(self.out.name(k), addrs, self.dtypes, 0, self.out.numel(k), out, self.out_dtype)
+
+
+@dataclass(frozen=True)
+class TaskVectorParams:
+    """The task-vector combine (task arithmetic, TIES, DARE) besides the data: per model its weight, DARE's
+    Philox key, keep threshold and survivor scale, and TIES' magnitude threshold (fp32 bits of |tau|)."""
+
+    weights: tuple
+    lam: float
+    normalize: bool
+    consensus: bool  # TIES' sign election and disjoint mean
+    dare_keys: tuple = ()
+    keep_below: tuple = ()
+    dare_scale: tuple = ()
+    trim_bits: tuple = ()
+
+
+class MaskedSumMode(enum.IntEnum):
+    """What `masked_sum` computes (the values are the kernels' codes)."""
+
+    SHARED = 0  # the weighted mean where the first input is non-zero (the sparse soup's shared mask)
+    INTERSECTION = 1  # the weighted mean where every input is non-zero, else 0
+    UNION = 2  # the mean over the inputs that are non-zero there, weighted
+    VARIANCE = 3  # center + scale * (weighted mean - center): the variance-corrected average
+
+
+@dataclass(frozen=True)
+class MomentsSpec:
+    """Which fp64 statistics `moments` gathers over the vectors v_i: the k inputs (minus the base when there is
+    one), then their weighted mean when `mean_weights` is given. Per vector: its sum, sum of squares and sum of
+    absolute values; then the Gram entries <v_i, v_j>, i < j (zeros unless `gram`); then per input, with DARE
+    keys, the sum of |tau| over the entries DARE keeps."""
+
+    inputs: int
+    base: bool = False
+    mean_weights: tuple = ()
+    gram: bool = True
+    dare_keys: tuple = ()
+    keep_below: tuple = ()
+
+    @property
+    def vectors(self) -> int:
+        return self.inputs + (1 if self.mean_weights else 0)
+
+    def __len__(self) -> int:
+        v = self.vectors
+        return 3 * v + v * (v - 1) // 2 + len(self.dare_keys)
+
+    def zeros(self) -> Moments:
+        return Moments(self, [0.0] * len(self))
+
+
+@dataclass
+class Moments:
+    """The running totals of a MomentsSpec (a flat list in the kernels' layout), read by name."""
+
+    spec: MomentsSpec
+    totals: list = field(default_factory=list)
+
+    def sum(self, i: int) -> float:
+        return self.totals[3 * i]
+
+    def squares(self, i: int) -> float:
+        return self.totals[3 * i + 1]
+
+    def abs_sum(self, i: int) -> float:
+        return self.totals[3 * i + 2]
+
+    def dot(self, i: int, j: int) -> float:
+        """<v_i, v_j> for i < j."""
+        v = self.spec.vectors
+        return self.totals[3 * v + i * (2 * v - i - 1) // 2 + (j - i - 1)]
+
+    def kept_abs_sum(self, i: int) -> float:
+        """Sum of |tau_i| over the entries DARE keeps."""
+        v = self.spec.vectors
+        return self.totals[3 * v + v * (v - 1) // 2 + i]
+
+    @property
+    def mean(self) -> int:
+        """The index of the weighted mean among the vectors."""
+        return self.spec.inputs
+
+
+class TopKSelector(Protocol):
+    """Finds, per model, the keep[i]-th largest |x_i - base| of one tensor, exactly, over `passes` streaming
+    passes of `add` (each chunk's sources: the models, then the base), each ended by `finish`. Then
+    `thresholds[i]` holds the fp32 bits of that magnitude (0xFFFFFFFF when keep[i] is 0) and `quotas[i]` how many
+    entries equal to it are kept, first in index order (-1: all of them)."""
+
+    passes: int
+    thresholds: list | None
+    quotas: list | None
+
+    def add(self, chunk: Chunk, pass_: int) -> None: ...
+
+    def finish(self, pass_: int) -> None: ...
+
+
+class RadixTopK:
+    """A TopKSelector by radix select over the fp32 bits of |x_i - base| in two histogram passes: the high 16 bits,
+    then the low 16 bits inside the chosen bin; 65536 counts per model whatever the tensor's size, no copy of any
+    tensor. Backends implement the counting (`_count`), the search over the counts (`_select`) and `_clear`."""
+
+    passes = 2
+    BINS = 1 << 16
+
+    def __init__(self, keep):
+        self.keep = list(keep)
+        self.k = len(self.keep)
+        self._prefix = [0] * self.k  # pass 1 counts only the values whose high bits are the chosen bin
+        self._above = [0] * self.k
+        self.thresholds = self.quotas = None
+
+    def add(self, chunk: Chunk, pass_: int) -> None:
+        self._count(chunk, pass_)
+
+    def _count(self, chunk: Chunk, pass_: int) -> None:
+        """Adds the pass's histogram of chunk's |x_i - base| (model i's in row i)."""
+        raise NotImplementedError
+
+    def _select(self, want: list) -> tuple:
+        """Per model i: the bin holding the want[i]-th largest value counting from the top, how many values lie
+        in the bins above it and how many in it: (bins, above, in_bin)."""
+        raise NotImplementedError
+
+    def _clear(self) -> None:
+        raise NotImplementedError
+
+    def finish(self, pass_: int) -> None:
+        # Models keeping nothing need no search: their threshold lies above every value.
+        want = [max(1, k) for k in self.keep]
+        if pass_ == 0:
+            bins, above, _ = self._select(want)
+            self._prefix, self._above = list(bins), list(above)
+            self._clear()
+            return
+        need = [w - a for w, a in zip(want, self._above)]
+        bins, above, in_bin = self._select(need)
+        self.thresholds, self.quotas = [], []
+        for i, keep in enumerate(self.keep):
+            if keep == 0:
+                self.thresholds.append(0xFFFFFFFF)
+                self.quotas.append(0)
+                continue
+            self.thresholds.append((self._prefix[i] << 16) | bins[i])
+            quota = need[i] - above[i]
+            self.quotas.append(-1 if quota == in_bin[i] else quota)
+
+
+# -- the backends --------------------------------------------------------------------------------------------
+class Backend:
+    """One implementation of the op table. Subclasses set `name`, implement `availability` and the ops, and are
+    registered with `pysoup.ops.register_backend`. An instance is bound to a thread count (and, on the CPU, an
+    ISA) resolved once, when it is made: a merge makes one and hands it every chunk."""
+
+    name = ""
+    device = "cpu"  # where the arithmetic runs
+    top_k_passes = RadixTopK.passes  # streaming passes of this backend's TopKSelector
+
+    def __init__(self, threads: int | None = None):
+        self.threads = threads
+
+    @classmethod
+    def availability(cls) -> tuple:
+        """(True, "") when this backend can run here, else (False, why not)."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """What a merge report says of this backend."""
+        return {"backend": self.name, "device": str(self.device), "cpu_isa": None}
+
+    def activate(self):
+        """A context in which this backend's kernels run (e.g. its CUDA device current)."""
+        return contextlib.nullcontext()
+
+    # -- tensor ops ------------------------------------------------------------------------------------------
+    def weighted_sum(self, tensors, weights, out_dtype, normalize: bool):
+        """sum_i w_i x_i (divided by the fp32 sum of the weights under `normalize`), rounded to `out_dtype`."""
+        raise NotImplementedError(f"the {self.name} backend has no weighted_sum")
+
+    def lerp_plan(self, averaged, current):
+        """A callable t -> None doing a <- weighted_sum([a, b], [1 - t, t]) rounded into a's dtype, in place, for
+        every pair (tensors checked by pysoup.ops.checks.check_lerp_tensors)."""
+        raise NotImplementedError(f"the {self.name} backend has no lerp")
+
+    def lerp_(self, averaged, current, t: float) -> None:
+        """One lerp over checked tensors (backends that launch from device tables keep plans of recent calls)."""
+        self.lerp_plan(averaged, current)(t)
+
+    # -- range ops: the merge engine's ---------------------------------------------------------------------
+    def weighted_sum_raw(self, chunk: Chunk, weights, normalize: bool) -> int:
+        """weighted_sum over one chunk into chunk.out. Returns how many results are not finite."""
+        raise NotImplementedError(f"the {self.name} backend has no weighted_sum_raw")
+
+    def weighted_sum_batch(self, batch: Batch, weights, normalize: bool) -> list:
+        """weighted_sum_raw for every tensor of a batch; returns [(k, non-finite count)] where it is not 0.
+        Backends with a batched kernel override this; here, one call per tensor."""
+        bad = []
+        for k, chunk in batch.chunks():
+            count = self.weighted_sum_raw(chunk, weights, normalize)
+            if count:
+                bad.append((k, count))
+        return bad
+
+    def task_vector_raw(self, chunk: Chunk, p: TaskVectorParams, quota: list) -> tuple:
+        """base + lam * mix(tau) over one chunk, tau_i = x_i - base after DARE's drop or TIES' trim (ties kept in
+        index order while quota[i] lasts). Returns (non-finite count, the quotas left)."""
+        raise NotImplementedError(f"the {self.name} backend has no task_vector_raw")
+
+    def top_k_selector(self, keep: list) -> TopKSelector:
+        """A TopKSelector for one tensor."""
+        raise NotImplementedError(f"the {self.name} backend has no top_k_selector")
+
+    def masked_sum_raw(self, chunk: Chunk, weights, mode: MaskedSumMode, center=0.0, scale=1.0) -> int:
+        """The sparse soup's masked means, or the variance-corrected mean (see MaskedSumMode)."""
+        raise NotImplementedError(f"the {self.name} backend has no masked_sum_raw")
+
+    def sparse_scan_raw(self, chunk: Chunk) -> tuple:
+        """(first index where the inputs' zero patterns differ, or -1; zeros in the first input)."""
+        raise NotImplementedError(f"the {self.name} backend has no sparse_scan_raw")
+
+    def moments_raw(self, chunk: Chunk, acc: Moments) -> Moments:
+        """acc plus the statistics of one chunk (fp64, summed block by block in index order: the result does not
+        depend on the backend, the chunking or the threads)."""
+        raise NotImplementedError(f"the {self.name} backend has no moments_raw")
