@@ -13,6 +13,7 @@ site-packages (so the editable install of the checkout does not shadow it).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -20,13 +21,16 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-import run as suite  # noqa: E402
+from pysoup.bench.cases import family  # noqa: E402
+from pysoup.bench.harness import machine_line, warm_page_cache  # noqa: E402
+from pysoup.bench.report import markdown_head  # noqa: E402
 
+DATA = os.path.join(HERE, ".data")  # the synthetic checkpoints benchmarks/run.py caches
+RESULTS = os.path.join(HERE, "results")
 TIES = "density=0.5"
-OUT = "/dev/shm/pysoup-ab.safetensors" if os.path.isdir("/dev/shm") else os.path.join(suite.DATA, "ab.safetensors")
+OUT = "/dev/shm/pysoup-ab.safetensors" if os.path.isdir("/dev/shm") else os.path.join(DATA, "ab.safetensors")
 
 
 def version(python: str) -> str:
@@ -42,13 +46,13 @@ def main(argv=None) -> int:
     p.add_argument("--name", default="ab")
     args = p.parse_args(argv)
 
-    fts = suite.family("512MiB", 512 << 20, 8)
+    fts = family(DATA, "512MiB", 512 << 20, 8)
     base = os.path.join(os.path.dirname(fts[0]), "base")
     cases = {
         "linear 4 x 512MiB": fts[:4],
         "ties base + 3 x 512MiB (density 0.5)": [*fts[:3], "--base", base, "--strategy", "ties", "--param", TIES],
     }
-    suite.warm([*fts[:4], base])
+    warm_page_cache([*fts[:4], base])
     pythons = {"before": os.path.abspath(args.before), "after": os.path.abspath(args.after)}  # they run in /
     seconds = {case: {k: [] for k in pythons} for case in cases}
     for case, inputs in cases.items():
@@ -72,13 +76,13 @@ def main(argv=None) -> int:
 
     report = {
         "suite": f"A/B {args.name}",
-        "machine_line": suite.machine_line(),
+        "machine_line": machine_line(),
         "command": "python benchmarks/ab.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "builds": {k: version(v) for k, v in pythons.items()},
         "seconds": seconds,
     }
     lines = [
-        *suite.markdown_head(report),
+        *markdown_head(report),
         *(f"- {k}: {v}" for k, v in report["builds"].items()),
         "",
         f"Whole `pysoup merge` processes, interleaved, {args.runs} runs each; seconds.",
@@ -94,7 +98,11 @@ def main(argv=None) -> int:
         )
     text = "\n".join(lines) + "\n"
     print(text)
-    suite.save_results(args.name, report, text)
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, args.name + ".json"), "w") as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.join(RESULTS, args.name + ".md"), "w") as f:
+        f.write(text)
     return 0
 
 

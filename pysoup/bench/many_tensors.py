@@ -1,12 +1,12 @@
-"""The many-tensors suite (`python benchmarks/run.py --suite headers`): files of 10^5 and 10^6 tiny tensors, as
-MoE checkpoints have (DeepSeek-V3: ~90k tensors), where the per-tensor work (parse, validate, plan, lay out)
-is the cost, not the bytes.
+"""The `headers` suite: files of 10^5 and 10^6 tiny tensors, as MoE checkpoints have (DeepSeek-V3: ~90k tensors),
+where the per-tensor work (parse, validate, plan, lay out) is the cost, not the bytes.
 
 Contenders, each a whole process, rotated round by round:
   pysoup_open   pysoup.open(path) + len(keys())                      (time of the call, measured inside)
-  safe_open     safetensors.safe_open(path, "pt") + len(keys())      (torch imported before the clock starts)
-  pysoup_merge  `pysoup merge a b -o /dev/shm/...` (uniform, 2 inputs)  (whole process)
-  io_floor      read both inputs, write the output's bytes (benchmarks/baselines/io_floor.py)
+  safe_open     safetensors.safe_open(path, "pt") + len(keys())      (torch imported before the clock starts;
+                                                                      only where safetensors and torch are installed)
+  pysoup_merge  `pysoup merge a b -o OUT` (uniform, 2 inputs)        (whole process)
+  io_floor      read both inputs, write the output's bytes
 """
 
 from __future__ import annotations
@@ -16,11 +16,9 @@ import os
 import struct
 import sys
 
-import numpy as np
-
-from pysoup.bench import markdown_head, run_process, summarize, sync
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from pysoup.bench import baselines
+from pysoup.bench.cases import child_env
+from pysoup.bench.harness import raise_on_failure, rotated, run_process, summarize, sync, warm_page_cache
 
 SUITE = "many tensors"
 FULL_CASES = ["1e5", "1e6"]
@@ -31,6 +29,25 @@ _ORDER = {"F32": 0, "BF16": 1}
 # The 10^6 case's header is 91 MB with these names; MoE names in full ("model.layers.7.mlp.experts.12.w1.weight")
 # would take it past the 100 MB header limit that safetensors and pysoup both enforce.
 _NAMES = ("layers.{i}.experts.{j}.w1", "layers.{i}.experts.{j}.w2", "layers.{i}.experts.{j}.w3")
+
+
+def tensor_count(case: str) -> int:
+    """'1e6' -> 1000000."""
+    try:
+        count = int(float(case))
+    except ValueError:
+        count = 0
+    if count < LAYERS:
+        from pysoup.errors import SoupError
+
+        raise SoupError(f"case {case!r}: expected a tensor count of at least {LAYERS}, e.g. 1e5")
+    return count
+
+
+def scratch_bytes(cases: list) -> int:
+    """About the most the suite writes into its work directory: two inputs and an output per case, ~100 bytes a
+    tensor in each (its header entry and its data)."""
+    return sum(3 * 100 * tensor_count(c) for c in cases) + (64 << 20)
 
 
 def tensor_specs(count: int) -> list:
@@ -47,6 +64,8 @@ def tensor_specs(count: int) -> list:
 def write_file(path: str, specs: list, seed: int) -> int:
     """Writes one safetensors file laid out as the `safetensors` package lays it out (its header bytes, its
     order); the values are small normal numbers, so no merged value is NaN or inf. Returns the header's size."""
+    import numpy as np
+
     ordered = sorted(specs, key=lambda s: (_ORDER[s[1]], s[0]))
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, dtype, shape in ordered:
@@ -65,15 +84,15 @@ def write_file(path: str, specs: list, seed: int) -> int:
     return len(text)
 
 
-def inputs_for(data_dir: str, case: str) -> tuple:
-    """Two files of the case's tensor count (made once, cached); returns (paths, header bytes)."""
-    count = int(float(case))
+def inputs_for(data_dir: str, case: str, echo=print) -> tuple:
+    """Two files of the case's tensor count (made once per data directory); returns (paths, header bytes)."""
+    count = tensor_count(case)
     root = os.path.join(data_dir, f"headers-{case}")
     stamp = os.path.join(root, ".complete")
     paths = [os.path.join(root, f"ft{k}.safetensors") for k in (1, 2)]
     if not os.path.exists(stamp):
         os.makedirs(root, exist_ok=True)
-        print(f"  making 2 files of {count:,} tensors in {root} ...", flush=True)
+        echo(f"  making 2 files of {count:,} tensors in {root} ...")
         specs = tensor_specs(count)
         sizes = [write_file(p, specs, seed=k) for k, p in enumerate(paths)]
         with open(stamp, "w") as f:
@@ -82,57 +101,45 @@ def inputs_for(data_dir: str, case: str) -> tuple:
         return paths, json.load(f)["header_bytes"]
 
 
-def contenders(out_dir: str) -> dict:
+def contenders(work: str) -> dict:
+    """name -> (inputs -> (argv, output path or None))."""
+    out = os.path.join(work, "headers-merge.safetensors")
     py = sys.executable
-    opener = os.path.join(HERE, "baselines", "open_keys.py")
-    out = os.path.join(out_dir, "headers-merge.safetensors")
-    return {
-        "pysoup_open": lambda ins: ([py, opener, "pysoup", ins[0]], None),
-        "safe_open": lambda ins: ([py, opener, "safetensors", ins[0]], None),
-        "pysoup_merge": lambda ins: ([py, "-m", "pysoup", "merge", *ins, "-o", out, "--no-progress"], out),
-        "io_floor": lambda ins: ([py, os.path.join(HERE, "baselines", "io_floor.py"), out, *ins], out),
-    }
+    cs = {"pysoup_open": lambda ins: (baselines.command("open_keys", "pysoup", ins[0]), None)}
+    if baselines.torch_naive_available():
+        cs["safe_open"] = lambda ins: (baselines.command("open_keys", "safetensors", ins[0]), None)
+    cs["pysoup_merge"] = lambda ins: ([py, "-m", "pysoup", "merge", *ins, "-o", out, "--no-progress"], out)
+    cs["io_floor"] = lambda ins: (baselines.command("io_floor", out, *ins), out)
+    return cs
 
 
-def _call_seconds(stderr: str):
-    """The in-process time open_keys.py prints (None for the other contenders)."""
-    for line in stderr.splitlines():
-        if line.startswith("OPEN_KEYS_SECONDS "):
-            return float(line.split()[1])
-    return None
-
-
-def run_case(case: str, runs: int, data_dir: str, out_dir: str, only=None) -> dict:
-    paths, header_bytes = inputs_for(data_dir, case)
-    count = int(float(case))
-    for p in paths:  # warm page cache
-        with open(p, "rb") as f:
-            while f.read(64 << 20):
-                pass
-    os.makedirs(out_dir, exist_ok=True)
-    cs = contenders(out_dir)
+def run_case(case: str, runs: int, data_dir: str, work: str, only=None, echo=print) -> dict:
+    """Times every contender on one case; returns its result (per contender: process seconds, the in-process
+    time of the call for the openers, peak RSS; the merge's microseconds per tensor over the I/O floor)."""
+    paths, header_bytes = inputs_for(data_dir, case, echo)
+    count = tensor_count(case)
+    warm_page_cache(paths)
+    cs = contenders(work)
     if only:
         cs = {k: v for k, v in cs.items() if k in only}
-    names = list(cs)
-    samples = {k: {"seconds": [], "call_seconds": [], "peak_rss_bytes": []} for k in names}
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(HERE)}
+    samples = {k: {"seconds": [], "call_seconds": [], "peak_rss_bytes": []} for k in cs}
+    env = child_env()
     for r in range(runs):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
+        for name in rotated(list(cs), r):
             cmd, out = cs[name](paths)
             if out and os.path.exists(out):
                 os.remove(out)
             sync()
-            res = run_process(cmd, env=env)
-            if res["rc"] != 0:
-                raise RuntimeError(f"{name} failed on {case}: {res['stderr']}")
+            res = run_process(cmd, env=env, cwd=work)
+            if out and os.path.exists(out):
+                os.remove(out)
+            raise_on_failure(res, name, case)
             s = samples[name]
             s["seconds"].append(res["seconds"])
             s["peak_rss_bytes"].append(res["peak_rss_bytes"])
-            call = _call_seconds(res["stderr"])
+            call = baselines.open_keys_seconds(res["stderr"])
             if call is not None:
                 s["call_seconds"].append(call)
-            if out and os.path.exists(out):
-                os.remove(out)
     result = {
         "case": case,
         "tensors": count,
@@ -141,8 +148,7 @@ def run_case(case: str, runs: int, data_dir: str, out_dir: str, only=None) -> di
         "rss_bound_bytes": 2 * header_bytes + (256 << 20),
         "contenders": {},
     }
-    for name in names:
-        s = samples[name]
+    for name, s in samples.items():
         c = {
             "seconds": summarize(s["seconds"]),
             "samples": s["seconds"],
@@ -152,10 +158,10 @@ def run_case(case: str, runs: int, data_dir: str, out_dir: str, only=None) -> di
             c["call_seconds"] = summarize(s["call_seconds"])
             c["call_samples"] = s["call_seconds"]
         result["contenders"][name] = c
-    cs_ = result["contenders"]
-    if "pysoup_merge" in cs_:
-        merge = cs_["pysoup_merge"]["seconds"]["median"]
-        floor = cs_["io_floor"]["seconds"]["median"] if "io_floor" in cs_ else 0.0
+    done = result["contenders"]
+    if "pysoup_merge" in done:
+        merge = done["pysoup_merge"]["seconds"]["median"]
+        floor = done["io_floor"]["seconds"]["median"] if "io_floor" in done else 0.0
         result["merge_us_per_tensor"] = merge / count * 1e6
         result["merge_overhead_us_per_tensor"] = (merge - floor) / count * 1e6
     return result
@@ -185,38 +191,3 @@ def targets(report: dict) -> list:
                 f"+ 256 MiB = {bound / 2**20:.0f} MiB: {'met' if rss <= bound else 'NOT met'}"
             )
     return out
-
-
-def markdown(report: dict) -> str:
-    lines = [
-        *markdown_head(report),
-        "Two files per case of tiny tensors (F32 4-element norms, BF16 2 x 2 experts); whole processes, warm page "
-        "cache, output on /dev/shm, contenders rotated each round; medians (spread = (max - min) / median). "
-        "`open` columns: the time of `open(path)` + `len(keys())` inside the process (imports excluded); "
-        "merge: `pysoup merge a b -o OUT` (uniform soup), the whole process.",
-        "",
-        "| tensors | header | contender | runs | call s | process s | spread | peak RSS |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for case in report["cases"]:
-        for name, c in case["contenders"].items():
-            call = f"{c['call_seconds']['median']:.3f}" if "call_seconds" in c else ""
-            lines.append(
-                f"| {case['tensors']:,} | {case['header_bytes'] / 1e6:.1f} MB | {name} | {c['seconds']['n']} | "
-                f"{call} | {c['seconds']['median']:.3f} | {c['seconds']['spread']:.0%} | "
-                f"{c['peak_rss_bytes'] / 2**20:.0f} MiB |"
-            )
-    lines += [
-        "",
-        "| tensors | merge us / tensor | overhead over the I/O floor, us / tensor | RSS bound |",
-        "|---|---|---|---|",
-    ]
-    for case in report["cases"]:
-        if "merge_us_per_tensor" in case:
-            lines.append(
-                f"| {case['tensors']:,} | {case['merge_us_per_tensor']:.1f} | "
-                f"{case['merge_overhead_us_per_tensor']:.1f} | {case['rss_bound_bytes'] / 2**20:.0f} MiB |"
-            )
-    if report.get("targets"):
-        lines += ["", "## Targets", ""] + [f"- {t}" for t in report["targets"]]
-    return "\n".join(lines) + "\n"
