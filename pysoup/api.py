@@ -15,7 +15,7 @@ from pysoup.errors import PlanError
 from pysoup.io.checkpoint import open_checkpoint
 from pysoup.io.signals import cleanup_on_termination
 from pysoup.io.units import parse_size
-from pysoup.io.writer import FileSink, MemorySink, OutputTarget
+from pysoup.io.writer import MemorySink, OutputTarget
 from pysoup.strategies import get_strategy
 
 
@@ -118,18 +118,8 @@ def merge(
                 aux_files=aux,
                 durable=durable,
             )
-            sink = None
-            try:
-                target.create()
-                sink = FileSink(target, OUTPUT_BUFFER_BYTES)
-                with be.activate():
-                    nonfinite, (stats, notes) = execute(plan, sink, be, progress)
-                target.commit()
-            except BaseException:
-                if sink is not None:
-                    sink.close()
-                target.abort()
-                raise
+            with target.streaming(OUTPUT_BUFFER_BYTES) as sink, be.activate():
+                nonfinite, (stats, notes) = execute(plan, sink, be, progress)
             return MergeReport(
                 seconds=time.perf_counter() - start,
                 bytes_read=plan.bytes_to_read,

@@ -19,8 +19,6 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
-
 from pysoup.errors import OutputError, PlanError
 from pysoup.io.checkpoint import INDEX_NAME, SINGLE_NAME
 from pysoup.io.format import build_header
@@ -225,6 +223,22 @@ class OutputTarget:
             "weight_map": dict(sorted(weight_map.items())),
         }
         return (json.dumps(index, indent=2) + "\n").encode()
+
+    @contextlib.contextmanager
+    def streaming(self, buffer_bytes: int):
+        """create(), then a FileSink for the block to write through; commit() when the block ends, abort() (and
+        nothing at the target changes) when it raises."""
+        sink = None
+        try:
+            self.create()
+            sink = FileSink(self, buffer_bytes)
+            yield sink
+            self.commit()
+        except BaseException:
+            if sink is not None:
+                sink.close()
+            self.abort()
+            raise
 
     def commit(self) -> None:
         """Renames every file into place (the index last), then removes an older output's stale weight files;
@@ -487,12 +501,11 @@ def write_arrays(out, arrays: dict, dtypes: dict, *, shard_size=None, metadata=N
     Returns:
         The paths written, the index last.
     """
+    import numpy as np  # not at the top: a file merge imports neither numpy nor torch
+
     entries = [(name, dtypes[name], tuple(a.shape)) for name, a in arrays.items()]
     target = OutputTarget(out, entries, shard_size=shard_size, metadata=metadata)
-    sink = None
-    try:
-        target.create()
-        sink = FileSink(target, buffer_bytes)
+    with target.streaming(buffer_bytes) as sink:
         for k in range(len(target.layout)):
             a = np.ascontiguousarray(arrays[target.layout.name(k)])
             if a.nbytes != target.layout.nbytes(k):
@@ -507,10 +520,4 @@ def write_arrays(out, arrays: dict, dtypes: dict, *, shard_size=None, metadata=N
                 sink.flush_if_full()
                 pos += n
         sink.finish()
-        target.commit()
-    except BaseException:
-        if sink is not None:
-            sink.close()
-        target.abort()
-        raise
     return target.paths

@@ -10,7 +10,7 @@ from pysoup.errors import PlanError
 from pysoup.ops.table import Moments, MomentsSpec
 from pysoup.strategies import register
 from pysoup.strategies.base import Strategy
-from pysoup.strategies.tensor_op import TensorOp
+from pysoup.strategies.tensor_op import MomentsOp
 
 
 def model_stock_ratio(k: int, m: Moments) -> float:
@@ -26,17 +26,11 @@ def model_stock_ratio(k: int, m: Moments) -> float:
 
 
 @dataclass(frozen=True)
-class ModelStockOp(TensorOp):
+class ModelStockOp(MomentsOp):
     k: int
 
-    def reduce_passes(self, backend) -> int:
-        return 1
-
-    def begin(self, backend, name, numel):
-        return {"moments": MomentsSpec(self.k, base=True).zeros()}
-
-    def reduce(self, backend, chunk, state, pass_):
-        state["moments"] = backend.moments_raw(chunk, state["moments"])
+    def moments_spec(self):
+        return MomentsSpec(self.k, base=True)
 
     def end_pass(self, state, pass_):
         t = model_stock_ratio(self.k, state["moments"])

@@ -10,7 +10,7 @@ from pysoup.errors import PlanError
 from pysoup.ops.table import MomentsSpec
 from pysoup.strategies import register
 from pysoup.strategies.base import Strategy
-from pysoup.strategies.tensor_op import TensorOp
+from pysoup.strategies.tensor_op import MomentsOp
 
 # Above this |cos| the two tensors are nearly parallel and slerp's sin(Omega) ~ 0: interpolate linearly.
 COLINEAR = 0.9995
@@ -29,17 +29,11 @@ def slerp_coefficients(t: float, dot: float, norm_a2: float, norm_b2: float) -> 
 
 
 @dataclass(frozen=True)
-class SlerpOp(TensorOp):
+class SlerpOp(MomentsOp):
     t: float
 
-    def reduce_passes(self, backend) -> int:
-        return 1
-
-    def begin(self, backend, name, numel):
-        return {"moments": MomentsSpec(2).zeros()}  # |a|^2, |b|^2 and <a, b>
-
-    def reduce(self, backend, chunk, state, pass_):
-        state["moments"] = backend.moments_raw(chunk, state["moments"])
+    def moments_spec(self):
+        return MomentsSpec(2)
 
     def end_pass(self, state, pass_):
         m = state["moments"]

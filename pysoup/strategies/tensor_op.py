@@ -12,7 +12,7 @@ import ctypes
 from dataclasses import dataclass
 
 from pysoup.dtypes import SAFETENSORS_SIZES
-from pysoup.ops.table import Backend, Batch, Chunk
+from pysoup.ops.table import Backend, Batch, Chunk, MomentsSpec
 
 
 class TensorOp:
@@ -78,3 +78,20 @@ class Copy(TensorOp):
     def combine(self, backend, chunk, state):
         ctypes.memmove(chunk.out, chunk.addrs[0], chunk.n * SAFETENSORS_SIZES[chunk.out_dtype])
         return 0
+
+
+class MomentsOp(TensorOp):
+    """An op whose coefficients come from one statistics pass over the tensor (SLERP's angle, model stock's
+    cosines, the variance correction): `moments_spec` says what to gather, `end_pass` reads state["moments"]."""
+
+    def moments_spec(self) -> MomentsSpec:
+        raise NotImplementedError
+
+    def reduce_passes(self, backend):
+        return 1
+
+    def begin(self, backend, name, numel):
+        return {"moments": self.moments_spec().zeros()}
+
+    def reduce(self, backend, chunk, state, pass_):
+        state["moments"] = backend.moments_raw(chunk, state["moments"])

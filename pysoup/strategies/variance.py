@@ -9,7 +9,7 @@ from pysoup.dtypes import to_f32
 from pysoup.ops.table import MaskedSumMode, Moments, MomentsSpec
 from pysoup.strategies import register
 from pysoup.strategies.base import Strategy
-from pysoup.strategies.tensor_op import TensorOp, WeightedSum
+from pysoup.strategies.tensor_op import MomentsOp, WeightedSum
 
 # Buffers of BatchNorm are statistics, not weights: they are averaged but never rescaled.
 BATCHNORM_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
@@ -28,19 +28,13 @@ def variance_scale(k: int, n: int, m: Moments, eps: float) -> tuple:
 
 
 @dataclass(frozen=True)
-class VarianceCorrectedOp(TensorOp):
+class VarianceCorrectedOp(MomentsOp):
     k: int
     numel: int
     eps: float
 
-    def reduce_passes(self, backend) -> int:
-        return 1
-
-    def begin(self, backend, name, numel):
-        return {"moments": MomentsSpec(self.k, mean_weights=(1.0,) * self.k, gram=False).zeros()}
-
-    def reduce(self, backend, chunk, state, pass_):
-        state["moments"] = backend.moments_raw(chunk, state["moments"])
+    def moments_spec(self):
+        return MomentsSpec(self.k, mean_weights=(1.0,) * self.k, gram=False)
 
     def end_pass(self, state, pass_):
         center, scale = variance_scale(self.k, self.numel, state["moments"], self.eps)
