@@ -1,2 +1,8 @@
-"""Averaging during training: the averaged copies a training loop keeps (EMA, SWA, weight ensembles), built on
-pysoup.ops.MultiTensorLerp. (Issue 11 fills this room.)"""
+"""Averaging during training: the averaged copies a training loop keeps and updates after each optimizer step.
+
+- `EMA`, `SWA`, `WeightEnsemble` (ZSCL): average.py, on the fused multi-tensor lerp (pysoup.ops.MultiTensorLerp).
+"""
+
+from pysoup.training.average import EMA, SWA, WeightEnsemble
+
+__all__ = ["EMA", "SWA", "WeightEnsemble"]
