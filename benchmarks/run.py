@@ -55,11 +55,12 @@ def main(argv=None) -> int:
         default_name = "quick" if args.suite == "linear" else f"quick-{args.suite}"
     else:
         default_name = args.suite
+    name = args.name or default_name  # a NAME with a folder (--name /tmp/x/ties) writes there
     pysoup.bench.run(
         args.suite,
-        RESULTS,
+        os.path.join(RESULTS, os.path.dirname(name)),
         quick=args.quick,
-        name=args.name or default_name,
+        name=os.path.basename(name),
         cases=[] if args.kernel_only else _split(args.cases),
         methods=_split(args.methods),
         runs=args.runs,

@@ -61,6 +61,7 @@ def _work_dir(stdout: str) -> str:
     return m.group(1)
 
 
+@pytest.mark.slow  # ~30 s on 2 idle cores: mergekit's and torch's start-up are most of it
 def test_quick_suite_from_outside_the_repository(tmp_path):
     out = tmp_path / "results"
     t = time.perf_counter()
@@ -86,7 +87,7 @@ def test_quick_suite_from_outside_the_repository(tmp_path):
     assert case["case"] == "4x16MiB" and case["inputs"] == 4 and case["read_bytes"] == 4 * case["model_bytes"] > 0
     assert list(case["contenders"]) == want
     for name, c in case["contenders"].items():
-        assert c["seconds"]["n"] == len(c["samples"]) == (1 if name in ("naive", "naive_numpy", "mergekit") else 3)
+        assert c["seconds"]["n"] == len(c["samples"]) == (1 if name in ("naive", "mergekit") else 3)
         assert all(s > 0 for s in c["samples"]) and c["seconds"]["median"] > 0
         assert c["peak_rss_bytes"] > 0 and c["gb_per_s"] > 0
         if name != "pysoup":
@@ -165,7 +166,7 @@ def test_interrupted_run_removes_its_work_directory(tmp_path, sig):
     work = _work_dir(seen)
     assert proc.returncode == (130 if sig == signal.SIGINT else -signal.SIGTERM), err
     assert not os.path.exists(work)
-    assert not any(p.name.startswith("linear.") for p in (tmp_path / "r").iterdir())
+    assert not (tmp_path / "r").exists()  # the results folder it had made, still empty
     for pid in filter(str.isdigit, os.listdir("/proc")):  # nothing still writing into it
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:

@@ -13,6 +13,7 @@ PNG). The repository's benchmarks/run.py calls `run` and keeps the committed res
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import time
@@ -91,97 +92,114 @@ def run(
         >>> res = pysoup.bench.run("linear", "bench-results", quick=True)  # doctest: +SKIP
         >>> res.report["cases"][0]["contenders"]["pysoup"]["seconds"]["median"]  # doctest: +SKIP
     """
-    if echo is None:
-
-        def echo(line):
-            print(line, flush=True)
-
     if suite not in SUITES:
         raise SoupError(f"unknown suite {suite!r}; choose from {', '.join(SUITES)}")
     if suite == "headers":
-        header_cases = (
-            list(cases) if cases is not None else (many_tensors.QUICK_CASES if quick else many_tensors.FULL_CASES)
-        )
-        need = many_tensors.scratch_bytes(header_cases)
+        todo = list(cases) if cases is not None else (many_tensors.QUICK_CASES if quick else many_tensors.FULL_CASES)
+        need = many_tensors.scratch_bytes(todo)  # checks the cases
     else:
-        pairs = merge_cases.suite_cases(suite, quick, cases, methods)
-        if suite == "linear" and cases is not None and not cases:
-            pairs = []
-        need = merge_cases.scratch_bytes(pairs, cached_data=data_dir is not None)
-    out_dir = os.path.abspath(out_dir or default_out_dir())
+        todo = merge_cases.suite_cases(suite, quick, cases, methods)  # checks the cases and methods
+        need = merge_cases.scratch_bytes(todo, cached_data=data_dir is not None)
     name = name or suite
-    report.check_out_dir(out_dir, name, force)
+    if os.path.basename(name) != name or name in (".", ".."):
+        raise SoupError(f"results name {name!r}: a file stem without a folder (the folder is out_dir)")
+    out_dir = os.path.abspath(out_dir or default_out_dir())
+    created = report.check_out_dir(out_dir, name, force)
+    req = _Request(suite, todo, quick, runs, only, mergekit, in_memory_cases, echo or _print)
+    try:
+        from pysoup.io.signals import cleanup_on_termination
 
-    m = machine()
-    rep = {
-        "suite": _LABELS[suite],
-        "machine": m,
-        "machine_line": machine_line(m),
-        "command": command or f"pysoup.bench.run({suite!r}, quick={quick})",
-        "quick": quick,
-        "cases": [],
-        "notes": [],
-    }
-    echo(rep["machine_line"])
-    from pysoup.io.signals import cleanup_on_termination
-
-    with cleanup_on_termination(), work_dir(need) as work:
-        data = data_dir or os.path.join(work, "data")
-        os.makedirs(data, exist_ok=True)
-        if suite == "headers":
-            _run_headers(rep, header_cases, runs, data, work, only, echo)
-        else:
-            _run_merges(rep, suite, pairs, quick, runs, data, work, only, mergekit, echo)
-            if suite == "linear" and in_memory_cases:
-                _run_in_memory(rep, quick, rep.get("runs") or runs or (3 if quick else 5), echo)
-            if not pairs:
-                rep["suite"] = "in-memory kernel"
-    rep["targets"] = targets(rep)
-    for t in rep["targets"]:
-        echo(t)
-    if not report.can_plot():
-        rep["notes"].append("matplotlib is not installed: no chart")
-    for note in rep["notes"]:
-        echo(f"note: {note}")
-    files = report.save(rep, out_dir, name)
-    echo(f"wrote {', '.join(files)}")
+        m = machine()
+        rep = {
+            "suite": _LABELS[suite] if todo or suite != "linear" else "in-memory kernel",
+            "machine": m,
+            "machine_line": machine_line(m),
+            "command": command or f"pysoup.bench.run({suite!r}, quick={quick})",
+            "quick": quick,
+            "cases": [],
+            "notes": [],
+        }
+        req.echo(rep["machine_line"])
+        with cleanup_on_termination(), work_dir(need) as work:
+            _measure(req, rep, data_dir or os.path.join(work, "data"), work)
+        rep["targets"] = targets(rep)
+        if not report.can_plot():
+            rep["notes"].append("matplotlib is not installed: no chart")
+        for line in rep["targets"] + [f"note: {note}" for note in rep["notes"]]:
+            req.echo(line)
+        files = report.save(rep, out_dir, name)
+    except BaseException:
+        if created:  # a folder this run made and did not fill (Ctrl-C, a contender's failure) is not left behind
+            with contextlib.suppress(OSError):
+                os.rmdir(out_dir)
+        raise
+    req.echo(f"wrote {', '.join(files)}")
     return BenchResult(rep, files)
 
 
-def _run_merges(rep, suite, pairs, quick, runs, data, work, only, mergekit, echo) -> None:
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+@dataclass
+class _Request:
+    """What `run` was asked, checked."""
+
+    suite: str
+    cases: list  # (strategy, case) pairs; the headers suite: tensor counts
+    quick: bool
+    runs: int | None
+    only: list | None
+    mergekit: bool
+    in_memory_cases: bool
+    echo: object
+
+
+def _measure(req: _Request, rep: dict, data: str, work: str) -> None:
+    os.makedirs(data, exist_ok=True)
+    if req.suite == "headers":
+        _run_headers(req, rep, data, work)
+        return
+    _run_merges(req, rep, data, work)
+    if req.suite == "linear" and req.in_memory_cases:
+        _run_in_memory(req, rep)
+
+
+def _run_merges(req: _Request, rep: dict, data: str, work: str) -> None:
     from pysoup.bench import baselines
 
-    runs = runs or (3 if quick or suite == "methods" else 5)
-    rep["runs"] = runs
-    mergekit_exe = baselines.mergekit_executable() if mergekit else None
-    if mergekit and mergekit_exe is None:
+    runs = rep["runs"] = req.runs or (3 if req.quick or req.suite == "methods" else 5)
+    mergekit_exe = baselines.mergekit_executable() if req.mergekit else None
+    if req.mergekit and mergekit_exe is None:
         rep["notes"].append("mergekit is not installed: not a contender")
-    if suite == "linear" and not baselines.torch_naive_available():
+    if req.suite == "linear" and not baselines.torch_naive_available():
         rep["notes"].append("torch or safetensors is not installed: the naive script is the numpy one (naive_numpy)")
-    if pairs:
-        echo(report.table_header(rep["suite"]))
-    for strategy, case in pairs:
-        res = merge_cases.run_case(case, runs, data, work, strategy, mergekit_exe, only=only, quick=quick, echo=echo)
+    if req.cases:
+        req.echo(report.table_header(rep["suite"]))
+    for strategy, case in req.cases:
+        res = merge_cases.run_case(
+            case, runs, data, work, strategy, mergekit_exe, only=req.only, quick=req.quick, echo=req.echo
+        )
         rep["cases"].append(res)
         for row in report.table_rows(res):
-            echo(row)
+            req.echo(row)
 
 
-def _run_headers(rep, header_cases, runs, data, work, only, echo) -> None:
+def _run_headers(req: _Request, rep: dict, data: str, work: str) -> None:
     from pysoup.bench import baselines
 
     if not baselines.torch_naive_available():
         rep["notes"].append("torch or safetensors is not installed: no safe_open contender")
-    echo(report.table_header(rep["suite"]))
-    for case in header_cases:
-        n = runs or (3 if many_tensors.tensor_count(case) >= 10**6 else 5)
-        res = many_tensors.run_case(case, n, data, work, only=only, echo=echo)
+    req.echo(report.table_header(rep["suite"]))
+    for case in req.cases:
+        runs = req.runs or (3 if req.quick or many_tensors.tensor_count(case) >= 10**6 else 5)
+        res = many_tensors.run_case(case, runs, data, work, only=req.only, echo=req.echo)
         rep["cases"].append(res)
         for row in report.table_rows(res):
-            echo(row)
+            req.echo(row)
 
 
-def _run_in_memory(rep, quick, runs, echo) -> None:
+def _run_in_memory(req: _Request, rep: dict) -> None:
     import pysoup
 
     if importlib.util.find_spec("torch") is None:
@@ -191,17 +209,17 @@ def _run_in_memory(rep, quick, runs, echo) -> None:
         rep["notes"].append("the C++ module did not load: no in-memory kernel and EMA cases")
         return
     k = rep["kernel"] = in_memory.kernel_case(
-        in_memory.KERNEL_QUICK_ELEMENTS if quick else in_memory.KERNEL_ELEMENTS, max(runs, 5)
+        in_memory.KERNEL_QUICK_ELEMENTS if req.quick else in_memory.KERNEL_ELEMENTS, max(rep["runs"], 5)
     )
-    echo(
+    req.echo(
         f"kernel, 4 x {k['elements']:,} bf16: pysoup {k['pysoup']['gb_per_s']:.1f} GB/s, torch "
         f"{k['torch']['gb_per_s']:.1f} GB/s, triad {k['triad']['gb_per_s']:.1f} GB/s"
     )
     e = rep["ema"] = in_memory.ema_case(
-        in_memory.EMA_QUICK_PARAMS if quick else in_memory.EMA_PARAMS, in_memory.EMA_TENSORS, max(runs, 5)
+        in_memory.EMA_QUICK_PARAMS if req.quick else in_memory.EMA_PARAMS, in_memory.EMA_TENSORS, max(rep["runs"], 5)
     )
     for label, cfg in e["configs"].items():
-        echo(
+        req.echo(
             f"EMA step, {e['params']:,} {label} parameters: pysoup {cfg['pysoup']['seconds']['median'] * 1e3:.1f} ms, "
             f"torch._foreach_lerp_ {cfg['torch_foreach_lerp']['seconds']['median'] * 1e3:.1f} ms "
             f"({cfg['speedup_vs_foreach']:.2f}x)"

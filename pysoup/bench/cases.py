@@ -68,7 +68,8 @@ def parse_case(case: str) -> tuple:
 
 
 def suite_cases(suite: str, quick: bool, cases=None, methods=None) -> list:
-    """(strategy, case) pairs of a suite: the linear suite's sizes, or every method (or `methods`) on 3 inputs."""
+    """(strategy, case) pairs of a suite: the linear suite's sizes (`cases`: others, or none), or every method (or
+    `methods`) on 3 inputs (of the size of `cases[0]`, when given)."""
     if suite == "methods":
         unknown = sorted(set(methods or ()) - set(METHODS))
         if unknown:
@@ -77,7 +78,7 @@ def suite_cases(suite: str, quick: bool, cases=None, methods=None) -> list:
             raise SoupError(f"unknown method(s) {', '.join(unknown)}; the methods suite has {', '.join(METHODS)}")
         size = cases[0].split("x", 1)[1] if cases else (METHODS_QUICK_SIZE if quick else METHODS_SIZE)
         return [(m, f"3x{size}") for m in (methods or METHODS)]
-    return [("linear", c) for c in (cases or (QUICK_CASES if quick else FULL_CASES))]
+    return [("linear", c) for c in (cases if cases is not None else (QUICK_CASES if quick else FULL_CASES))]
 
 
 def family_counts(pairs: list) -> dict:
@@ -161,7 +162,11 @@ def contenders(work: str, strategy: str, base: str | None, mergekit_exe: str | N
     ]
     if strategy == "linear":
         name = "naive" if baselines.torch_naive_available() else "naive_numpy"
-        out.append(Contender(name, lambda stem, ins: baselines.command(name, stem + ".safetensors", *ins), slow=True))
+        out.append(
+            Contender(
+                name, lambda stem, ins: baselines.command(name, stem + ".safetensors", *ins), slow=name == "naive"
+            )
+        )
     if mergekit_exe and mk_extra is not None:
         out.append(
             Contender(

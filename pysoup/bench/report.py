@@ -94,7 +94,8 @@ def _merge_markdown(report: dict) -> str:
             elif name == "io_floor":
                 rel = "the floor"
             else:
-                rel = f"pysoup {ps.get('speedup_vs_' + name, float('nan')):.1f}x faster"
+                speedup = ps.get("speedup_vs_" + name, float("nan"))
+                rel = f"pysoup {speedup:.1f}x faster" if not speedup < 1 else f"pysoup {1 / speedup:.1f}x slower"
             lines.append(
                 f"| {case['case']} | {name} | {c['seconds']['median']:.3f} | {c['seconds']['spread']:.0%} | "
                 f"{c['gb_per_s']:.2f} | {c['peak_rss_bytes'] / 2**20:.0f} MiB | {rel} |"
@@ -221,9 +222,12 @@ def result_paths(out_dir: str, name: str) -> list:
     return [os.path.join(out_dir, name + ext) for ext in EXTENSIONS]
 
 
-def check_out_dir(out_dir: str, name: str, force: bool = False) -> None:
+def check_out_dir(out_dir: str, name: str, force: bool = False) -> bool:
     """Refuses, before anything runs, an output directory the results could not be written to, or one holding
     earlier results of the same name (unless `force`). Creates the directory if it does not exist.
+
+    Returns:
+        Whether it created the directory.
 
     Raises:
         SoupError: one line naming the directory or the file.
@@ -232,6 +236,7 @@ def check_out_dir(out_dir: str, name: str, force: bool = False) -> None:
 
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise SoupError(f"--out {out_dir}: not a directory")
+    created = not os.path.exists(out_dir)
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as exc:
@@ -246,6 +251,7 @@ def check_out_dir(out_dir: str, name: str, force: bool = False) -> None:
     existing = [p for p in result_paths(out_dir, name) if os.path.exists(p)]
     if existing and not force:
         raise SoupError(f"{existing[0]} exists (earlier results); pass --force to overwrite, or another --out")
+    return created
 
 
 def save(report: dict, out_dir: str, name: str) -> list:
