@@ -225,7 +225,7 @@ def _check_target(model, name: str, owners: dict) -> None:
     if name == "":
         raise PlanError("the model itself cannot become an ExpertsBlock; name one of its feed-forward blocks")
     module = model.get_submodule(name)
-    for outer, block in experts_blocks(model).items():
+    for outer in experts_blocks(model):
         if name == outer or name.startswith(outer + "."):
             raise PlanError(f"module {name!r} is already part of ExpertsBlock {outer!r}")
     params = list(module.named_parameters())
