@@ -71,7 +71,7 @@ def test_quick_suite_from_outside_the_repository(tmp_path):
     assert "modules from benchmarks/: []" in proc.stdout
     assert not os.path.exists(_work_dir(proc.stdout))
 
-    naive = "naive" if baselines.torch_naive_available() else "naive_numpy"
+    naive = "naive" if baselines.torch_and_safetensors_available() else "naive_numpy"
     want = ["pysoup", "io_floor", naive] + (["mergekit"] if baselines.mergekit_executable() else [])
     lines = proc.stdout.splitlines()
     columns = ["case", "contender", "seconds", "spread", "runs", "GB/s", "peak", "RSS"]

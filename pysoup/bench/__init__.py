@@ -172,7 +172,7 @@ def _run_merges(req: _Request, rep: dict, data: str, work: str) -> None:
     mergekit_exe = baselines.mergekit_executable() if req.mergekit else None
     if req.mergekit and mergekit_exe is None:
         rep["notes"].append("mergekit is not installed: not a contender")
-    if req.suite == "linear" and not baselines.torch_naive_available():
+    if req.suite == "linear" and not baselines.torch_and_safetensors_available():
         rep["notes"].append("torch or safetensors is not installed: the naive script is the numpy one (naive_numpy)")
     if req.cases:
         req.echo(report.table_header(rep["suite"]))
@@ -188,7 +188,7 @@ def _run_merges(req: _Request, rep: dict, data: str, work: str) -> None:
 def _run_headers(req: _Request, rep: dict, data: str, work: str) -> None:
     from pysoup.bench import baselines
 
-    if not baselines.torch_naive_available():
+    if not baselines.torch_and_safetensors_available():
         rep["notes"].append("torch or safetensors is not installed: no safe_open contender")
     req.echo(report.table_header(rep["suite"]))
     for case in req.cases:

@@ -29,7 +29,7 @@ def command(name: str, *args: str) -> list:
     return [sys.executable, os.path.abspath(__file__), name, *args]
 
 
-def torch_naive_available() -> bool:
+def torch_and_safetensors_available() -> bool:
     """Whether the torch + safetensors script can run here (else the numpy one stands in)."""
     return all(importlib.util.find_spec(m) is not None for m in ("torch", "safetensors"))
 

@@ -161,7 +161,7 @@ def contenders(work: str, strategy: str, base: str | None, mergekit_exe: str | N
         Contender("io_floor", lambda stem, ins: baselines.command("io_floor", stem + ".safetensors", *ins, *base_in)),
     ]
     if strategy == "linear":
-        name = "naive" if baselines.torch_naive_available() else "naive_numpy"
+        name = "naive" if baselines.torch_and_safetensors_available() else "naive_numpy"
         out.append(
             Contender(
                 name, lambda stem, ins: baselines.command(name, stem + ".safetensors", *ins), slow=name == "naive"

@@ -106,7 +106,7 @@ def contenders(work: str) -> dict:
     out = os.path.join(work, "headers-merge.safetensors")
     py = sys.executable
     cs = {"pysoup_open": lambda ins: (baselines.command("open_keys", "pysoup", ins[0]), None)}
-    if baselines.torch_naive_available():
+    if baselines.torch_and_safetensors_available():
         cs["safe_open"] = lambda ins: (baselines.command("open_keys", "safetensors", ins[0]), None)
     cs["pysoup_merge"] = lambda ins: ([py, "-m", "pysoup", "merge", *ins, "-o", out, "--no-progress"], out)
     cs["io_floor"] = lambda ins: (baselines.command("io_floor", out, *ins), out)
