@@ -7,7 +7,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.9.0
 DEV_DEPS := numpy tqdm pyyaml pytest hypothesis safetensors scikit-build-core pybind11 ninja ruff matplotlib \
-            scikit-learn
+            scikit-learn clang-format
 # mergekit is the oracle of tests/test_mergekit.py and a benchmark baseline (pinned beside the CPU torch).
 MERGEKIT_SPEC ?= mergekit==0.1.5
 
@@ -58,6 +58,7 @@ bench-quick: install
 lint: install
 	$(VENV)/bin/ruff check pysoup tests benchmarks examples
 	$(VENV)/bin/ruff format --check pysoup tests benchmarks examples
+	find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu' | xargs $(VENV)/bin/clang-format --dry-run -Werror
 
 wheel:
 	$(PIP) wheel --no-deps . -w dist

@@ -1,15 +1,23 @@
-// pysoup._C: argument checks, GIL release, nothing else. Pointers arrive as integers (tensor.data_ptr(),
-// ndarray.ctypes.data, MappedRegion.address), so this module never sees torch or numpy.
+// pysoup._C: argument checks and conversions, GIL release, nothing else; the ops live in csrc/cpu and csrc/io.
+// Pointers arrive as integers (tensor.data_ptr(), ndarray.ctypes.data, MappedRegion.address), so this module never
+// sees torch or numpy.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <cmath>
 #include <stdexcept>
 #include <string>
+#include <variant>
 #include <vector>
 
-#include "cpu/kernels.h"
+#include "cpu/dtype.h"
+#include "cpu/isa.h"
+#include "cpu/masked_sum.h"
+#include "cpu/moments.h"
+#include "cpu/philox.h"
+#include "cpu/radix_select.h"
 #include "cpu/task_vector.h"
+#include "cpu/weighted_sum.h"
 #include "io/mapped_region.h"
 #include "io/table_bindings.h"
 #include "io/tensor_table.h"
@@ -19,15 +27,32 @@ using namespace pysoup;
 
 namespace {
 
-// The checks both weighted-sum entries share: dtype codes, the ISA, and the divisor when normalizing. Returns the
-// arguments with everything but the pointers filled in.
+// The ISA argument of every op: a code from isa_code() (what pysoup.ops.cpu passes, resolved once), or a name,
+// resolved here once per call. Either way the kernels see only a checked Isa.
+using IsaArg = std::variant<int, std::string>;
+
+Isa checked_isa(const std::string& op, const IsaArg& isa) {
+    if (const int* code = std::get_if<int>(&isa)) {
+        if (isa_usable(*code)) return static_cast<Isa>(*code);
+        std::string usable;
+        for (int c = 0; isa_usable(c); ++c) usable += (c ? ", " : "") + std::to_string(c) + " " + kIsaNames[c];
+        throw std::invalid_argument(op + ": CPU ISA code " + std::to_string(*code) +
+                                    " cannot run here (usable: " + usable + ")");
+    }
+    try {
+        return static_cast<Isa>(isa_code(std::get<std::string>(isa)));
+    } catch (const std::invalid_argument& e) {
+        throw std::invalid_argument(op + ": " + e.what());
+    }
+}
+
+// The checks the weighted-sum entries share: dtype codes, and the divisor when normalizing. Returns the arguments
+// with everything but the pointers filled in.
 WeightedSumArgs checked_weighted_sum_args(const std::string& op, const std::vector<int>& in_dtypes,
-                                          const std::vector<float>& weights, int out_dtype, bool normalize,
-                                          const std::string& isa) {
+                                          const std::vector<float>& weights, int out_dtype, bool normalize) {
     for (int d : in_dtypes)
         if (d < kF32 || d > kBF16) throw std::invalid_argument(op + ": bad input dtype code");
     if (out_dtype < kF32 || out_dtype > kBF16) throw std::invalid_argument(op + ": bad output dtype code");
-    if (!isa_usable(isa)) throw std::invalid_argument(op + ": CPU ISA '" + isa + "' is not usable here");
     const int k = static_cast<int>(in_dtypes.size());
     WeightedSumArgs args{nullptr, in_dtypes.data(), weights.data(), k, nullptr, out_dtype, normalize, 1.0f};
     if (normalize) {
@@ -40,7 +65,8 @@ WeightedSumArgs checked_weighted_sum_args(const std::string& op, const std::vect
 
 int64_t weighted_sum_py(const std::vector<uintptr_t>& inputs, const std::vector<int>& in_dtypes,
                         const std::vector<float>& weights, int64_t n, uintptr_t out, int out_dtype, bool normalize,
-                        int threads, const std::string& isa) {
+                        int threads, const IsaArg& isa) {
+    const Isa code = checked_isa("weighted_sum", isa);
     const size_t k = inputs.size();
     if (k == 0) throw std::invalid_argument("weighted_sum needs at least one input");
     if (in_dtypes.size() != k || weights.size() != k)
@@ -51,20 +77,21 @@ int64_t weighted_sum_py(const std::vector<uintptr_t>& inputs, const std::vector<
         for (uintptr_t p : inputs)
             if (p == 0) throw std::invalid_argument("weighted_sum: null input pointer");
     }
-    WeightedSumArgs args = checked_weighted_sum_args("weighted_sum", in_dtypes, weights, out_dtype, normalize, isa);
+    WeightedSumArgs args = checked_weighted_sum_args("weighted_sum", in_dtypes, weights, out_dtype, normalize);
     std::vector<const void*> ptrs(k);
     for (size_t i = 0; i < k; ++i) ptrs[i] = reinterpret_cast<const void*>(inputs[i]);
     args.inputs = ptrs.data();
     args.out = reinterpret_cast<void*>(out);
     py::gil_scoped_release release;
-    return weighted_sum(args, n, isa, threads < 1 ? 1 : threads);
+    return weighted_sum(args, n, code, threads < 1 ? 1 : threads);
 }
 
 // Many tensors in one call: inputs holds k pointers per tensor (tensor-major), outs one per tensor.
 int64_t weighted_sum_many_py(const std::vector<uintptr_t>& inputs, const std::vector<int>& in_dtypes,
                              const std::vector<float>& weights, const std::vector<int64_t>& sizes,
                              const std::vector<uintptr_t>& outs, int out_dtype, bool normalize, int threads,
-                             const std::string& isa) {
+                             const IsaArg& isa) {
+    const Isa code = checked_isa("weighted_sum_many", isa);
     const size_t k = in_dtypes.size(), m = sizes.size();
     if (k == 0) throw std::invalid_argument("weighted_sum_many needs at least one input per tensor");
     if (weights.size() != k) throw std::invalid_argument("weighted_sum_many: dtypes and weights differ in length");
@@ -78,13 +105,13 @@ int64_t weighted_sum_many_py(const std::vector<uintptr_t>& inputs, const std::ve
             if (inputs[t * k + i] == 0) throw std::invalid_argument("weighted_sum_many: null input pointer");
     }
     const WeightedSumArgs shared =
-        checked_weighted_sum_args("weighted_sum_many", in_dtypes, weights, out_dtype, normalize, isa);
+        checked_weighted_sum_args("weighted_sum_many", in_dtypes, weights, out_dtype, normalize);
     std::vector<const void*> ptrs(inputs.size());
     for (size_t i = 0; i < inputs.size(); ++i) ptrs[i] = reinterpret_cast<const void*>(inputs[i]);
     std::vector<void*> out_ptrs(m);
     for (size_t t = 0; t < m; ++t) out_ptrs[t] = reinterpret_cast<void*>(outs[t]);
     py::gil_scoped_release release;
-    return weighted_sum_many(shared, ptrs.data(), out_ptrs.data(), sizes.data(), static_cast<int64_t>(m), isa,
+    return weighted_sum_many(shared, ptrs.data(), out_ptrs.data(), sizes.data(), static_cast<int64_t>(m), code,
                              threads < 1 ? 1 : threads);
 }
 
@@ -94,13 +121,14 @@ int64_t weighted_sum_many_py(const std::vector<uintptr_t>& inputs, const std::ve
 // the tensors with non-finite outputs.
 py::list weighted_sum_rows_py(const py::list& sources, const TensorTable& out, uintptr_t out_base, int64_t k0,
                               int64_t k1, const std::vector<int>& in_dtypes, const std::vector<float>& weights,
-                              int out_dtype, bool normalize, int threads, const std::string& isa) {
+                              int out_dtype, bool normalize, int threads, const IsaArg& isa) {
+    const Isa code = checked_isa("weighted_sum_rows", isa);
     const size_t k = sources.size();
     if (k == 0 || in_dtypes.size() != k || weights.size() != k)
         throw std::invalid_argument("weighted_sum_rows: sources, dtypes and weights differ in length");
     if (k0 < 0 || k1 < k0 || k1 > out.size()) throw std::invalid_argument("weighted_sum_rows: bad tensor range");
     const WeightedSumArgs shared =
-        checked_weighted_sum_args("weighted_sum_rows", in_dtypes, weights, out_dtype, normalize, isa);
+        checked_weighted_sum_args("weighted_sum_rows", in_dtypes, weights, out_dtype, normalize);
     const int64_t m = k1 - k0;
     std::vector<const void*> ptrs(m * k);
     std::vector<void*> outs(m);
@@ -116,8 +144,9 @@ py::list weighted_sum_rows_py(const py::list& sources, const TensorTable& out, u
             rows = static_cast<const int32_t*>(info.ptr);
         }
         const uintptr_t base = src[2].cast<uintptr_t>();
-        const int code = in_dtypes[i] == kF32 ? st_dtype_code("F32") : in_dtypes[i] == kF16 ? st_dtype_code("F16")
-                                                                                            : st_dtype_code("BF16");
+        const int code = in_dtypes[i] == kF32   ? st_dtype_code("F32")
+                         : in_dtypes[i] == kF16 ? st_dtype_code("F16")
+                                                : st_dtype_code("BF16");
         for (int64_t j = 0; j < m; ++j) {
             const int64_t r = rows ? rows[k0 + j] : k0 + j;
             if (r < 0 || r >= table.size() || table.dtype(r) != code || table.numel(r) != out.numel(k0 + j))
@@ -131,7 +160,7 @@ py::list weighted_sum_rows_py(const py::list& sources, const TensorTable& out, u
     }
     {
         py::gil_scoped_release release;
-        weighted_sum_many(shared, ptrs.data(), outs.data(), sizes.data(), m, isa, threads < 1 ? 1 : threads,
+        weighted_sum_many(shared, ptrs.data(), outs.data(), sizes.data(), m, code, threads < 1 ? 1 : threads,
                           counts.data());
     }
     py::list nonfinite;
@@ -143,10 +172,11 @@ py::list weighted_sum_rows_py(const py::list& sources, const TensorTable& out, u
 struct Inputs {
     std::vector<const void*> ptrs;
     std::vector<int> dtypes;
+    Isa isa;
 };
 
 Inputs check_inputs(const char* op, const std::vector<uintptr_t>& inputs, const std::vector<int>& dtypes, int64_t n,
-                    const std::string& isa) {
+                    const IsaArg& isa) {
     if (inputs.empty()) throw std::invalid_argument(std::string(op) + ": needs at least one input");
     if (dtypes.size() != inputs.size()) throw std::invalid_argument(std::string(op) + ": inputs and dtypes differ");
     if (n < 0) throw std::invalid_argument(std::string(op) + ": negative element count");
@@ -155,8 +185,8 @@ Inputs check_inputs(const char* op, const std::vector<uintptr_t>& inputs, const 
     if (n > 0)
         for (uintptr_t p : inputs)
             if (p == 0) throw std::invalid_argument(std::string(op) + ": null input pointer");
-    if (!isa_usable(isa)) throw std::invalid_argument(std::string(op) + ": CPU ISA '" + isa + "' is not usable here");
     Inputs in;
+    in.isa = checked_isa(op, isa);
     for (uintptr_t p : inputs) in.ptrs.push_back(reinterpret_cast<const void*>(p));
     in.dtypes = dtypes;
     return in;
@@ -173,7 +203,7 @@ py::tuple task_vector_py(const std::vector<uintptr_t>& inputs, const std::vector
                          float lambda, bool normalize, bool consensus, const std::vector<uint64_t>& dare_keys,
                          const std::vector<uint32_t>& keep_below, const std::vector<float>& dare_scale,
                          const std::vector<uint32_t>& trim_bits, std::vector<int64_t> tie_quota, int64_t start,
-                         int threads, const std::string& isa) {
+                         int threads, const IsaArg& isa) {
     Inputs in = check_inputs("task_vector", inputs, dtypes, n, isa);
     const size_t k = inputs.size();
     check_len("task_vector", "weights", weights, k);
@@ -188,23 +218,38 @@ py::tuple task_vector_py(const std::vector<uintptr_t>& inputs, const std::vector
         check_len("task_vector", "tie_quota", tie_quota, k);
     }
     if (n > 0 && (base == 0 || out == 0)) throw std::invalid_argument("task_vector: null base or output pointer");
-    TaskVectorArgs a{in.ptrs.data(), in.dtypes.data(), static_cast<int>(k), reinterpret_cast<const void*>(base),
-                     base_dtype, weights.data(), lambda, normalize, consensus,
-                     fp32_sum_in_order(weights.data(), static_cast<int>(k)), dare, dare_keys.data(), keep_below.data(),
-                     dare_scale.data(), trim, trim_bits.data(), tie_quota.data(), reinterpret_cast<void*>(out),
-                     out_dtype, start};
+    TaskVectorArgs a{in.ptrs.data(),
+                     in.dtypes.data(),
+                     static_cast<int>(k),
+                     reinterpret_cast<const void*>(base),
+                     base_dtype,
+                     weights.data(),
+                     lambda,
+                     normalize,
+                     consensus,
+                     fp32_sum_in_order(weights.data(), static_cast<int>(k)),
+                     dare,
+                     dare_keys.data(),
+                     keep_below.data(),
+                     dare_scale.data(),
+                     trim,
+                     trim_bits.data(),
+                     tie_quota.data(),
+                     reinterpret_cast<void*>(out),
+                     out_dtype,
+                     start};
     int64_t nonfinite;
     {
         py::gil_scoped_release release;
-        nonfinite = task_vector_combine(a, n, isa, std::max(1, threads), tie_quota.data());
+        nonfinite = task_vector_combine(a, n, in.isa, std::max(1, threads), tie_quota.data());
     }
     return py::make_tuple(nonfinite, tie_quota);
 }
 
 // Adds the radix-select histogram of one range into `hist` (k x 65536 uint64 at that address).
-void histogram_py(const std::vector<uintptr_t>& inputs, const std::vector<int>& dtypes, uintptr_t base,
-                  int base_dtype, int64_t n, int pass, const std::vector<uint32_t>& prefix, uintptr_t hist,
-                  int threads, const std::string& isa) {
+void histogram_py(const std::vector<uintptr_t>& inputs, const std::vector<int>& dtypes, uintptr_t base, int base_dtype,
+                  int64_t n, int pass, const std::vector<uint32_t>& prefix, uintptr_t hist, int threads,
+                  const IsaArg& isa) {
     Inputs in = check_inputs("magnitude_histogram", inputs, dtypes, n, isa);
     if (pass == 1) check_len("magnitude_histogram", "prefix", prefix, inputs.size());
     TaskVectorArgs a{};
@@ -214,47 +259,39 @@ void histogram_py(const std::vector<uintptr_t>& inputs, const std::vector<int>& 
     a.base = reinterpret_cast<const void*>(base);
     a.base_dtype = base_dtype;
     py::gil_scoped_release release;
-    task_vector_histogram(a, n, isa, std::max(1, threads), pass, prefix.data(), reinterpret_cast<uint64_t*>(hist));
+    magnitude_histogram(a, n, in.isa, std::max(1, threads), pass, prefix.data(), reinterpret_cast<uint64_t*>(hist));
 }
 
-// Radix select on one histogram pass: for each model, the bin holding the keep[i]-th largest candidate and how
-// many candidates lie in higher bins.
+// Radix select on one histogram pass (radix_select.h): per model, (bin, count above, count in bin).
 py::tuple radix_select_py(uintptr_t hist, const std::vector<int64_t>& keep) {
-    const uint64_t* h = reinterpret_cast<const uint64_t*>(hist);
-    std::vector<uint32_t> bins(keep.size());
-    std::vector<int64_t> above(keep.size()), in_bin(keep.size());
-    for (size_t i = 0; i < keep.size(); ++i) {
-        const uint64_t* hi = h + i * 65536;
-        int64_t acc = 0;
-        int bin = 65535;
-        for (; bin > 0; --bin) {
-            if (acc + int64_t(hi[bin]) >= keep[i]) break;
-            acc += int64_t(hi[bin]);
-        }
-        bins[i] = uint32_t(bin);
-        above[i] = acc;
-        in_bin[i] = int64_t(hi[bin]);
-    }
-    return py::make_tuple(bins, above, in_bin);
+    const RadixSelection s = radix_select(reinterpret_cast<const uint64_t*>(hist), keep);
+    return py::make_tuple(s.bin, s.above, s.in_bin);
 }
 
 int64_t masked_sum_py(const std::vector<uintptr_t>& inputs, const std::vector<int>& dtypes,
                       const std::vector<float>& weights, int mode, int64_t n, uintptr_t out, int out_dtype, int threads,
-                      const std::string& isa, float center, float scale) {
+                      const IsaArg& isa, float center, float scale) {
     Inputs in = check_inputs("masked_sum", inputs, dtypes, n, isa);
     check_len("masked_sum", "weights", weights, inputs.size());
     if (mode < 0 || mode > 3)
         throw std::invalid_argument("masked_sum: mode is 0 shared, 1 intersection, 2 union, 3 affine mean");
     if (n > 0 && out == 0) throw std::invalid_argument("masked_sum: null output pointer");
-    MaskedSumArgs a{in.ptrs.data(), in.dtypes.data(), static_cast<int>(inputs.size()), weights.data(),
-                    fp32_sum_in_order(weights.data(), static_cast<int>(weights.size())), mode, center, scale,
-                    reinterpret_cast<void*>(out), out_dtype};
+    MaskedSumArgs a{in.ptrs.data(),
+                    in.dtypes.data(),
+                    static_cast<int>(inputs.size()),
+                    weights.data(),
+                    fp32_sum_in_order(weights.data(), static_cast<int>(weights.size())),
+                    mode,
+                    center,
+                    scale,
+                    reinterpret_cast<void*>(out),
+                    out_dtype};
     py::gil_scoped_release release;
-    return masked_sum(a, n, isa, std::max(1, threads));
+    return masked_sum(a, n, in.isa, std::max(1, threads));
 }
 
 py::tuple sparse_scan_py(const std::vector<uintptr_t>& inputs, const std::vector<int>& dtypes, int64_t n, int threads,
-                         const std::string& isa) {
+                         const IsaArg& isa) {
     Inputs in = check_inputs("sparse_scan", inputs, dtypes, n, isa);
     MaskedSumArgs a{};
     a.inputs = in.ptrs.data();
@@ -263,7 +300,7 @@ py::tuple sparse_scan_py(const std::vector<uintptr_t>& inputs, const std::vector
     int64_t zeros = 0, first;
     {
         py::gil_scoped_release release;
-        first = sparse_scan(a, n, isa, std::max(1, threads), &zeros);
+        first = sparse_scan(a, n, in.isa, std::max(1, threads), &zeros);
     }
     return py::make_tuple(first, zeros);
 }
@@ -272,8 +309,7 @@ py::tuple sparse_scan_py(const std::vector<uintptr_t>& inputs, const std::vector
 std::vector<double> moments_py(const std::vector<uintptr_t>& inputs, const std::vector<int>& dtypes, uintptr_t base,
                                int base_dtype, int64_t n, const std::vector<float>& mean_weights,
                                const std::vector<uint64_t>& dare_keys, const std::vector<uint32_t>& keep_below,
-                               int64_t start, std::vector<double> totals, int threads, const std::string& isa,
-                               bool gram) {
+                               int64_t start, std::vector<double> totals, int threads, const IsaArg& isa, bool gram) {
     Inputs in = check_inputs("moments", inputs, dtypes, n, isa);
     const int k = static_cast<int>(inputs.size());
     const bool mean = !mean_weights.empty(), dare = !dare_keys.empty();
@@ -285,12 +321,22 @@ std::vector<double> moments_py(const std::vector<uintptr_t>& inputs, const std::
     if (totals.size() != size_t(moments_size(k, mean, dare)))
         throw std::invalid_argument("moments: totals has the wrong length");
     if (start % kStatBlock != 0) throw std::invalid_argument("moments: ranges must start on a 4096-element block");
-    MomentsArgs a{in.ptrs.data(), in.dtypes.data(), k, reinterpret_cast<const void*>(base), base_dtype, mean,
-                  mean_weights.data(), mean ? fp32_sum_in_order(mean_weights.data(), k) : 1.0f, dare,
-                  dare_keys.data(), keep_below.data(), start, gram};
+    MomentsArgs a{in.ptrs.data(),
+                  in.dtypes.data(),
+                  k,
+                  reinterpret_cast<const void*>(base),
+                  base_dtype,
+                  mean,
+                  mean_weights.data(),
+                  mean ? fp32_sum_in_order(mean_weights.data(), k) : 1.0f,
+                  dare,
+                  dare_keys.data(),
+                  keep_below.data(),
+                  start,
+                  gram};
     {
         py::gil_scoped_release release;
-        moments(a, n, isa, std::max(1, threads), totals.data());
+        moments(a, n, in.isa, std::max(1, threads), totals.data());
     }
     return totals;
 }
@@ -300,9 +346,8 @@ std::vector<double> moments_py(const std::vector<uintptr_t>& inputs, const std::
 PYBIND11_MODULE(_C, m) {
     m.doc() = "pysoup's C++ kernels: fused streaming merges over raw buffers";
     m.attr("__version__") = PYSOUP_VERSION;
-    m.def("weighted_sum", &weighted_sum_py, py::arg("inputs"), py::arg("in_dtypes"), py::arg("weights"),
-          py::arg("n"), py::arg("out"), py::arg("out_dtype"), py::arg("normalize"), py::arg("threads"),
-          py::arg("isa"),
+    m.def("weighted_sum", &weighted_sum_py, py::arg("inputs"), py::arg("in_dtypes"), py::arg("weights"), py::arg("n"),
+          py::arg("out"), py::arg("out_dtype"), py::arg("normalize"), py::arg("threads"), py::arg("isa"),
           "out = round(sum_i fma(w_i, x_i) [/ sum w]) over n elements; returns the count of non-finite outputs");
     m.def("weighted_sum_many", &weighted_sum_many_py, py::arg("inputs"), py::arg("in_dtypes"), py::arg("weights"),
           py::arg("sizes"), py::arg("outs"), py::arg("out_dtype"), py::arg("normalize"), py::arg("threads"),
@@ -315,6 +360,9 @@ PYBIND11_MODULE(_C, m) {
           "weighted_sum over plan tensors [k0, k1) in one call; sources: [(TensorTable, int32 rows or None, base)]; "
           "returns [(k, non-finite count)]");
     m.def("cpu_isas", &usable_isas, "ISAs this CPU can run, 'scalar' first");
+    m.def("isa_code", &isa_code, py::arg("name"),
+          "the code of a CPU ISA this CPU can run, for the ops' `isa` argument (ValueError naming the usable ones "
+          "otherwise)");
     m.def("task_vector", &task_vector_py, "fused task-vector merge (task arithmetic, TIES, DARE) over one range");
     m.def("magnitude_histogram", &histogram_py, "radix-select histogram of |x_i - base| bits over one range");
     m.def("radix_select", &radix_select_py, "per model: (bin, count above, count in bin) for the keep-th largest");

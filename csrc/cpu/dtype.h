@@ -1,17 +1,22 @@
-// Scalar conversions between the stored dtypes and fp32, shared by every ISA file for its tail.
+// The stored dtypes: their codes, and exact scalar conversions between them and fp32 (every ISA file uses these
+// for its tails).
 //
-// Everything here has internal linkage (anonymous namespace): each ISA file compiles its own copy with its
-// own flags, so the linker can never pick an AVX-512 build of a helper for the scalar path.
+// The functions have internal linkage (anonymous namespace): each ISA file compiles its own copy with its own
+// flags, so the linker can never pick an AVX-512 build of a helper for the scalar path.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 
-#include "cpu/kernels.h"
-
 namespace pysoup {
+
+// Codes shared with Python (pysoup/dtypes.py) and the CUDA kernels (csrc/cuda/select.h).
+enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
 namespace {
+
+inline int dtype_size(int code) { return code == kF32 ? 4 : 2; }
 
 inline uint32_t f32_bits(float f) {
     uint32_t u;
@@ -24,6 +29,9 @@ inline float bits_f32(uint32_t u) {
     std::memcpy(&f, &u, 4);
     return f;
 }
+
+// The fp32 bits of |f|: ordered as the magnitudes are (TIES' threshold compares these).
+inline uint32_t abs_bits(float f) { return f32_bits(f) & 0x7FFFFFFFu; }
 
 inline float bf16_to_f32(uint16_t h) { return bits_f32(uint32_t(h) << 16); }
 

@@ -11,9 +11,8 @@ namespace py = pybind11;
 
 namespace {
 
-void histogram_py(const std::vector<uintptr_t>& inputs, const std::vector<int>& dtypes, uintptr_t base,
-                  int base_dtype, int64_t n, int pass, const std::vector<uint32_t>& prefix, uintptr_t hist,
-                  uintptr_t stream) {
+void histogram_py(const std::vector<uintptr_t>& inputs, const std::vector<int>& dtypes, uintptr_t base, int base_dtype,
+                  int64_t n, int pass, const std::vector<uint32_t>& prefix, uintptr_t hist, uintptr_t stream) {
     if (dtypes.size() != inputs.size()) throw std::invalid_argument("magnitude_histogram: one dtype per input");
     if (pass == 1 && prefix.size() != inputs.size())
         throw std::invalid_argument("magnitude_histogram: one prefix per input in pass 1");
@@ -40,7 +39,6 @@ void histogram_py(const std::vector<uintptr_t>& inputs, const std::vector<int>& 
 PYBIND11_MODULE(_cuda, m) {
     m.doc() = "pysoup's CUDA C++ kernels (the TIES threshold's radix-select histograms)";
     m.def("magnitude_histogram", &histogram_py, py::arg("inputs"), py::arg("dtypes"), py::arg("base"),
-          py::arg("base_dtype"), py::arg("n"), py::arg("pass_"), py::arg("prefix"), py::arg("hist"),
-          py::arg("stream"),
+          py::arg("base_dtype"), py::arg("n"), py::arg("pass_"), py::arg("prefix"), py::arg("hist"), py::arg("stream"),
           "adds radix-select counts of |x_i - base| bits over one range to a k x 65536 uint64 device histogram");
 }

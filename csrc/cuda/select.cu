@@ -1,7 +1,7 @@
 // The TIES threshold on the GPU: radix-select histograms of |x_i - base|'s fp32 bits, fused (no temporaries: each
 // input is read once in its own dtype, tau is formed in registers and binned), with the CPU's layout and meaning
-// (csrc/cpu/task_vector_impl.h, tv_histogram) so the CPU's radix_select finishes the search and both devices
-// pick the same threshold and tie quota.
+// (csrc/cpu/radix_select_impl.h, magnitude_histogram_kernel) so the CPU's radix_select finishes the search and both
+// devices pick the same threshold and tie quota.
 //
 // Pass 0 bins the high 16 bits. A magnitude's sign bit is clear, so only 32768 of the 65536 bins can be hit:
 // they fit one block's shared memory (128 KiB), and each block adds its non-zero bins to the global 64-bit
@@ -45,8 +45,8 @@ __device__ __forceinline__ void add_aggregated(Counter* counter, uint32_t bin, b
 }
 
 template <int XT, int BT>
-__global__ void __launch_bounds__(kThreads) high_histogram(const void* x, const void* base, int64_t n,
-                                                           unsigned long long* hist) {
+__global__ void __launch_bounds__(kThreads)
+    high_histogram(const void* x, const void* base, int64_t n, unsigned long long* hist) {
     extern __shared__ unsigned int bins[];
     for (int b = threadIdx.x; b < kHighBins; b += blockDim.x) bins[b] = 0;
     __syncthreads();
@@ -64,8 +64,8 @@ __global__ void __launch_bounds__(kThreads) high_histogram(const void* x, const 
 }
 
 template <int XT, int BT>
-__global__ void __launch_bounds__(kThreads) low_histogram(const void* x, const void* base, int64_t n,
-                                                          uint32_t prefix, unsigned long long* hist) {
+__global__ void __launch_bounds__(kThreads)
+    low_histogram(const void* x, const void* base, int64_t n, uint32_t prefix, unsigned long long* hist) {
     const int64_t stride = int64_t(gridDim.x) * blockDim.x;
     for (int64_t first = int64_t(blockIdx.x) * blockDim.x; first < n; first += stride) {
         const int64_t i = first + threadIdx.x;
@@ -118,7 +118,8 @@ Launcher pick(int xt, int bt) {
         {launch<1, 0>, launch<1, 1>, launch<1, 2>},
         {launch<2, 0>, launch<2, 1>, launch<2, 2>},
     };
-    if (xt < 0 || xt > 2 || bt < 0 || bt > 2) throw std::invalid_argument("dtype code must be 0 (F32), 1 (F16), 2 (BF16)");
+    if (xt < 0 || xt > 2 || bt < 0 || bt > 2)
+        throw std::invalid_argument("dtype code must be 0 (F32), 1 (F16), 2 (BF16)");
     return table[xt][bt];
 }
 

@@ -8,7 +8,7 @@ namespace pysoup::cuda {
 
 struct HistogramArgs {
     const void* const* inputs;  // k fine-tunes, device pointers
-    const int* in_dtypes;       // 0 F32, 1 F16, 2 BF16 (csrc/cpu/kernels.h)
+    const int* in_dtypes;       // 0 F32, 1 F16, 2 BF16 (csrc/cpu/dtype.h)
     int k;
     const void* base;
     int base_dtype;
@@ -19,8 +19,8 @@ struct HistogramArgs {
     uintptr_t stream;          // cudaStream_t
 };
 
-// Adds one range's radix-select counts of |x_i - base|'s fp32 bits to hist (csrc/cpu/task_vector_impl.h,
-// tv_histogram, counts the same thing on the CPU).
+// Adds one range's radix-select counts of |x_i - base|'s fp32 bits to hist (csrc/cpu/radix_select_impl.h,
+// magnitude_histogram_kernel, counts the same thing on the CPU).
 void magnitude_histogram(const HistogramArgs& a);
 
 }  // namespace pysoup::cuda

@@ -12,8 +12,7 @@
 
 namespace pysoup {
 
-MappedRegion::MappedRegion(int fd, int64_t offset, int64_t length, bool populate)
-    : offset_(offset), length_(length) {
+MappedRegion::MappedRegion(int fd, int64_t offset, int64_t length, bool populate) : offset_(offset), length_(length) {
     if (offset < 0 || length < 0) throw std::invalid_argument("negative offset or length");
     if (length == 0) return;  // an empty range needs no mapping; address() is never dereferenced
     static const int64_t page = sysconf(_SC_PAGESIZE);

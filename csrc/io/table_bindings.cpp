@@ -130,8 +130,8 @@ py::object write_header_py(TensorTable& t, int64_t start, int64_t stop, const st
     return py::reinterpret_steal<py::bytes>(b);
 }
 
-py::tuple batch_end_py(const py::list& sources, const TensorTable& out, const py::object& kinds, int64_t k0,
-                       int64_t k1, int64_t max_span, int64_t out_room, int64_t max_numel) {
+py::tuple batch_end_py(const py::list& sources, const TensorTable& out, const py::object& kinds, int64_t k0, int64_t k1,
+                       int64_t max_span, int64_t out_room, int64_t max_numel) {
     if (k0 < 0 || k1 < k0 || k1 > out.size()) throw py::index_error("batch_end: bad tensor range");
     const uint32_t* kind = nullptr;
     if (!kinds.is_none()) {
@@ -203,7 +203,8 @@ void bind_tensor_table(py::module_& m) {
             [](const TensorTable& t, const py::object& rows, int64_t count) {
                 const int32_t* r = rows_arg(rows, count, "dtype_codes");
                 std::vector<uint8_t> out(count);
-                for (int64_t k = 0; k < count; ++k) out[k] = static_cast<uint8_t>(t.dtype(checked_row(t, r ? r[k] : k)));
+                for (int64_t k = 0; k < count; ++k)
+                    out[k] = static_cast<uint8_t>(t.dtype(checked_row(t, r ? r[k] : k)));
                 return as_bytes(out);
             },
             py::arg("rows"), py::arg("count"), "one dtype code (SAFETENSORS_SIZES' order) per row, as bytes")

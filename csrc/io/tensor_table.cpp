@@ -132,7 +132,8 @@ int64_t TensorTable::find(std::string_view s) const {
 
 TensorTable TensorTable::permuted(const std::vector<int64_t>& order, const uint8_t* dtypes) const {
     TensorTable t;
-    t.reserve(static_cast<int64_t>(order.size()), static_cast<int64_t>(names_.size()), static_cast<int64_t>(dims_.size()));
+    t.reserve(static_cast<int64_t>(order.size()), static_cast<int64_t>(names_.size()),
+              static_cast<int64_t>(dims_.size()));
     for (int64_t i : order) {
         t.add(name(i), dtypes ? dtypes[i] : dtype_[i], dims(i), ndim(i), begin_[i], end_[i]);
         if (!group_.empty()) t.set_group(t.size() - 1, group_[i]);

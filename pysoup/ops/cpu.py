@@ -50,7 +50,7 @@ class CpuBackend(Backend):
         self.isa = isa or active_isa()
         if self.isa not in usable_isas():
             raise BackendError(f"CPU ISA {self.isa!r} cannot run here (usable: {', '.join(usable_isas())})")
-        self._isa = self.isa  # what the kernels take
+        self._isa = _native.native.isa_code(self.isa)  # what the kernels take: the ISA's code, resolved once
 
     @classmethod
     def availability(cls):

@@ -1,17 +1,13 @@
-// The CPU kernels' interface: plain pointers, element counts and dtype codes (no torch, no Python).
+// The weighted sum (linear merges, soups, EMA/lerp steps): its arguments, each ISA's kernel
+// (weighted_sum_<isa>.cpp) and the threaded entry points (weighted_sum.cpp).
 #pragma once
 
 #include <cstdint>
-#include <string>
 #include <type_traits>
-#include <vector>
+
+#include "cpu/isa.h"
 
 namespace pysoup {
-
-// Codes shared with Python (pysoup/dtypes.py).
-enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
-
-inline int dtype_size(int code) { return code == kF32 ? 4 : 2; }
 
 // out[j] = round_out( (fma(w_{k-1}, x_{k-1}[j], ... fma(w_0, x_0[j], -0.0f))) [/ divisor] ) for j in [0, n).
 // Accumulation is fp32 in input order; -0.0 is the additive identity, so a soup of copies of -0.0 stays -0.0.
@@ -26,22 +22,15 @@ struct WeightedSumArgs {
     float divisor;
 };
 
-// Each ISA implements the kernel over the element range [begin, end) and returns how many stored values
-// are not finite.
-using WeightedSumFn = int64_t (*)(const WeightedSumArgs&, int64_t begin, int64_t end);
-
+// Each ISA's kernel over the element range [begin, end); returns how many stored values are not finite.
 int64_t weighted_sum_scalar(const WeightedSumArgs&, int64_t begin, int64_t end);
 #if PYSOUP_X86
 int64_t weighted_sum_avx2(const WeightedSumArgs&, int64_t begin, int64_t end);
 int64_t weighted_sum_avx512(const WeightedSumArgs&, int64_t begin, int64_t end);
 #endif
 
-// ISAs this CPU and OS can run, "scalar" first.
-std::vector<std::string> usable_isas();
-bool isa_usable(const std::string& isa);
-
 // Runs the kernel with `threads` OpenMP threads on `isa`; the result does not depend on either.
-int64_t weighted_sum(const WeightedSumArgs& args, int64_t n, const std::string& isa, int threads);
+int64_t weighted_sum(const WeightedSumArgs& args, int64_t n, Isa isa, int threads);
 
 float fp32_sum_in_order(const float* weights, int k);
 
@@ -51,8 +40,7 @@ float fp32_sum_in_order(const float* weights, int k);
 // concatenation of all tensors evenly; the result does not depend on `threads` or `isa`. When `counts` is not null,
 // counts[t] receives tensor t's count of non-finite outputs.
 int64_t weighted_sum_many(const WeightedSumArgs& shared, const void* const* inputs, void* const* outs,
-                          const int64_t* sizes, int64_t m, const std::string& isa, int threads,
-                          int64_t* counts = nullptr);
+                          const int64_t* sizes, int64_t m, Isa isa, int threads, int64_t* counts = nullptr);
 
 // Calls f(std::integral_constant<int, K>) with K = k for the input counts the streaming loops unroll (1, 2, 3, 4
 // and 8), else K = 0 (a loop over the run-time count). With a run-time count the loop measured 0.7x of the
@@ -69,12 +57,5 @@ auto with_input_count(int k, F&& f) {
     default: return f(std::integral_constant<int, 0>{});
     }
 }
-
-// How far ahead (elements) the streaming loops prefetch each input: with 4 bf16 inputs on 2 cores the hardware
-// prefetcher alone reached 23-25 GB/s, software prefetch 29-34 GB/s (256 to 2048 all within noise; 1024 chosen).
-constexpr int64_t kPrefetch = 1024;
-
-// Elements per accumulator tile: 1024 floats (4 KiB) stay in L1 while k inputs stream through them.
-constexpr int64_t kTile = 1024;
 
 }  // namespace pysoup

@@ -1,0 +1,23 @@
+// The AVX2 kernel set (this file is compiled with -mavx2 -mfma -mf16c): the ops written once over fp32 tiles,
+// instantiated with Avx2IO so the compiler vectorises them for AVX2, and the hand-written weighted_sum_avx2.
+#include "cpu/io_avx2.h"
+#include "cpu/isa.h"
+#include "cpu/masked_sum_impl.h"
+#include "cpu/moments_impl.h"
+#include "cpu/radix_select_impl.h"
+#include "cpu/task_vector_impl.h"
+#include "cpu/weighted_sum.h"
+
+namespace pysoup {
+
+const CpuKernels kAvx2Kernels{
+    weighted_sum_avx2,                   // weighted_sum_avx2.cpp
+    task_vector_kernel<Avx2IO>,          // task_vector_impl.h
+    count_ties_kernel<Avx2IO>,           // task_vector_impl.h
+    magnitude_histogram_kernel<Avx2IO>,  // radix_select_impl.h
+    masked_sum_kernel<Avx2IO>,           // masked_sum_impl.h
+    sparse_scan_kernel<Avx2IO>,          // masked_sum_impl.h
+    moments_kernel<Avx2IO>,              // moments_impl.h
+};
+
+}  // namespace pysoup

@@ -1,0 +1,59 @@
+// The magnitude histograms' threads (per-thread histograms only where each thread gets several blocks) and the
+// search of a finished histogram.
+#include "cpu/radix_select.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu/blocking.h"
+
+namespace pysoup {
+
+void magnitude_histogram(const TaskVectorArgs& a, int64_t n, Isa isa, int threads, int pass, const uint32_t* prefix,
+                         uint64_t* hist) {
+    const CpuKernels& kern = cpu_kernels(isa);
+    const int64_t nb = nblocks(n);
+    // Per-thread histograms cost k x 512 KiB to clear and merge: only worth it when each thread gets several
+    // blocks. Below that, one thread counts straight into `hist` (300 small tensors: 0.8 s -> 0.1 s).
+    if (nb < 4 || threads <= 1) {
+        kern.magnitude_histogram(a, 0, n, pass, prefix, hist);
+        return;
+    }
+    const int nt = threads_for(threads, nb);
+    const size_t bins = size_t(a.k) * 65536;
+    std::vector<std::vector<uint64_t>> local(nt - 1, std::vector<uint64_t>(bins, 0));
+    // Each thread counts one contiguous run of blocks in one call (what schedule(static) would hand it), so the
+    // kernel's per-call set-up is paid once per thread.
+#pragma omp parallel num_threads(nt)
+    {
+        const int t = omp_get_thread_num(), count = omp_get_num_threads();
+        const int64_t first = nb * t / count, last = nb * (t + 1) / count;
+        if (first < last)
+            kern.magnitude_histogram(a, first * kBlock, std::min(n, last * kBlock), pass, prefix,
+                                     t == 0 ? hist : local[t - 1].data());
+    }
+    for (const auto& h : local)
+        for (size_t i = 0; i < bins; ++i) hist[i] += h[i];
+}
+
+RadixSelection radix_select(const uint64_t* hist, const std::vector<int64_t>& keep) {
+    RadixSelection s{std::vector<uint32_t>(keep.size()), std::vector<int64_t>(keep.size()),
+                     std::vector<int64_t>(keep.size())};
+    for (size_t i = 0; i < keep.size(); ++i) {
+        const uint64_t* hi = hist + i * 65536;
+        int64_t acc = 0;
+        int bin = 65535;
+        for (; bin > 0; --bin) {
+            if (acc + int64_t(hi[bin]) >= keep[i]) break;
+            acc += int64_t(hi[bin]);
+        }
+        s.bin[i] = uint32_t(bin);
+        s.above[i] = acc;
+        s.in_bin[i] = int64_t(hi[bin]);
+    }
+    return s;
+}
+
+}  // namespace pysoup
