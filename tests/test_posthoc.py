@@ -491,3 +491,20 @@ def test_bad_synthesis(tmp_path):
         coefficients(single, 0.1)
     with pytest.raises(PlanError, match="at least 2 snapshots, got none"):
         coefficients([], 0.1)
+
+
+@pytest.mark.slow  # ~30 s on 2 busy cores: 3 x 600 training steps and 60 syntheses
+def test_example_quick():
+    import re
+    import subprocess
+    import sys
+
+    from helpers.cli import ROOT
+
+    pytest.importorskip("sklearn")
+    proc = subprocess.run(
+        [sys.executable, f"{ROOT}/examples/posthoc_ema.py", "--quick"], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    inside = float(re.search(r"Largest distance between the snapshot profiles' σ_rel: ([0-9.]+)", proc.stdout)[1])
+    assert inside < 0.01, proc.stdout
