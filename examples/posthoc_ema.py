@@ -182,7 +182,8 @@ def markdown(res) -> str:
         f"σ_rel chosen after training by validation loss over a sweep of {len(SWEEP)} synthesized EMAs: "
         f"{[r['best_by_val'] for r in runs]}; its test accuracy {spread((b['test']['acc'] for b in best), '.4f')}, "
         f"loss {spread((b['test']['loss'] for b in best), '.4f')} (final weights: accuracy "
-        f"{spread((f['acc'] for f in final), '.4f')}, loss {spread((f['loss'] for f in final), '.4f')}).",
+        f"{spread((f['acc'] for f in final), '.4f')}, loss {spread((f['loss'] for f in final), '.4f')}). A σ_rel "
+        f"above {SNAPSHOT_PROFILES[1]} is wider than both profiles: no EMA tracked during training checks it.",
         "",
         f"Time per run: training with both PostHocEMA objects {mean(r['train_seconds'] for r in runs):.1f} s; one "
         f"synthesis (solve + merge of {runs[0]['snapshots']} files + load) "
