@@ -380,6 +380,7 @@ class PostHocEMA:
             another run's snapshots, unless this object resumes that run (load_state_dict).
         gammas: the profiles' exponents (each > -0.5), instead of sigma_rels.
         dtype: the EMAs' dtype ("float32" by default, whatever the model's; None keeps each tensor's own).
+        backend, threads: as pysoup.ops.MultiTensorLerp (the update's backend and CPU threads).
 
     Example:
         >>> ema = PostHocEMA(model, sigma_rels=(0.05, 0.28), snapshot_every=1000, directory="phema")  # doctest: +SKIP
