@@ -7,7 +7,7 @@ import struct
 
 from pysoup.errors import PlanError
 
-# Codes shared with csrc/cpu/kernels.h (enum DType).
+# Codes shared with csrc/cpu/dtype.h (enum DType).
 F32, F16, BF16 = 0, 1, 2
 
 # Element size of every safetensors dtype we accept in a header. Only the floating ones in KERNEL_CODE

@@ -325,6 +325,7 @@ class ReferenceBackend(Backend):
     """Plain torch, fp32: the definition of every result, slow and simple."""
 
     name = "reference"
+
     @classmethod
     def availability(cls):
         # find_spec, not import: asking must not cost torch's 1.5 s import on the file-merge path.
