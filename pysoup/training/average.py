@@ -35,6 +35,10 @@ class _Average:
             raise PlanError(f"{self.kind}: dtype must be torch.float32, float16 or bfloat16, got {dtype}")
         self.buffers = buffers
         self._model = model
+        from pysoup.training.sharded import Sharding, fsdp_modules
+
+        for module in fsdp_modules(model):  # FSDP2 shows the shards, not all-gathered copies (after an eval forward)
+            module.reshard()
         named = list(model.named_parameters())
         for name, p in named:
             if p.dtype not in floats:
@@ -45,16 +49,28 @@ class _Average:
         if not named:
             raise PlanError(f"{self.kind}: the model has no float parameters or buffers to average")
         self.names = [n for n, _ in named]
-        self._current = [t for _, t in named]
+        # DTensor parameters (FSDP2, tensor parallelism): the average holds and updates this rank's shard only
+        self._sharding = Sharding.of(model, named, self.kind)
+        current = [t for _, t in named] if self._sharding is None else self._sharding.local_tensors()
         with torch.no_grad():
-            self.averaged = {n: t.detach().to(dtype or t.dtype, copy=True) for n, t in named}
+            self.averaged = {n: t.detach().to(dtype or t.dtype, copy=True) for n, t in zip(self.names, current)}
             self.copied = {n: b.detach().clone() for n, b in self._copied}
-        self._shapes = [(t.shape, t.dtype, t.device) for t in self._current]
-        self._addresses = [t.data_ptr() for t in self._current]
+        self._shapes = [(t.shape, t.dtype, t.device) for t in current]
+        self._bind(current)
+        self.step = 0  # update() calls so far: the optimizer steps seen
+
+    def _bind(self, current: list) -> None:
+        """Binds the fused update to the tensors it reads (the model's, or for DTensors their local shards)."""
         from pysoup.ops import MultiTensorLerp
 
-        self._lerp = MultiTensorLerp(list(self.averaged.values()), self._current)
-        self.step = 0  # update() calls so far: the optimizer steps seen
+        self._current = current
+        self._addresses = [t.data_ptr() for t in current]
+        self._lerp = MultiTensorLerp(list(self.averaged.values()), current)
+
+    @property
+    def sharded(self) -> bool:
+        """True when the model's parameters include DTensors: the averaged tensors are this rank's shards."""
+        return self._sharding is not None
 
     # -- the update --------------------------------------------------------------------------------------------
     def _weight(self) -> float | None:
@@ -76,6 +92,8 @@ class _Average:
         if t is None:
             return
         try:
+            if self._sharding is not None:
+                self._sharding.rebind_if_moved(self)  # FSDP2 may give a parameter new local memory
             with torch.no_grad():
                 if t == 1.0:  # a copy: exact even where the average holds inf or NaN (0 * inf is NaN)
                     self._check_model()
@@ -109,22 +127,40 @@ class _Average:
         return {k: merged[k] for k in keys if k in merged}
 
     def save(self, path, shard_size=None) -> list:
-        """Writes the averaged model as safetensors (a file, or a Hugging Face directory): it feeds pysoup.merge."""
-        from pysoup.dtypes import from_torch
+        """Writes the averaged model as safetensors (a file, or a Hugging Face directory): it feeds pysoup.merge.
+        A sharded average (DTensor parameters) is gathered: every rank calls save(), rank 0 writes the full
+        tensors (the others return [])."""
         from pysoup.io.writer import write_arrays
 
-        arrays, dtypes = {}, {}
-        for name, t in self.state_dict_of_average().items():
-            t = t.detach().cpu().contiguous()
-            dtypes[name] = from_torch(t.dtype)
-            arrays[name] = t.view(_same_size_int(t.dtype)).numpy() if t.dtype.is_floating_point else t.numpy()
+        if self._sharding is not None:
+            from pysoup.training.sharded import save_full
+
+            return save_full(self, path, shard_size=shard_size)
+        arrays, dtypes = host_arrays(self.state_dict_of_average())
         return write_arrays(path, arrays, dtypes, shard_size=shard_size, metadata={"format": "pt"})
+
+    def save_sharded(self, directory) -> list:
+        """Writes this rank's part of the average and its counters to `directory`/rank-RRRRR-of-WWWWW.safetensors
+        (every rank calls it); load_sharded() reads the set back onto any layout. See pysoup.training.sharded."""
+        from pysoup.training.sharded import save_sharded
+
+        return save_sharded(self, directory)
+
+    def load_sharded(self, directory) -> None:
+        """Restores the average and its counters from a save_sharded() directory, saved by any number of ranks,
+        onto this model's layout (sharded or not)."""
+        from pysoup.training.sharded import load_sharded
+
+        load_sharded(self, directory)
 
     @contextlib.contextmanager
     def swapped(self):
         """The training model holds the averaged weights inside the block (for evaluation), its own after."""
         import torch
 
+        if self._sharding is not None:
+            self._sharding.reshard()  # an all-gathered copy of the weights would hide the swap from the forward
+            self._sharding.rebind_if_moved(self)
         kept = []
         with torch.no_grad():
             for name, x in zip(self.names, self._current):
@@ -139,6 +175,8 @@ class _Average:
             with torch.no_grad():
                 for x, old in zip([*self._current, *(b for _, b in self._copied)], kept):
                     x.copy_(old)
+            if self._sharding is not None:
+                self._sharding.reshard()  # drop all-gathered copies of the average
 
     # -- resuming ------------------------------------------------------------------------------------------------
     def _counters(self) -> dict:
@@ -181,6 +219,18 @@ def _same_size_int(dtype):
     import torch
 
     return {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}.get(dtype, dtype)
+
+
+def host_arrays(tensors: dict) -> tuple:
+    """{name: torch tensor} -> ({name: numpy array}, {name: safetensors dtype}), as write_arrays takes them."""
+    from pysoup.dtypes import from_torch
+
+    arrays, dtypes = {}, {}
+    for name, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        dtypes[name] = from_torch(t.dtype)
+        arrays[name] = t.view(_same_size_int(t.dtype)).numpy() if t.dtype.is_floating_point else t.numpy()
+    return arrays, dtypes
 
 
 def _check_unit(kind: str, name: str, value) -> float:
