@@ -8,8 +8,9 @@ import uuid
 
 import pytest
 import torch
-from conftest import disk_full_after, run_cli, save_st, small_model, tree_snapshot
-from test_format import BAD_HEADERS
+from helpers.checkpoints import save_st, small_model, tree_snapshot
+from helpers.cli import run_cli
+from helpers.faults import BAD_HEADERS, disk_full_after
 
 import pysoup
 from pysoup.errors import FormatError, OutputError, PlanError, SoupError

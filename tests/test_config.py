@@ -2,7 +2,7 @@
 
 import pytest
 import yaml
-from conftest import run_cli
+from helpers.cli import run_cli
 
 import pysoup
 from pysoup.errors import PlanError

@@ -8,8 +8,10 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, assert_bit_equal, random_tensor, save_st, small_model
-from test_methods import METHODS, family
+from helpers.checkpoints import save_st, small_model
+from helpers.cli import ROOT
+from helpers.methods import METHODS, family, merge_kwargs
+from helpers.tensors import assert_bit_equal, random_tensor
 
 pytest.importorskip("triton")
 
@@ -34,11 +36,10 @@ ALL_IDS = [f"{m[0]}-{i}" for i, m in enumerate(ALL)]
 
 
 def _merge_both(tmp_path, method, device, **family_kw):
-    name, uses_base, params, model_params = method
-    bp, fps, _, _ = family(tmp_path, sparse=name == "sparse", **family_kw)
-    if name in ("slerp", "interpolate"):
+    bp, fps, _, _ = family(tmp_path, sparse=method[0] == "sparse", **family_kw)
+    if method[0] in ("slerp", "interpolate"):
         fps = fps[:2]
-    kw = dict(strategy=name, base=bp if uses_base else None, params=params, model_params=model_params)
+    kw = merge_kwargs(method, bp)
     report = pysoup.merge(fps, tmp_path / "dev.safetensors", device=device, **kw)
     pysoup.merge(fps, tmp_path / "cpu.safetensors", backend="cpu", **kw)
     return report
@@ -46,7 +47,8 @@ def _merge_both(tmp_path, method, device, **family_kw):
 
 @pytest.mark.parametrize("method", ALL, ids=ALL_IDS)
 def test_every_method_streams_to_the_cpu_backends_bytes(tmp_path, method, monkeypatch):
-    """Small chunks: several uploads per tensor, the statistics and TIES histograms summed over them."""
+    """Small chunks: several uploads per tensor, the statistics and TIES histograms summed over them. A file merge
+    with backend="triton" runs this same path (test_triton checks that entry with a linear merge)."""
     monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 3 * 4096)
     report = _merge_both(tmp_path, method, "cpu")
     assert (report.backend, report.device) == ("triton", "cpu")

@@ -3,11 +3,13 @@
 from dataclasses import dataclass, field
 
 import torch
-from conftest import assert_bit_equal, hf_dir, save_st, small_model
+from helpers.checkpoints import hf_dir, save_st, small_model
+from helpers.tensors import assert_bit_equal
 from safetensors.torch import load_file
 
 import pysoup
 import pysoup.engine.execute as engine
+import pysoup.io.reader as reader
 from pysoup.ops import reference
 from pysoup.strategies import _REGISTRY, register
 from pysoup.strategies.base import Strategy
@@ -19,9 +21,7 @@ def test_chunking_does_not_change_bytes(tmp_path, models, monkeypatch):
     pysoup.merge(paths, tmp_path / "big.safetensors", weights=[1, 2, 3])
     monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 1000)
     monkeypatch.setattr(engine, "OUTPUT_BUFFER_BYTES", 4096)
-    import pysoup.io.reader as reader
-
-    monkeypatch.setattr(reader.SafetensorsReader.__init__, "__defaults__", (8192,))
+    monkeypatch.setattr(reader, "DEFAULT_WINDOW_BYTES", 8192)
     pysoup.merge(paths, tmp_path / "small.safetensors", weights=[1, 2, 3])
     assert (tmp_path / "big.safetensors").read_bytes() == (tmp_path / "small.safetensors").read_bytes()
 

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from helpers.cli import ROOT
 
 pytest.importorskip("sklearn")
 

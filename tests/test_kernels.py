@@ -1,12 +1,14 @@
 """The C++ kernels against the torch reference, bit for bit, over dtypes, shapes, ISAs and thread counts."""
 
+import functools
 import math
 from fractions import Fraction
 
 import numpy as np
 import pytest
 import torch
-from conftest import assert_bit_equal, id_formatter, random_tensor
+from helpers.parametrize import FLOAT_DTYPES, ISAS, id_formatter
+from helpers.tensors import assert_bit_equal, random_tensor
 
 import pysoup
 from pysoup.dtypes import from_torch
@@ -16,23 +18,33 @@ from pysoup.ops.cpu import CpuBackend
 from pysoup.ops.reference import ReferenceBackend
 from pysoup.ops.table import Chunk
 
-ISAS = pysoup.info()["cpu_isas"]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPES = FLOAT_DTYPES
 SHAPES = [(0,), (1,), (7,), (4097,), (3, 5, 17), (300_007,)]
+WEIGHTS = [0.3, -1.7, 2.5e-3]
+
+
+@functools.cache
+def three_inputs(shape, dtype):
+    """Read only: shared by the ISA and thread-count cases of one shape and dtype."""
+    k = SHAPES.index(shape)
+    return [random_tensor(shape, dtype, seed=10 * k + i, wide=True) for i in range(3)]
+
+
+@functools.cache
+def reference_sum(shape, in_dtype, out_dtype, normalize):
+    """The reference's result, computed once for every ISA and thread count."""
+    return reference.weighted_sum(three_inputs(shape, in_dtype), WEIGHTS, out_dtype, normalize)
 
 
 @pytest.mark.parametrize("isa", ISAS, ids=id_formatter("isa"))
 @pytest.mark.parametrize("threads", [1, 2, 3], ids=id_formatter("threads"))
+@pytest.mark.parametrize("shape", SHAPES, ids=id_formatter("shape"))
 @pytest.mark.parametrize("out_dtype", DTYPES, ids=id_formatter("out"))
 @pytest.mark.parametrize("in_dtype", DTYPES, ids=id_formatter("in"))
 @pytest.mark.parametrize("normalize", [False, True], ids=id_formatter("normalize"))
-def test_weighted_sum_matches_reference(isa, threads, out_dtype, in_dtype, normalize):
-    for k, shape in enumerate(SHAPES):
-        xs = [random_tensor(shape, in_dtype, seed=10 * k + i, wide=True) for i in range(3)]
-        ws = [0.3, -1.7, 2.5e-3]
-        want = reference.weighted_sum(xs, ws, out_dtype, normalize)
-        got = CpuBackend(threads, isa).weighted_sum(xs, ws, out_dtype, normalize)
-        assert_bit_equal(got, want)
+def test_weighted_sum_matches_reference(isa, threads, shape, out_dtype, in_dtype, normalize):
+    got = CpuBackend(threads, isa).weighted_sum(three_inputs(shape, in_dtype), WEIGHTS, out_dtype, normalize)
+    assert_bit_equal(got, reference_sum(shape, in_dtype, out_dtype, normalize))
 
 
 @pytest.mark.parametrize("isa", ISAS, ids=id_formatter("isa"))
@@ -65,27 +77,53 @@ def test_every_input_count(isa, count, dtype):
     assert_bit_equal(xs[0], want)
 
 
-@pytest.mark.parametrize("isa", ISAS, ids=id_formatter("isa"))
-@pytest.mark.parametrize("threads", [1, 2], ids=id_formatter("threads"))
-def test_top_k_selector_matches_the_reference(isa, threads):
-    """TIES' radix select against a stable sort: ranges long enough for the split pass-0 histograms, a last tile
-    of 77 elements (the vector pass-1 packing's masked lanes), and a third of the task-vector entries exactly
-    zero, so that keeping 90% puts the threshold in bin 0 (prefix 0, where a masked lane would also match)."""
-    n = (1 << 19) + 77
+SELECT_N = (1 << 19) + 77
+# How many entries of each model's |tau| TIES keeps: the extremes, 90% (the threshold in bin 0), none and all.
+KEEPS = {
+    "first-half-last": [1, SELECT_N // 2, SELECT_N - 1],
+    "90%": [int(0.9 * SELECT_N)] * 3,
+    "all-none-some": [SELECT_N, 0, 12345],
+}
+
+
+@functools.cache
+def select_inputs():
+    """Three bf16 fine-tunes and their base, a third of each model's task vector exactly zero. Read only."""
+    n = SELECT_N
     base = random_tensor((n,), torch.bfloat16, seed=1)
     g = torch.Generator().manual_seed(2)
     xs = []
     for i in range(3):
         x = (base.float() + 0.01 * random_tensor((n,), torch.float32, seed=3 + i)).to(torch.bfloat16)
         xs.append(torch.where(torch.rand(n, generator=g) < 0.33, base, x))
-    for keep in ([1, n // 2, n - 1], [int(0.9 * n)] * 3, [n, 0, 12345]):
-        chunk = Chunk("x", [x.data_ptr() for x in [*xs, base]], ["BF16"] * 4, 0, n)
-        for backend in (CpuBackend(threads, isa), ReferenceBackend()):
-            sel = backend.top_k_selector(keep)
-            for pass_ in range(sel.passes):
-                sel.add(chunk, pass_)
-                sel.finish(pass_)
-            assert (sel.thresholds, sel.quotas) == sorted_thresholds(xs, base, keep), (backend.name, keep)
+    return xs, base
+
+
+@functools.cache
+def sorted_select(keep_case):
+    xs, base = select_inputs()
+    return sorted_thresholds(xs, base, KEEPS[keep_case])
+
+
+SELECTORS = [("reference", None, None)] + [("cpu", isa, threads) for isa in ISAS for threads in (1, 2)]
+
+
+@pytest.mark.parametrize("keep_case", list(KEEPS))
+@pytest.mark.parametrize(
+    "backend,isa,threads", SELECTORS, ids=[b if i is None else f"isa={i}-threads={t}" for b, i, t in SELECTORS]
+)
+def test_top_k_selector_matches_the_reference(backend, isa, threads, keep_case):
+    """TIES' radix select against a stable sort: ranges long enough for the split pass-0 histograms, a last tile
+    of 77 elements (the vector pass-1 packing's masked lanes), and a third of the task-vector entries exactly
+    zero, so that keeping 90% puts the threshold in bin 0 (prefix 0, where a masked lane would also match)."""
+    xs, base = select_inputs()
+    keep = KEEPS[keep_case]
+    chunk = Chunk("x", [x.data_ptr() for x in [*xs, base]], ["BF16"] * 4, 0, SELECT_N)
+    sel = (ReferenceBackend() if backend == "reference" else CpuBackend(threads, isa)).top_k_selector(keep)
+    for pass_ in range(sel.passes):
+        sel.add(chunk, pass_)
+        sel.finish(pass_)
+    assert (sel.thresholds, sel.quotas) == sorted_select(keep_case)
 
 
 def sorted_thresholds(xs, base, keep):
@@ -105,44 +143,60 @@ def sorted_thresholds(xs, base, keep):
 
 
 @pytest.mark.parametrize("isa", ISAS, ids=id_formatter("isa"))
-def test_mixed_input_dtypes(isa):
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=id_formatter("out"))
+def test_mixed_input_dtypes(isa, out_dtype):
     xs = [random_tensor((5003,), d, seed=i, wide=True) for i, d in enumerate(DTYPES * 2)]
     ws = [0.5, 1.25, -0.75, 3.0, 1e-3, 7.0]
-    for out_dtype in DTYPES:
-        assert_bit_equal(
-            CpuBackend(2, isa).weighted_sum(xs, ws, out_dtype, True),
-            reference.weighted_sum(xs, ws, out_dtype, True),
-        )
+    assert_bit_equal(
+        CpuBackend(2, isa).weighted_sum(xs, ws, out_dtype, True),
+        reference.weighted_sum(xs, ws, out_dtype, True),
+    )
+
+
+def every_16_bit_pattern(dtype):
+    """All 65536 values: NaN payloads, infinities, subnormals, -0."""
+    return torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+
+
+SIXTEEN_BIT_WEIGHTS = [[1.0], [0.37], [1e30]]
 
 
 @pytest.mark.parametrize("isa", ISAS, ids=id_formatter("isa"))
+@pytest.mark.parametrize("ws", SIXTEEN_BIT_WEIGHTS, ids=lambda ws: f"weight={ws[0]}")
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=id_formatter("out"))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=id_formatter("dtype"))
-def test_every_16_bit_pattern(isa, dtype):
-    """All 65536 values (NaN payloads, infinities, subnormals, -0) through every output dtype."""
-    x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
-    y = x.flip(0)
-    for ws in ([1.0], [0.37], [1e30]):
-        for out_dtype in DTYPES:
-            assert_bit_equal(
-                CpuBackend(None, isa).weighted_sum([x], ws, out_dtype, False),
-                reference.weighted_sum([x], ws, out_dtype, False),
-            )
-        assert_bit_equal(
-            CpuBackend(None, isa).weighted_sum([x, y], ws * 2, dtype, True),
-            reference.weighted_sum([x, y], ws * 2, dtype, True),
-        )
+def test_every_16_bit_pattern(isa, dtype, out_dtype, ws):
+    """Every value of a 16-bit dtype, weighted, into every output dtype."""
+    x = every_16_bit_pattern(dtype)
+    assert_bit_equal(
+        CpuBackend(None, isa).weighted_sum([x], ws, out_dtype, False),
+        reference.weighted_sum([x], ws, out_dtype, False),
+    )
 
 
 @pytest.mark.parametrize("isa", ISAS, ids=id_formatter("isa"))
-def test_random_fp32_bit_patterns(isa):
+@pytest.mark.parametrize("ws", SIXTEEN_BIT_WEIGHTS, ids=lambda ws: f"weight={ws[0]}")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=id_formatter("dtype"))
+def test_every_16_bit_pattern_pairs(isa, dtype, ws):
+    """Every value of a 16-bit dtype against every other (the reversed order), normalized, into that dtype."""
+    x = every_16_bit_pattern(dtype)
+    y = x.flip(0)
+    assert_bit_equal(
+        CpuBackend(None, isa).weighted_sum([x, y], ws * 2, dtype, True),
+        reference.weighted_sum([x, y], ws * 2, dtype, True),
+    )
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=id_formatter("isa"))
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=id_formatter("out"))
+def test_random_fp32_bit_patterns(isa, out_dtype):
     g = torch.Generator().manual_seed(3)
     x = torch.randint(-(2**31), 2**31 - 1, (100_003,), generator=g, dtype=torch.int64).to(torch.int32)
     x = x.view(torch.float32)
-    for out_dtype in DTYPES:
-        assert_bit_equal(
-            CpuBackend(None, isa).weighted_sum([x, x.flip(0)], [0.37, -2.2], out_dtype, False),
-            reference.weighted_sum([x, x.flip(0)], [0.37, -2.2], out_dtype, False),
-        )
+    assert_bit_equal(
+        CpuBackend(None, isa).weighted_sum([x, x.flip(0)], [0.37, -2.2], out_dtype, False),
+        reference.weighted_sum([x, x.flip(0)], [0.37, -2.2], out_dtype, False),
+    )
 
 
 def test_reference_fma_is_exactly_rounded():
@@ -163,12 +217,12 @@ def test_reference_fma_is_exactly_rounded():
         assert float(gi) == best[2]
 
 
-def test_identical_copies_soup_is_the_copy():
+@pytest.mark.parametrize("copies", [2, 3, 8], ids=id_formatter("copies"))
+def test_identical_copies_soup_is_the_copy(copies):
     x = random_tensor((10_001,), torch.bfloat16, seed=5, wide=True)
     x[::7] = -0.0
-    for k in (2, 3, 8):
-        out = CpuBackend().weighted_sum([x] * k, [1.0] * k, torch.bfloat16, True)
-        assert_bit_equal(out, x)
+    out = CpuBackend().weighted_sum([x] * copies, [1.0] * copies, torch.bfloat16, True)
+    assert_bit_equal(out, x)
 
 
 def test_nonfinite_count():
@@ -178,11 +232,16 @@ def test_nonfinite_count():
     assert n == 3  # nan, inf, and 7e4 which overflows float16
 
 
-def test_public_op_dispatch_and_errors(monkeypatch):
+@pytest.mark.parametrize("backend", ["auto", "cpu", "reference"], ids=id_formatter("backend"))
+def test_public_op_dispatch(backend):
     a, b = random_tensor((33,), torch.float16, 1), random_tensor((33,), torch.float16, 2)
     want = reference.weighted_sum([a, b], [1.0, 2.0], torch.bfloat16, False)
-    for backend in ("auto", "cpu", "reference"):
-        assert_bit_equal(pysoup.ops.weighted_sum([a, b], [1, 2], out_dtype=torch.bfloat16, backend=backend), want)
+    assert_bit_equal(pysoup.ops.weighted_sum([a, b], [1, 2], out_dtype=torch.bfloat16, backend=backend), want)
+
+
+def test_public_op_errors_and_environment(monkeypatch):
+    a, b = random_tensor((33,), torch.float16, 1), random_tensor((33,), torch.float16, 2)
+    want = reference.weighted_sum([a, b], [1.0, 2.0], torch.bfloat16, False)
     assert pysoup.ops.weighted_sum([a, b], [1, 2]).dtype == torch.float16
     with pytest.raises(BackendError, match="usable here"):
         pysoup.ops.weighted_sum([a, b], [1, 2], backend="nope")

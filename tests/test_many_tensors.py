@@ -10,7 +10,9 @@ import warnings
 
 import pytest
 import torch
-from conftest import assert_bit_equal, id_formatter, save_st
+from helpers.checkpoints import hf_dir, save_st
+from helpers.parametrize import ISAS, id_formatter
+from helpers.tensors import assert_bit_equal
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
@@ -26,7 +28,6 @@ from pysoup.io.format import TensorInfo, build_header, parse_header, parse_heade
 from pysoup.ops import reference
 from pysoup.strategies import get_strategy
 
-ISAS = pysoup.info()["cpu_isas"]
 native = _native.native
 NAMES = ["a", "b.weight", "layers.10.x", "layers.9.x", "é.ü", "日本", 'q"uote', "back\\slash", "tab\tnew\nline", ""]
 
@@ -353,7 +354,7 @@ def test_batches_are_bit_identical_to_one_tensor_at_a_time(tmp_path, monkeypatch
     assert len(warned) == 2 and all("non-finite" in m for m in warned)
     monkeypatch.setattr(engine, "BATCH_SPAN_BYTES", 40)
     monkeypatch.setattr(pysoup.api, "OUTPUT_BUFFER_BYTES", 64)
-    monkeypatch.setattr(reader.SafetensorsReader.__init__, "__defaults__", (48,))
+    monkeypatch.setattr(reader, "DEFAULT_WINDOW_BYTES", 48)
     assert merge_bytes(tmp_path, paths, "small", **kw) == (batched, warned)
     monkeypatch.setattr(engine, "BATCH_MAX_ELEMENTS", 0)  # one tensor at a time
     assert merge_bytes(tmp_path, paths, "single", **kw) == (batched, warned)
@@ -361,8 +362,6 @@ def test_batches_are_bit_identical_to_one_tensor_at_a_time(tmp_path, monkeypatch
 
 def test_batches_stop_at_shards_of_inputs_and_outputs(tmp_path, monkeypatch):
     """Sharded inputs (a batch reads one shard's window) into a sharded output (a batch writes one file)."""
-    from conftest import hf_dir
-
     sds = [moe_model(s) for s in range(2)]
     dirs = [hf_dir(tmp_path / f"in{i}", sd, shards=3 + i) for i, sd in enumerate(sds)]
     pysoup.merge(dirs, tmp_path / "batched", shard_size="400B", progress=False)

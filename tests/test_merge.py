@@ -7,7 +7,9 @@ import sys
 
 import pytest
 import torch
-from conftest import assert_bit_equal, hf_dir, run_cli, save_st, small_model
+from helpers.checkpoints import hf_dir, save_st, small_model
+from helpers.cli import run_cli
+from helpers.tensors import assert_bit_equal
 from safetensors.torch import load_file
 
 import pysoup

@@ -1,12 +1,16 @@
-"""The merge methods: C++ = the torch reference bit for bit (every ISA, thread count and chunking), the worked
-examples of ALGORITHMS.md, properties, and bad input."""
+"""The merge methods: C++ = the torch reference bit for bit (every ISA, thread count and chunking), worked examples
+computed by hand from the definitions in docs/methods.md, properties, and bad input."""
 
 import math
 import re
 
 import pytest
 import torch
-from conftest import assert_bit_equal, save_st, small_model
+from helpers.checkpoints import save_st
+from helpers.cli import run_cli
+from helpers.methods import METHOD_IDS, METHODS, family, merge_kwargs
+from helpers.parametrize import ISAS, id_formatter
+from helpers.tensors import assert_bit_equal
 from safetensors.torch import load_file
 
 import pysoup
@@ -15,59 +19,32 @@ from pysoup import _native
 from pysoup.errors import PlanError
 from pysoup.search.weights import ema, mwa
 
-ISAS = pysoup.info()["cpu_isas"]
 
-# (strategy, uses a base, params, per-model params)
-METHODS = [
-    ("task_arithmetic", True, {"lambda": 0.7}, None),
-    ("task_arithmetic", True, {"normalize": True}, None),
-    ("ties", True, {}, [{"density": 0.5}, {"density": 0.3}, {"density": 0.9}]),
-    ("ties", True, {"normalize": False, "lambda": 1.5}, [{"density": 0.2}] * 3),
-    ("dare_linear", True, {"seed": 7}, [{"density": 0.6}] * 3),
-    ("dare_linear", True, {"rescale": "l1"}, [{"density": 0.4}, {"density": 0.7}, {"density": 1.0}]),
-    ("dare_ties", True, {"seed": 3}, [{"density": 0.5}] * 3),
-    ("model_stock", True, {}, None),
-    ("variance_corrected", False, {}, None),
-    ("sparse", False, {"mask": "union"}, None),
-    ("sparse", False, {"mask": "intersection"}, None),
-]
-IDS = [f"{m}-{i}" for i, (m, *_rest) in enumerate(METHODS)]
+@pytest.fixture(scope="module", params=METHODS, ids=METHOD_IDS)
+def reference_merge(request, tmp_path_factory):
+    """A method's inputs, merge arguments and the reference backend's output bytes: merged once per method,
+    compared with every ISA, thread count and chunking."""
+    method = request.param
+    tmp = tmp_path_factory.mktemp(request.param[0])
+    bp, fps, _, _ = family(tmp, sparse=method[0] == "sparse")
+    kw = merge_kwargs(method, bp)
+    pysoup.merge(fps, tmp / "ref.safetensors", backend="reference", **kw)
+    return fps, kw, (tmp / "ref.safetensors").read_bytes()
 
 
-def family(tmp_path, dtype=torch.bfloat16, big=True, sparse=False):
-    """A base and three fine-tunes; `big` adds a 90k-element tensor so the C++ blocks (64 Ki) split it."""
-    base = small_model(seed=100, dtype=torch.float32)
-    if big:
-        base["model.layers.0.mlp.down_proj.weight"] = torch.randn(300, 300, generator=torch.Generator().manual_seed(5))
-    fts = []
-    for s in range(3):
-        g = torch.Generator().manual_seed(s)
-        ft = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}
-        if sparse:  # pruned where the base is small; the third model also elsewhere (union and intersection differ)
-            ft = {k: torch.where(base[k].abs() < 0.5, torch.zeros_like(v), v) for k, v in ft.items()}
-            if s == 2:
-                ft = {k: torch.where(v.abs() > 1.5, torch.zeros_like(v), v) for k, v in ft.items()}
-        fts.append({k: v.to(dtype) for k, v in ft.items()})
-    base = {k: v.to(dtype) for k, v in base.items()}
-    bp = save_st(tmp_path / "base.safetensors", base)
-    fps = [save_st(tmp_path / f"ft{i}.safetensors", ft) for i, ft in enumerate(fts)]
-    return bp, fps, base, fts
+@pytest.mark.parametrize("threads", [1, 2], ids=id_formatter("threads"))
+@pytest.mark.parametrize("isa", ISAS, ids=id_formatter("isa"))
+def test_cpu_equals_reference(reference_merge, isa, threads, tmp_path, monkeypatch):
+    fps, kw, want = reference_merge
+    monkeypatch.setenv("PYSOUP_CPU_ISA", isa)
+    out = tmp_path / "cpu.safetensors"
+    pysoup.merge(fps, out, backend="cpu", threads=threads, **kw)
+    assert out.read_bytes() == want, f"{kw['strategy']} differs from the reference on {isa} with {threads} threads"
 
 
-@pytest.mark.parametrize("method", METHODS, ids=IDS)
-def test_cpu_equals_reference(tmp_path, method, monkeypatch):
-    name, uses_base, params, model_params = method
-    bp, fps, _, _ = family(tmp_path, sparse=name == "sparse")
-    kw = dict(strategy=name, base=bp if uses_base else None, params=params, model_params=model_params)
-    pysoup.merge(fps, tmp_path / "ref.safetensors", backend="reference", **kw)
-    want = (tmp_path / "ref.safetensors").read_bytes()
-    for isa in ISAS:
-        for threads in (1, 2):
-            monkeypatch.setenv("PYSOUP_CPU_ISA", isa)
-            out = tmp_path / f"{isa}-{threads}.safetensors"
-            pysoup.merge(fps, out, backend="cpu", threads=threads, **kw)
-            assert out.read_bytes() == want, f"{name} differs from the reference on {isa} with {threads} threads"
-    # Small chunks: reductions and TIES tie quotas carried across many chunks give the same bytes.
+def test_small_chunks_equal_reference(reference_merge, tmp_path, monkeypatch):
+    """Reductions and TIES tie quotas carried across many chunks give the same bytes."""
+    fps, kw, want = reference_merge
     monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 4096 * 3)
     pysoup.merge(fps, tmp_path / "chunked.safetensors", backend="cpu", **kw)
     assert (tmp_path / "chunked.safetensors").read_bytes() == want
@@ -89,14 +66,14 @@ def test_ties_threshold_ties_broken_by_index():
     assert got == [1, 1, 1, 0, 0, 0]
 
 
-def test_ties_tie_quota_across_blocks_and_threads(tmp_path):
+@pytest.mark.parametrize("threads", [1, 2], ids=id_formatter("threads"))
+def test_ties_tie_quota_across_blocks_and_threads(threads):
     """200k equal magnitudes, keep 70001: exactly the first 70001 by index, whatever the threads or chunks."""
     n = 200_000
     sd = {"w": torch.ones(n)}
     base = {"w": torch.zeros(n)}
-    for threads in (1, 2):
-        out = pysoup.merge([sd], strategy="ties", base=base, params={"density": 70001 / n}, threads=threads)["w"]
-        assert int(out.sum()) == 70001 and bool(out[:70001].all()) and not bool(out[70001:].any())
+    out = pysoup.merge([sd], strategy="ties", base=base, params={"density": 70001 / n}, threads=threads)["w"]
+    assert int(out.sum()) == 70001 and bool(out[:70001].all()) and not bool(out[70001:].any())
 
 
 def test_task_arithmetic_example():
@@ -232,8 +209,6 @@ def test_bad_method_input(tmp_path, strategy, n_models, base, params, match):
 
 
 def test_cli_equals_api_for_a_method(tmp_path):
-    from conftest import run_cli
-
     bp, fps, _, _ = family(tmp_path, big=False)
     run_cli(
         "merge",

@@ -5,7 +5,8 @@ import math
 
 import pytest
 import torch
-from conftest import assert_bit_equal, id_formatter, random_tensor
+from helpers.parametrize import FLOAT_DTYPES, ISAS, id_formatter
+from helpers.tensors import assert_bit_equal, random_tensor
 
 import pysoup
 from pysoup import _native
@@ -13,8 +14,7 @@ from pysoup.dtypes import to_f32
 from pysoup.errors import BackendError, PlanError
 from pysoup.ops import reference
 
-ISAS = pysoup.info()["cpu_isas"]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPES = FLOAT_DTYPES
 # A model's mix: many small tensors (norms, biases) and a few large ones, so that with 2 or 3 threads the
 # even split of all elements falls inside tensors, between them, and on empty ones.
 SIZES = [(1,), (7,), (0,), (64, 33), (150_001,), (5,), (3, 5, 17), (0,), (70_000, 3), (4097,)]

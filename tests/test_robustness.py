@@ -16,12 +16,14 @@ import uuid
 
 import pytest
 import torch
-from conftest import ROOT, disk_full_after, hf_dir, run_cli, save_st, small_model, tree_snapshot
+from helpers.checkpoints import hf_dir, save_st, small_model, tree_snapshot
+from helpers.cli import ROOT, run_cli
+from helpers.faults import disk_full_after
+from helpers.parametrize import ISAS, id_formatter
 
 import pysoup
 from pysoup.errors import FormatError, OutputError, PlanError
 
-ISAS = pysoup.info()["cpu_isas"]
 OLD = b"an older merge result that must survive"
 
 
@@ -203,8 +205,8 @@ TRUNCATE_DURING_MERGE = """
 
 
 @pytest.mark.parametrize("strategy", ["linear", "ties"])
-@pytest.mark.parametrize("threads", [1, 2], ids=lambda t: f"threads={t}")
-@pytest.mark.parametrize("isa", ISAS, ids=lambda i: f"isa={i}")
+@pytest.mark.parametrize("threads", [1, 2], ids=id_formatter("threads"))
+@pytest.mark.parametrize("isa", ISAS, ids=id_formatter("isa"))
 def test_input_truncated_during_merge(tmp_path, isa, threads, strategy):
     a, b, base = big_inputs(tmp_path, count=3, tensors=4, elems=1 << 18)
     target = tmp_path / "out.safetensors"
@@ -595,7 +597,9 @@ def test_output_file_mode_follows_umask(tmp_path):
 
 
 def test_fsync_before_rename(tmp_path, monkeypatch):
-    """`durable=True` fsyncs every output file before its rename and the directory after."""
+    """`durable=True` (the CLI's --fsync) fsyncs every output file before its rename and the directory after; a merge
+    without it never fsyncs. (Checked to fail when durable is ignored, the directory is not synced, or the files are
+    synced after their renames.)"""
     import pysoup.io.temporary as temporary
     import pysoup.io.writer as writer
 
@@ -612,3 +616,9 @@ def test_fsync_before_rename(tmp_path, monkeypatch):
     events.clear()
     pysoup.merge(dirs, tmp_path / "fast", shard_size="5KB", progress=False)
     assert "fsync" not in [k for k, _ in events]
+    # The CLI's --fsync is durable=True: one file, its fsync, its rename, the directory's fsync.
+    from pysoup.cli import main
+
+    events.clear()
+    assert main(["merge", *dirs, "-o", str(tmp_path / "cli.safetensors"), "--fsync", "--no-progress"]) == 0
+    assert [k for k, _ in events] == ["fsync", "put", "fsync"]

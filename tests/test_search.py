@@ -4,7 +4,8 @@ import math
 
 import pytest
 import torch
-from conftest import assert_bit_equal, save_st
+from helpers.checkpoints import save_st
+from helpers.tensors import assert_bit_equal
 
 import pysoup
 from pysoup.errors import PlanError

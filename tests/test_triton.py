@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from conftest import assert_bit_equal, id_formatter, random_tensor, save_st, small_model
-from test_methods import IDS as METHOD_IDS
-from test_methods import METHODS
+from helpers.checkpoints import save_st, small_model
+from helpers.parametrize import FLOAT_DTYPES, id_formatter
+from helpers.tensors import assert_bit_equal, random_tensor
 
 pytest.importorskip("triton")
 
@@ -14,44 +14,54 @@ from pysoup.ops import reference  # noqa: E402
 from pysoup.ops.reference import ReferenceBackend  # noqa: E402
 from pysoup.ops.table import Chunk, MaskedSumMode  # noqa: E402
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPES = FLOAT_DTYPES
 SHAPES = [(1,), (7,), (4097,), (3, 5, 17)]
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=id_formatter("shape"))
 @pytest.mark.parametrize("out_dtype", DTYPES, ids=id_formatter("out"))
 @pytest.mark.parametrize("in_dtype", DTYPES, ids=id_formatter("in"))
 @pytest.mark.parametrize("normalize", [False, True], ids=id_formatter("normalize"))
-def test_weighted_sum_matches_reference(in_dtype, out_dtype, normalize):
+def test_weighted_sum_matches_reference(in_dtype, out_dtype, normalize, shape):
     from pysoup.kernels.weighted_sum import weighted_sum
 
-    for k, shape in enumerate(SHAPES):
-        xs = [random_tensor(shape, in_dtype, seed=10 * k + i, wide=True) for i in range(3)]
-        ws = [0.3, -1.7, 2.5e-3]
-        assert_bit_equal(
-            weighted_sum(xs, ws, out_dtype, normalize), reference.weighted_sum(xs, ws, out_dtype, normalize)
-        )
+    k = SHAPES.index(shape)
+    xs = [random_tensor(shape, in_dtype, seed=10 * k + i, wide=True) for i in range(3)]
+    ws = [0.3, -1.7, 2.5e-3]
+    assert_bit_equal(weighted_sum(xs, ws, out_dtype, normalize), reference.weighted_sum(xs, ws, out_dtype, normalize))
 
 
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=id_formatter("out"))
 @pytest.mark.parametrize("count", [1, 8, 11], ids=id_formatter("inputs"))
-def test_any_number_of_inputs(count):
+def test_any_number_of_inputs(count, out_dtype):
     """Inputs arrive as a tuple of any length (one compiled launch per count and dtypes): same bits."""
     from pysoup.kernels.weighted_sum import weighted_sum
 
     dtypes = [DTYPES[i % 3] for i in range(count)]
     xs = [random_tensor((5000,), d, seed=i, wide=True) for i, d in enumerate(dtypes)]
     ws = [0.1 * (i + 1) * (-1) ** i for i in range(count)]
-    for out_dtype in DTYPES:
-        assert_bit_equal(weighted_sum(xs, ws, out_dtype, True), reference.weighted_sum(xs, ws, out_dtype, True))
+    assert_bit_equal(weighted_sum(xs, ws, out_dtype, True), reference.weighted_sum(xs, ws, out_dtype, True))
+
+
+def every_16_bit_pattern(dtype):
+    return torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+
+
+@pytest.mark.parametrize("ws", [[1.0], [0.37], [1e30]], ids=lambda ws: f"weight={ws[0]}")
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=id_formatter("out"))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=id_formatter("dtype"))
+def test_every_16_bit_pattern(dtype, out_dtype, ws):
+    from pysoup.kernels.weighted_sum import weighted_sum
+
+    x = every_16_bit_pattern(dtype)
+    assert_bit_equal(weighted_sum([x], ws, out_dtype, False), reference.weighted_sum([x], ws, out_dtype, False))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=id_formatter("dtype"))
-def test_every_16_bit_pattern(dtype):
+def test_every_finite_16_bit_pattern_into_fp16(dtype):
     from pysoup.kernels.weighted_sum import weighted_sum
 
-    x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
-    for out_dtype in (torch.float32, torch.bfloat16):
-        for ws in ([1.0], [0.37], [1e30]):
-            assert_bit_equal(weighted_sum([x], ws, out_dtype, False), reference.weighted_sum([x], ws, out_dtype, False))
+    x = every_16_bit_pattern(dtype)
     finite = x[torch.isfinite(x.float())]  # fp16 outputs: NaN payloads are the converter's business
     assert_bit_equal(
         weighted_sum([finite, finite.flip(0)], [0.37, 0.63], torch.float16, True),
@@ -90,19 +100,6 @@ def test_backend_dispatch_and_file_merge(tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
-@pytest.mark.parametrize("method", METHODS, ids=METHOD_IDS)
-def test_every_method_through_the_triton_backend(tmp_path, method):
-    """Each merge method, run by the engine on the triton backend (interpreter), writes the CPU backend's bytes."""
-    from test_methods import family
-
-    name, uses_base, params, model_params = method
-    bp, fps, _, _ = family(tmp_path, big=False, sparse=name == "sparse")
-    kw = dict(strategy=name, base=bp if uses_base else None, params=params, model_params=model_params)
-    pysoup.merge(fps, tmp_path / "t.safetensors", backend="triton", **kw)
-    pysoup.merge(fps, tmp_path / "c.safetensors", backend="cpu", **kw)
-    assert (tmp_path / "t.safetensors").read_bytes() == (tmp_path / "c.safetensors").read_bytes()
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_weighted_sum_on_gpu():
@@ -120,7 +117,6 @@ def test_weighted_sum_on_gpu():
 )
 def test_task_vector_combine_matches_reference(case):
     from pysoup.kernels.task_vector import task_vector_combine
-
     from pysoup.ops.table import TaskVectorParams
     from pysoup.strategies.task_vector import dare_key, keep_below
 
@@ -185,7 +181,6 @@ def test_masked_sum_matches_reference(mode):
 def test_task_vector_and_lerp_on_gpu():
     from pysoup.kernels.multi_tensor import TensorTable, lerp_
     from pysoup.kernels.task_vector import task_vector_combine
-
     from pysoup.ops.table import TaskVectorParams
     from pysoup.strategies.task_vector import dare_key, keep_below
 

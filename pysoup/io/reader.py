@@ -17,7 +17,7 @@ from pysoup.io.format import TensorInfo, parse_header_table
 from pysoup.io.table import TensorInfos
 
 # 16 MiB per input: large enough that mapping costs vanish (one mmap per 16 MiB), small enough that
-# 8 inputs stay under 128 MiB resident.
+# 8 inputs stay under 128 MiB resident. Read when a reader is made, so that tests can shrink it.
 DEFAULT_WINDOW_BYTES = 16 << 20
 
 
@@ -35,7 +35,7 @@ class SafetensorsReader:
         >>> r.infos["lm_head.weight"].shape               # doctest: +SKIP
     """
 
-    def __init__(self, path: str, window_bytes: int = DEFAULT_WINDOW_BYTES):
+    def __init__(self, path: str, window_bytes: int | None = None):
         self.path = os.fspath(path)
         try:
             # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused just below.
@@ -60,7 +60,7 @@ class SafetensorsReader:
             os.close(self._fd)
             raise
         self.infos = TensorInfos(self.table)  # name -> TensorInfo, in file order
-        self._window_bytes = window_bytes
+        self._window_bytes = DEFAULT_WINDOW_BYTES if window_bytes is None else window_bytes
         self._window = None
         self._whole = None
         self._faulted = False  # a page of one of our windows went missing (see csrc/io/fault_guard.cpp)
