@@ -137,22 +137,15 @@ def _dtype_name(dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _check_experts(block: ExpertsBlock, name: str) -> None:
-    """Every expert has expert 0's tensors: the same names, shapes, dtypes and devices."""
+def _check_experts(block: ExpertsBlock, name: str, buffers: bool = True) -> list:
+    """Every expert has expert 0's tensors: the same names, shapes, dtypes and devices. Returns each expert's
+    parameters (one walk of the modules per expert: the share step calls this every step)."""
     where = f"ExpertsBlock {name!r}" if name else "ExpertsBlock"
-
-    def signature(expert):
-        return [
-            (k, tuple(t.shape), t.dtype, t.device)
-            for k, t in (*expert.named_parameters(), *expert.named_buffers())
-            if t is not None
-        ]
-
-    first = signature(block.experts[0])
-    for i, expert in enumerate(block.experts):
-        if i == 0:
-            continue
-        other = signature(expert)
+    params = [list(e.named_parameters()) for e in block.experts]
+    named = [p + list(e.named_buffers()) for p, e in zip(params, block.experts)] if buffers else params
+    signatures = [[(k, t.shape, t.dtype, t.device) for k, t in tensors] for tensors in named]
+    first = signatures[0]
+    for i, other in enumerate(signatures):
         if other == first:
             continue
         names0, names = [s[0] for s in first], [s[0] for s in other]
@@ -165,6 +158,7 @@ def _check_experts(block: ExpertsBlock, name: str) -> None:
             f"{where}: expert {i}'s {k!r} is {_dtype_name(d)} {list(s)} on {v}, "
             f"expert 0's {_dtype_name(d0)} {list(s0)} on {v0}; experts must stay alike"
         )
+    return [[t for _, t in tensors] for tensors in params]
 
 
 def _parent_and_key(model, name: str):
@@ -344,8 +338,7 @@ class ExpertsWeightsAveraging:
         for name, parent, key, block in self._blocks:
             if parent._modules.get(key) is not block:
                 raise PlanError(f"ExpertsBlock {name!r} is no longer in the model (collapsed?)")
-            _check_experts(block, name)
-            params = [list(e.parameters()) for e in block.experts]
+            params = _check_experts(block, name, buffers=False)
             groups.setdefault(len(params), []).extend(zip(*params))
         return groups
 
