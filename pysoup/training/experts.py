@@ -103,16 +103,16 @@ class ExpertsBlock(torch.nn.Module):
         return out.reshape(*x.shape[:-1], *y.shape[1:])
 
     def collapse(self):
-        """A new module of the experts' class whose every floating-point tensor (parameters and buffers, biases
-        included) is the mean of the experts': pysoup.ops.weighted_sum with weight 1 per expert, normalize=True
-        (an fp32 sum in expert order divided by N, rounded to the tensor's dtype). Other buffers (integer
-        counters) come from expert 0, as do the module's attributes and its train/eval mode."""
+        """A new module of the experts' class whose every float32, float16 and bfloat16 tensor (parameters and
+        buffers, biases included) is the mean of the experts': pysoup.ops.weighted_sum with weight 1 per expert,
+        normalize=True (an fp32 sum in expert order divided by N, rounded to the tensor's dtype). Other buffers
+        (integer counters, float64) come from expert 0, as do the module's attributes and its train/eval mode."""
         _check_experts(self, "")
         n = len(self.experts)
         states = [e.state_dict() for e in self.experts]
         merged = {}
         for key, first in states[0].items():
-            if first.is_floating_point() and str(first.dtype).removeprefix("torch.") in _FLOATS:
+            if _dtype_name(first.dtype) in _FLOATS:
                 merged[key] = ops.weighted_sum([s[key] for s in states], [1.0] * n, first.dtype, normalize=True)
             else:
                 merged[key] = first
