@@ -9,9 +9,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-# test_wheel.py and test_bench.py import ROOT from here.
 from helpers.checkpoints import save_st, small_model  # noqa: E402
-from helpers.cli import ROOT  # noqa: E402, F401
+from helpers.cli import ROOT  # noqa: E402, F401 - test_wheel.py and test_bench.py import it from here
 
 
 @pytest.fixture

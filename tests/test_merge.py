@@ -133,23 +133,25 @@ def test_sharded_in_and_out_equal_single_file(tmp_path, models):
     assert open(tmp_path / "one" / "model.safetensors", "rb").read() == open(single, "rb").read()
 
 
-def test_file_merge_does_not_import_torch(tmp_path, models):
+@pytest.mark.parametrize("entry", ["api", "cli"])
+def test_file_merge_does_not_import_torch(tmp_path, models, entry):
     paths, _ = models
-    code = (
-        "import sys, pysoup; assert 'torch' not in sys.modules; "
-        f"pysoup.merge({paths!r}, {str(tmp_path / 'o.safetensors')!r}, progress=False); "
-        "assert 'torch' not in sys.modules, 'torch was imported'; "
-        "assert 'numpy' not in sys.modules, 'numpy was imported'"
-    )
-    cli = (
-        "import sys; from pysoup.cli import main; "
-        f"assert main(['merge', *{paths!r}, '-o', {str(tmp_path / 'c.safetensors')!r}, '--no-progress']) == 0; "
-        "assert 'torch' not in sys.modules, 'torch was imported'"
-    )
+    snippets = {
+        "api": (
+            "import sys, pysoup; assert 'torch' not in sys.modules; "
+            f"pysoup.merge({paths!r}, {str(tmp_path / 'o.safetensors')!r}, progress=False); "
+            "assert 'torch' not in sys.modules, 'torch was imported'; "
+            "assert 'numpy' not in sys.modules, 'numpy was imported'"
+        ),
+        "cli": (
+            "import sys; from pysoup.cli import main; "
+            f"assert main(['merge', *{paths!r}, '-o', {str(tmp_path / 'c.safetensors')!r}, '--no-progress']) == 0; "
+            "assert 'torch' not in sys.modules, 'torch was imported'"
+        ),
+    }
     # Without TRITON_INTERPRET (conftest sets it): asking whether triton could run must not import torch either.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    for snippet in (code, cli):
-        subprocess.run([sys.executable, "-c", snippet], check=True, env=env)
+    subprocess.run([sys.executable, "-c", snippets[entry]], check=True, env=env)
 
 
 def test_inspect(models):
