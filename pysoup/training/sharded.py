@@ -9,8 +9,8 @@ update that memory in place, and forward/backward (all-gather, reshard) leave it
 steps both the local tensor object and its address stay the same, on every rank, uneven and empty shards included.
 FSDP2 gives a parameter new local memory only when the parameter itself is replaced or converted: lazy_init
 re-pads a local tensor that load_state_dict(assign=True) or Module._apply (.to(), .float()) left unpadded, and
-assign=True puts a new DTensor in the module. The average therefore binds to `param._local_tensor` (what
-`to_local()` returns under no_grad; with grad enabled it returns a fresh view each call) and, before each update,
+assign=True puts a new DTensor in the module. The average therefore binds to `param._local_tensor` itself
+(`to_local()` of a DTensor Parameter returns a new view of it on every call, under no_grad too) and, before each update,
 looks the parameter up in its module and checks by identity that its local tensor is still the bound one: a few
 attribute reads per parameter. When FSDP2 moved it, the fused update is re-bound to the new local tensors (same
 shape, dtype and device required), so the average keeps following the model.
