@@ -15,16 +15,18 @@ from pysoup.strategies.tensor_op import MomentsOp, WeightedSum
 BATCHNORM_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
-def variance_scale(k: int, n: int, m: Moments, eps: float) -> tuple:
+def variance_scale(k: int, n: int, m: Moments, eps: float, target=None) -> tuple:
     """(center, scale): the mean of the average and sqrt((mean_i Var(theta_i) + eps) / (Var(mean) + eps)),
-    unbiased variances from the fp64 sums."""
+    unbiased variances from the fp64 sums; i over `target` (indices of the k inputs; default: all of them; gossip's
+    VC preset takes the received models only)."""
 
     def var(s, q):
         return max(0.0, (q - s * s / n) / (n - 1))
 
-    target = sum(var(m.sum(i), m.squares(i)) for i in range(k)) / k
+    indices = range(k) if target is None else target
+    sigma2 = sum(var(m.sum(i), m.squares(i)) for i in indices) / len(indices)
     s_m, q_m = m.sum(m.mean), m.squares(m.mean)
-    return s_m / n, math.sqrt((target + eps) / (var(s_m, q_m) + eps))
+    return s_m / n, math.sqrt((sigma2 + eps) / (var(s_m, q_m) + eps))
 
 
 @dataclass(frozen=True)
