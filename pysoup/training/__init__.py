@@ -7,7 +7,11 @@
 - posthoc.py: post-hoc EMA (EDM2): snapshots of power-function EMAs, synthesized for any sigma_rel by one streaming
   merge of the snapshot files.
 
-Importing this package does not import torch; experts.py (nn.Module subclasses) loads on first use.
+- sharded.py: the same averages over FSDP2 (DTensor) parameters: each rank its shard; save_sharded/load_sharded.
+- callbacks.py: a Hugging Face TrainerCallback and a Lightning Callback running any of the averages.
+
+Importing this package does not import torch; experts.py (nn.Module subclasses) and the callbacks load on first
+use.
 """
 
 from pysoup.training.average import EMA, SWA, WeightEnsemble
@@ -19,6 +23,8 @@ _LAZY = {
     "collapse_experts": "pysoup.training.experts",
     "convert_to_experts": "pysoup.training.experts",
     "experts_blocks": "pysoup.training.experts",
+    "AveragingCallback": "pysoup.training.callbacks",
+    "LightningAveragingCallback": "pysoup.training.callbacks",
 }
 
 
@@ -31,10 +37,12 @@ def __getattr__(name):
 
 
 __all__ = [
+    "AveragingCallback",
     "EMA",
     "SWA",
     "ExpertsBlock",
     "ExpertsWeightsAveraging",
+    "LightningAveragingCallback",
     "PostHocEMA",
     "WeightEnsemble",
     "coefficients",
