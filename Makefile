@@ -22,7 +22,7 @@ all: install
 $(VENV)/.deps-stamp: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q $(TORCH_SPEC)
-	$(PIP) install -q $(TORCH_SPEC) $(TRITON_SPEC) $(DEV_DEPS)
+	$(PIP) install -q $(TORCH_SPEC) $(TRITON_SPEC) $(DEV_DEPS) $(WHEEL_DEPS)
 	$(PIP) install -q $(TORCH_SPEC) $(MERGEKIT_SPEC)
 	$(PIP) install -q $(TORCH_SPEC) $(INTEGRATIONS)
 	touch $@
