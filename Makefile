@@ -24,6 +24,7 @@ $(VENV)/.deps-stamp: pyproject.toml Makefile
 	$(PIP) install -q $(TORCH_SPEC)
 	$(PIP) install -q $(TORCH_SPEC) $(TRITON_SPEC) $(DEV_DEPS) $(WHEEL_DEPS)
 	$(PIP) install -q $(TORCH_SPEC) $(MERGEKIT_SPEC)
+	$(PIP) install -q $(TORCH_SPEC) flwr
 	$(PIP) install -q $(TORCH_SPEC) $(INTEGRATIONS)
 	touch $@
 
