@@ -61,6 +61,13 @@ bench-quick: install
 	$(PY) benchmarks/run.py --quick
 	$(PY) benchmarks/run.py --suite headers --quick
 
+# The averaging-during-training suite (benchmarks/results/training.{json,md}, ~2 min on 2 cores): one EMA update
+# against torch's AveragedModel, torch._foreach_lerp_ and timm's ModelEmaV3 (skipped with a note when timm is not
+# installed), and a training step with each. Run it on a quiet machine.
+.PHONY: bench-training
+bench-training: install
+	$(PY) benchmarks/training.py
+
 lint: install
 	$(VENV)/bin/ruff check pysoup tests benchmarks examples
 	$(VENV)/bin/ruff format --check pysoup tests benchmarks examples

@@ -32,5 +32,12 @@ step gpu-tests timeout ${TEST_TIMEOUT:-240} env TRITON_INTERPRET=0 PYSOUP_REQUIR
   "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_triton.py tests/test_device.py
 step gpu-bench timeout ${BENCH_TIMEOUT:-300} env TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 "$PY" benchmarks/gpu_bench.py ${GPU_BENCH_ARGS:-}
 if [ -n "${OUT:-}" ]; then cp benchmarks/results/gpu-* "$OUT"/ 2>/dev/null; fi
+# OffloadedEMA (issue 11): its averages against the on-device EMA's bytes, then the training-step overhead of no EMA,
+# the on-device EMA, OffloadedEMA and a synchronous offload on a 100M-parameter model
+# (benchmarks/results/training-gpu-<gpu name>.{json,md}).
+step offload-tests timeout ${TEST_TIMEOUT:-240} env TRITON_INTERPRET=0 \
+  "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_offload.py
+step training-bench timeout ${BENCH_TIMEOUT:-300} env TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 "$PY" benchmarks/training.py --gpu
+if [ -n "${OUT:-}" ]; then cp benchmarks/results/training-gpu-* "$OUT"/ 2>/dev/null; fi
 echo "gpu_check: $(( $(date +%s) - start )) s; failed: ${failed[*]:-none}"
 [ ${#failed[@]} -eq 0 ]
