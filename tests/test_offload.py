@@ -194,6 +194,11 @@ def test_save_writes_the_same_file_as_ema(tmp_path):
     ours.save(tmp_path / "ours.safetensors")
     theirs.save(tmp_path / "theirs.safetensors")
     assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "theirs.safetensors").read_bytes()
+    ours.save_sharded(tmp_path / "sharded")  # the per-rank files, here one rank: either class reads them back
+    for cls in (EMA, OffloadedEMA):
+        back = cls(model, 0.9, dtype=torch.float32)
+        back.load_sharded(tmp_path / "sharded")
+        assert back.step == 3 and all(torch.equal(back.averaged[n], t) for n, t in theirs.averaged.items())
 
 
 def test_swapped_holds_the_average_and_restores_the_model():
@@ -257,8 +262,9 @@ def test_a_replaced_tensor_and_a_closed_average_are_refused():
     assert set(ours.state_dict()["averaged"]) == set(ours.averaged)  # still readable
 
 
+@pytest.mark.slow
 def test_quick_benchmark_runs(tmp_path):
-    """benchmarks/training.py --quick, as a user would run it (its own process)."""
+    """benchmarks/training.py --quick, as a user would run it (its own process): ~7 s on 2 idle cores."""
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "training.py"), "--quick", "--out", str(tmp_path)],
         capture_output=True,

@@ -254,6 +254,7 @@ class _Pipeline:
         self.all_copied.set()
         self.future = None
         self.fenced = True
+        self.worker = None  # the worker thread's ident, once it ran
 
     # -- the training thread -------------------------------------------------------------------------------------
     def start(self, t: float) -> None:
@@ -319,6 +320,7 @@ class _Pipeline:
     def _run(self, t: float) -> None:
         import torch
 
+        self.worker = threading.get_ident()
         try:
             with torch.no_grad(), torch.cuda.device(self.device) if self.cuda else contextlib.nullcontext():
                 self._apply(self.buffers, t)
@@ -496,6 +498,14 @@ class OffloadedEMA(EMA, _HostAverage):
         self.wait()
         super().load_state_dict(state)
 
+    def save_sharded(self, directory) -> list:
+        self.wait()
+        return super().save_sharded(directory)
+
+    def load_sharded(self, directory) -> None:
+        self.wait()
+        super().load_sharded(directory)
+
     @contextlib.contextmanager
     def swapped(self):
         """The training model holds the averaged weights inside the block (for evaluation), its own after; its own
@@ -524,6 +534,9 @@ def _fence(ref) -> None:
 
 def _close(pipeline: _Pipeline, hooks: list, memory: _HostMemory) -> None:
     """Removes the hooks, lets the update in flight finish, stops the worker, unregisters the host memory."""
+    if threading.get_ident() == pipeline.worker:  # a garbage collection in the worker: it cannot wait for itself
+        threading.Thread(target=_close, args=(pipeline, hooks, memory), daemon=True).start()
+        return
     for handle in hooks:
         handle.remove()
     hooks.clear()
