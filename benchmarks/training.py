@@ -473,7 +473,8 @@ def gpu_markdown(report: dict) -> str:
     lines = [*markdown_head(report), report["model"] + ".", ""]
     lines += [
         "ms per training step (the EMA's update() included; OffloadedEMA's last host work waited for), median of "
-        "rotated rounds; extra GPU memory = peak allocated above the model, optimizer and activations' baseline.",
+        "rotated rounds. Peak GPU memory: allocated above the model and the optimizer's state during the run, "
+        "activations included (compare with no EMA).",
     ]
     for every, res in report["results"].items():
         base = res["seconds_per_step"]["no EMA"]["median"]
@@ -481,7 +482,7 @@ def gpu_markdown(report: dict) -> str:
             "",
             f"### update every {every} step(s), {res['steps']} steps x {res['rounds']} rounds",
             "",
-            "| contender | ms per step | spread | overhead | extra GPU memory (MiB) |",
+            "| contender | ms per step | spread | overhead | peak GPU memory (MiB) |",
             "|---|---|---|---|---|",
         ]
         for name, s in res["seconds_per_step"].items():
