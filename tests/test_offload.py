@@ -262,6 +262,25 @@ def test_a_replaced_tensor_and_a_closed_average_are_refused():
     assert set(ours.state_dict()["averaged"]) == set(ours.averaged)  # still readable
 
 
+def test_a_failed_copy_is_not_counted_and_does_not_block_the_next_step():
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    theirs = EMA(model, 0.9)
+    ours = OffloadedEMA(model, 0.9, chunk_bytes=MIN_CHUNK_BYTES, optimizer=opt)
+    pipeline, copy_ = ours._pipeline, ours._pipeline._copy
+    pipeline._copy = lambda chunk: (_ for _ in ()).throw(RuntimeError("copy failed"))
+    train(model, 1, [], opt=opt)
+    with pytest.raises(RuntimeError, match="copy failed"):
+        ours.update()
+    assert ours.step == 0
+    pipeline._copy = copy_
+    train(model, 1, [theirs, ours], opt=opt)  # the optimizer's pre-hook does not wait for copies never issued
+    train(model, 1, [theirs, ours], opt=opt)
+    assert_same_bytes(ours, theirs)
+    assert ours.step == theirs.step == 2
+    ours.close()
+
+
 @pytest.mark.slow
 def test_quick_benchmark_runs(tmp_path):
     """benchmarks/training.py --quick, as a user would run it (its own process): ~7 s on 2 idle cores."""

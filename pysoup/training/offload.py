@@ -263,20 +263,24 @@ class _Pipeline:
 
         self.all_copied.clear()
         self.fenced = False
-        if self.cuda:
-            current = torch.cuda.current_stream(self.device)
-            self.ready.record(current)  # after everything the caller enqueued: the optimizer step
-            self.side.wait_event(self.ready)
-            self._copy(self.buffers)
-            if self.buffers.sources:
-                current.wait_event(self.buffers.event)  # the next forward may write the buffers
-        else:
-            self._copy(self.buffers)
-        for k in range(min(2, len(self.chunks))):
-            self._issue(k)
-        if not self.chunks:
-            self.all_copied.set()
-        self.future = self.executor.submit(self._run, t)
+        try:
+            if self.cuda:
+                current = torch.cuda.current_stream(self.device)
+                self.ready.record(current)  # after everything the caller enqueued: the optimizer step
+                self.side.wait_event(self.ready)
+                self._copy(self.buffers)
+                if self.buffers.sources:
+                    current.wait_event(self.buffers.event)  # the next forward may write the buffers
+            else:
+                self._copy(self.buffers)
+            for k in range(min(2, len(self.chunks))):
+                self._issue(k)
+            if not self.chunks:
+                self.all_copied.set()
+            self.future = self.executor.submit(self._run, t)
+        except BaseException:
+            self.all_copied.set()  # nothing more will be issued: a fence must not wait for it
+            raise
 
     def fence(self) -> None:
         """Blocks until the last copy of the update in flight is issued and makes the current stream wait for it:
@@ -465,7 +469,11 @@ class OffloadedEMA(EMA, _HostAverage):
                 f"{NAME}: {moved[0]!r} no longer holds the memory it had (was its .data replaced?); "
                 f"make a new {NAME} for a changed model"
             )
-        self._pipeline.start(t)
+        try:
+            self._pipeline.start(t)
+        except BaseException:
+            self.step = previous
+            raise
         self._averaged()
         if not self._hooks:
             self._pipeline.fence()
