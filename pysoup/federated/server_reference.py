@@ -51,10 +51,10 @@ def fused(global_sd: dict, clients: list, weights: list, *, server_lr: float, no
     return out
 
 
-def fedau_weights(rounds: list, *, first_round: int = 0, cutoff: int = 100_000) -> list:
+def fedau_weights(rounds: list, *, cutoff: int = 100_000) -> list:
     """FedAU's omega_n round by round, ticking every client's miss count each round as the algorithm states it:
-    `rounds` lists, for rounds first_round, first_round + 1, ..., the ids taking part; returns one {id: omega} per
-    round. (Clients never seen have missed every round so far.)"""
+    `rounds` lists, from the server's first round on, the ids taking part in each; returns one {id: omega} per
+    round. (A client not yet seen has missed every round so far.)"""
     intervals, missed, out = {}, {}, []
     everyone = {cid for ids in rounds for cid in ids}
     for ids in rounds:
