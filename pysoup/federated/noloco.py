@@ -270,6 +270,32 @@ class _OuterStep:
                 views = torch.split(self.phi[d], [p.numel() for p in ps])
                 torch._foreach_copy_([p.detach() for p in ps], [v.view(p.shape) for v, p in zip(views, ps)])
 
+    def state_dict(self) -> dict:
+        """{"phi": [...], "momentum": [...]}: per parameter, in model order, views of the flat buffers (for a
+        checkpoint; torch.save copies them)."""
+        import torch
+
+        out = {"phi": [None] * len(self.params), "momentum": [None] * len(self.params)}
+        index = {id(p): k for k, p in enumerate(self.params)}
+        for d, ps in self._by_dtype.items():
+            sizes = [p.numel() for p in ps]
+            for key, flat in (("phi", self.phi[d]), ("momentum", self.m[d])):
+                for p, v in zip(ps, torch.split(flat, sizes)):
+                    out[key][index[id(p)]] = v.view(p.shape)
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores phi and the momentum from state_dict()'s form (the parameters are not changed)."""
+        import torch
+
+        mine = self.state_dict()
+        for key in ("phi", "momentum"):
+            got = list(state[key])
+            if len(got) != len(mine[key]) or any(a.shape != b.shape for a, b in zip(got, mine[key])):
+                raise PlanError(f"{type(self).__name__}.load_state_dict: {key} does not match the parameters")
+            with torch.no_grad():
+                torch._foreach_copy_(mine[key], got)
+
     def _world_and_rank(self):
         import torch.distributed as dist
 
