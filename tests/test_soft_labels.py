@@ -195,6 +195,15 @@ def test_average_soft_labels():
     )
 
 
+def test_docstring_examples():
+    import doctest
+
+    import pysoup.federated.soft_labels as module
+
+    result = doctest.testmod(module)
+    assert result.attempted >= 10 and result.failed == 0
+
+
 # -- bad inputs: one line each --------------------------------------------------------------------------------------
 BAD = [
     ("label out of range", lambda: vote_shares([[0, 3]], n_classes=3), "annotations[0, 1] = 3 is outside 0..2"),
