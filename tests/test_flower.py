@@ -95,6 +95,9 @@ def test_fedavg_strategy_equals_the_aggregator_and_flower_to_rounding():
     flower_inplace = parameters_to_ndarrays(flower_strategies.FedAvg().aggregate_fit(1, results, [])[0])
     flower_copy = parameters_to_ndarrays(flower_strategies.FedAvg(inplace=False).aggregate_fit(1, results, [])[0])
     assert metrics == {} and strategy.aggregator.last_weights["node-2"] == pytest.approx(1234 / total)
+    shuffled = AggregatorStrategy(aggregators.FedAvg(), initial_parameters=ndarrays_to_parameters(global_arrays))
+    for a, b in zip(parameters_to_ndarrays(shuffled.aggregate_fit(1, results[::-1], [])[0]), ours):
+        np.testing.assert_array_equal(a, b)  # summed in client-id order, whatever order the results arrive in
 
     for k in range(len(SHAPES)):
         xs = [c[k] for c in clients]
@@ -162,8 +165,8 @@ def test_metrics_aggregation_and_configure_fit_record_the_global_model():
 def test_fedau_strategy_over_rounds_equals_the_aggregator():
     """Four clients over 7 Flower rounds, ids from the "partition-id" metric. Client 3 misses round 1, then takes
     part in rounds 2, 5 and 7: omega = 1, 2, 2.5 (ALGORITHMS.md's example, numbered from Flower's round 1). Every
-    round equals FedAU called directly, bit for bit, and x + (1/N) sum omega_n (x_n - x) in float64 to fp32
-    rounding."""
+    round equals FedAU called directly on the updates in client-id order (round 5's results arrive as 2, 3, 0),
+    bit for bit, and x + (1/N) sum omega_n (x_n - x) in float64 to fp32 rounding."""
     rng = np.random.default_rng(3)
     g = model(rng)
     n_clients = 4
@@ -181,7 +184,8 @@ def test_fedau_strategy_over_rounds_equals_the_aggregator():
             assert params is None
             continue
         x_old = {k: v.clone() for k, v in x.items()}
-        x = direct.aggregate(x, [ClientUpdate(i, weights=as_state(c)) for i, c in zip(ids, clients)], round=r)
+        in_id_order = sorted(zip(ids, clients), key=lambda e: e[0])  # the strategy sums a round in client-id order
+        x = direct.aggregate(x, [ClientUpdate(i, weights=as_state(c)) for i, c in in_id_order], round=r)
         ours = parameters_to_ndarrays(params)
         for k in range(len(SHAPES)):
             np.testing.assert_array_equal(ours[k], x[str(k)].numpy())
@@ -202,6 +206,62 @@ def test_client_ids_from_proxy_cid_by_default():
     strategy = AggregatorStrategy(aggregators.FedAU(10), initial_parameters=ndarrays_to_parameters(g))
     strategy.aggregate_fit(1, results, [])
     assert sorted(strategy.aggregator.last_weights) == ["node-5", "node-9"]
+
+
+class InProcessClient(Proxy):
+    """A client answering in the server's process: fit() returns the received model plus a step of its own and
+    records what it got and sent."""
+
+    def __init__(self, cid: int, initial):
+        super().__init__(f"node-{cid}")
+        self.index, self.initial, self.log = cid, initial, []
+
+    def get_parameters(self, ins, timeout, group_id):
+        from flwr.common import GetParametersRes
+
+        return GetParametersRes(Status(Code.OK, "ok"), ndarrays_to_parameters(self.initial))
+
+    def fit(self, ins, timeout, group_id):
+        x = parameters_to_ndarrays(ins.parameters)
+        rng = np.random.default_rng([self.index, len(self.log)])
+        sent = [(a + np.float32(0.05) * rng.standard_normal(a.shape).astype(np.float32)).astype(np.float32) for a in x]
+        self.log.append((ins.config["round"], sent))
+        return FitRes(
+            Status(Code.OK, "ok"), ndarrays_to_parameters(sent), 10 + self.index, {"partition-id": self.index}
+        )
+
+
+def test_a_flower_server_loop_runs_fedau():
+    """Flower's own Server loop (sampling half of 6 in-process clients a round, 5 rounds, the initial model fetched
+    from a client because none is given): the strategy records the model the server sends, FedAU sees each round's
+    participants by partition-id, and the final model equals FedAU replayed directly on what the clients sent."""
+    import random
+
+    from flwr.server.server import Server
+
+    rng = np.random.default_rng(8)
+    initial = model(rng)
+    clients = [InProcessClient(i, initial) for i in range(6)]
+    manager = SimpleClientManager()
+    for c in clients:
+        manager.register(c)
+    strategy = AggregatorStrategy(
+        aggregators.FedAU(6), client_id_metric="partition-id", fraction_fit=0.5, fraction_evaluate=0.0,
+        min_fit_clients=2, min_available_clients=6, on_fit_config_fn=lambda r: {"round": r},
+    )  # fmt: skip
+    random.seed(0)  # SimpleClientManager.sample draws with the random module
+    server = Server(client_manager=manager, strategy=strategy)
+    server.fit(num_rounds=5, timeout=None)
+
+    direct, x = aggregators.FedAU(6), as_state(initial)
+    for r in range(1, 6):
+        sent = [(c.index, arrays) for c in clients for (rr, arrays) in c.log if rr == r]
+        assert len(sent) == 3
+        x = direct.aggregate(x, [ClientUpdate(i, weights=as_state(a)) for i, a in sorted(sent)], round=r)
+    final = parameters_to_ndarrays(server.parameters)
+    for k in range(len(SHAPES)):
+        np.testing.assert_array_equal(final[k], x[str(k)].numpy())
+    assert strategy.aggregator.round == 5 and len(strategy.aggregator.history) >= 3
 
 
 # -- FedOpt and FedAvgM against Flower's strategies -------------------------------------------------------------------

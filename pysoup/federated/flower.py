@@ -15,6 +15,9 @@ which result, the same id every round:
   there in ``fit()`` (e.g. ``context.node_config["partition-id"]``). Recommended for FedAU: stable across restarts
   and equal to the data partition.
 
+Order. A round's results are summed in client-id order (Flower passes them in the order the clients finished;
+the fp32 sum depends on the order), so a round's result does not depend on timing.
+
 The global model. The aggregators need the current global model x (FedAU and FedOpt step from it; FedAvg checks
 the clients' tensors against it). The strategy keeps it: from ``initial_parameters``, then from each
 ``configure_fit`` (the parameters the server sends out) and each aggregated result.
@@ -89,8 +92,8 @@ class _AggregatorStrategy:
         return super().configure_fit(server_round, parameters, client_manager)
 
     def aggregate_fit(self, server_round, results, failures):
-        """The round's results through the aggregator (round number = Flower's server_round); FedAvg's rules for
-        empty rounds and failures, and its metrics aggregation.
+        """The round's results through the aggregator (round number = Flower's server_round), in client-id order;
+        FedAvg's rules for empty rounds and failures, and its metrics aggregation.
 
         Returns:
             (the new global model as Flower Parameters, or None when there is nothing to aggregate; metrics)
@@ -108,9 +111,11 @@ class _AggregatorStrategy:
             )
         names = self._names(len(self.global_ndarrays))
         global_model = _state_dict(names, self.global_ndarrays, "the global model")
+        # Flower hands results over in the order the clients finished; the fp32 sum depends on the order, so the
+        # round is summed in client-id order: the same bits whatever the arrival order.
+        identified = sorted(((self._client_id(p, r), r) for p, r in results), key=lambda e: (type(e[0]).__name__, e[0]))
         updates = []
-        for proxy, res in results:
-            cid = self._client_id(proxy, res)
+        for cid, res in identified:
             arrays = parameters_to_ndarrays(res.parameters)
             if len(arrays) != len(names):
                 raise PlanError(
