@@ -32,14 +32,13 @@ The tables are what this run measures, including where a paper's claim does not 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
 
 import numpy as np
+import results_io
 import torch
 import torch.nn.functional as F
 
@@ -380,7 +379,7 @@ def main(argv=None) -> int:
     rounds = 4 if args.quick else 30
     outer_steps = 3 if args.quick else 20
     res = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": results_io.machine(),
         "seeds": seeds,
         "rounds": rounds,
         "outer_steps": outer_steps,
@@ -392,14 +391,7 @@ def main(argv=None) -> int:
     text = markdown(res)
     print(text)
     if not args.quick:
-        out = os.path.join(HERE, "results")
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "decentralized.json"), "w") as f:
-            json.dump(res, f, indent=1)
-        with open(os.path.join(out, "decentralized.md"), "w") as f:
-            f.write(text)
-        plot(res, os.path.join(out, "decentralized.png"))
-        print(f"wrote {out}/decentralized.{{json,md,png}}")
+        results_io.save("decentralized", res, text, plot)
     return 0
 
 

@@ -22,16 +22,15 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import copy
-import json
 import math
 import multiprocessing
 import os
-import platform
 import resource
 import statistics
 import sys
 import time
 
+import results_io
 import torch
 import torch.nn.functional as F
 
@@ -242,7 +241,7 @@ def main(argv=None) -> int:
     epochs, seeds = (QUICK_EPOCHS, 1) if args.quick else (EPOCHS, SEEDS)
     res = {
         "command": "python examples/ewa_digits.py" + (" --quick" if args.quick else ""),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": results_io.machine(),
         "torch": torch.__version__,
         "epochs": epochs,
         "experts": EXPERTS,
@@ -267,14 +266,7 @@ def main(argv=None) -> int:
     text = markdown(res)
     print(text)
     if not args.quick:
-        out = os.path.join(HERE, "results")
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "ewa_digits.json"), "w") as f:
-            json.dump(res, f, indent=2)
-        with open(os.path.join(out, "ewa_digits.md"), "w") as f:
-            f.write(text)
-        plot(res, os.path.join(out, "ewa_digits.png"))
-        print(f"wrote {out}/ewa_digits.{{json,md,png}}")
+        results_io.save("ewa_digits", res, text, plot)
     return 0
 
 

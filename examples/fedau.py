@@ -29,14 +29,13 @@ The table is what this run measures, including where FedAU does not come first.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
 
 import numpy as np
+import results_io
 import torch
 
 from pysoup.federated.aggregators import ClientUpdate, FedAU
@@ -298,7 +297,7 @@ def main(argv=None) -> int:
     runs = [run(seed, rounds, eval_every) for seed in seeds]
     res = {
         "command": "python examples/fedau.py" + (" --quick" if args.quick else ""),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": results_io.machine(),
         "args": {"rounds": rounds, "eval_every": eval_every, "seeds": seeds},
         "runs": runs,
     }
@@ -306,14 +305,7 @@ def main(argv=None) -> int:
     text = markdown(res)
     print(text)
     if not args.quick:
-        out = os.path.join(HERE, "results")
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "fedau.json"), "w") as f:
-            json.dump(res, f, indent=1)
-        with open(os.path.join(out, "fedau.md"), "w") as f:
-            f.write(text)
-        plot(res, os.path.join(out, "fedau.png"))
-        print(f"wrote {out}/fedau.{{json,md,png}}")
+        results_io.save("fedau", res, text, plot)
     return 0
 
 

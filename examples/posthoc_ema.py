@@ -19,13 +19,13 @@ profiles).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
 import tempfile
 import time
 
+import results_io
 import torch
 import torch.nn.functional as F
 
@@ -225,8 +225,6 @@ def plot(res, path):
 
 
 def main(argv=None) -> int:
-    import platform
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CI-sized: fewer steps; nothing written")
     args = p.parse_args(argv)
@@ -238,7 +236,7 @@ def main(argv=None) -> int:
         runs = [run(seed, steps, snapshot_every, tmp) for seed in range(3)]
     res = {
         "command": "python examples/posthoc_ema.py" + (" --quick" if args.quick else ""),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": results_io.machine(),
         "args": {"steps": steps, "snapshot_every": snapshot_every},
         "snapshot_profiles": SNAPSHOT_PROFILES,
         "runs": runs,
@@ -247,14 +245,7 @@ def main(argv=None) -> int:
     text = markdown(res)
     print(text)
     if not args.quick:
-        out = os.path.join(HERE, "results")
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "posthoc_ema.json"), "w") as f:
-            json.dump(res, f, indent=2)
-        with open(os.path.join(out, "posthoc_ema.md"), "w") as f:
-            f.write(text)
-        plot(res, os.path.join(out, "posthoc_ema.png"))
-        print(f"wrote {out}/posthoc_ema.{{json,md,png}}")
+        results_io.save("posthoc_ema", res, text, plot)
     return 0
 
 

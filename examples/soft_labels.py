@@ -28,14 +28,13 @@ The table is what this run measures, including where the average is not the best
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
 
 import numpy as np
+import results_io
 import torch
 import torch.nn.functional as F
 
@@ -287,7 +286,7 @@ def main(argv=None) -> int:
     runs = [run(seed, steps) for seed in seeds]
     res = {
         "command": "python examples/soft_labels.py" + (" --quick" if args.quick else ""),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": results_io.machine(),
         "args": {"steps": steps, "seeds": seeds},
         "runs": runs,
     }
@@ -295,14 +294,7 @@ def main(argv=None) -> int:
     text = markdown(res)
     print(text)
     if not args.quick:
-        out = os.path.join(HERE, "results")
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "soft_labels.json"), "w") as f:
-            json.dump(res, f, indent=1)
-        with open(os.path.join(out, "soft_labels.md"), "w") as f:
-            f.write(text)
-        plot(res, os.path.join(out, "soft_labels.png"))
-        print(f"wrote {out}/soft_labels.{{json,md,png}}")
+        results_io.save("soft_labels", res, text, plot)
     return 0
 
 
