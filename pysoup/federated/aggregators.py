@@ -11,7 +11,8 @@ How each one runs (see docs/federated.md, "Server-side aggregation"):
     streaming pass of the merge engine (the fused fp32 kernel, bit-exact by the numerical contract); the file path
     imports no torch.
   - FedAvgM and FedOpt: several outputs per element (x, and m, v or the momentum), so pysoup.federated.optimizer_step
-    walks the tensors in chunks: the fused kernel for the clients' mean, torch's fp32 elementwise ops for the rule.
+    walks the tensors in chunks: the fused kernel for the clients' mean, numpy's fp32 elementwise ops (each correctly
+    rounded) for the rule; the file path imports no torch either.
 """
 
 from __future__ import annotations
@@ -503,15 +504,17 @@ class FedAvgM(_ServerOptimizer):
         return self.momentum == 0 and self.server_lr == 1
 
     def _rule(self, r: int) -> _Rule:
-        lr, mu = to_f32(self.server_lr), to_f32(self.momentum)
+        import numpy as np
+
+        lr, mu = np.float32(to_f32(self.server_lr)), np.float32(to_f32(self.momentum))
         keep = self.momentum > 0
 
         def step(x, delta, state):
-            g = delta.neg()  # x - x_avg, exactly: rounding to nearest even is symmetric
+            g = -delta  # x - x_avg, exactly: rounding to nearest even is symmetric
             if not keep:
-                return x.sub(g.mul(lr)), {}
-            v = g if state["momentum"] is None else state["momentum"].mul(mu).add(g)
-            return x.sub(v.mul(lr)), {"momentum": v}
+                return x - g * lr, {}
+            v = g if state["momentum"] is None else state["momentum"] * mu + g
+            return x - v * lr, {"momentum": v}
 
         return _Rule(("momentum",) if keep else (), step)
 
@@ -544,27 +547,29 @@ class FedOpt(_ServerOptimizer):
         """eta' of round r (fp64; rounded to fp32 where it multiplies)."""
         return self.eta
 
-    def _second_moment(self, v, d2, ob2):
+    def _second_moment(self, v, d2, b):
+        """The new v from the old v, Delta^2 and (beta_2, 1 - beta_2) in fp32."""
         raise NotImplementedError
 
     def _rule(self, r: int) -> _Rule:
-        import torch
+        import numpy as np
 
-        eta, tau = to_f32(self.step_size(r)), to_f32(self.tau)
-        b1, ob1 = to_f32(self.beta_1), to_f32(1 - self.beta_1)
-        b2, ob2 = to_f32(self.beta_2), to_f32(1 - self.beta_2)
+        f32 = np.float32
+        eta, tau = f32(to_f32(self.step_size(r))), f32(to_f32(self.tau))
+        b1, ob1 = f32(to_f32(self.beta_1)), f32(to_f32(1 - self.beta_1))
+        b2, ob2 = f32(to_f32(self.beta_2)), f32(to_f32(1 - self.beta_2))
         with_m = "m" in self.states
 
         def step(x, delta, state):
             new = {}
             if with_m:
-                m0 = state["m"] if state["m"] is not None else torch.zeros_like(delta)
-                m = new["m"] = m0.mul(b1).add(delta.mul(ob1))
+                m0 = state["m"] if state["m"] is not None else np.zeros_like(delta)
+                m = new["m"] = m0 * b1 + delta * ob1
             else:
                 m = delta  # beta_1 = 0: m = Delta
-            v0 = state["v"] if state["v"] is not None else torch.zeros_like(delta)
-            v = new["v"] = self._second_moment(v0, delta.mul(delta), (b2, ob2))
-            return x.add(m.mul(eta).div(v.sqrt().add(tau))), new
+            v0 = state["v"] if state["v"] is not None else np.zeros_like(delta)
+            v = new["v"] = self._second_moment(v0, delta * delta, (b2, ob2))
+            return x + m * eta / (np.sqrt(v) + tau), new
 
         return _Rule(self.states, step)
 
@@ -584,7 +589,7 @@ class FedAdam(FedOpt):
 
     def _second_moment(self, v, d2, b):
         b2, ob2 = b
-        return v.mul(b2).add(d2.mul(ob2))
+        return v * b2 + d2 * ob2
 
 
 class FedYogi(FedOpt):
@@ -597,8 +602,10 @@ class FedYogi(FedOpt):
         super().__init__(eta, beta_1, beta_2, tau, state_dir=state_dir, first_round=first_round)
 
     def _second_moment(self, v, d2, b):
+        import numpy as np
+
         _, ob2 = b
-        return v.sub(d2.mul(ob2).mul(v.sub(d2).sign()))
+        return v - d2 * ob2 * np.sign(v - d2)
 
 
 class FedAdagrad(FedOpt):
@@ -616,7 +623,7 @@ class FedAdagrad(FedOpt):
         return p
 
     def _second_moment(self, v, d2, b):
-        return v.add(d2)
+        return v + d2
 
 
 __all__ = ["Aggregator", "ClientUpdate", "FedAU", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedOpt", "FedYogi"]

@@ -2,8 +2,8 @@
 written the simple way (no files, no chunks, no state kept). Tests compare the aggregators with these bit for bit.
 
 The weighted sums use pysoup.ops.reference (the numerical contract's definition: fp32 fma in input order, division
-by the fp32 sum of the weights, round to nearest even); the optimizer rules use torch's fp32 elementwise ops, each
-correctly rounded, in the order written here.
+by the fp32 sum of the weights, round to nearest even); the optimizer rules are fp32 operations, each correctly
+rounded (IEEE 754), in the order written here.
 """
 
 from __future__ import annotations
@@ -90,16 +90,38 @@ def mean_update(global_sd: dict, clients: list, weights: list, kind: str) -> dic
     return out
 
 
+def _f32_op(op, *args):
+    """One fp32 operation, correctly rounded: computed in fp64 on the fp32 operands, then rounded to fp32 (exact for
+    +, -, *, / and sqrt: fp64 has more than 2 * 24 + 2 bits). torch's own fp32 sqrt on the CPU is not always correctly
+    rounded (1 ulp off with AVX2), so the definition does not use it."""
+    import torch
+
+    return op(*[a.double() if isinstance(a, torch.Tensor) else float(a) for a in args]).float()
+
+
 def fedopt_step(
     global_sd, delta: dict, state: dict, *, method: str, params: dict, step_size: float, kind: str, clients
 ):
     """One FedAdam / FedYogi / FedAdagrad / FedAvgM step on whole tensors: (new global model, new state).
 
     `state` maps "m", "v" or "momentum" to a dict of fp32 tensors, or is empty in the first round; `params` holds
-    beta_1, beta_2, tau (FedOpt) or server_lr, momentum (FedAvgM); `step_size` is eta' (FedOpt)."""
+    beta_1, beta_2, tau (FedOpt) or server_lr, momentum (FedAvgM); `step_size` is eta' (FedOpt). Every operation is
+    one correctly rounded fp32 operation, in the order written; constants are rounded to fp32 first."""
     import torch
 
     from pysoup.ops.reference import exact_f32, round_to
+
+    def mul(a, b):
+        return _f32_op(torch.mul, a, b)
+
+    def add(a, b):
+        return _f32_op(torch.add, a, b)
+
+    def sub(a, b):
+        return _f32_op(torch.sub, a, b)
+
+    def div(a, b):
+        return _f32_op(torch.div, a, b)
 
     new_x, new_state = {}, {k: {} for k in _states(method, params)}
     for name, x0 in global_sd.items():
@@ -111,11 +133,11 @@ def fedopt_step(
             lr, mu = to_f32(params["server_lr"]), to_f32(params["momentum"])
             g = -d
             if params["momentum"] > 0:
-                v = g if not state else state["momentum"][name] * mu + g
+                v = g if not state else add(mul(state["momentum"][name], mu), g)
                 new_state["momentum"][name] = v
             else:
                 v = g
-            y = x - v * lr
+            y = sub(x, mul(v, lr))
         else:
             tau, eta = to_f32(params["tau"]), to_f32(step_size)
             zeros = torch.zeros_like(d)
@@ -123,19 +145,19 @@ def fedopt_step(
                 m = d
             else:
                 b1, ob1 = to_f32(params["beta_1"]), to_f32(1 - params["beta_1"])
-                m = (state["m"][name] if state else zeros) * b1 + d * ob1
+                m = add(mul(state["m"][name] if state else zeros, b1), mul(d, ob1))
                 new_state["m"][name] = m
             v0 = state["v"][name] if state else zeros
-            d2 = d * d
+            d2 = mul(d, d)
             ob2 = to_f32(1 - params.get("beta_2", 0.0))
             if method == "FedAdam":
-                v = v0 * to_f32(params["beta_2"]) + d2 * ob2
+                v = add(mul(v0, to_f32(params["beta_2"])), mul(d2, ob2))
             elif method == "FedYogi":
-                v = v0 - d2 * ob2 * torch.sign(v0 - d2)
+                v = sub(v0, mul(mul(d2, ob2), torch.sign(sub(v0, d2))))
             else:
-                v = v0 + d2
+                v = add(v0, d2)
             new_state["v"][name] = v
-            y = x + m * eta / (torch.sqrt(v) + tau)
+            y = add(x, div(mul(m, eta), add(_f32_op(torch.sqrt, v), tau)))
         new_x[name] = round_to(y, x0.dtype)
     return new_x, new_state
 
