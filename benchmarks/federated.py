@@ -297,10 +297,21 @@ def main(argv=None) -> int:
 
     from pysoup.bench.harness import machine, work_dir
 
-    need = (cfg["clients"] + 4) * (cfg["size_mib"] << 20)
+    size = cfg["size_mib"] << 20
+    scale_note = None
+    # Inputs on tmpfs are memory: leave 3 GiB to everyone else, scaling the number of clients down if needed.
+    fit = (mem_available() - (3 << 30)) // size - 4  # the global model and three outputs beside the clients
+    if fit < cfg["clients"]:
+        if fit < 2:
+            raise SystemExit(f"not enough free memory for 2 clients of {cfg['size_mib']} MiB; try --size-mib")
+        scale_note = f"scaled to {fit} clients (asked for {cfg['clients']}): the memory available held no more"
+        cfg["clients"] = fit
+    need = (cfg["clients"] + 4) * size
     with work_dir(need) as work:
         scratch = os.path.dirname(work)
         m = measure(cfg, work)
+    if scale_note:
+        m["notes"].insert(0, scale_note)
     report = {
         "suite": "federated",
         "machine": machine(),
