@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -179,19 +180,23 @@ def measure(cfg: dict, work: str) -> dict:
         )
     warm_page_cache([global_path, *clients])
     times = {name: [] for name in commands}
+    cpu = {name: [] for name in commands}
     rss = {name: [] for name in commands}
     for r in range(cfg["runs"]):
         for name in rotated(list(commands), r):
             sync()
+            before = _children_cpu()
             res = run_process(commands[name])
             raise_on_failure(res, name, f"{n}x{cfg['size_mib']}MiB")
             times[name].append(res["seconds"])
+            cpu[name].append(_children_cpu() - before)  # the launcher's and the command's user + system time
             rss[name].append(res["peak_rss_bytes"])
     results = {}
     for name in commands:
         s = summarize(times[name])
         results[name] = {
             "seconds": s,
+            "cpu_seconds": statistics.median(cpu[name]),
             "peak_rss_bytes": max(rss[name]),
             "gb_per_s": (input_bytes + size) / s["median"] / 1e9,
         }
@@ -213,6 +218,13 @@ def measure(cfg: dict, work: str) -> dict:
         "targets": targets,
         "notes": notes,
     }
+
+
+def _children_cpu() -> float:
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def _diff(work: str) -> float:
@@ -244,18 +256,20 @@ def markdown(report: dict) -> str:
         "",
         f"Command: `{report['command']}`",
         "",
-        f"Case: {m['case']} (global model of the same size; server_lr 1, example-count weights); inputs "
-        f"{m['input_bytes'] / 2**30:.2f} GiB on {report['scratch']}; warm page cache; contenders rotated each round; "
-        f"median of {m['runs']} runs (spread = (max - min) / median).",
+        f"Case: {m['case']} (global model of the same size; server_lr 1, example-count weights, so the new model is "
+        f"the clients' weighted mean and the global model is not read); client files {m['input_bytes'] / 2**30:.2f} "
+        f"GiB on {report['scratch']}; the I/O floor reads every client byte once and writes the output's size; warm "
+        f"page cache; contenders rotated each round; median of {m['runs']} runs (spread = (max - min) / median; CPU "
+        "seconds: user + system, median).",
         "",
-        "| contender | seconds (median) | spread | GB/s (read + written) | peak RSS | vs the I/O floor |",
-        "|---|---|---|---|---|---|",
+        "| contender | seconds (median) | spread | CPU seconds | GB/s (read + written) | peak RSS | vs the I/O floor |",
+        "|---|---|---|---|---|---|---|",
     ]
     floor = m["results"]["io_floor"]["seconds"]["median"]
     for name, r in m["results"].items():
         s = r["seconds"]
         lines.append(
-            f"| {name} | {s['median']:.3f} | {s['spread']:.0%} | {r['gb_per_s']:.2f} | "
+            f"| {name} | {s['median']:.3f} | {s['spread']:.0%} | {r['cpu_seconds']:.1f} | {r['gb_per_s']:.2f} | "
             f"{r['peak_rss_bytes'] / 2**20:.0f} MiB | {s['median'] / floor:.2f}x |"
         )
     t = m["targets"]
