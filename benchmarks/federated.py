@@ -2,9 +2,9 @@
 aggregation.
 
 The cases: 16 client models of 512 MiB each (bf16: 16 matrices of 4096 x 4096 and 16 norms), and the same at
-128 MiB, where Flower's in-memory aggregation fits beside the inputs; a global model of the same tensors; FedAvg with example counts (server_lr 1: the new model is the example-weighted mean of
-the clients, as Flower's FedAvg). Contenders, each a whole process timed by pysoup.bench.harness, which reports the
-process's own peak RSS:
+128 MiB, where Flower's in-memory aggregation fits beside the inputs; a global model of the same tensors; FedAvg
+with example counts (server_lr 1: the new model is the example-weighted mean of the clients, as Flower's FedAvg).
+Contenders, each a whole process timed by pysoup.bench.harness, which reports the process's own peak RSS:
 
   - pysoup: pysoup.federated.FedAvg().aggregate(global file, client files, out=file): streaming, bounded memory;
   - io_floor: pysoup/bench/baselines.py's floor over the same inputs: read every client byte once (mmap, two
@@ -182,6 +182,7 @@ def measure(cfg: dict, work: str) -> dict:
             f"{mem_available() / 2**30:.1f} GiB available"
         )
     warm_page_cache([global_path, *clients])
+    load_before = os.getloadavg()[0]
     times = {name: [] for name in commands}
     cpu = {name: [] for name in commands}
     rss = {name: [] for name in commands}
@@ -203,6 +204,11 @@ def measure(cfg: dict, work: str) -> dict:
             "peak_rss_bytes": max(rss[name]),
             "gb_per_s": (input_bytes + size) / s["median"] / 1e9,
         }
+    cores = len(os.sched_getaffinity(0))
+    notes.append(
+        f"load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after the runs ({cores} cores, shared "
+        "with other work): wall times follow CPU time"
+    )
     results["pysoup"]["max_abs_diff_vs_flower"] = _diff(work) if "flower_inplace" in commands else None
     floor = results["io_floor"]["seconds"]["median"]
     ratio = results["pysoup"]["seconds"]["median"] / floor
