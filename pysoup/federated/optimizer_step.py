@@ -132,7 +132,9 @@ def optimizer_step(
                 o.finish()
             for c in [global_ckpt, *clients, *opened]:
                 c.check_unchanged()
-            _commit_together([o for o in outputs if o.target is not None])
+            # The state files first: a crash between the renames leaves them a round ahead of the old model, which
+            # load_state_dict refuses (their metadata names the round), rather than a new model beside old state.
+            _commit_together([o for o in [*outputs[1:], outputs[0]] if o.target is not None])
         except BaseException:
             for o in outputs:
                 o.abort()
