@@ -6,7 +6,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 # torch is pinned to the CPU build on this machine's disk; an unpinned `torch` would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.9.0
-DEV_DEPS := numpy tqdm pyyaml pytest hypothesis safetensors scikit-build-core pybind11 ninja ruff matplotlib \
+DEV_DEPS := numpy tqdm pyyaml pytest pytest-xdist hypothesis safetensors scikit-build-core pybind11 ninja ruff matplotlib \
             scikit-learn clang-format
 # mergekit is the oracle of tests/test_mergekit.py and a benchmark baseline (pinned beside the CPU torch).
 MERGEKIT_SPEC ?= mergekit==0.1.5
@@ -42,8 +42,9 @@ install: $(VENV)/.build-stamp
 demo: install
 	$(PY) examples/demo.py
 
+# Two workers: the suite is mostly single-threaded Python, so the two cores run two tests at once.
 test: install
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n 2 --durations=15
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
