@@ -35,7 +35,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 DECAY = 0.999
 TENSORS = 500
-FULL = {"params": 100_000_000, "runs": 7, "tiny_runs": 201, "step_runs": 11, "steps_per_run": 10}
+FULL = {"params": 100_000_000, "runs": 9, "tiny_runs": 201, "step_runs": 21, "steps_per_run": 20}
 QUICK = {"params": 2_000_000, "runs": 3, "tiny_runs": 21, "step_runs": 3, "steps_per_run": 3}
 
 
@@ -499,7 +499,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a smoke run: small sizes, few runs (< 20 s)")
     p.add_argument("--gpu", action="store_true", help="the GPU suite (needs CUDA)")
-    p.add_argument("--runs", type=int, default=0, help="rounds of (a) and (b) (default 7; 3 with --quick)")
+    p.add_argument("--runs", type=int, default=0, help="rounds of (a) and (b) (default 9; 3 with --quick)")
     p.add_argument("--threads", type=int, default=2, help="CPU cores this process runs on (default 2)")
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="folder of the results (default %(default)s)")
     args = p.parse_args(argv)
