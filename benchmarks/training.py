@@ -328,7 +328,7 @@ def cpu_suite(args) -> dict:
     report = {
         "suite": "training (EMA updates)" + (" --quick" if args.quick else ""),
         "machine_line": machine_line(),
-        "command": "python benchmarks/training.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python benchmarks/training.py", *sys.argv[1:]]),
         "threads": args.threads,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "torch": torch.__version__,
@@ -460,7 +460,7 @@ def gpu_suite(args) -> dict:
     return {
         "suite": "training on the GPU (EMA overhead per step)" + (" --quick" if args.quick else ""),
         "machine_line": machine_line() + f", {torch.cuda.get_device_name()}",
-        "command": "python benchmarks/training.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python benchmarks/training.py", *sys.argv[1:]]),
         "model": f"{layers} x Linear({width}, {width}) + ReLU, {params:,} parameters (fp32), batch {batch}, "
         "bf16 autocast, MSE, SGD with momentum",
         "results": {str(k): v for k, v in results.items()},
