@@ -2,6 +2,8 @@
 
 - average.py: `EMA`, `SWA`, `WeightEnsemble` (ZSCL's running weight ensemble), on the fused multi-tensor lerp
   (pysoup.ops.MultiTensorLerp).
+- offload.py: `OffloadedEMA`, the EMA kept in (pinned) host memory, updated by a host thread from double-buffered
+  staging while training goes on.
 - experts.py: Experts Weights Averaging (feed-forward blocks as random-uniform-routed experts, the fused share
   step, `collapse_experts`).
 - posthoc.py: post-hoc EMA (EDM2): snapshots of power-function EMAs, synthesized for any sigma_rel by one streaming
@@ -15,6 +17,7 @@ use.
 """
 
 from pysoup.training.average import EMA, SWA, WeightEnsemble
+from pysoup.training.offload import OffloadedEMA
 from pysoup.training.posthoc import PostHocEMA, coefficients, fit, gamma_to_sigma_rel, sigma_rel_to_gamma, synthesize
 
 _LAZY = {
@@ -43,6 +46,7 @@ __all__ = [
     "ExpertsBlock",
     "ExpertsWeightsAveraging",
     "LightningAveragingCallback",
+    "OffloadedEMA",
     "PostHocEMA",
     "WeightEnsemble",
     "coefficients",
