@@ -17,6 +17,30 @@ from pysoup.errors import PlanError
 BUFFER_MODES = ("average", "copy")
 
 
+def averaged_tensors(model, buffers: str, dtype, label: str) -> tuple:
+    """What an average of `model` keeps, checked: ([(name, tensor)] averaged: the parameters, then the float
+    buffers under buffers="average"; [(name, buffer)] copied; the number of parameters among the averaged)."""
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise PlanError(f"{label}: expected a torch.nn.Module, got {type(model).__name__}")
+    if buffers not in BUFFER_MODES:
+        raise PlanError(f"{label}: buffers must be one of {', '.join(BUFFER_MODES)}, got {buffers!r}")
+    floats = (torch.float32, torch.float16, torch.bfloat16)
+    if dtype is not None and dtype not in floats:
+        raise PlanError(f"{label}: dtype must be torch.float32, float16 or bfloat16, got {dtype}")
+    params = list(model.named_parameters())
+    for name, p in params:
+        if p.dtype not in floats:
+            raise PlanError(f"{label}: parameter {name!r} has dtype {p.dtype}; averages need float tensors")
+    averaged_buffers = [(n, b) for n, b in model.named_buffers() if b.dtype in floats and buffers == "average"]
+    copied = [(n, b) for n, b in model.named_buffers() if (n, b) not in averaged_buffers]
+    named = params + averaged_buffers
+    if not named:
+        raise PlanError(f"{label}: the model has no float parameters or buffers to average")
+    return named, copied, len(params)
+
+
 class _Average:
     """What EMA, SWA and WeightEnsemble share: the averaged tensors bound to a model, the fused update, saving and
     resuming, and swapping the average into the model for evaluation."""
@@ -26,28 +50,13 @@ class _Average:
     def __init__(self, model, *, buffers: str = "average", dtype=None):
         import torch
 
-        if not isinstance(model, torch.nn.Module):
-            raise PlanError(f"{self.kind}: expected a torch.nn.Module, got {type(model).__name__}")
-        if buffers not in BUFFER_MODES:
-            raise PlanError(f"{self.kind}: buffers must be one of {', '.join(BUFFER_MODES)}, got {buffers!r}")
-        floats = (torch.float32, torch.float16, torch.bfloat16)
-        if dtype is not None and dtype not in floats:
-            raise PlanError(f"{self.kind}: dtype must be torch.float32, float16 or bfloat16, got {dtype}")
+        named, self._copied, self._param_count = averaged_tensors(model, buffers, dtype, type(self).__name__)
         self.buffers = buffers
         self._model = model
         from pysoup.training.sharded import Sharding, fsdp_modules
 
         for module in fsdp_modules(model):  # FSDP2 shows the shards, not all-gathered copies (after an eval forward)
             module.reshard()
-        named = list(model.named_parameters())
-        for name, p in named:
-            if p.dtype not in floats:
-                raise PlanError(f"{self.kind}: parameter {name!r} has dtype {p.dtype}; averages need float tensors")
-        averaged_buffers = [(n, b) for n, b in model.named_buffers() if b.dtype in floats and buffers == "average"]
-        self._copied = [(n, b) for n, b in model.named_buffers() if (n, b) not in averaged_buffers]
-        named += averaged_buffers
-        if not named:
-            raise PlanError(f"{self.kind}: the model has no float parameters or buffers to average")
         self.names = [n for n, _ in named]
         # DTensor parameters (FSDP2, tensor parallelism): the average holds and updates this rank's shard only
         self._sharding = Sharding.of(model, named, self.kind)
@@ -105,10 +114,18 @@ class _Average:
                     kept.copy_(b)
         except PlanError as exc:
             self.step = previous
-            moved = [n for n, t, a in zip(self.names, self._current, self._addresses) if t.data_ptr() != a]
-            why = f"{moved[0]!r} no longer holds the memory it had (was its .data replaced?)" if moved else str(exc)
-            raise PlanError(f"{self.kind}: {why}; make a new {self.kind} for a changed model") from None
+            moved = self._moved()
+            why = f"{moved!r} no longer holds the memory it had (was its .data replaced?)" if moved else str(exc)
+            raise self._changed(why) from None
         self._averaged()
+
+    def _moved(self) -> str | None:
+        """The first bound tensor whose memory is not what it was at binding (its .data replaced), or None."""
+        return next((n for n, t, a in zip(self.names, self._current, self._addresses) if t.data_ptr() != a), None)
+
+    def _changed(self, why: str) -> PlanError:
+        label = type(self).__name__
+        return PlanError(f"{label}: {why}; make a new {label} for a changed model")
 
     def _check_model(self) -> None:
         """The bound tensors still have their shape, dtype and device (the lerp checks their memory)."""

@@ -31,7 +31,7 @@ import threading
 import weakref
 
 from pysoup.errors import PlanError
-from pysoup.training.average import BUFFER_MODES, EMA, _Average
+from pysoup.training.average import EMA, _Average, averaged_tensors
 
 NAME = "OffloadedEMA"
 MIN_CHUNK_BYTES = 1 << 20
@@ -137,24 +137,9 @@ class _HostAverage(_Average):
     def __init__(self, model, *, buffers: str = "average", dtype=None):
         import torch
 
-        if not isinstance(model, torch.nn.Module):
-            raise PlanError(f"{NAME}: expected a torch.nn.Module, got {type(model).__name__}")
-        if buffers not in BUFFER_MODES:
-            raise PlanError(f"{NAME}: buffers must be one of {', '.join(BUFFER_MODES)}, got {buffers!r}")
-        floats = (torch.float32, torch.float16, torch.bfloat16)
-        if dtype is not None and dtype not in floats:
-            raise PlanError(f"{NAME}: dtype must be torch.float32, float16 or bfloat16, got {dtype}")
+        named, self._copied, self._param_count = averaged_tensors(model, buffers, dtype, NAME)
         self.buffers = buffers
         self._model = model
-        params = list(model.named_parameters())
-        for name, p in params:
-            if p.dtype not in floats:
-                raise PlanError(f"{NAME}: parameter {name!r} has dtype {p.dtype}; averages need float tensors")
-        averaged_buffers = [(n, b) for n, b in model.named_buffers() if b.dtype in floats and buffers == "average"]
-        self._copied = [(n, b) for n, b in model.named_buffers() if (n, b) not in averaged_buffers]
-        named = params + averaged_buffers
-        if not named:
-            raise PlanError(f"{NAME}: the model has no float parameters or buffers to average")
         devices = {t.device for _, t in named + self._copied}
         if len(devices) > 1 or next(iter(devices)).type not in ("cpu", "cuda"):
             raise PlanError(
@@ -170,8 +155,7 @@ class _HostAverage(_Average):
                 )
             if not t.is_contiguous():
                 raise PlanError(f"{NAME}: {name!r} is not contiguous; its memory is copied as it lies")
-        self.names = [n for n, _ in named]
-        self._param_count = len(params)  # names[:_param_count] are parameters, the rest float buffers
+        self.names = [n for n, _ in named]  # names[:_param_count] are parameters, the rest float buffers
         self._sharding = None  # _Average's DTensor support: not offloaded
         self._current = [t for _, t in named]
         self._shapes = [(t.shape, t.dtype, t.device) for t in self._current]
@@ -462,13 +446,10 @@ class OffloadedEMA(EMA, _HostAverage):
         t = self._weight()
         if t is None:
             return
-        moved = [n for n, x, a in zip(self.names, self._current, self._addresses) if x.data_ptr() != a]
+        moved = self._moved()
         if moved:
             self.step = previous
-            raise PlanError(
-                f"{NAME}: {moved[0]!r} no longer holds the memory it had (was its .data replaced?); "
-                f"make a new {NAME} for a changed model"
-            )
+            raise self._changed(f"{moved!r} no longer holds the memory it had (was its .data replaced?)")
         try:
             self._pipeline.start(t)
         except BaseException:
