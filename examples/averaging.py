@@ -25,11 +25,8 @@ The numbers are whatever this run measures, including where an average does not 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import copy
 import math
-import multiprocessing
-import resource
 import statistics
 import sys
 import time
@@ -295,15 +292,11 @@ def main(argv=None) -> int:
     if seeds == 1:
         results = [run_seed(0, epochs)]
     else:
-        torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)  # the optimizer's imports, before forking
-        fork = multiprocessing.get_context("fork")
-        with concurrent.futures.ProcessPoolExecutor(max_workers=2, mp_context=fork) as pool:
-            results = list(pool.map(run_seed, res["seeds"], [epochs] * seeds))
+        results = results_io.map_seeds(run_seed, res["seeds"], epochs)
     res["by_seed"] = [rows for rows, _ in results]
     res["curves_by_seed"] = [curves for _, curves in results]
     res["seconds"] = time.perf_counter() - start
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    res["cpu_seconds"] = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    res["cpu_seconds"] = results_io.cpu_seconds()
     text = markdown(res)
     print(text)
     if not args.quick:

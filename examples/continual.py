@@ -33,11 +33,8 @@ The numbers are whatever this run measures, including where the ensemble does no
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import copy
 import math
-import multiprocessing
-import resource
 import statistics
 import sys
 import time
@@ -293,13 +290,9 @@ def main(argv=None) -> int:
     if seeds == 1:
         res["by_seed"] = [run_seed(0, args.quick)]
     else:
-        torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])  # the optimizer's imports, before forking
-        fork = multiprocessing.get_context("fork")
-        with concurrent.futures.ProcessPoolExecutor(max_workers=2, mp_context=fork) as pool:
-            res["by_seed"] = list(pool.map(run_seed, res["seeds"], [False] * seeds))
+        res["by_seed"] = results_io.map_seeds(run_seed, res["seeds"], False)
     res["seconds"] = time.perf_counter() - start
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    res["cpu_seconds"] = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    res["cpu_seconds"] = results_io.cpu_seconds()
     text = markdown(res)
     print(text)
     if not args.quick:

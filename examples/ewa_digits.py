@@ -20,12 +20,9 @@ The numbers are whatever this run measures, including where EWA does not beat pl
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import copy
 import math
-import multiprocessing
 import os
-import resource
 import statistics
 import sys
 import time
@@ -252,17 +249,12 @@ def main(argv=None) -> int:
     if seeds == 1:
         results = [run_seed(0, epochs)]
     else:
-        # One seed per process, one process per core. Made before forking: the first optimizer's imports (~6 s).
-        torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
-        fork = multiprocessing.get_context("fork")
-        with concurrent.futures.ProcessPoolExecutor(max_workers=2, mp_context=fork) as pool:
-            results = list(pool.map(run_seed, res["seeds"], [epochs] * seeds))
+        results = results_io.map_seeds(run_seed, res["seeds"], epochs)
     res["by_seed"] = [rows for rows, _, _ in results]
     res["parameters"] = results[0][1]
     res["expert_spread_by_seed"] = [spread for _, _, spread in results]
     res["seconds"] = time.perf_counter() - start
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    res["cpu_seconds"] = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    res["cpu_seconds"] = results_io.cpu_seconds()
     text = markdown(res)
     print(text)
     if not args.quick:
