@@ -190,3 +190,28 @@ def test_nonfinite_values_warn(tmp_path, models):
     assert torch.isnan(load_file(str(tmp_path / "o.safetensors"))["lm_head.weight"][0, 0])
     proc = run_cli("merge", path, path, "-o", tmp_path / "c.safetensors")
     assert proc.returncode == 0 and "warning" in proc.stderr and "lm_head.weight" in proc.stderr
+
+
+def test_written_aux_files_and_weights_name(tmp_path):
+    """A directory output can hold generated files (a config that states the merge's dtype, an adapter config)
+    beside copied ones, and name its one weights file as PEFT does."""
+    import numpy as np
+    from safetensors.numpy import load_file as load_np
+
+    from pysoup.io.writer import write_arrays
+
+    copied = tmp_path / "tokenizer.json"
+    copied.write_text('{"v": 1}')
+    out = tmp_path / "adapter"
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    write_arrays(
+        out,
+        {"x": a},
+        {"x": "F32"},
+        aux_files=[("adapter_config.json", b'{"r": 2}\n'), str(copied)],
+        weights_name="adapter_model.safetensors",
+    )
+    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors", "tokenizer.json"]
+    assert (out / "adapter_config.json").read_bytes() == b'{"r": 2}\n'
+    assert (out / "tokenizer.json").read_text() == '{"v": 1}'
+    np.testing.assert_array_equal(load_np(str(out / "adapter_model.safetensors"))["x"], a)

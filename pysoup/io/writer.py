@@ -109,11 +109,24 @@ class OutputTarget:
         shard_size: max bytes of tensor data per shard (directory outputs only).
         metadata: the __metadata__ of every output file.
         input_files: every input file; writing over one (by path, link or bind mount) is refused.
-        aux_files: files to copy beside a directory output.
+        aux_files: files beside a directory output: a path (copied under its own name) or a (name, bytes) pair
+            (written: a config.json that states the merge's dtype, an adapter_config.json).
         durable: fsync files and directory before and after the renames.
+        weights_name: the file name of a one-shard directory output (PEFT adapters: adapter_model.safetensors).
     """
 
-    def __init__(self, out, entries, *, shard_size=None, metadata=None, input_files=(), aux_files=(), durable=False):
+    def __init__(
+        self,
+        out,
+        entries,
+        *,
+        shard_size=None,
+        metadata=None,
+        input_files=(),
+        aux_files=(),
+        durable=False,
+        weights_name=SINGLE_NAME,
+    ):
         self.out = os.path.abspath(os.fspath(out))
         self.single = self.out.endswith(".safetensors")
         if self.single and shard_size is not None:
@@ -130,7 +143,7 @@ class OutputTarget:
             if self.single:
                 path = self.out
             elif n == 1:
-                path = os.path.join(self.out, SINGLE_NAME)
+                path = os.path.join(self.out, weights_name)
             else:
                 path = os.path.join(self.out, f"model-{i + 1:05d}-of-{n:05d}.safetensors")
             self.shards.append(_lay_out_shard(path, self.layout, bounds[i], bounds[i + 1], metadata))
@@ -153,8 +166,9 @@ class OutputTarget:
     def total_bytes(self) -> int:
         return sum(s.size for s in self.shards)
 
-    def _aux_path(self, src: str) -> str:
-        return os.path.join(self.out, os.path.basename(src))
+    def _aux_path(self, src) -> str:
+        name = src[0] if isinstance(src, tuple) else os.path.basename(src)
+        return os.path.join(self.out, name)
 
     def _check_not_inputs(self, input_files) -> None:
         # By device and inode, not by path: a bind mount, a hard link or a symlink of an input is the input.
@@ -206,7 +220,8 @@ class OutputTarget:
                             raise
             for src in self.aux_files:
                 where = self._aux_path(src)
-                self._extras.append(_temp_copy(src, where))
+                written = isinstance(src, tuple)
+                self._extras.append(_temp_bytes(src[1], where) if written else _temp_copy(src, where))
             if self.index_path:
                 where = self.index_path
                 self._extras.append(_temp_bytes(self._index_bytes(), where))
@@ -488,7 +503,17 @@ class MemorySink:
         pass
 
 
-def write_arrays(out, arrays: dict, dtypes: dict, *, shard_size=None, metadata=None, buffer_bytes=16 << 20) -> list:
+def write_arrays(
+    out,
+    arrays: dict,
+    dtypes: dict,
+    *,
+    shard_size=None,
+    metadata=None,
+    buffer_bytes=16 << 20,
+    aux_files=(),
+    weights_name=SINGLE_NAME,
+) -> list:
     """Writes host arrays as a safetensors file (`out` ends in .safetensors) or a Hugging Face directory, through
     the merge's own OutputTarget: laid out up front, written to temporaries, renamed into place.
 
@@ -497,6 +522,7 @@ def write_arrays(out, arrays: dict, dtypes: dict, *, shard_size=None, metadata=N
         dtypes: {name: safetensors dtype}.
         shard_size: max tensor bytes per shard (directory outputs).
         metadata: the files' __metadata__.
+        aux_files, weights_name: as for OutputTarget (directory outputs).
 
     Returns:
         The paths written, the index last.
@@ -504,7 +530,9 @@ def write_arrays(out, arrays: dict, dtypes: dict, *, shard_size=None, metadata=N
     import numpy as np  # not at the top: a file merge imports neither numpy nor torch
 
     entries = [(name, dtypes[name], tuple(a.shape)) for name, a in arrays.items()]
-    target = OutputTarget(out, entries, shard_size=shard_size, metadata=metadata)
+    target = OutputTarget(
+        out, entries, shard_size=shard_size, metadata=metadata, aux_files=aux_files, weights_name=weights_name
+    )
     with target.streaming(buffer_bytes) as sink:
         for k in range(len(target.layout)):
             a = np.ascontiguousarray(arrays[target.layout.name(k)])
