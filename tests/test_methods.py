@@ -66,6 +66,14 @@ def test_ties_threshold_ties_broken_by_index():
     assert got == [1, 1, 1, 0, 0, 0]
 
 
+def test_ties_keeps_floor_of_density_times_numel():
+    """k = max(1, floor(density * numel)) as mergekit and PEFT: 10 entries at density 0.25 keep 2 (rounding kept 3);
+    density 0.01 still keeps one."""
+    tau = [10, 9, 8, 7, 6, 5, 4, 3, 2, 1]
+    assert merge_vectors("ties", [tau], base=[0] * 10, params={"density": 0.25}) == [10, 9] + [0] * 8
+    assert merge_vectors("ties", [tau], base=[0] * 10, params={"density": 0.01}) == [10] + [0] * 9
+
+
 @pytest.mark.parametrize("threads", [1, 2], ids=id_formatter("threads"))
 def test_ties_tie_quota_across_blocks_and_threads(threads):
     """200k equal magnitudes, keep 70001: exactly the first 70001 by index, whatever the threads or chunks."""

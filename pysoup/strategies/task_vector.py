@@ -34,8 +34,9 @@ def keep_below(density: float) -> int:
 
 
 def top_k(density: float, numel: int) -> int:
-    """How many entries TIES keeps: round(density * numel), at least one of a non-empty tensor (as mergekit)."""
-    return 0 if numel == 0 else max(1, min(numel, int(math.floor(density * numel + 0.5))))
+    """How many entries TIES keeps: floor(density * numel) (the fp64 product), at least one of a non-empty tensor, as
+    mergekit 0.1.5 (`max(1, int(density * numel))`) and PEFT's magnitude prune."""
+    return 0 if numel == 0 else max(1, min(numel, int(math.floor(density * numel))))
 
 
 @dataclass(frozen=True)
