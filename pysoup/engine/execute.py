@@ -125,9 +125,10 @@ def _reduce(plan, k, backend):
     op = plan.kind(k).op
     view = _TaskView(plan, k)
     state = op.begin(backend, view.name, view.total)
+    step = CHUNK_ELEMENTS - CHUNK_ELEMENTS % op.chunk_align
     for pass_ in range(op.reduce_passes(backend)):
-        for e in range(0, view.total, CHUNK_ELEMENTS):
-            op.reduce(backend, view.chunk(e, min(CHUNK_ELEMENTS, view.total - e)), state, pass_)
+        for e in range(0, view.total, step):
+            op.reduce(backend, view.chunk(e, min(step, view.total - e)), state, pass_)
         op.end_pass(state, pass_)
     return state
 
@@ -144,6 +145,8 @@ def _combine(plan, k, sink, backend, bar, state) -> int:
         room = sink.available() // osize
         if room < n and room >= chunk_elems // 4:
             n = room  # top up the current buffer rather than flushing it part-empty
+        if n < view.total - e and op.chunk_align > 1:  # whole rows per chunk (fewer than a row: no top-up)
+            n = n - n % op.chunk_align or min(view.total - e, chunk_elems - chunk_elems % op.chunk_align)
         chunk = view.chunk(e, n)
         chunk.out = sink.reserve(n * osize)
         nonfinite += op.combine(backend, chunk, state)

@@ -307,7 +307,8 @@ class _TensorPlanner:
         if op is None:
             name = self.names[k] if self.names else self.table.name(k)
             t = self.positions.t(name) if self.positions is not None else 0.0
-            ctx = TensorContext(name, t, numel, self.model_settings, self.settings, self.num_models)
+            shape = tuple(self.table.shape(k))
+            ctx = TensorContext(name, t, numel, self.model_settings, self.settings, self.num_models, shape)
             op = self.strategy.plan_tensor(ctx)
             if context is not None:
                 self._ops[context] = op

@@ -14,7 +14,16 @@ import importlib.util
 
 from pysoup.dtypes import SAFETENSORS_SIZES, f32_sum, to_f32, to_torch
 from pysoup.ops import register_backend
-from pysoup.ops.table import Backend, Chunk, MaskedSumMode, Moments, RadixTopK
+from pysoup.ops.table import (
+    SPARSE_STATS,
+    Backend,
+    Chunk,
+    MaskedSumMode,
+    Moments,
+    RadixTopK,
+    SparseMix,
+    SparseSelect,
+)
 
 
 def exact_f32(x):
@@ -282,6 +291,172 @@ def masked_sum(xs, weights, mode: MaskedSumMode, center=0.0, scale=1.0):
     return fma_f32(scale, acc / total - to_f32(center), torch.full_like(acc, to_f32(center)))
 
 
+# -- sparsified task vectors: Breadcrumbs, DELLA, SCE, RAM (pysoup.strategies.sparsify) -------------------------
+def _in_top(bits, thr: int, quota: int) -> tuple:
+    """(mask of the entries among the top: bits > thr, and ties (bits == thr) first in index order while `quota`
+    lasts (< 0: every tie), the quota left)."""
+    import torch
+
+    keep = bits > thr
+    tie = bits == thr
+    if quota < 0:
+        return keep | tie, quota
+    rank = torch.cumsum(tie.to(torch.int64), 0)
+    return keep | (tie & (rank <= quota)), max(0, quota - int(tie.sum()))
+
+
+def variance(taus):
+    """The population variance across the models of each entry, as torch.var(dim=0, unbiased=False) computes it on
+    the CPU: Welford's update in fp64 over the fp32 task vectors in input order, then rounded to fp32."""
+    import torch
+
+    mean = torch.zeros(taus[0].shape, dtype=torch.float64, device=taus[0].device)
+    m2 = torch.zeros_like(mean)
+    for j, t in enumerate(taus):
+        d = t.double()
+        delta = d - mean
+        mean = mean + delta / float(j + 1)
+        m2 = m2 + delta * (d - mean)
+    return (m2 / float(len(taus))).float()
+
+
+def rank_keep_below(bits, p) -> object:
+    """DELLA's per-entry keep thresholds for Philox words: round(prob * 2^32) (at most 2^32 - 1), with prob =
+    fp32(density - epsilon) + fp32(fp32(2 rank / (row - 1)) * fp32(epsilon)) as mergekit computes it in fp32; rank
+    is the entry's 0-based position in its row by |tau| ascending, ties in index order. bits: [rows, row, stride]."""
+    import torch
+
+    order = torch.sort(bits, dim=1, stable=True).indices
+    ranks = torch.empty_like(order)
+    positions = torch.arange(bits.shape[1], dtype=order.dtype).view(1, -1, 1).expand_as(order)
+    ranks.scatter_(1, order, positions)
+    rn = ranks.float() / torch.full(ranks.shape, float(bits.shape[1] - 1), dtype=torch.float32)
+    return rn, ranks
+
+
+def _rank_masks(t, p, i: int, start: int):
+    import torch
+
+    bits = _f32_bits(t).view(-1, p.row, p.stride)
+    rn, _ = rank_keep_below(bits, p)
+    rn = rn.reshape(-1)
+    prob = (rn * 2.0) * torch.full_like(rn, p.eps[i]) + torch.full_like(rn, p.lo[i])
+    below = torch.floor(prob.double() * 2.0**32 + 0.5).clamp(max=2.0**32 - 1).to(torch.int64)
+    idx = torch.arange(start, start + t.numel(), dtype=torch.int64)
+    return philox_words(p.keys[i], idx) < below
+
+
+def sparse_masks(xs, base, p, start: int, quota):
+    """(base in fp32, the task vectors tau_i = x_i - base, per model the mask of kept entries or None for all, the
+    quotas left) of SparseParams p over tensors."""
+    b = exact_f32(base)
+    taus = [exact_f32(x) - b for x in xs]
+    k = len(taus)
+    quota = list(quota)
+    masks = [None] * k
+    if p.select == SparseSelect.BAND:
+        for i, t in enumerate(taus):
+            bits = _f32_bits(t)
+            top, quota[i] = _in_top(bits, p.keep_bits[i], quota[i])
+            skipped, quota[k + i] = _in_top(bits, p.skip_bits[i], quota[k + i])
+            masks[i] = top & ~skipped
+    elif p.select == SparseSelect.RANK:
+        for i, t in enumerate(taus):
+            if p.drops[i]:
+                masks[i] = _rank_masks(t, p, i, start)
+    elif p.select == SparseSelect.SHARED:
+        shared, quota[0] = _in_top(_f32_bits(variance(taus)), p.keep_bits[0], quota[0])
+        masks = [shared] * k
+    return b, taus, masks, quota
+
+
+def _kept(t, mask, scale=None):
+    import torch
+
+    if mask is not None:
+        t = torch.where(mask, t, torch.zeros_like(t))
+    if scale is not None and scale != 1.0:
+        t = t * torch.full_like(t, scale)
+    return t
+
+
+def sparse_task_vector_combine(xs, base, p, start: int, quota) -> tuple:
+    """The sparsified task-vector op over tensors (the definition the kernels reproduce): (fp32 result, quotas
+    left)."""
+    import torch
+
+    b, taus, masks, quota = sparse_masks(xs, base, p, start, quota)
+    scales = p.scale or (1.0,) * len(taus)
+    taus = [_kept(t, m, s) for t, m, s in zip(taus, masks, scales)]
+    mix = torch.full_like(b, -0.0)
+    if p.mix == SparseMix.RAM:
+        eps = torch.full_like(b, p.epsilon)
+        nz = [t.abs() > eps for t in taus]
+        count = sum(m.to(torch.int32) for m in nz).float()
+        for w, t, m in zip(p.weights, taus, nz):
+            term = torch.where(count == 1, t * torch.full_like(t, w), t / torch.where(count > 0, count, 1.0))
+            mix = torch.where(m, mix + term, mix)
+        return b + mix, quota
+    if p.mix in (SparseMix.TIES, SparseMix.SCE):
+        s = torch.full_like(b, -0.0)
+        for w, t in zip(p.weights, taus):
+            s = fma_f32(w, t, s) if p.mix == SparseMix.TIES else s + t
+        positive = s >= 0
+        div = torch.zeros_like(b)
+        for w, t in zip(p.weights, taus):
+            agree = torch.where(positive, t > 0, t < 0)
+            mix = torch.where(agree, fma_f32(w, t, mix), mix)
+            div = torch.where(agree, div + to_f32(w), div)
+        if p.mix == SparseMix.SCE:
+            return b + mix / torch.clamp(div, min=to_f32(1e-6)), quota
+        if p.normalize:
+            mix = mix / torch.where(div == 0, torch.ones_like(div), div)
+    else:
+        for w, t in zip(p.weights, taus):
+            mix = fma_f32(w, t, mix)
+        if p.normalize:
+            mix = mix / torch.full_like(mix, f32_sum(p.weights))
+    return fma_f32(p.lam, mix, b), quota
+
+
+def sparse_stats(xs, base, p, start: int, quota, acc: list) -> tuple:
+    """acc plus SPARSE_STATS fp64 totals per model over tensors (sums as `moments` adds them): sum |tau_i|, sum
+    |kept tau_i|, sum kept tau_i^2 (before any rescale), and RAM's counts of the entries that model i changes by more
+    than epsilon together with another model (#shared) and alone (#unique). Returns (totals, quotas left)."""
+    import torch
+
+    b, taus, masks, quota = sparse_masks(xs, base, p, start, quota)
+    n = b.numel()
+    rows = torch.zeros((SPARSE_STATS * len(taus), n + -n % STAT_BLOCK), dtype=torch.float64)
+    eps = torch.full_like(b, p.epsilon)
+    nz = [t.abs() > eps for t in taus]
+    count = sum(m.to(torch.int32) for m in nz)
+    for i, (t, m) in enumerate(zip(taus, masks)):
+        kept = _kept(t, m).double()
+        r = SPARSE_STATS * i
+        rows[r, :n] = t.double().abs()
+        rows[r + 1, :n] = kept.abs()
+        rows[r + 2, :n] = kept * kept
+        rows[r + 3, :n] = (nz[i] & (count > 1)).double()
+        rows[r + 4, :n] = (nz[i] & (count == 1)).double()
+    out = []
+    for total, row in zip(acc, rows):
+        seq = torch.cat([torch.tensor([total], dtype=torch.float64), lane_block_sums(row)])
+        out.append(float(torch.cumsum(seq, 0)[-1]))
+    return out, quota
+
+
+def sparse_task_vector_raw(chunk: Chunk, p, quota) -> tuple:
+    xs = views(chunk)
+    result, quota = sparse_task_vector_combine(xs[:-1], xs[-1], p, chunk.start, quota)
+    return store(chunk.out, chunk.n, chunk.out_dtype, round_to(result, to_torch(chunk.out_dtype))), quota
+
+
+def sparse_stats_raw(chunk: Chunk, p, quota, acc) -> tuple:
+    xs = views(chunk)
+    return sparse_stats(xs[:-1], xs[-1], p, chunk.start, quota, acc)
+
+
 class TorchRadixTopK(RadixTopK):
     """RadixTopK counted with torch.bincount and searched with torch (the device backend counts on its device)."""
 
@@ -318,6 +493,40 @@ class TorchRadixTopK(RadixTopK):
 
     def _clear(self):
         self._hist.zero_()
+
+
+class TorchVarianceTopK(TorchRadixTopK):
+    """SCE's selection: RadixTopK over the fp32 bits of each entry's variance across the models (`variance`), keeping
+    trunc(fp32(fp32(#nonzero variances) * fp32(density))) entries: mergekit multiplies the count tensor by the density
+    in fp32."""
+
+    def __init__(self, density: float):
+        super().__init__([0])
+        self.density = density
+        self._zeros = self._numel = 0
+
+    def _bincount(self, xs, pass_, hist):
+        import torch
+
+        b = exact_f32(xs[-1])
+        bits = _f32_bits(variance([exact_f32(x) - b for x in xs[:-1]]))
+        if pass_ == 0:
+            self._zeros += int((bits == 0).sum())
+            self._numel += bits.numel()
+            binned = bits >> 16
+        else:
+            binned = bits[(bits >> 16) == self._prefix[0]] & 0xFFFF
+        hist[: self.BINS] += torch.bincount(binned, minlength=self.BINS)
+
+    def finish(self, pass_):
+        if pass_ == 0:
+            self.keep = [variance_keep(self._numel - self._zeros, self.density)]
+        super().finish(pass_)
+
+
+def variance_keep(nonzero: int, density: float) -> int:
+    """int(nonzero * density) with mergekit's fp32 arithmetic (a count tensor times a Python float)."""
+    return int(to_f32(to_f32(nonzero) * to_f32(density)))
 
 
 @register_backend

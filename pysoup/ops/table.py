@@ -80,6 +80,55 @@ class TaskVectorParams:
     trim_bits: tuple = ()
 
 
+class SparseSelect(enum.IntEnum):
+    """Which entries of each task vector tau_i = x_i - base the sparsified task-vector op keeps (kernel codes)."""
+
+    ALL = 0  # every entry
+    BAND = 1  # per model, the entries ranked [skip, keep) by |tau_i| (descending, ties in index order): Breadcrumbs
+    RANK = 2  # per model, a Bernoulli draw whose probability grows with |tau_i|'s rank in its row: DELLA's MagPrune
+    SHARED = 3  # one mask for every model: the entries whose variance across the models ranks < keep: SCE
+
+
+class SparseMix(enum.IntEnum):
+    """How the sparsified task-vector op mixes the kept entries (kernel codes)."""
+
+    SUM = 0  # base + lambda * sum_i w_i tau_i (divided by sum_i w_i under normalize)
+    TIES = 1  # TIES: sign of sum_i w_i tau_i elected, agreeing entries mixed, divided by their weights (0 -> 1)
+    SCE = 2  # SCE: sign of sum_i tau_i elected, base + sum_agree w_i tau_i / max(sum_agree w_i, 1e-6)
+    RAM = 3  # RAM: c = #{i : |tau_i| > epsilon}; base + sum over those of (c == 1 ? w_i tau_i : tau_i / c)
+
+
+@dataclass(frozen=True)
+class SparseParams:
+    """The sparsified task-vector op (Breadcrumbs, DELLA, SCE, RAM) besides the data. Selections whose ties are
+    kept in index order take their quotas separately (they change from chunk to chunk)."""
+
+    select: SparseSelect
+    mix: SparseMix
+    weights: tuple  # fp32 per model: the mixing weights (RAM: each model's factor for the entries only it changes)
+    lam: float = 1.0
+    normalize: bool = False
+    scale: tuple = ()  # fp32 per model: l1 rescale of the kept entries; () for none
+    keep_bits: tuple = ()  # BAND: per model, fp32 bits of the keep-th largest |tau_i|; SHARED: (bits of the variance,)
+    skip_bits: tuple = ()  # BAND: per model, fp32 bits of the skip-th largest |tau_i| (0xFFFFFFFF: skip none)
+    keys: tuple = ()  # RANK: per model, the Philox key of its draws
+    lo: tuple = ()  # RANK: per model, fp32 density - epsilon (the probability of the smallest entry of a row)
+    eps: tuple = ()  # RANK: per model, fp32 epsilon (the probabilities span lo .. lo + 2 epsilon)
+    drops: tuple = ()  # RANK: per model, whether it is sparsified at all (density < 1)
+    row: int = 1  # RANK: entries per row (the tensor's dimension 1; a 1-D tensor is one row)
+    stride: int = 1  # RANK: distance between a row's entries (the product of the dimensions after 1)
+    epsilon: float = 0.0  # RAM: fp32 threshold on |tau_i|
+
+    @property
+    def quotas(self) -> int:
+        """How many tie quotas the selection takes (BAND: keep then skip per model; SHARED: one)."""
+        k = len(self.weights)
+        return 2 * k if self.select == SparseSelect.BAND else 1 if self.select == SparseSelect.SHARED else 0
+
+
+SPARSE_STATS = 5  # per model: sum |tau_i|, sum |kept tau_i|, sum kept tau_i^2, #shared, #unique (RAM)
+
+
 class MaskedSumMode(enum.IntEnum):
     """What `masked_sum` computes (the values are the kernels' codes)."""
 
@@ -284,6 +333,29 @@ class Backend:
     def sparse_scan_raw(self, chunk: Chunk) -> tuple:
         """(first index where the inputs' zero patterns differ, or -1; zeros in the first input)."""
         raise NotImplementedError(f"the {self.name} backend has no sparse_scan_raw")
+
+    def sparse_task_vector_raw(self, chunk: Chunk, p: SparseParams, quota: list) -> tuple:
+        """base + the mix of the sparsified task vectors over one chunk (see SparseParams; a RANK chunk holds whole
+        rows). Returns (non-finite count, the quotas left). Backends without a kernel run the reference's, on the
+        CPU through torch."""
+        from pysoup.ops import reference
+
+        return reference.sparse_task_vector_raw(chunk, p, quota)
+
+    def sparse_stats_raw(self, chunk: Chunk, p: SparseParams, quota: list, acc: list) -> tuple:
+        """acc (SPARSE_STATS fp64 totals per model) plus this chunk's, summed as moments_raw sums; returns
+        (totals, the quotas left). Backends without a kernel run the reference's."""
+        from pysoup.ops import reference
+
+        return reference.sparse_stats_raw(chunk, p, quota, acc)
+
+    def variance_selector(self, density: float) -> TopKSelector:
+        """A TopKSelector over the fp32 variance across the models of each entry (sources: the models, then the
+        base), keeping trunc(fp32(#nonzero variances * density)) entries, as SCE does. Backends without a kernel run
+        the reference's."""
+        from pysoup.ops import reference
+
+        return reference.TorchVarianceTopK(density)
 
     def moments_raw(self, chunk: Chunk, acc: Moments) -> Moments:
         """acc plus the statistics of one chunk (fp64, summed block by block in index order: the result does not

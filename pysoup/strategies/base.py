@@ -20,6 +20,9 @@ class TensorContext:
     model_settings: list  # per non-base model: {param: setting}
     settings: dict  # global {param: setting}
     num_models: int
+    # The tensor's shape, for the row- and column-wise methods (model_stock filter_wise, nuslerp unflattened, Arcee
+    # Fusion). Such strategies plan every tensor on its own (plans_by_name), so the op cache never mixes shapes.
+    shape: tuple = ()
 
     def param(self, key: str, default=None):
         value = resolve(self.settings.get(key, default), self.name, self.t)

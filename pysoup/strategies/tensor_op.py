@@ -23,6 +23,9 @@ class TensorOp:
     verify_first = False
     # One-pass ops that implement combine_batch: the engine hands them runs of small tensors as one Batch.
     batchable = False
+    # Elements every chunk but a tensor's last holds a multiple of (ops that work on whole rows, e.g. DELLA's ranks);
+    # at most the engine's chunk.
+    chunk_align = 1
 
     def reduce_passes(self, backend: Backend) -> int:
         return 0
