@@ -34,6 +34,8 @@ def merge(
     threads=None,
     shard_size=None,
     progress=None,
+    lora=None,
+    lora_rank=None,
     durable=False,
 ):
     """Merges checkpoints of one architecture into one.
@@ -55,6 +57,12 @@ def merge(
         threads: CPU threads for the kernels (default: all cores this process may use).
         shard_size: max tensor bytes per shard for directory outputs ("5GB", "500MiB" or an int).
         progress: show a progress bar (default: when stderr is a terminal).
+        lora: how to merge PEFT LoRA adapter directories given as inputs (required for them): "delta" (the exact
+            combination of their updates ΔWᵢ = sᵢBᵢAᵢ, refactored by concatenation, or by truncated SVD when
+            `lora_rank` is given) or "factors" (A and B combined separately). The result is an adapter directory;
+            the report a pysoup.lora.AdapterMergeReport (docs/lora.md). Fold adapters into a model with
+            pysoup.lora.fold.
+        lora_rank: the merged adapter's rank in "delta" mode (truncated SVD); default: concatenation, exact.
         durable: fsync the output before renaming it into place.
 
     Returns:
@@ -80,6 +88,10 @@ def merge(
     be = _backend_for(backend, device, threads)
     if out is not None and os.fspath(out) == "":
         raise PlanError("empty output path")
+    if lora is not None or any(_is_adapter(p) for p in inputs):
+        return _merge_adapters(
+            inputs, out, lora, lora_rank, strategy, weights, base, params, model_params, dtype, backend
+        )
 
     opened = []
     with cleanup_on_termination():  # SIGTERM / SIGHUP clean up like Ctrl-C
@@ -148,6 +160,35 @@ def _backend_for(backend, device, threads):
     if device is not None:
         return get_backend("triton", device, threads)
     return get_backend(backend, None, threads)
+
+
+def _is_adapter(source) -> bool:
+    from pysoup.lora.adapter import is_adapter_dir
+
+    return isinstance(source, (str, os.PathLike)) and is_adapter_dir(source)
+
+
+def _merge_adapters(inputs, out, lora, lora_rank, strategy, weights, base, params, model_params, dtype, backend):
+    """merge() of PEFT adapter directories: pysoup.lora.merge_adapters, in the mode the caller chose."""
+    from pysoup.lora import merge_adapters
+
+    # directories go to open_adapter, which says what is wrong with them; anything else is not an adapter
+    not_adapters = [p for p in inputs if not (isinstance(p, (str, os.PathLike)) and os.path.isdir(p))]
+    if lora is None:
+        first = next(p for p in inputs if _is_adapter(p))
+        raise PlanError(
+            f'{first}: is a PEFT LoRA adapter; choose how adapters merge: lora="delta" (exact; --lora-mode delta) '
+            'or lora="factors" (A and B separately; --lora-mode factors), see docs/lora.md'
+        )
+    if not_adapters:
+        raise PlanError(f"{not_adapters[0]}: not a PEFT adapter directory (lora={lora!r} merges adapters only)")
+    if base is not None or model_params is not None:
+        raise PlanError("adapter merges take no base model or per-model parameters (the base of a ΔW is zero)")
+    refactor = "svd" if lora_rank is not None else "concat"
+    return merge_adapters(
+        inputs, out, mode=lora, weights=weights, strategy=strategy, params=params, refactor=refactor,
+        rank=lora_rank, dtype=dtype, backend=backend,
+    )  # fmt: skip
 
 
 def open(path):  # noqa: A001 - the public name mirrors safetensors' safe_open

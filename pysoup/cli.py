@@ -79,7 +79,33 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--fsync", action="store_true", help="fsync the output before renaming it into place")
     m.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
     m.add_argument("--json", action="store_true", help="print the report as JSON")
+    m.add_argument(
+        "--lora",
+        action="append",
+        metavar="ADAPTER",
+        help="fold a PEFT LoRA adapter directory into the one input model, out of core (repeatable): "
+        "W + sum w_i s_i B_i A_i",
+    )
+    m.add_argument("--lora-weights", help="one weight per --lora adapter, comma-separated (default 1 each)")
+    m.add_argument(
+        "--lora-mode",
+        choices=["delta", "factors"],
+        help="the inputs are LoRA adapters: delta (exact sum of their updates) or factors (A and B separately)",
+    )
+    m.add_argument(
+        "--lora-rank", type=int, help="delta mode: the merged adapter's rank by truncated SVD (default: concat)"
+    )
     m.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    x = sub.add_parser("extract-lora", help="extract a LoRA adapter from a fine-tuned model and its base (SVD)")
+    x.add_argument("finetuned", help="the fine-tuned model (safetensors file or Hugging Face directory)")
+    x.add_argument("base", help="its base model")
+    x.add_argument("-o", "--output", required=True, metavar="ADAPTER", help="the adapter directory to write")
+    x.add_argument("--rank", type=int, required=True, help="rank per module (at most min(rows, cols))")
+    x.add_argument("--modules", help="module-name suffixes to extract, comma-separated (default: every 2-D weight)")
+    x.add_argument("--dtype", help="the factors' dtype (default: the fine-tuned weights')")
+    x.add_argument("--json", action="store_true", help="print the report as JSON")
+    x.add_argument("--debug", action="store_true", help="show tracebacks")
 
     i = sub.add_parser("inspect", help="list a checkpoint's tensors")
     i.add_argument("path")
@@ -140,6 +166,9 @@ def _merge_arguments(args) -> dict:
 def _cmd_merge(args) -> int:
     import pysoup
 
+    if args.lora or args.lora_weights or args.lora_mode or args.lora_rank is not None or _adapter_inputs(args):
+        return _cmd_lora_merge(args)
+
     report = pysoup.merge(
         out=args.output,
         backend=args.backend,
@@ -166,6 +195,82 @@ def _cmd_merge(args) -> int:
             f"backend {report.backend}{'/' + report.cpu_isa if report.cpu_isa else ''}"
             + (f" on {report.device}" if report.backend == "triton" else f", {report.threads} threads")
         )
+    return 0
+
+
+def _adapter_inputs(args) -> bool:
+    from pysoup.lora.adapter import is_adapter_dir
+
+    return any(is_adapter_dir(p) for p in args.inputs)
+
+
+def _cmd_lora_merge(args) -> int:
+    """merge with --lora (fold adapters into the one input model) or with adapter inputs (--lora-mode)."""
+    import pysoup.lora
+
+    if args.config:
+        raise SoupError("--lora options and --config do not mix (a config states model+lora itself)")
+    for flag, given in (("--base", args.base), ("--device", args.device), ("--threads", args.threads)):
+        if given:
+            raise SoupError(f"{flag} does not apply to LoRA merges")
+    if args.lora:
+        if args.lora_mode or args.lora_rank is not None:
+            raise SoupError("--lora folds adapters into a model; --lora-mode/--lora-rank merge adapter inputs")
+        if len(args.inputs) != 1:
+            raise SoupError(f"--lora folds adapters into one base model, got {len(args.inputs)} inputs")
+        if args.weights or args.param or args.dtype or args.strategy != "linear":
+            raise SoupError(
+                "folding takes --lora-weights (one per adapter); --weights/--param/--dtype/--strategy are for merges"
+            )
+        report = pysoup.lora.fold(
+            args.inputs[0], args.lora, args.output, weights=_parse_weights(args.lora_weights),
+            shard_size=args.shard_size, durable=args.fsync,
+        )  # fmt: skip
+        summary = f"folded {len(args.lora)} adapter(s) into {len(report.folded)} weights -> {', '.join(report.outputs)}"
+    else:
+        if args.lora_weights:
+            raise SoupError("--lora-weights goes with --lora; adapter merges take --weights")
+        if args.shard_size:
+            raise SoupError("an adapter merge writes one adapter_model.safetensors: --shard-size does not apply")
+        import pysoup
+
+        report = pysoup.merge(
+            args.inputs, args.output, strategy=args.strategy, weights=_parse_weights(args.weights),
+            params=_parse_params(args.param), dtype=args.dtype, backend=args.backend, lora=args.lora_mode,
+            lora_rank=args.lora_rank,
+        )  # fmt: skip
+        summary = f"merged {len(args.inputs)} adapters ({args.lora_mode}, {report.strategy}) -> {report.outputs[0]}"
+    _print_lora_report(args, report, summary)
+    return 0
+
+
+def _print_lora_report(args, report, summary: str) -> None:
+    if args.json:
+        from dataclasses import asdict
+
+        print(json.dumps(asdict(report), indent=2))
+        return
+    from pysoup.io.units import format_bytes
+
+    print(summary)
+    for note in getattr(report, "notes", []):
+        print(note)
+    print(f"{report.seconds:.2f} s; peak RSS {format_bytes(report.peak_rss_bytes)}")
+
+
+def _cmd_extract_lora(args) -> int:
+    import pysoup.lora
+
+    if args.rest:
+        raise SoupError(f"unrecognized arguments: {' '.join(args.rest)}")
+    modules = [m for m in args.modules.split(",") if m] if args.modules else None
+    report = pysoup.lora.extract_lora(
+        args.finetuned, args.base, args.output, rank=args.rank, modules=modules, dtype=args.dtype
+    )
+    summary = f"extracted {len(report.ranks)} modules (rank <= {args.rank}) -> {report.outputs[0]}"
+    if report.modules_to_save:
+        summary += f"; modules_to_save: {', '.join(report.modules_to_save)}"
+    _print_lora_report(args, report, summary)
     return 0
 
 
@@ -260,6 +365,7 @@ def _run(argv) -> int:
     warnings.showwarning = show_warning
     try:
         commands = {"merge": _cmd_merge, "inspect": _cmd_inspect, "info": _cmd_info, "bench": _cmd_bench}
+        commands["extract-lora"] = _cmd_extract_lora
         return commands[args.command](args)
     except (SoupError, ValueError, KeyError, OSError) as exc:
         if args.debug:

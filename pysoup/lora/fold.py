@@ -1,0 +1,289 @@
+"""Folding LoRA adapters into a base model, out of core: W' = W + Σ wᵢsᵢBᵢAᵢ for every adapted weight, every other
+tensor copied, streamed from the base checkpoint into the output files.
+
+Each adapted weight is computed in row blocks of at most FOLD_BLOCK_BYTES of fp32: the block of W is read from
+the base's mapped window and widened to fp32 exactly, the block of ΔW is one BLAS GEMM (numpy's OpenBLAS sgemm:
+[rows, Σr] @ [Σr, cols]), their sum is rounded once to the base's dtype straight into the output buffer. The
+adapters' factors are read per tensor with pread. Memory is the output buffers, one window of the base, one
+block and one tensor's factors: it does not grow with the model. Torch is never imported (its import alone is
+~220 MiB resident); numpy's is ~25 MiB.
+
+Why numpy's BLAS rather than a C++ kernel: the GEMM is [rows, r] @ [r, cols] with r ≤ a few hundred, which
+OpenBLAS runs at ~40-100 GFLOP/s on one core, so a rank-64 fold costs ~2·64 FLOP per weight element, a
+few ms per MiB of bf16 weights: well under the I/O. (benchmarks/results/lora.md has the measurement.)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+from pysoup.dtypes import SAFETENSORS_SIZES
+from pysoup.engine.report import peak_rss_bytes
+from pysoup.errors import PlanError
+from pysoup.lora.adapter import LoraAdapter, from_f32, np_dtype, open_adapter, to_f32
+
+# fp32 bytes of W per block: 4 MiB keeps the block, its ΔW and the widened copy in L2/L3-friendly pieces, and
+# far below the 16 MiB input window and output buffer.
+FOLD_BLOCK_BYTES = 4 << 20
+# Bytes per copy step for tensors that are copied unchanged (within one mapped window of the base).
+COPY_BYTES = 8 << 20
+_FLOAT = ("F32", "F16", "BF16")
+
+
+@dataclass
+class FoldReport:
+    """What a fold did.
+
+    Attributes:
+        seconds: wall time (open, check, stream, commit).
+        bytes_read: tensor bytes read from the base and the adapters.
+        bytes_written: bytes of every output file.
+        peak_rss_bytes: the process's peak resident memory.
+        outputs: paths written, the index last.
+        tensors: tensors in the output.
+        folded: {weight name: number of adapters folded into it}.
+        replaced: weight names replaced by adapter copies (modules_to_save, saved base layers).
+    """
+
+    seconds: float
+    bytes_read: int
+    bytes_written: int
+    peak_rss_bytes: int
+    outputs: list
+    tensors: int
+    folded: dict = field(default_factory=dict)
+    replaced: list = field(default_factory=list)
+
+
+def fold(base, adapters, out, *, weights=None, shard_size=None, durable=False) -> FoldReport:
+    """Folds LoRA adapters into a base checkpoint: the output is the base with W + Σ wᵢsᵢBᵢAᵢ for every adapted
+    weight (computed in fp32, rounded once to the base's dtype), modules_to_save copies in place of the base's
+    (their weighted average, weights normalized, when several adapters hold one), every other tensor copied byte
+    for byte, and the base's config and tokenizer files beside a directory output. What PEFT's
+    `merge_and_unload()` gives, without loading the model.
+
+    Args:
+        base: the base model: a safetensors file or a Hugging Face directory.
+        adapters: PEFT LoRA adapter directories (or open LoraAdapters).
+        out: a .safetensors path or a directory (sharded like save_pretrained).
+        weights: one number per adapter (default 1 each: the adapters' updates add up, as in PEFT).
+        shard_size: max tensor bytes per shard of a directory output.
+        durable: fsync the output before renaming it into place.
+
+    Returns:
+        A FoldReport.
+
+    Example:
+        >>> fold("llama/", ["adapter/"], "merged/")  # doctest: +SKIP
+        >>> fold("llama/", ["math/", "code/"], "merged/", weights=[0.5, 0.5])  # doctest: +SKIP
+    """
+    from pysoup.engine.execute import OUTPUT_BUFFER_BYTES
+    from pysoup.io.checkpoint import open_checkpoint
+    from pysoup.io.signals import cleanup_on_termination
+    from pysoup.io.units import parse_size
+    from pysoup.io.writer import OutputTarget
+
+    start = time.perf_counter()
+    if isinstance(adapters, (str, os.PathLike, LoraAdapter)):
+        adapters = [adapters]
+    adapters = list(adapters)
+    if not adapters:
+        raise PlanError("fold needs at least one adapter")
+    weights = _weights(weights, len(adapters))
+    if shard_size is not None:
+        shard_size = parse_size(shard_size)
+    if out is None or os.fspath(out) == "":
+        raise PlanError("fold needs an output path")
+    opened, base_ckpt = [], None
+    with cleanup_on_termination():
+        try:
+            for a in adapters:
+                opened.append(a if isinstance(a, LoraAdapter) else open_adapter(a))
+            base_ckpt = open_checkpoint(base)
+            plan = _plan(base_ckpt, opened, weights)
+            table = base_ckpt.table
+            entries = [(table.name(i), table.dtype(i), table.shape(i)) for i in range(len(table))]
+            target = OutputTarget(
+                out,
+                entries,
+                shard_size=shard_size,
+                metadata={"format": "pt"},
+                input_files=list(base_ckpt.files) + [f for ad in opened for f in ad.files],
+                aux_files=base_ckpt.aux_files(),
+                durable=durable,
+            )
+            with target.streaming(OUTPUT_BUFFER_BYTES) as sink:
+                for k in range(len(target.layout)):
+                    name = target.layout.name(k)
+                    sink.begin_tensor(k)
+                    _write_tensor(base_ckpt, table.find(name), plan.get(name), sink)
+                sink.finish()
+                base_ckpt.check_unchanged()  # a base rewritten while we read it: nothing is committed
+            adapter_bytes = sum(ad.reader.file_size for ad in opened)
+            return FoldReport(
+                seconds=time.perf_counter() - start,
+                bytes_read=sum(table.nbytes(i) for i in range(len(table))) + adapter_bytes,
+                bytes_written=target.total_bytes,
+                peak_rss_bytes=peak_rss_bytes(),
+                outputs=target.paths,
+                tensors=len(table),
+                folded={n: len(p.terms) for n, p in plan.items() if p.terms},
+                replaced=sorted(n for n, p in plan.items() if p.sources),
+            )
+        finally:
+            if base_ckpt is not None:
+                base_ckpt.close()
+            for ad, given in zip(opened, adapters):
+                if ad is not given:
+                    ad.close()
+
+
+@dataclass
+class _TensorFold:
+    """What one output tensor becomes: its rows taken from `sources` (adapter copies, (weight, adapter, key)) or
+    from the base when there are none, plus the terms (wᵢ, adapter, module) of ΔW."""
+
+    sources: list = field(default_factory=list)
+    terms: list = field(default_factory=list)
+
+
+def _weights(weights, n: int) -> list:
+    if weights is None:
+        return [1.0] * n
+    weights = list(weights)
+    if len(weights) != n:
+        raise PlanError(f"{len(weights)} adapter weights for {n} adapters")
+    for w in weights:
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise PlanError(f"adapter weights must be finite numbers, got {w!r}")
+    return [float(w) for w in weights]
+
+
+def _plan(base, adapters: list, weights: list) -> dict:
+    """{tensor name: _TensorFold}, every adapter module and copy checked against the base (one-line errors naming
+    the adapter and the module)."""
+    plan = {}
+    for w, ad in zip(weights, adapters):
+        for m in ad.modules.values():
+            info = _base_info(base, ad, m.weight_name, f"module {m.name!r}")
+            if tuple(info.shape) != tuple(m.weight_shape):
+                raise PlanError(
+                    f"{ad.path}: module {m.name!r} adapts a {list(m.weight_shape)} weight but the base's "
+                    f"{m.weight_name!r} is {list(info.shape)} (another base model, or fan_in_fan_out set wrongly?)"
+                )
+            plan.setdefault(m.weight_name, _TensorFold()).terms.append((w, ad, m))
+        for copies, what in ((ad.whole, "modules_to_save"), (ad.base_copies, "saved base layer")):
+            for name, key in copies.items():
+                info = _base_info(base, ad, name, f"{what} {name!r}")
+                mine = ad.reader.infos[key].shape
+                if tuple(mine) != tuple(info.shape):
+                    raise PlanError(f"{ad.path}: {what} {name!r} is {list(mine)} but the base's is {list(info.shape)}")
+                plan.setdefault(name, _TensorFold()).sources.append((w, ad, key))
+    for name, p in plan.items():
+        if len(p.sources) > 1:
+            total = sum(w for w, _, _ in p.sources)
+            if total == 0:
+                raise PlanError(f"{name!r}: the adapters' weights sum to 0, so their copies cannot be averaged")
+            p.sources = [(w / total, ad, key) for w, ad, key in p.sources]
+        elif p.sources:
+            p.sources = [(1.0, p.sources[0][1], p.sources[0][2])]
+    return plan
+
+
+def _base_info(base, ad, name: str, what: str):
+    row = base.table.find(name)
+    if row < 0:
+        raise PlanError(f"{ad.path}: {what}: the base {base.name} has no tensor {name!r} (another base model?)")
+    info = base.infos[name]
+    if base.table.dtype(row) not in _FLOAT:
+        raise PlanError(f"{ad.path}: {what}: the base's {name!r} is {base.table.dtype(row)}, not a float weight")
+    return info
+
+
+def _write_tensor(base, row: int, fold_plan, sink) -> None:
+    table = base.table
+    nbytes = table.nbytes(row)
+    if fold_plan is None:
+        _copy(base, row, sink, nbytes)
+        return
+    import numpy as np
+
+    dtype = table.dtype(row)
+    shape = tuple(table.shape(row))
+    rows_n, cols = shape[0], int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    left, right = _gemm_factors(fold_plan.terms)
+    step = max(1, FOLD_BLOCK_BYTES // (4 * cols))
+    size = SAFETENSORS_SIZES[dtype]
+    begin = table.begin(row)
+    delta = np.empty((min(step, rows_n), cols), dtype=np.float32) if left is not None else None
+    for r0 in range(0, rows_n, step):
+        r1 = min(rows_n, r0 + step)
+        n = r1 - r0
+        if fold_plan.sources:
+            acc = _source_rows(fold_plan.sources, r0, r1, cols)
+        else:
+            lo, hi = begin + r0 * cols * size, begin + r1 * cols * size
+            raw = np.frombuffer((ctypes.c_char * (hi - lo)).from_address(base.address_at(row, lo, hi)), np_dtype(dtype))
+            acc = to_f32(raw, dtype).reshape(n, cols)
+        if left is not None:
+            np.matmul(left[r0:r1], right, out=delta[:n])
+            acc += delta[:n]
+        out_bytes = n * cols * size
+        view = np.frombuffer((ctypes.c_char * out_bytes).from_address(sink.reserve(out_bytes)), np_dtype(dtype))
+        from_f32(acc.reshape(-1), dtype, out=view)
+        sink.advance(out_bytes)
+        sink.flush_if_full()
+
+
+def _gemm_factors(terms) -> tuple:
+    """(L, R) with ΔW (in the base weight's layout) = L @ R, over every adapter's module: L = [w₁s₁B₁ | ...],
+    R = [A₁; ...] for a linear weight; for a transposed one (embeddings, fan_in_fan_out) L = [A₁ᵀ | ...],
+    R = [w₁s₁B₁ᵀ; ...]."""
+    import numpy as np
+
+    if not terms:
+        return None, None
+    lefts, rights = [], []
+    for w, ad, m in terms:
+        a, b = ad.factors(m.name)
+        b *= np.float32(w * m.scaling)
+        if m.transposed:
+            lefts.append(a.T)
+            rights.append(b.T)
+        else:
+            lefts.append(b)
+            rights.append(a)
+    return np.ascontiguousarray(np.concatenate(lefts, axis=1)), np.ascontiguousarray(np.concatenate(rights, axis=0))
+
+
+def _source_rows(sources, r0: int, r1: int, cols: int):
+    """Rows [r0, r1) of the weighted average of adapter copies, in fp32, read with pread."""
+    import numpy as np
+
+    acc = None
+    for w, ad, key in sources:
+        info = ad.reader.infos[key]
+        size = SAFETENSORS_SIZES[info.dtype]
+        lo = info.begin + r0 * cols * size
+        data = os.pread(ad.reader._fd, (r1 - r0) * cols * size, lo)
+        vals = to_f32(np.frombuffer(data, np_dtype(info.dtype)), info.dtype).reshape(r1 - r0, cols)
+        if w != 1.0:
+            vals = vals * np.float32(w)
+        acc = vals if acc is None else acc + vals
+    return acc
+
+
+def _copy(base, row: int, sink, nbytes: int) -> None:
+    begin = base.table.begin(row)
+    pos = 0
+    while pos < nbytes:
+        n = min(COPY_BYTES, sink.capacity, nbytes - pos)
+        src = base.address_at(row, begin + pos, begin + pos + n)
+        ctypes.memmove(sink.reserve(n), src, n)
+        sink.advance(n)
+        sink.flush_if_full()
+        pos += n
