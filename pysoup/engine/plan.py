@@ -152,7 +152,15 @@ def _normalize_settings(strategy, weights, params, model_params, num_models):
 
 
 def build_plan(
-    strategy, models: list, base=None, *, weights=None, params=None, model_params=None, out_dtype=None
+    strategy,
+    models: list,
+    base=None,
+    *,
+    weights=None,
+    params=None,
+    model_params=None,
+    out_dtype=None,
+    layer_positions=None,
 ) -> MergePlan:
     """Checks the inputs against each other and the strategy, and plans every output tensor.
 
@@ -164,6 +172,8 @@ def build_plan(
         params: {parameter: setting} for the strategy (per-model parameters given here apply to every model).
         model_params: one {parameter: setting} per model, for per-model parameters (density, weight).
         out_dtype: safetensors dtype of the merged float tensors, or None for each tensor's first input's.
+        layer_positions: an object whose t(name) is each tensor's position in [0, 1] for gradients (a mergekit
+            slice's own numbering), or None for LayerPositions over the reference's names.
     """
     if not models:
         raise PlanError("no input models given")
@@ -178,7 +188,7 @@ def build_plan(
     ref_rows = _check_keys(inputs)  # input i's row of each reference tensor (None: the reference itself)
     table = reference.table
     n = len(table)
-    planner = _TensorPlanner(strategy, settings, model_settings, len(models), table)
+    planner = _TensorPlanner(strategy, settings, model_settings, len(models), table, layer_positions)
 
     # The first tensor (in the reference's order) whose shape differs in some input: raised when the loop gets there,
     # so that errors come in the same order as when every tensor was checked in turn.
@@ -274,7 +284,7 @@ class _TensorPlanner:
     through its parameters' filters (Strategy.plans_by_name false) gets one call per (element count, layer position
     where a gradient needs it, filters that match), so 10^6 expert tensors cost a few calls, not 10^6 at ~10 us."""
 
-    def __init__(self, strategy, settings, model_settings, num_models, table):
+    def __init__(self, strategy, settings, model_settings, num_models, table, positions=None):
         self.strategy, self.settings, self.model_settings = strategy, settings, model_settings
         self.num_models, self.table = num_models, table
         declared: set = set()
@@ -285,7 +295,9 @@ class _TensorPlanner:
         self.per_tensor = getattr(strategy, "plans_by_name", True)
         self.gradients = any(_has_gradient(v) for s in [settings, *model_settings] for v in s.values())
         self.names = table.names() if self.filters or self.gradients or self.per_tensor else ()
-        self.positions = LayerPositions(self.names) if self.gradients or self.per_tensor else None
+        self.positions = None
+        if self.gradients or self.per_tensor:
+            self.positions = positions if positions is not None else LayerPositions(self.names)
         # The context is the element count alone: the planner's loop asks nothing per tensor.
         self.plain = not (self.per_tensor or self.filters or self.gradients)
         self._ops: dict = {}

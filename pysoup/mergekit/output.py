@@ -1,0 +1,50 @@
+"""The files beside a config merge's weights: the donor model's (mergekit's: base_model, else the first model)
+config, tokenizer and other non-weight files, with a config.json that states what the merge changed: the dtype of
+the merged weights (`dtype`, and `torch_dtype` where the donor's file has that older key, as transformers 5 reads
+both) and, for slices, the layer count."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+
+from pysoup.mergekit.slices import _LAYER_KEYS, read_model_config
+
+_TORCH_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def donor_path(spec) -> str:
+    return spec.base_model if spec.base_model is not None else spec.groups[0].models[0].model
+
+
+def merged_dtype(plan):
+    """The dtype of the merged float tensors (the most common one), as transformers names it; None if none."""
+    counts = Counter(plan.layout.dtype(k) for k in range(len(plan.layout)))
+    floats = [(n, d) for d, n in counts.items() if d in _TORCH_NAMES]
+    return _TORCH_NAMES[max(floats)[1]] if floats else None
+
+
+def config_json(spec, plan, donor_config: dict, layers: dict) -> bytes:
+    """The output's config.json: the donor's, with the merge's dtype and layer count."""
+    cfg = dict(donor_config)
+    dtype = merged_dtype(plan)
+    if dtype is not None:
+        cfg["dtype"] = dtype
+        if "torch_dtype" in cfg:
+            cfg["torch_dtype"] = dtype
+    if spec.layered and "total" in layers:
+        key = next((k for k in _LAYER_KEYS if isinstance(cfg.get(k), int)), "num_hidden_layers")
+        cfg[key] = layers["total"]
+    # As transformers' PretrainedConfig.to_json_string writes it.
+    return (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode()
+
+
+def output_files(spec, plan, checkpoint, layers) -> list:
+    """aux_files for OutputTarget: the donor's non-weight files, config.json rewritten."""
+    donor = checkpoint(donor_path(spec))
+    files = [f for f in donor.aux_files() if os.path.basename(f) != "config.json"]
+    cfg = read_model_config(donor)
+    if cfg:
+        files.append(("config.json", config_json(spec, plan, cfg, layers)))
+    return files

@@ -1,0 +1,195 @@
+"""The merge a mergekit config describes: open its models, plan each group (the whole model, or one output slice)
+with its pysoup strategy, run the plans as one through the engine, and write beside the weights a config.json that
+states what the merge changed (dtype, layer count, vocabulary size) and, when the config asks, a tokenizer."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from pysoup.engine.execute import OUTPUT_BUFFER_BYTES, execute
+from pysoup.engine.plan import Kind, MergePlan, build_plan
+from pysoup.engine.report import MergeReport, peak_rss_bytes
+from pysoup.errors import PlanError
+from pysoup.io.checkpoint import open_checkpoint
+from pysoup.io.signals import cleanup_on_termination
+from pysoup.io.units import parse_size
+from pysoup.io.writer import MemorySink, OutputTarget
+from pysoup.mergekit.config import MergeSpec, load_config
+
+
+def merge_config(
+    config,
+    out=None,
+    *,
+    backend="auto",
+    device=None,
+    threads=None,
+    shard_size=None,
+    progress=None,
+    durable=False,
+    dtype=None,
+    params=None,
+    weights=None,
+    base=None,
+):
+    """Runs a mergekit config: what `pysoup merge --config` does.
+
+    Args:
+        config: a YAML path or a MergeSpec from load_config.
+        out: a directory (mergekit's output: weights, config.json, tokenizer), a .safetensors file, or None for a
+            dict of torch tensors.
+        backend, device, threads, shard_size, progress, durable: as for pysoup.merge.
+        dtype: overrides the config's output dtype.
+        params: strategy parameters that override the config's shared ones, in every group.
+        weights: one weight per model of a `models:` config, overriding the config's.
+        base: another base model for a `models:` config.
+
+    Returns:
+        A MergeReport, or the merged tensors (dict) when `out` is None.
+
+    Example:
+        >>> merge_config("soup.yaml", "soup/")  # doctest: +SKIP
+    """
+    from pysoup.api import _backend_for
+    from pysoup.dtypes import parse_dtype
+    from pysoup.ops.cpu import default_threads
+    from pysoup.strategies import get_strategy
+
+    start = time.perf_counter()
+    spec = config if isinstance(config, MergeSpec) else load_config(os.fspath(config))
+    strategy = get_strategy(spec.strategy)
+    out_dtype = parse_dtype(dtype or spec.dtype)
+    if shard_size is not None:
+        shard_size = parse_size(shard_size)
+    threads = int(threads) if threads else default_threads()
+    if threads < 1:
+        raise PlanError(f"threads must be positive, got {threads}")
+    if (weights is not None or base is not None) and spec.layered:
+        raise PlanError(f"{spec.path}: --weights and --base apply to `models:` configs, not to slices or modules")
+    be = _backend_for(backend, device, threads)
+    if out is not None and os.fspath(out) == "":
+        raise PlanError("empty output path")
+
+    opened: dict = {}  # model path -> its Checkpoint, opened once
+
+    def checkpoint(path):
+        if path not in opened:
+            opened[path] = open_checkpoint(path, len(opened))
+        return opened[path]
+
+    with cleanup_on_termination():
+        try:
+            from pysoup.mergekit.slices import GroupInputs
+
+            plans = []
+            layers = GroupInputs.numbering(spec, checkpoint)
+            for g in spec.groups:
+                inputs = GroupInputs(spec, g, checkpoint, layers)
+                group_base = base if base is not None else None
+                base_ckpt = checkpoint(group_base) if group_base is not None else inputs.base
+                plans.append(
+                    build_plan(
+                        strategy,
+                        inputs.models,
+                        base_ckpt,
+                        weights=weights,
+                        params={**g.params, **(params or {})},
+                        model_params=g.model_params,
+                        out_dtype=out_dtype,
+                        layer_positions=inputs.positions,
+                    )
+                )
+            plan = combine_plans(plans)
+            if out is None:
+                sink = MemorySink(plan.entries)
+                with be.activate():
+                    execute(plan, sink, be, progress)
+                return {name: sink.tensors[name] for name in plan.layout.names()}
+
+            from pysoup.mergekit.output import output_files
+
+            aux = output_files(spec, plan, checkpoint, layers)
+            target = OutputTarget(
+                out,
+                plan.entries,
+                shard_size=shard_size,
+                metadata={"format": "pt"},
+                input_files=[f for c in opened.values() for f in c.files],
+                aux_files=aux,
+                durable=durable,
+            )
+            with target.streaming(OUTPUT_BUFFER_BYTES) as sink, be.activate():
+                nonfinite, (stats, notes) = execute(plan, sink, be, progress)
+            return MergeReport(
+                seconds=time.perf_counter() - start,
+                bytes_read=plan.bytes_to_read,
+                bytes_written=target.total_bytes,
+                peak_rss_bytes=peak_rss_bytes(),
+                outputs=target.paths,
+                strategy=strategy.name,
+                **be.describe(),
+                threads=threads,
+                tensors=len(plan),
+                nonfinite_tensors=nonfinite,
+                stats=stats,
+                notes=notes,
+            )
+        finally:
+            for c in opened.values():
+                c.close()
+
+
+def combine_plans(plans: list) -> MergePlan:
+    """One plan that runs several: every group's inputs side by side, each group's kinds reading its own inputs, the
+    output tensors of all in one layout (the safetensors package's order). A name two groups produce is an error.
+    Input i's row of an output tensor it does not feed is 0, never read (the engine reads only a kind's sources)."""
+    from array import array
+
+    from pysoup.io.table import DTYPE_CODE, TensorTable, rows
+
+    if len(plans) == 1:
+        return plans[0]
+    inputs, kinds, offsets, kind_offsets = [], [], [], []
+    for p in plans:
+        offsets.append(len(inputs))
+        kind_offsets.append(len(kinds))
+        inputs += p.inputs
+        kinds += [Kind(k.op, tuple(i + offsets[-1] for i in k.sources), k.dtypes) for k in p.kinds]
+    names, dtypes, shapes, owner = [], [], [], []  # owner: (plan, its output tensor)
+    seen: dict = {}
+    for j, p in enumerate(plans):
+        t = p.layout
+        for k in range(len(t)):
+            name = t.name(k)
+            if name in seen:
+                raise PlanError(f"output tensor {name!r} comes from two slices ({seen[name] + 1} and {j + 1})")
+            seen[name] = j
+            names.append(name)
+            dtypes.append(t.dtype(k))
+            shapes.append(list(t.shape(k)))
+            owner.append((j, k))
+    n = len(names)
+    table = TensorTable.from_entries(names, dtypes, shapes, [0] * n, [0] * n, [])
+    codes = bytes(DTYPE_CODE[d] for d in dtypes)
+    order_bytes = table.canonical_order(codes)
+    layout, order = table.permuted(order_bytes, codes), rows(order_bytes)
+    plan_rows = [array("i", bytes(4 * n)) for _ in inputs]
+    kind_of = array("I", bytes(4 * n))
+    views = [[rows(r) for r in p.rows] for p in plans]
+    for pos, src in enumerate(order):
+        j, k = owner[src]
+        p = plans[j]
+        kind_of[pos] = p.kind_of[k] + kind_offsets[j]
+        for i in range(len(p.inputs)):
+            plan_rows[offsets[j] + i][pos] = views[j][i][k]
+    return MergePlan(
+        inputs,
+        layout,
+        [r.tobytes() for r in plan_rows],
+        kinds,
+        kind_of,
+        plans[0].strategy,
+        None,
+        sum(p.bytes_to_read for p in plans),
+    )

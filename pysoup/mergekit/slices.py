@@ -1,0 +1,203 @@
+"""Slices and layer stacking (mergekit's `slices:`): which input tensor becomes which output tensor.
+
+A tensor belongs to a layer when its name holds a layer-stack component and an index (`model.layers.N.`,
+`transformer.h.N.`, `blocks.N.`, ...: pysoup.strategies.params.layer_index); the stack's layer count is the
+model's config.json `num_hidden_layers` (`n_layer`, `num_layers`), or the names' when there is no config.json.
+Output slice s takes layers [start, stop) of each of its sources and becomes output layers [offset_s, offset_s +
+stop - start), offset_s the layers of the slices before it: the names are renumbered. As in mergekit 0.1.5 (plan.py),
+the tensors outside the layers are merged from the first slice's sources when they come before the layers
+(embeddings) and from the last slice's when they come after (final norm, LM head); a name pysoup cannot place
+either way is an error naming the tensor, never a silent copy.
+
+Each source of a slice is a view of its checkpoint (the same files and readers, a table with the output's names),
+so the planner and the engine see an ordinary merge of whole checkpoints per slice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+from pysoup.errors import PlanError
+from pysoup.io.checkpoint import FileCheckpoint
+from pysoup.io.table import TensorTable
+from pysoup.strategies.params import _LAYER, layer_index
+
+# Tensors outside the layer stack: before it (embeddings) or after it (final norm, LM head, classifier head).
+_PRE = re.compile(r"(?:^|[._])(?:embed\w*|wte|wpe|tok_embeddings|word_embeddings|position_embeddings)(?:\.|$)")
+_POST = re.compile(r"(?:^|[._])(?:norm|final_layernorm|final_layer_norm|ln_f|lm_head|score|head|output)(?:\.|$)")
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+def num_layers_of(config: dict):
+    """The layer count a model's config.json states, or None."""
+    for key in _LAYER_KEYS:
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
+
+
+def read_model_config(ckpt) -> dict:
+    """config.json of a model directory ({} for a file or a directory without one)."""
+    if ckpt.directory is None:
+        return {}
+    path = os.path.join(ckpt.directory, "config.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise PlanError(f"{path}: cannot read ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise PlanError(f"{path}: not a JSON object")
+    return cfg
+
+
+def place(name: str):
+    """("layer", index), ("pre", None) or ("post", None); None when pysoup cannot place the tensor."""
+    i = layer_index(name)
+    if i is not None:
+        return "layer", i
+    if _PRE.search(name):
+        return "pre", None
+    if _POST.search(name):
+        return "post", None
+    return None
+
+
+def renamed(name: str, index: int) -> str:
+    """The name with its layer index replaced: renamed('model.layers.3.mlp.w', 7) -> 'model.layers.7.mlp.w'."""
+    m = _LAYER.search(name)
+    return name[: m.start(1)] + str(index) + name[m.end(1) :]
+
+
+class SlicePositions:
+    """t of each output tensor of one slice: i / (n - 1) over the slice's n layers (1 when n = 1), 0 outside the
+    layers, as mergekit 0.1.5's plan_slice."""
+
+    def __init__(self, offset: int, count: int):
+        self.offset, self.count = offset, count
+
+    def t(self, name: str) -> float:
+        i = layer_index(name)
+        if i is None:
+            return 0.0
+        return (i - self.offset) / (self.count - 1) if self.count > 1 else 1.0
+
+
+class _Layers:
+    """Each model's tensors sorted into pre, layers and post, checked once per model."""
+
+    def __init__(self, ckpt):
+        self.ckpt = ckpt
+        names = ckpt.table.names()
+        self.pre, self.post, self.layer = [], [], {}  # rows; layer: index -> rows
+        prefixes = set()
+        for row, name in enumerate(names):
+            where = place(name)
+            if where is None:
+                raise PlanError(
+                    f"{ckpt.name}: tensor {name!r} is neither in a layer nor an embedding, norm or head: pysoup cannot "
+                    "place it in a slice merge"
+                )
+            kind, i = where
+            if kind == "layer":
+                self.layer.setdefault(i, []).append(row)
+                prefixes.add(name[: _LAYER.search(name).start(1)])
+            else:
+                (self.pre if kind == "pre" else self.post).append(row)
+        if len(prefixes) > 1:
+            raise PlanError(
+                f"{ckpt.name}: more than one layer stack ({', '.join(sorted(prefixes))}): slices need one (mergekit "
+                "needs `modules:` here, which pysoup reads for one module only)"
+            )
+        stated = num_layers_of(read_model_config(ckpt))
+        self.count = stated if stated is not None else (max(self.layer) + 1 if self.layer else 0)
+        beyond = [i for i in self.layer if i >= self.count]
+        if beyond:
+            row = self.layer[min(beyond)][0]
+            raise PlanError(
+                f"{ckpt.name}: tensor {names[row]!r} is in layer {min(beyond)}, but config.json states "
+                f"{self.count} layers"
+            )
+
+    def view(self, rows_and_names: list) -> FileCheckpoint:
+        t = self.ckpt.table
+        cols = ([], [], [], [], [], [])
+        for row, name in rows_and_names:
+            _, dtype, shape, begin, end = t.info(row)
+            for col, v in zip(cols, (name, dtype, list(shape), begin, end, t.group(row))):
+                col.append(v)
+        table = TensorTable.from_entries(*cols)
+        return FileCheckpoint(self.ckpt.name, self.ckpt._readers, table, directory=self.ckpt.directory)
+
+
+class GroupInputs:
+    """The checkpoints one group's plan takes: the models and the base, as opened (a `models:` config) or as views
+    with the output's layer names (slices)."""
+
+    def __init__(self, spec, group, checkpoint, numbering):
+        self.positions = None
+        if not spec.layered:
+            self.models = [checkpoint(s.model) for s in group.models]
+            self.base = checkpoint(group.base.model) if group.base is not None else None
+            return
+        offset, count, first, last = numbering[id(group)]
+        self.positions = SlicePositions(offset, count)
+
+        def view(source):
+            layers = numbering["layers"](source.model)
+            a, b = source.layer_range
+            if b > layers.count:
+                raise PlanError(
+                    f"{spec.path}: layer_range {list(source.layer_range)} of {source.model!r} goes past its "
+                    f"{layers.count} layers"
+                )
+            picks = []
+            if first:
+                picks += [(r, layers.ckpt.table.name(r)) for r in layers.pre]
+            for i in range(a, b):
+                if i not in layers.layer:
+                    raise PlanError(f"{source.model}: no tensor of layer {i} (layer_range {list(source.layer_range)})")
+                picks += [(r, renamed(layers.ckpt.table.name(r), offset + i - a)) for r in layers.layer[i]]
+            if last:
+                picks += [(r, layers.ckpt.table.name(r)) for r in layers.post]
+            if not picks:
+                raise PlanError(f"{spec.path}: slice of {source.model!r} holds no tensor")
+            return layers.view(picks)
+
+        self.models = [view(s) for s in group.models]
+        self.base = view(group.base) if group.base is not None else None
+
+    @staticmethod
+    def numbering(spec, checkpoint) -> dict:
+        """Per group: (first output layer, layer count, holds the pre tensors, holds the post tensors); "layers":
+        model path -> its _Layers; "total": output layers."""
+        out: dict = {}
+        if not spec.layered:
+            return out
+        modules = {g.module for g in spec.groups}
+        if len(modules) > 1:
+            raise PlanError(f"{spec.path}: pysoup reads `modules:` with one module only, got {sorted(modules)}")
+        cache: dict = {}
+
+        def layers(path):
+            if path not in cache:
+                cache[path] = _Layers(checkpoint(path))
+            return cache[path]
+
+        offset = 0
+        for j, g in enumerate(spec.groups):
+            src = g.models[0]
+            count = src.layer_range[1] - src.layer_range[0] if src.layer_range is not None else None
+            if count is None:  # a module's `models:`: every layer
+                count = layers(src.model).count
+                for s in g.models + ([g.base] if g.base is not None else []):
+                    s.layer_range = (0, layers(s.model).count)
+            out[id(g)] = (offset, count, j == 0, j == len(spec.groups) - 1)
+            offset += count
+        out["layers"] = layers
+        out["total"] = offset
+        return out

@@ -1,0 +1,356 @@
+"""mergekit 0.1.5 configs, read as mergekit reads them: tiny models written by transformers (Llama, GPT-2), the same
+YAML file run by mergekit (in process, computing in fp32) and by `pysoup merge --config`, every tensor compared; the
+output loaded with transformers and run forward; malformed configs one-line errors.
+
+Linear, passthrough and slice stacking are bit-identical to mergekit (the same fp32 sum, rounded once). TIES and
+task arithmetic agree within fp32 rounding: mergekit multiplies w * tau then divides by the weights' sum, pysoup's
+fused kernel rounds the mix once and adds it with one fma.
+"""
+
+import json
+import os
+import warnings
+
+import pytest
+import torch
+import yaml
+from helpers.cli import run_cli
+from safetensors.torch import load_file
+
+from pysoup.errors import PlanError
+from pysoup.mergekit import ConfigWarning, load_config
+from pysoup.mergekit.run import merge_config
+
+mergekit = pytest.importorskip("mergekit.merge")
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.mergekit
+
+LAYERS = 4
+
+
+def _save(model, path):
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """A base and three fine-tunes (base + small noise) of a 4-layer Llama, fp32, untied LM head."""
+    root = tmp_path_factory.mktemp("llama")
+    cfg = transformers.LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(cfg)
+    paths = [_save(base, root / "base")]
+    for i in range(3):
+        torch.manual_seed(i + 1)
+        with torch.no_grad():
+            for p in base.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        paths.append(_save(base, root / f"ft{i}"))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gpt2")
+    cfg = transformers.GPT2Config(vocab_size=80, n_positions=32, n_embd=32, n_layer=3, n_head=4)
+    paths = []
+    for i in range(2):
+        torch.manual_seed(10 + i)
+        paths.append(_save(transformers.GPT2LMHeadModel(cfg), root / f"g{i}"))
+    return paths
+
+
+def write(tmp_path, cfg, name="soup.yaml"):
+    p = tmp_path / name
+    p.write_text(cfg if isinstance(cfg, str) else yaml.safe_dump(cfg))
+    return str(p)
+
+
+def run_mergekit(path, out):
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    with open(path) as f:
+        cfg = MergeConfiguration.model_validate(yaml.safe_load(f))
+    run_merge(cfg, str(out), MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False))
+    return _tensors(out)
+
+
+def _tensors(out):
+    got = {}
+    for f in sorted(os.listdir(out)):
+        if f.endswith(".safetensors"):
+            got.update(load_file(os.path.join(out, f)))
+    return got
+
+
+def run_both(tmp_path, cfg):
+    """(mergekit's tensors, pysoup's tensors, the config path) for one config; pysoup through the CLI."""
+    path = write(tmp_path, cfg)
+    mk = run_mergekit(path, tmp_path / "mk")
+    run_cli("merge", "--config", path, "-o", tmp_path / "ps", check=True)
+    ours = _tensors(tmp_path / "ps")
+    assert set(ours) == set(mk), set(ours) ^ set(mk)
+    return mk, ours, path
+
+
+def assert_bitwise(mk, ours):
+    for k in mk:
+        assert mk[k].dtype == ours[k].dtype and torch.equal(mk[k], ours[k]), k
+
+
+def assert_fp32_close(mk, ours):
+    for k in mk:
+        torch.testing.assert_close(ours[k], mk[k], rtol=2e-6, atol=2e-6, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def forward(out):
+    """Loads the output with transformers (its config.json's dtype) and runs a forward pass."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out))
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 5, 7, 2]])).logits
+    assert torch.isfinite(logits.float()).all()
+    return model
+
+
+# -- items 1-4: precedence, filters, numbers ------------------------------------------------------------------------
+
+
+def test_top_level_parameters_are_every_models_default(tmp_path, llama):
+    """A model without its own weight takes the top-level one (mergekit's precedence), bit for bit."""
+    _, a, b, c = llama
+    cfg = {
+        "merge_method": "linear",
+        "dtype": "float32",
+        "parameters": {"weight": 0.5},
+        "models": [{"model": a, "parameters": {"weight": 0.2}}, {"model": b}, {"model": c}],
+    }
+    mk, ours, path = run_both(tmp_path, cfg)
+    assert [m["weight"] for m in load_config(path).model_params] == [0.2, 0.5, 0.5]
+    assert_bitwise(mk, ours)
+
+
+def test_filter_list_without_fallback_falls_through(tmp_path, llama):
+    """density [{filter: mlp, value: 0.3}] on a model and density 0.7 at the top: non-mlp tensors get 0.7."""
+    base, a, b, _ = llama
+    cfg = {
+        "merge_method": "ties",
+        "base_model": base,
+        "dtype": "float32",
+        "parameters": {"density": 0.7, "weight": 0.5},
+        "models": [{"model": a, "parameters": {"density": [{"filter": "mlp", "value": 0.3}]}}, {"model": b}],
+    }
+    mk, ours, path = run_both(tmp_path, cfg)
+    spec = load_config(path)
+    assert spec.model_params[0]["density"] == [{"filter": "mlp", "value": 0.3}, {"value": 0.7}]
+    assert_fp32_close(mk, ours)
+
+
+def test_scalar_filter_entry_and_numbers_written_as_strings(tmp_path, llama):
+    """YAML 1.1 reads 2e-1 and 1e-0 as strings; a filter entry may stand alone. mergekit accepts both."""
+    base, a, b, _ = llama
+    text = f"""
+merge_method: ties
+base_model: {base}
+dtype: float32
+parameters:
+  lambda: 8e-1
+  density: {{filter: self_attn, value: 5e-1}}
+models:
+  - model: {a}
+    parameters: {{weight: 2e-1}}
+  - model: {b}
+    parameters: {{weight: 1e-0, density: 0.9}}
+"""
+    mk, ours, path = run_both(tmp_path, text)
+    spec = load_config(path)
+    assert spec.params["lambda"] == 0.8 and [m["weight"] for m in spec.model_params] == [0.2, 1.0]
+    assert spec.model_params[0]["density"] == [{"filter": "self_attn", "value": 0.5}, {"value": 1.0}]
+    assert_fp32_close(mk, ours)
+
+
+def test_slice_source_over_slice_over_top_level(tmp_path, llama):
+    """slices: a source's weight beats the slice's, the slice's beats the top level's; t counts a slice's layers."""
+    _, a, b, _ = llama
+    cfg = {
+        "merge_method": "linear",
+        "dtype": "float32",
+        "parameters": {"weight": 0.1, "normalize": False},
+        "slices": [
+            {
+                "sources": [
+                    {"model": a, "layer_range": [0, 2], "parameters": {"weight": [0.2, 0.9]}},
+                    {"model": b, "layer_range": [0, 2]},
+                ],
+                "parameters": {"weight": 0.6},
+            },
+            {"sources": [{"model": a, "layer_range": [2, 4]}, {"model": b, "layer_range": [2, 4]}]},
+        ],
+    }
+    mk, ours, _ = run_both(tmp_path, cfg)
+    assert_bitwise(mk, ours)
+
+
+# -- item 6: inputs mergekit ignores --------------------------------------------------------------------------------
+
+
+def test_base_model_on_linear_is_one_more_input(tmp_path, llama):
+    """mergekit 0.1.5 adds linear's base_model to the inputs, weighted by the top-level weight: a warning says so."""
+    base, a, b, _ = llama
+    cfg = {
+        "merge_method": "linear",
+        "base_model": base,
+        "dtype": "float32",
+        "parameters": {"weight": 0.5},
+        "models": [{"model": a, "parameters": {"weight": 0.3}}, {"model": b}],
+    }
+    path = write(tmp_path, cfg)
+    with pytest.warns(ConfigWarning, match="merges base_model .* as one more ordinary input"):
+        spec = load_config(path)
+    assert spec.inputs == [a, b, base] and spec.base is None
+    mk = run_mergekit(path, tmp_path / "mk")
+    with pytest.warns(ConfigWarning):
+        merge_config(path, tmp_path / "ps")
+    assert_bitwise(mk, _tensors(tmp_path / "ps"))
+
+
+@pytest.mark.parametrize("method", ["slerp", "model_stock"])
+def test_weights_mergekit_ignores_are_warnings(tmp_path, llama, method):
+    base, a, b, _ = llama
+    models = [a] if method == "slerp" else [a, b]
+    cfg = {
+        "merge_method": method,
+        "base_model": base,
+        "dtype": "float32",
+        "models": [{"model": base}] + [{"model": m, "parameters": {"weight": 0.5}} for m in models],
+    }
+    if method == "slerp":
+        cfg["parameters"] = {"t": [0.0, 0.5, 1.0]}
+    path = write(tmp_path, cfg)
+    with pytest.warns(ConfigWarning, match=f"'{method}' takes no parameter 'weight'; ignored"):
+        load_config(path)
+    mk = run_mergekit(path, tmp_path / "mk")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConfigWarning)
+        ours = merge_config(path, None)
+    for k in mk:
+        torch.testing.assert_close(ours[k], mk[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+
+
+# -- item 7: config.json -----------------------------------------------------------------------------------------------
+
+
+def test_config_json_states_the_output_dtype(tmp_path, llama):
+    base, a, b, _ = llama
+    cfg = {
+        "merge_method": "task_arithmetic",
+        "base_model": base,
+        "dtype": "float32",
+        "out_dtype": "bfloat16",
+        "parameters": {"lambda": 0.9},
+        "models": [{"model": a, "parameters": {"weight": 0.4}}, {"model": b, "parameters": {"weight": 0.6}}],
+    }
+    mk, ours, _ = run_both(tmp_path, cfg)
+    for k in mk:  # bf16 outputs: one bf16 ulp where the fp32 results straddle a rounding boundary
+        torch.testing.assert_close(ours[k].float(), mk[k].float(), rtol=8e-3, atol=1e-6)
+    ps_cfg = json.loads((tmp_path / "ps" / "config.json").read_text())
+    mk_cfg = json.loads((tmp_path / "mk" / "config.json").read_text())
+    assert ps_cfg["dtype"] == mk_cfg["dtype"] == "bfloat16"
+    assert {k: v for k, v in ps_cfg.items() if k != "transformers_version"} == {
+        k: v for k, v in mk_cfg.items() if k != "transformers_version"
+    }
+    assert forward(tmp_path / "ps").dtype == torch.bfloat16
+
+
+# -- item 9: slices ------------------------------------------------------------------------------------------------
+
+
+def test_passthrough_stacks_layers_bit_for_bit(tmp_path, llama):
+    """A frankenmerge: layers 0-2 of one model, then 1-3 of another (6 layers), renumbered; num_hidden_layers 6."""
+    _, a, b, _ = llama
+    cfg = {
+        "merge_method": "passthrough",
+        "dtype": "float32",
+        "slices": [
+            {"sources": [{"model": a, "layer_range": [0, 3]}]},
+            {"sources": [{"model": b, "layer_range": [1, 4]}]},
+        ],
+    }
+    mk, ours, _ = run_both(tmp_path, cfg)
+    assert_bitwise(mk, ours)
+    src = load_file(os.path.join(b, "model.safetensors"))
+    assert torch.equal(ours["model.layers.3.mlp.up_proj.weight"], src["model.layers.1.mlp.up_proj.weight"])
+    assert torch.equal(ours["lm_head.weight"], src["lm_head.weight"])
+    assert json.loads((tmp_path / "ps" / "config.json").read_text())["num_hidden_layers"] == 6
+    assert forward(tmp_path / "ps").config.num_hidden_layers == 6
+
+
+def test_gpt2_slices_merged_by_slerp(tmp_path, gpt2):
+    """GPT-2 (transformer.h.N.): a slice of two sources merged by slerp with a gradient over the slice's layers."""
+    g0, g1 = gpt2
+    cfg = {
+        "merge_method": "slerp",
+        "base_model": g0,
+        "dtype": "float32",
+        "parameters": {"t": [0.0, 1.0]},
+        "slices": [{"sources": [{"model": g0, "layer_range": [0, 3]}, {"model": g1, "layer_range": [0, 3]}]}],
+    }
+    mk, ours, _ = run_both(tmp_path, cfg)
+    for k in mk:
+        torch.testing.assert_close(ours[k], mk[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+    forward(tmp_path / "ps")
+
+
+# -- malformed configs: one line, exit 1 ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "cfg,match",
+    [
+        ({"merge_method": "linear"}, "exactly one of 'models', 'slices' or 'modules'"),
+        ({"merge_method": "linear", "models": "x"}, "'models' must be a list"),
+        ({"merge_method": "linear", "models": [{"model": "A", "parameters": {"weight": 1}}], "tokenizer_src": 1},
+         "unknown key 'tokenizer_src'"),
+        ({"merge_method": "frankensoup", "models": [{"model": "A"}]}, "'frankensoup' is not a mergekit 0.1.5 method"),
+        ({"merge_method": "ties", "base_model": "B", "models": [{"model": "A", "parameters": {"lambda": "x"}}]},
+         "parameter 'lambda' must be a number, got 'x'"),
+        ({"merge_method": "ties", "base_model": "B", "models": [{"model": "A"}]},
+         "model 'A': parameter 'weight' is not set"),
+        ({"merge_method": "ties", "base_model": "B", "parameters": {"normalize": "maybe"},
+          "models": [{"model": "A", "parameters": {"weight": 1}}]}, "'normalize' must be true or false, got 'maybe'"),
+        ({"merge_method": "ties", "base_model": "B", "parameters": {"rescale": True},
+          "models": [{"model": "A", "parameters": {"weight": 1}}]}, "'rescale' of merge_method 'ties' is not"),
+        ({"merge_method": "linear", "slices": [{"sources": [{"model": "A", "layer_range": [3, 1]}]}]},
+         "layer_range must be [start, stop)"),
+        ({"merge_method": "linear", "slices": [{"sources": [{"model": "A", "layer_range": [0, 2]},
+                                                             {"model": "B", "layer_range": [0, 3]}]}]},
+         "same number of layers"),
+        ({"merge_method": "slerp", "models": [{"model": "A"}, {"model": "B"}], "parameters": {"t": 0.5}},
+         "needs a base_model"),
+        ({"merge_method": "linear", "models": [{"parameters": {}}]}, "needs a 'model' path"),
+        ("just a string", "a config is a mapping"),
+    ],
+)  # fmt: skip
+def test_bad_configs_are_one_line_errors(tmp_path, cfg, match):
+    path = write(tmp_path, cfg)
+    with pytest.raises(PlanError, match=match.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        load_config(path)
+    proc = run_cli("merge", "--config", path, "-o", tmp_path / "o")
+    assert proc.returncode == 1 and match in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_layer_range_past_the_models_layers(tmp_path, llama):
+    _, a, _, _ = llama
+    cfg = {"merge_method": "passthrough", "slices": [{"sources": [{"model": a, "layer_range": [2, 6]}]}]}
+    proc = run_cli("merge", "--config", write(tmp_path, cfg), "-o", tmp_path / "o")
+    assert proc.returncode == 1 and "goes past its 4 layers" in proc.stderr
