@@ -582,3 +582,202 @@ class ReferenceBackend(Backend):
 def views(chunk: Chunk) -> list:
     """A chunk's sources as CPU tensors over the engine's buffers (no copy)."""
     return [_view(a, chunk.n, d) for a, d in zip(chunk.addrs, chunk.dtypes)]
+
+
+# -- the row- and column-wise methods' ops, NearSwap (pysoup.strategies.geometric, rowwise) -----------------------
+def _fma_f32_per_element(w, x, acc):
+    """fma_f32 with a per-element fp32 weight tensor w."""
+    import torch
+
+    a = acc.double()
+    p = x.double() * w.double()  # exact: 24 + 24 bits fit in 53
+    s = a + p
+    bb = s - a
+    err = (a - (s - bb)) + (p - bb)
+    inexact = (err != 0) & torch.isfinite(s)
+    even = (s.view(torch.int64) & 1) == 0
+    toward = torch.where(err > 0, torch.full_like(s, float("inf")), torch.full_like(s, float("-inf")))
+    s = torch.where(inexact & even, torch.nextafter(s, toward), s)
+    return s.float()
+
+
+def _by_vector(q, seg, start: int):
+    """q ([stats, n] fp64, elements [start, start + n)) laid out as [stats, vectors, positions] with zeros padding
+    the partial vectors at both ends, and the index of its first vector: for rows [stats, rows, length] (vector =
+    row), for columns [stats, rows, length] too (vector = column, summed along dim 1)."""
+    import torch
+
+    n = q.shape[1]
+    L = seg.length
+    lead = start % L
+    r0 = start // L
+    rows = (lead + n + L - 1) // L
+    padded = torch.zeros((q.shape[0], rows * L), dtype=q.dtype)
+    padded[:, lead : lead + n] = q
+    return padded.view(q.shape[0], rows, L), r0
+
+
+def segment_moments(xs, base, seg, start: int, acc):
+    """acc ([seg.count, stats] fp64, updated in place and returned) plus the per-vector statistics of the chunk's
+    v_i = x_i (- base): |v_i|^2, then <v_i, v_j> (i < j); each vector's sum sequential in element order from acc."""
+    import torch
+
+    b = exact_f32(base) if base is not None else None
+    vs = [(exact_f32(x) - b if b is not None else exact_f32(x)).double() for x in xs]
+    k = len(vs)
+    q = torch.empty((k + k * (k - 1) // 2, vs[0].numel()), dtype=torch.float64)
+    for i, v in enumerate(vs):
+        torch.mul(v, v, out=q[i])
+    r = k
+    for i in range(k):
+        for j in range(i + 1, k):
+            torch.mul(vs[i], vs[j], out=q[r])
+            r += 1
+    blocks, r0 = _by_vector(q, seg, start)
+    if seg.columns:
+        # Every column is one vector: its sum runs down the rows, from acc (prepended as row -1).
+        seq = torch.cat([acc.t().unsqueeze(1), blocks], dim=1)
+        acc.copy_(torch.cumsum(seq, dim=1)[:, -1, :].t())
+    else:
+        rows = blocks.shape[1]
+        seq = torch.cat([acc[r0 : r0 + rows].t().unsqueeze(2), blocks], dim=2)
+        acc[r0 : r0 + rows] = torch.cumsum(seq, dim=2)[:, :, -1].t()
+    return acc
+
+
+def segment_weighted_sum(xs, seg, coefficients, around_base: bool, start: int):
+    """The fp32 result of segment_weighted_sum_raw over tensors (xs: the sources; the base last when around_base)."""
+    import torch
+
+    ids = seg.ids(start, xs[0].numel())
+    c = coefficients[ids]  # [n, sources]
+    if around_base:
+        b = exact_f32(xs[-1])
+        terms = [exact_f32(x) - b for x in xs[:-1]]
+    else:
+        terms = [exact_f32(x) for x in xs]
+    acc = torch.full(terms[0].shape, -0.0, dtype=torch.float32)
+    for i, t in enumerate(terms):
+        acc = _fma_f32_per_element(c[:, i].contiguous(), t, acc)
+    return fma_f32(1.0, acc, b) if around_base else acc
+
+
+def nearswap(x, base, t: float):
+    """mergekit's NearSwap in its fp32 operation order (t / d is torch's reciprocal(d) * t)."""
+    import torch
+
+    x, a = exact_f32(x), exact_f32(base)
+    d = torch.clamp((a - x).abs(), min=to_f32(1e-6))
+    w = torch.clamp(torch.reciprocal(d) * torch.full_like(d, to_f32(t)), 0.0, 1.0)
+    return w * x + (1 - w) * a
+
+
+def segment_moments_raw(chunk: Chunk, seg, base: bool, acc):
+    """acc: a C-contiguous fp64 numpy array, updated in place (through a torch view of it) and returned."""
+    import torch
+
+    xs = views(chunk)
+    b = xs.pop() if base else None
+    segment_moments(xs, b, seg, chunk.start, torch.from_numpy(acc))
+    return acc
+
+
+def segment_weighted_sum_raw(chunk: Chunk, seg, coefficients, around_base: bool) -> int:
+    """coefficients: an fp32 numpy array [seg.count, sources or models]."""
+    import torch
+
+    result = segment_weighted_sum(views(chunk), seg, torch.from_numpy(coefficients), around_base, chunk.start)
+    return store(chunk.out, chunk.n, chunk.out_dtype, round_to(result, to_torch(chunk.out_dtype)))
+
+
+def nearswap_raw(chunk: Chunk, t: float) -> int:
+    x, base = views(chunk)
+    return store(chunk.out, chunk.n, chunk.out_dtype, round_to(nearswap(x, base, t), to_torch(chunk.out_dtype)))
+
+
+# -- Arcee Fusion (pysoup.strategies.geometric.ArceeFusion) -----------------------------------------------------
+def fusion_kl(p, b):
+    """mergekit's per-row KL of softmax(p) + 1e-8 against softmax(b) + 1e-8 over [rows, row] fp32 tensors."""
+    import torch
+
+    P = torch.softmax(p, dim=-1) + 1e-8
+    Q = torch.softmax(b, dim=-1) + 1e-8
+    return torch.sum(P * torch.log(P / Q), dim=-1)
+
+
+def _whole_rows(chunk: Chunk, row: int, carry: dict):
+    """(first row, p rows, b rows) of the rows that end in this chunk, as [rows, row] fp32 tensors, joining the
+    part of a row an earlier chunk left in `carry`; keeps this chunk's unfinished row there."""
+    import torch
+
+    p, b = (exact_f32(x) for x in views(chunk))
+    start, end = chunk.start, chunk.start + chunk.n
+    lead = carry.pop("rows", None)
+    if lead is not None:
+        p, b = torch.cat([lead[0], p]), torch.cat([lead[1], b])
+        start -= lead[0].numel()
+    first = -(-start // row)  # rows that start in this range (the carry starts a row)
+    whole_end = end // row * row
+    if whole_end < end:
+        tail = whole_end - start if whole_end > start else 0
+        carry["rows"] = (p[tail:].clone(), b[tail:].clone())
+    n = max(0, whole_end - first * row)
+    off = first * row - start
+    return first, p[off : off + n].view(-1, row), b[off : off + n].view(-1, row)
+
+
+def fusion_kl_raw(chunk: Chunk, row: int, kl, carry: dict) -> None:
+    import torch
+
+    first, p, b = _whole_rows(chunk, row, carry)
+    if p.shape[0]:
+        torch.from_numpy(kl)[first : first + p.shape[0]] = fusion_kl(p, b)
+
+
+def fusion_importance(chunk: Chunk, row: int, kl):
+    """(p, b, importance) over the chunk, fp32."""
+    import torch
+
+    p, b = (exact_f32(x) for x in views(chunk))
+    rows = torch.arange(chunk.start, chunk.start + chunk.n, dtype=torch.int64) // row
+    return p, b, (p - b).abs() * torch.from_numpy(kl)[rows]
+
+
+def order_keys(x):
+    """fp32 values -> int64 keys in [0, 2^32) ordered as the values (NaNs last, as torch.sort puts them)."""
+    import torch
+
+    bits = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    keys = torch.where(bits >= 0x80000000, 0xFFFFFFFF - bits, bits | 0x80000000)
+    return torch.where(torch.isnan(x), torch.full_like(keys, 0xFFFFFFFF), keys)
+
+
+def from_order_key(key: int) -> float:
+    """The fp32 value of an order key (order_keys' inverse)."""
+    import struct
+
+    bits = key & 0x7FFFFFFF if key >= 0x80000000 else 0xFFFFFFFF - key
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
+
+
+def fusion_histogram_raw(chunk: Chunk, row: int, kl, pass_: int, prefix: list, hist) -> None:
+    import torch
+
+    keys = order_keys(fusion_importance(chunk, row, kl)[2])
+    h = torch.from_numpy(hist)
+    if pass_ == 0:  # every quantile counts the same values: row 0 only
+        h[0] += torch.bincount(keys >> 16, minlength=h.shape[1])
+        return
+    for q, high in enumerate(prefix):
+        h[q] += torch.bincount(keys[(keys >> 16) == high] & 0xFFFF, minlength=h.shape[1])
+
+
+def fusion_combine_raw(chunk: Chunk, row: int, kl, threshold: float) -> int:
+    import torch
+
+    p, b, importance = fusion_importance(chunk, row, kl)
+    mask = (importance >= torch.tensor(threshold, dtype=torch.float32)).float()
+    out = b + (p - b) * mask
+    return store(chunk.out, chunk.n, chunk.out_dtype, round_to(out, to_torch(chunk.out_dtype)))
+
+# -- end of the geometric methods' ops ----------------------------------------------------------------------------

@@ -129,6 +129,24 @@ class SparseParams:
 SPARSE_STATS = 5  # per model: sum |tau_i|, sum |kept tau_i|, sum kept tau_i^2, #shared, #unique (RAM)
 
 
+@dataclass(frozen=True)
+class Segments:
+    """How a tensor of `numel` elements splits into the vectors the row- and column-wise methods work on: rows
+    (element e in vector e // length, `length` contiguous elements each) or columns (element e in vector e % length,
+    one element every `length`). `count` vectors in all."""
+
+    length: int
+    count: int
+    columns: bool = False
+
+    def ids(self, start: int, n: int):
+        """The vector of each element in [start, start + n), as an int64 torch tensor."""
+        import torch
+
+        e = torch.arange(start, start + n, dtype=torch.int64)
+        return e % self.length if self.columns else e // self.length
+
+
 class MaskedSumMode(enum.IntEnum):
     """What `masked_sum` computes (the values are the kernels' codes)."""
 
@@ -356,6 +374,56 @@ class Backend:
         from pysoup.ops import reference
 
         return reference.TorchVarianceTopK(density)
+
+    def segment_moments_raw(self, chunk: Chunk, seg: Segments, base: bool, acc):
+        """acc (fp64 [seg.count, k + k(k-1)/2] tensor) plus this chunk's per-vector statistics of v_i = x_i (minus
+        the base, the last source, when `base`): per vector |v_i|^2, then <v_i, v_j> for i < j. Each vector's sums
+        run in element order, one fp64 addition at a time from acc: no chunking, thread or ISA changes them.
+        Backends without a kernel run the reference's."""
+        from pysoup.ops import reference
+
+        return reference.segment_moments_raw(chunk, seg, base, acc)
+
+    def segment_weighted_sum_raw(self, chunk: Chunk, seg: Segments, coefficients, around_base: bool) -> int:
+        """out = sum_i c[v, i] x_i for element e of vector v (fma in input order from -0.0, fp32 coefficients
+        [seg.count, sources]); with `around_base`, base + sum_i c[v, i] (x_i - base), the base the last source and
+        c[v] one per model. Returns the non-finite count. Backends without a kernel run the reference's."""
+        from pysoup.ops import reference
+
+        return reference.segment_weighted_sum_raw(chunk, seg, coefficients, around_base)
+
+    def fusion_kl_raw(self, chunk: Chunk, row: int, kl, carry: dict) -> None:
+        """Arcee Fusion's per-row statistic (sources: the model p, then the base b; rows of `row` elements):
+        kl[r] = sum_j P_j log(P_j / Q_j), P = softmax(p_r) + 1e-8, Q = softmax(b_r) + 1e-8, in fp32 as mergekit
+        computes it (torch's softmax, log and row sum); `carry` keeps a row split between chunks until it is whole.
+        Backends without a kernel run the reference's."""
+        from pysoup.ops import reference
+
+        reference.fusion_kl_raw(chunk, row, kl, carry)
+
+    def fusion_histogram_raw(self, chunk: Chunk, row: int, kl, pass_: int, prefix: list, hist) -> None:
+        """Adds the chunk's importance |p - b| * kl[row] (fp32) to the radix-select histograms of the quantiles:
+        pass 0 the high 16 bits of each value's order key into hist[0], pass 1 the low 16 bits of those whose high
+        bits are prefix[q] into hist[q] (hist: int64 numpy [quantiles, 65536]; order keys as
+        reference.order_keys). Backends without a kernel run the reference's."""
+        from pysoup.ops import reference
+
+        reference.fusion_histogram_raw(chunk, row, kl, pass_, prefix, hist)
+
+    def fusion_combine_raw(self, chunk: Chunk, row: int, kl, threshold: float) -> int:
+        """out = b + (p - b) * (|p - b| * kl[row] >= threshold), in fp32. Returns the non-finite count. Backends
+        without a kernel run the reference's."""
+        from pysoup.ops import reference
+
+        return reference.fusion_combine_raw(chunk, row, kl, threshold)
+
+    def nearswap_raw(self, chunk: Chunk, t: float) -> int:
+        """mergekit's NearSwap (sources: the model, then the base a), in its fp32 operation order:
+        w = min(max(fp32(1 / max(|a - x|, 1e-6)) * t, 0), 1), out = w x + (1 - w) a. Returns the non-finite count.
+        Backends without a kernel run the reference's."""
+        from pysoup.ops import reference
+
+        return reference.nearswap_raw(chunk, t)
 
     def moments_raw(self, chunk: Chunk, acc: Moments) -> Moments:
         """acc plus the statistics of one chunk (fp64, summed block by block in index order: the result does not

@@ -6,7 +6,6 @@ import math
 from dataclasses import dataclass
 
 from pysoup.dtypes import to_f32
-from pysoup.errors import PlanError
 from pysoup.ops.table import Moments, MomentsSpec
 from pysoup.strategies import register
 from pysoup.strategies.base import Strategy
@@ -14,15 +13,16 @@ from pysoup.strategies.tensor_op import MomentsOp
 
 
 def model_stock_ratio(k: int, m: Moments) -> float:
-    """t = k c / (1 + (k - 1) c), c the mean pairwise cosine of the task vectors (0 where a norm is 0)."""
+    """t = k c / (1 + (k - 1) c), c the mean pairwise cosine of the task vectors, each <a, b> / max(|a| |b|, 1e-6)
+    clamped to [-1, 1]; t = 0 (the base) where |1 + (k - 1) c| < 1e-6 (mergekit 0.1.5's rules)."""
     cosines = []
     for i in range(k):
         for j in range(i + 1, k):
-            denom = math.sqrt(m.squares(i) * m.squares(j))
-            cosines.append(max(-1.0, min(1.0, m.dot(i, j) / denom)) if denom > 0 else 0.0)
+            denom = max(math.sqrt(m.squares(i)) * math.sqrt(m.squares(j)), 1e-6)
+            cosines.append(max(-1.0, min(1.0, m.dot(i, j) / denom)))
     c = sum(cosines) / len(cosines)
     denom = 1 + (k - 1) * c
-    return k * c / denom if denom != 0 else 0.0
+    return k * c / denom if abs(denom) >= 1e-6 else 0.0
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,14 @@ class ModelStock(Strategy):
     min_models = 2
     params = {"filter_wise": False}
 
+    def check_params(self, settings, weights_given):
+        super().check_params(settings, weights_given)
+        # filter_wise ops depend on the tensor's shape, not only its element count: plan every tensor on its own.
+        self.plans_by_name = "filter_wise" in settings
+
     def plan_tensor(self, ctx):
-        if ctx.param("filter_wise", False):
-            raise PlanError("model_stock: filter_wise=true (per-row ratios) is not supported")
+        if ctx.flag("filter_wise", False):
+            from pysoup.strategies.rowwise import RowModelStockOp, segments
+
+            return RowModelStockOp(models=ctx.num_models, seg=segments(ctx, columns=False))
         return ModelStockOp(ctx.num_models)
