@@ -32,13 +32,42 @@ def _parse_params(items) -> dict:
     return params
 
 
-def _parse_weights(text):
+def _parse_weights(text, inputs=None):
     if text is None:
         return None
+    if text.startswith("mwa:"):
+        return _mwa_weights(text, inputs)
     try:
         return [float(w) for w in text.split(",")]
     except ValueError:
         raise SoupError(f"--weights {text!r}: expected numbers separated by commas, e.g. 0.5,0.3,0.2") from None
+
+
+def _mwa_weights(text: str, inputs) -> list:
+    """--weights mwa:loss,penalty=1 (or mwa:step): Metrics-Weighted Averaging over Hugging Face Trainer checkpoint
+    folders, from their trainer_state.json; the weights go to stderr, one line per checkpoint."""
+    from pysoup.search.weights import mwa, trainer_metrics
+
+    mode, *options = text[len("mwa:") :].split(",")
+    penalty = 1.0
+    for option in options:
+        key, sep, value = option.partition("=")
+        try:
+            if key.strip() != "penalty" or not sep:
+                raise ValueError
+            penalty = float(value)
+        except ValueError:
+            raise SoupError(f"--weights {text!r}: expected mwa:loss or mwa:step, then optionally ,penalty=P") from None
+    if mode not in ("loss", "step"):
+        raise SoupError(f"--weights {text!r}: expected mwa:loss or mwa:step, then optionally ,penalty=P")
+    if not inputs:
+        raise SoupError("--weights mwa:... needs Trainer checkpoint folders on the command line (run/checkpoint-*)")
+    rows = trainer_metrics(inputs)
+    weights = mwa([r[mode] for r in rows], mode=mode, penalty=penalty)
+    print(f"mwa weights ({mode}, penalty={penalty:g}):", file=sys.stderr)
+    for r, w in zip(rows, weights):
+        print(f"  {r['path']}: step {r['step']}, loss {r['loss']:.6g} -> weight {w:.6f}", file=sys.stderr)
+    return weights
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="linear, uniform, task_arithmetic, ties, dare_linear, "
         "dare_ties, slerp, model_stock, sparse, variance_corrected, interpolate",
     )
-    m.add_argument("--weights", help="one weight per input, comma-separated: 0.5,0.3,0.2")
+    m.add_argument(
+        "--weights",
+        help="one weight per input, comma-separated: 0.5,0.3,0.2; or mwa:loss,penalty=1 / mwa:step,penalty=P over "
+        "Hugging Face Trainer checkpoint folders (Metrics-Weighted Averaging from their trainer_state.json)",
+    )
     m.add_argument("--base", help="base model, for methods that use one")
     m.add_argument("--param", action="append", metavar="KEY=VALUE", help="strategy parameter (repeatable)")
     m.add_argument("--dtype", help="output dtype: bfloat16, float16 or float32 (default: the first input's)")
@@ -140,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _merge_arguments(args) -> dict:
     """pysoup.merge's arguments from the command line, or from --config with command-line overrides."""
     params = _parse_params(args.param)
-    weights = _parse_weights(args.weights)
+    weights = _parse_weights(args.weights, args.inputs)
     if not args.config:
         if not args.inputs:
             raise SoupError("merge needs input checkpoints (or --config FILE)")
@@ -235,7 +268,7 @@ def _cmd_lora_merge(args) -> int:
         import pysoup
 
         report = pysoup.merge(
-            args.inputs, args.output, strategy=args.strategy, weights=_parse_weights(args.weights),
+            args.inputs, args.output, strategy=args.strategy, weights=_parse_weights(args.weights, args.inputs),
             params=_parse_params(args.param), dtype=args.dtype, backend=args.backend, lora=args.lora_mode,
             lora_rank=args.lora_rank,
         )  # fmt: skip

@@ -265,6 +265,24 @@ def test_fold_equals_merge_and_unload(peft_dirs, tmp_path):
     assert "lm_head.weight" in report.replaced
 
 
+def test_fold_equals_mergekit_model_plus_lora(peft_dirs, tmp_path):
+    """mergekit's `MODEL+LORA` reference (PEFT merge_and_unload into its cache) is what pysoup.lora.folded gives."""
+    from mergekit.common import ModelReference
+    from safetensors.torch import load_file
+
+    from pysoup.lora import folded
+
+    root, base, ad = peft_dirs
+    ref = ModelReference.parse(f"{base}+{ad['c']}").merged(cache_dir=str(tmp_path / "cache"))
+    theirs = load_file(os.path.join(ref.model.path, "model.safetensors"))
+    with folded(f"{base}+{ad['c']}", dir=tmp_path) as path:
+        ours = load_file(os.path.join(path, "model.safetensors"))
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".pysoup-folded-")]  # removed on exit
+    assert sorted(ours) == sorted(theirs)
+    for k in theirs:
+        torch.testing.assert_close(ours[k], theirs[k], atol=ATOL, rtol=RTOL, msg=k)
+
+
 def test_fold_several_adapters_weighted_bf16(peft_dirs, tmp_path):
     """W + Σ wᵢΔWᵢ in fp32, rounded once to the base's bf16."""
     from safetensors.torch import load_file, save_file
@@ -443,3 +461,40 @@ def test_adapters_that_do_not_go_together(peft_dirs, tmp_path):
     with pytest.raises(PlanError, match="overwrite an input adapter"):
         merge_adapters([ad["d"], ad["a"]], ad["d"], mode="delta")
     assert not (tmp_path / "o").exists()
+
+
+# -- MWA over Trainer checkpoint folders ------------------------------------------------------------------------
+def test_mwa_from_trainer_checkpoints(tmp_path):
+    """trainer_state.json as the Trainer writes it (TrainerState.save_to_json): step = global_step, loss = the last
+    logged training loss; the CLI's --weights mwa:loss,penalty=P prints and uses the same weights."""
+    from helpers.checkpoints import save_st, small_model
+    from safetensors.torch import load_file
+    from transformers import TrainerState
+
+    run = tmp_path / "run"
+    losses = {100: 1.25, 200: 0.8, 300: 0.5}
+    for i, step in enumerate(losses):
+        ckpt = run / f"checkpoint-{step}"
+        ckpt.mkdir(parents=True)
+        save_st(ckpt / "model.safetensors", small_model(seed=i))
+        history = [{"loss": losses[s], "step": s, "epoch": s / 300, "grad_norm": 1.0} for s in losses if s <= step]
+        history.append({"eval_loss": 9.0, "step": step})  # evaluation entries are not the training loss
+        TrainerState(global_step=step, log_history=history).save_to_json(str(ckpt / "trainer_state.json"))
+    folders = [str(run / f"checkpoint-{s}") for s in losses]
+    assert pysoup.weights.trainer_metrics(folders)[1] == {"path": folders[1], "step": 200, "loss": 0.8}
+    by_loss = pysoup.weights.mwa(folders, mode="loss", penalty=2)
+    assert by_loss == pysoup.weights.mwa(list(losses.values()), mode="loss", penalty=2)
+    assert pysoup.weights.mwa(folders, mode="step", penalty=1) == pytest.approx([1 / 6, 2 / 6, 3 / 6])
+    proc = run_cli("merge", *folders, "--weights", "mwa:loss,penalty=2", "-o", tmp_path / "mwa.safetensors")
+    assert proc.returncode == 0, proc.stderr
+    assert "mwa weights (loss, penalty=2):" in proc.stderr
+    assert f"checkpoint-300: step 300, loss 0.5 -> weight {by_loss[2]:.6f}" in proc.stderr
+    want = pysoup.merge(folders, tmp_path / "api.safetensors", weights=by_loss)
+    assert want.outputs and (tmp_path / "mwa.safetensors").read_bytes() == (tmp_path / "api.safetensors").read_bytes()
+    assert load_file(str(tmp_path / "mwa.safetensors")).keys() == load_file(str(tmp_path / "api.safetensors")).keys()
+    for bad, match in [("mwa:acc", "expected mwa:loss or mwa:step"), ("mwa:loss,p=1", "expected mwa:loss")]:
+        proc = run_cli("merge", *folders, "--weights", bad, "-o", tmp_path / "bad.safetensors")
+        assert proc.returncode == 1 and match in proc.stderr, proc.stderr
+    (run / "checkpoint-100" / "trainer_state.json").unlink()
+    with pytest.raises(PlanError, match="checkpoint-100: no trainer_state.json"):
+        pysoup.weights.mwa(folders)

@@ -4,7 +4,7 @@ model (docs/lora.md). Torch is imported only by the merges that run a pysoup str
 
 from pysoup.lora.adapter import LoraAdapter, LoraModule, is_adapter_dir, open_adapter
 from pysoup.lora.extract import ExtractReport, extract_lora
-from pysoup.lora.fold import FoldReport, fold
+from pysoup.lora.fold import FoldReport, fold, folded, split_model_lora
 from pysoup.lora.merge import AdapterMergeReport, merge_adapters
 
 __all__ = [
@@ -15,7 +15,9 @@ __all__ = [
     "LoraModule",
     "extract_lora",
     "fold",
+    "folded",
     "is_adapter_dir",
     "merge_adapters",
     "open_adapter",
+    "split_model_lora",
 ]

@@ -15,9 +15,12 @@ few ms per MiB of bf16 weights: well under the I/O. (benchmarks/results/lora.md 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -140,6 +143,55 @@ def fold(base, adapters, out, *, weights=None, shard_size=None, durable=False) -
             for ad, given in zip(opened, adapters):
                 if ad is not given:
                     ad.close()
+
+
+def split_model_lora(reference: str) -> tuple:
+    """mergekit's `MODEL+LORA` model reference as (model, adapter or None), split as mergekit 0.1.5's
+    ModelReference does (on "+": one part is a model, two are a model and an adapter, more are an error).
+
+    Example:
+        >>> split_model_lora("llama/+adapter/")
+        ('llama/', 'adapter/')
+    """
+    parts = os.fspath(reference).split("+")
+    if len(parts) == 1:
+        return parts[0], None
+    if len(parts) == 2 and all(parts):
+        return parts[0], parts[1]
+    raise PlanError(f"{reference!r}: a model reference is MODEL or MODEL+LORA")
+
+
+@contextlib.contextmanager
+def folded(reference, adapters=(), *, weights=None, dir=None):  # noqa: A002 - tempfile's name for it
+    """A model with adapters folded in, as a temporary Hugging Face directory removed on exit: what a mergekit
+    config's `MODEL+LORA` means (mergekit loads it with PEFT and runs merge_and_unload; this streams it).
+
+    Args:
+        reference: a model path, or "MODEL+LORA".
+        adapters: more adapter directories to fold (after the reference's own).
+        weights: one number per adapter (default 1 each).
+        dir: where the temporary directory goes (default: beside the model, so that it is on the same disk).
+
+    Yields:
+        The temporary directory's path (or the model's own path when there is no adapter to fold).
+
+    Example:
+        >>> with folded("llama/+adapter/") as path:  # doctest: +SKIP
+        ...     pysoup.merge([path, "other/"], "soup/")
+    """
+    model, lora = split_model_lora(reference)
+    adapters = ([lora] if lora else []) + list(adapters)
+    if not adapters:
+        yield model
+        return
+    parent = dir if dir is not None else os.path.dirname(os.path.abspath(model))
+    tmp = tempfile.mkdtemp(prefix=".pysoup-folded-", dir=parent)
+    try:
+        out = os.path.join(tmp, "model")
+        fold(model, adapters, out, weights=weights)
+        yield out
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @dataclass

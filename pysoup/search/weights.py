@@ -2,9 +2,52 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 
-from pysoup.errors import PlanError
+from pysoup.errors import FormatError, PlanError
+
+TRAINER_STATE = "trainer_state.json"
+
+
+def trainer_metrics(checkpoints) -> list:
+    """Step and training loss of Hugging Face Trainer checkpoint folders (`checkpoint-*/trainer_state.json`): the
+    step is `global_step`, the loss the last `log_history` entry with a "loss" at or before that step (what the
+    Trainer logged last before saving).
+
+    Args:
+        checkpoints: checkpoint folders (or their trainer_state.json files).
+
+    Returns:
+        [{"path", "step", "loss"}] in the given order.
+
+    Example:
+        >>> trainer_metrics(["run/checkpoint-100", "run/checkpoint-200"])  # doctest: +SKIP
+        [{'path': 'run/checkpoint-100', 'step': 100, 'loss': 0.93}, ...]
+    """
+    out = []
+    for ckpt in checkpoints:
+        path = os.fspath(ckpt)
+        state_path = os.path.join(path, TRAINER_STATE) if os.path.isdir(path) else path
+        try:
+            with open(state_path, encoding="utf-8") as f:
+                state = json.load(f)
+        except FileNotFoundError:
+            raise PlanError(f"{path}: no {TRAINER_STATE} (not a Hugging Face Trainer checkpoint folder)") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise FormatError(f"{state_path}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
+        step = state.get("global_step") if isinstance(state, dict) else None
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise FormatError(f"{state_path}: no integer global_step")
+        logged = [
+            e for e in state.get("log_history") or []
+            if isinstance(e, dict) and isinstance(e.get("loss"), (int, float)) and e.get("step", 0) <= step
+        ]  # fmt: skip
+        if not logged:
+            raise PlanError(f"{state_path}: log_history has no training loss at or before step {step}")
+        out.append({"path": path, "step": step, "loss": float(logged[-1]["loss"])})
+    return out
 
 
 def mwa(metrics, mode: str = "loss", penalty: float = 1.0) -> list:
@@ -13,7 +56,8 @@ def mwa(metrics, mode: str = "loss", penalty: float = 1.0) -> list:
     penalty factor and p = 0 gives the uniform average.
 
     Args:
-        metrics: one positive number per checkpoint (losses or steps).
+        metrics: one positive number per checkpoint (losses or steps), or Hugging Face Trainer checkpoint folders
+            (`run/checkpoint-*`), whose step and training loss come from trainer_state.json (trainer_metrics).
         mode: "loss" or "step".
         penalty: p >= 0.
 
@@ -26,6 +70,9 @@ def mwa(metrics, mode: str = "loss", penalty: float = 1.0) -> list:
     """
     if mode not in ("loss", "step"):
         raise PlanError(f"mwa mode must be 'loss' or 'step', got {mode!r}")
+    metrics = list(metrics)
+    if metrics and all(isinstance(m, (str, os.PathLike)) for m in metrics):
+        metrics = [m[mode] for m in trainer_metrics(metrics)]
     metrics = [float(m) for m in metrics]
     if not metrics:
         raise PlanError("mwa needs at least one metric")
