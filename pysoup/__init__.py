@@ -2,7 +2,7 @@
 
 from pysoup import ops  # torch-free until an op runs
 from pysoup._version import __version__
-from pysoup.api import info, merge, open
+from pysoup.api import info, merge, open, plan
 from pysoup.engine.execute import NonFiniteWarning
 from pysoup.engine.report import MergeReport
 from pysoup.errors import BackendError, FormatError, PlanError, SoupError
@@ -42,5 +42,6 @@ __all__ = [
     "merge",
     "open",
     "ops",
+    "plan",
     "weights",
 ]

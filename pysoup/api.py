@@ -37,6 +37,7 @@ def merge(
     lora=None,
     lora_rank=None,
     durable=False,
+    executor=None,
 ):
     """Merges checkpoints of one architecture into one.
 
@@ -64,6 +65,9 @@ def merge(
             pysoup.lora.fold.
         lora_rank: the merged adapter's rank in "delta" mode (truncated SVD); default: concatenation, exact.
         durable: fsync the output before renaming it into place.
+        executor: None (this process), "ray" (one Ray task per output shard or byte range, on the cluster
+            `ray.init` finds or starts) or a `pysoup.distributed.RayExecutor` (address, task size, CPUs per
+            task); the output's bytes are the same. Inputs must be paths every node sees.
 
     Returns:
         A MergeReport when `out` is given, else a dict of torch tensors in the first input's key order.
@@ -92,6 +96,10 @@ def merge(
         return _merge_adapters(
             inputs, out, lora, lora_rank, strategy, weights, base, params, model_params, dtype, backend
         )
+    if executor is not None:  # pysoup.distributed imports Ray only when a merge runs on it
+        from pysoup.distributed import resolve_executor
+
+        executor = resolve_executor(executor, inputs, base, out, device)
 
     opened = []
     with cleanup_on_termination():  # SIGTERM / SIGHUP clean up like Ctrl-C
@@ -130,8 +138,13 @@ def merge(
                 aux_files=aux,
                 durable=durable,
             )
-            with target.streaming(OUTPUT_BUFFER_BYTES) as sink, be.activate():
-                nonfinite, (stats, notes) = execute(plan, sink, be, progress)
+            if executor is not None:
+                spec = dict(strategy=strat.name, weights=weights, params=params, model_params=model_params)
+                spec.update(out_dtype=out_dtype, shard_size=shard_size, backend=backend, durable=durable)
+                nonfinite, stats, notes = executor.run(plan, target, inputs, base, spec, progress)
+            else:
+                with target.streaming(OUTPUT_BUFFER_BYTES) as sink, be.activate():
+                    nonfinite, (stats, notes) = execute(plan, sink, be, progress)
             return MergeReport(
                 seconds=time.perf_counter() - start,
                 bytes_read=plan.bytes_to_read,
@@ -149,6 +162,58 @@ def merge(
         finally:
             for c in opened:
                 c.close()
+
+
+def plan(
+    inputs,
+    out,
+    *,
+    strategy="linear",
+    weights=None,
+    base=None,
+    params=None,
+    model_params=None,
+    dtype=None,
+    threads=None,
+    shard_size=None,
+    executor=None,
+    workers=None,
+    read_gbps=None,
+):
+    """A dry run of `merge`: what it would read and write, its tasks, peak memory and time, from the headers alone.
+
+    Every check a merge makes before writing is made (the same errors); no tensor data is read, nothing written.
+
+    Args:
+        inputs, out, strategy, weights, base, params, model_params, dtype, threads, shard_size: as for `merge`.
+        executor: None (this process) or "ray" / a `pysoup.distributed.RayExecutor` (its tasks: one per output
+            shard, or per `task_size` bytes of one); Ray is not imported.
+        workers: Ray tasks running at once, for the time estimate (default: 1).
+        read_gbps: the inputs' storage read bandwidth in GB/s when slower than the page cache.
+
+    Returns:
+        A `pysoup.distributed.MergeEstimate`; `.format()` is what `pysoup merge --plan` prints.
+
+    Example:
+        >>> print(pysoup.plan(["a/", "b/"], "soup/", strategy="ties", base="base/").format())  # doctest: +SKIP
+    """
+    from pysoup.distributed import plan_merge
+
+    return plan_merge(
+        inputs,
+        out,
+        strategy=strategy,
+        weights=weights,
+        base=base,
+        params=params,
+        model_params=model_params,
+        dtype=dtype,
+        threads=threads,
+        shard_size=shard_size,
+        executor=executor,
+        workers=workers,
+        read_gbps=read_gbps,
+    )
 
 
 def _backend_for(backend, device, threads):

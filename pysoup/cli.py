@@ -109,6 +109,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="cpu (C++ kernels), reference (torch, the definition) or triton (with --device); default auto",
     )
     m.add_argument("--device", help="merge on a GPU: cuda, cuda:1 (default: the CPU)")
+    m.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="run on a Ray cluster, one task per output shard: HOST:PORT, ray://HOST:PORT or auto (no ADDRESS: "
+        "RAY_ADDRESS, else a local one); inputs and output on storage every node sees",
+    )
+    m.add_argument("--task-size", help="--ray: output bytes per task (default: one task per shard): 2GB, 512MiB")
+    m.add_argument("--task-cpus", type=int, help="--ray: CPUs (kernel threads) each task declares (default 1)")
+    m.add_argument(
+        "--plan",
+        action="store_true",
+        help="dry run: bytes per input and output shard, tasks, peak memory, time estimate; reads headers only",
+    )
+    m.add_argument("--workers", type=int, help="--plan --ray: tasks running at once, for the time estimate")
+    m.add_argument("--read-gbps", type=float, help="--plan: the inputs' storage read bandwidth (GB/s), if slower")
     m.add_argument("--fsync", action="store_true", help="fsync the output before renaming it into place")
     m.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
     m.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -202,7 +219,12 @@ def _cmd_merge(args) -> int:
     if args.lora or args.lora_weights or args.lora_mode or args.lora_rank is not None or _adapter_inputs(args):
         return _cmd_lora_merge(args)
 
+    arguments = _merge_arguments(args)
+    ray = _ray_arguments(args, False)
+    if args.plan:
+        return _cmd_plan(args, arguments, ray)
     report = pysoup.merge(
+        **ray,
         out=args.output,
         backend=args.backend,
         device=args.device,
@@ -210,7 +232,7 @@ def _cmd_merge(args) -> int:
         shard_size=args.shard_size,
         progress=False if args.no_progress else None,
         durable=args.fsync,
-        **_merge_arguments(args),
+        **arguments,
     )
     if args.json:
         from dataclasses import asdict
@@ -304,6 +326,45 @@ def _cmd_extract_lora(args) -> int:
     if report.modules_to_save:
         summary += f"; modules_to_save: {', '.join(report.modules_to_save)}"
     _print_lora_report(args, report, summary)
+    return 0
+
+
+def _ray_arguments(args, config: bool) -> dict:
+    """{"executor": a RayExecutor} for --ray (and its --task-size, --task-cpus), else {}."""
+    if args.read_gbps is not None and not args.plan:
+        raise SoupError("--read-gbps goes with --plan")
+    if args.ray is None:
+        for flag, given in (("--task-size", args.task_size), ("--task-cpus", args.task_cpus)):
+            if given:
+                raise SoupError(f"{flag} goes with --ray")
+        if args.workers and not args.plan:
+            raise SoupError("--workers goes with --plan --ray")
+        return {}
+    if config:
+        raise SoupError("--ray runs merges of input checkpoints; a --config merge runs locally")
+    if args.device:
+        raise SoupError("--ray runs the CPU kernels in its tasks: --device does not apply")
+    from pysoup.distributed import RayExecutor
+
+    return {"executor": RayExecutor(args.ray or None, task_size=args.task_size, num_cpus=args.task_cpus or 1)}
+
+
+def _cmd_plan(args, arguments, ray) -> int:
+    """merge --plan: the dry run, printed (or as JSON)."""
+    import pysoup
+
+    if "config" in arguments:
+        raise SoupError("--plan takes input checkpoints; a --config merge has no dry run yet")
+    estimate = pysoup.plan(
+        out=args.output,
+        threads=args.threads,
+        shard_size=args.shard_size,
+        workers=args.workers,
+        read_gbps=args.read_gbps,
+        **ray,
+        **arguments,
+    )
+    print(json.dumps(estimate.as_dict(), indent=2) if args.json else estimate.format())
     return 0
 
 

@@ -39,22 +39,34 @@ def execute(plan: MergePlan, sink, backend, progress=None) -> tuple:
     Returns:
         (names of tensors that came out non-finite, the ops' report: (stats, notes), see TensorOp.report)
     """
-    bar = progress_bar(plan.bytes_to_read, progress, unit="B", unit_scale=True, unit_divisor=1000, desc="merging read")
+    nonfinite, summaries = execute_rows(plan, sink, backend, 0, len(plan), progress)
+    return nonfinite, report_of(summaries)
+
+
+def execute_rows(plan: MergePlan, sink, backend, start: int, stop: int, progress=None) -> tuple:
+    """Runs output tensors [start, stop) of the plan (rows of its layout) into `sink`: the whole merge, or one
+    task's share of it (pysoup.distributed: one range per output shard or byte range of a file).
+
+    Returns:
+        (names of tensors that came out non-finite, {op type: its tensors' summaries}; report_of() reads them)
+    """
+    total = plan.bytes_to_read if (start, stop) == (0, len(plan)) else 0
+    bar = progress_bar(total, progress, unit="B", unit_scale=True, unit_divisor=1000, desc="merging read")
     nonfinite = []
     states, summaries = {}, {}  # summaries: op type -> its tensors' summaries
-    n = len(plan)
+    n = stop
     try:
         # Checks that must pass for every tensor before anything is computed (e.g. sparse masks).
         if any(kind.op.verify_first for kind in plan.kinds):
-            for k in range(n):
+            for k in range(start, n):
                 if plan.kind(k).op.verify_first:
                     states[k] = _reduce(plan, k, backend)
-        k = 0
+        k = start
         while k < n:
             kind = plan.kind(k)
             end = k
             if kind.op.batchable and getattr(sink, "runs", False):
-                end = _combine_batch(plan, k, sink, backend, bar, nonfinite)
+                end = _combine_batch(plan, k, sink, backend, bar, nonfinite, stop)
             if end == k:  # a large tensor, or an op that takes one tensor at a time
                 name = plan.layout.name(k)
                 sink.begin_tensor(k)
@@ -78,10 +90,11 @@ def execute(plan: MergePlan, sink, backend, progress=None) -> tuple:
             c.release()
         if bar is not None:
             bar.close()
-    return nonfinite, _report(summaries)
+    return nonfinite, summaries
 
 
-def _report(summaries: dict) -> tuple:
+def report_of(summaries: dict) -> tuple:
+    """The merge report's (stats, notes) from {op type: summaries} (of one run, or every task's joined)."""
     stats, notes = {}, []
     for op_type, items in summaries.items():
         more_stats, more_notes = op_type.report(items)
@@ -158,16 +171,17 @@ def _combine(plan, k, sink, backend, bar, state) -> int:
     return nonfinite
 
 
-def _combine_batch(plan, k0, sink, backend, bar, nonfinite) -> int:
-    """Output tensors k0, k0 + 1, ... of one kind, as many as fit one batch (in the inputs' windows, the output
-    buffer, the current output file); returns the first tensor left (k0 when tensor k0 is too large for a batch)."""
+def _combine_batch(plan, k0, sink, backend, bar, nonfinite, stop) -> int:
+    """Output tensors k0, k0 + 1, ... (before `stop`) of one kind, as many as fit one batch (in the inputs' windows,
+    the output buffer, the current output file); returns the first tensor left (k0 when tensor k0 is too large for a
+    batch)."""
     kind, layout = plan.kind(k0), plan.layout
     sources = [(plan.inputs[i].table, plan.rows[i]) for i in kind.sources]
     room = sink.available()
     if layout.nbytes(k0) > room:
         room = sink.capacity  # reserve() flushes first
     k1, spans = batch_end(
-        sources, layout, plan.kind_of, k0, sink.run_end(k0), BATCH_SPAN_BYTES, room, BATCH_MAX_ELEMENTS
+        sources, layout, plan.kind_of, k0, min(stop, sink.run_end(k0)), BATCH_SPAN_BYTES, room, BATCH_MAX_ELEMENTS
     )
     if k1 == k0:
         return k0

@@ -231,6 +231,40 @@ class OutputTarget:
         except OSError as exc:
             raise OutputError(f"{where}: cannot write ({exc.strerror})") from None
 
+    def share(self) -> list:
+        """Gives every shard's temporary its hidden name and returns the names, in shard order: other processes
+        (the tasks of a distributed merge, pysoup.distributed) open them with attach() to write tensor data. They
+        carry this process's host and PID, so the next merge into the directory removes them if it dies."""
+        for s in self.shards:
+            s.temp.materialize()
+        return [s.temp.name for s in self.shards]
+
+    def attach(self, names: dict) -> None:
+        """Opens temporaries that another process's create() and share() made, {shard index: name}, so a FileSink
+        writes this target's tensor data into them; detach() closes them. Committing or removing them is left to
+        their maker."""
+        for i, name in names.items():
+            s = self.shards[i]
+            try:
+                s.temp = _Attached(name, os.open(name, os.O_RDWR | os.O_CLOEXEC))
+            except OSError as exc:
+                self.detach()
+                raise OutputError(f"{s.path}: cannot open its temporary {name} ({exc.strerror})") from None
+            if os.fstat(s.temp.fd).st_size != s.size:
+                self.detach()
+                raise OutputError(f"{s.path}: its temporary {name} is not laid out as this merge's output")
+
+    def detach(self, durable: bool = False) -> None:
+        """Closes the temporaries attach() opened (fsyncing them first when `durable`)."""
+        for s in self.shards:
+            if isinstance(s.temp, _Attached):
+                try:
+                    if durable:
+                        os.fsync(s.temp.fd)
+                finally:
+                    os.close(s.temp.fd)
+                    s.temp = None
+
     def _index_bytes(self) -> bytes:
         weight_map = {n: os.path.basename(s.path) for s in self.shards for n in s.names}
         index = {
@@ -296,6 +330,14 @@ class OutputTarget:
             with contextlib.suppress(OSError):
                 os.rmdir(d)  # only if still empty: never what another process put there
         self._created_dirs = []
+
+
+@dataclass
+class _Attached:
+    """A temporary another process made, opened here to write into (OutputTarget.attach)."""
+
+    name: str
+    fd: int
 
 
 def _identity(path: str):
