@@ -310,6 +310,99 @@ def test_gpt2_slices_merged_by_slerp(tmp_path, gpt2):
     forward(tmp_path / "ps")
 
 
+# -- item 10: tokenizers and chat templates --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def with_tokenizers(tmp_path_factory):
+    """A base with a 70-token BPE tokenizer, a fine-tune that adds two special tokens and a word (73 rows), and one
+    with the base's tokenizer: 2-layer Llamas."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    root = tmp_path_factory.mktemp("tok")
+    text = ["the quick brown fox jumps over the lazy dog", "merging models is soup making", "a b c d e f g h i j"] * 5
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    bpe.train_from_iterator(text, trainers.BpeTrainer(vocab_size=70, special_tokens=["<unk>", "<s>", "</s>"]))
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+
+    def model(seed, path, tokenizer):
+        torch.manual_seed(seed)
+        cfg = transformers.LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+        )
+        tokenizer.save_pretrained(path)
+        return _save(transformers.LlamaForCausalLM(cfg), path)
+
+    base = model(0, root / "base", tok)
+    extended = transformers.AutoTokenizer.from_pretrained(base)
+    extended.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+    extended.add_tokens(["soupword"])
+    return (
+        base,
+        model(1, root / "ft1", extended),
+        model(2, root / "ft2", transformers.AutoTokenizer.from_pretrained(base)),
+    )
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"tokenizer_source": "union"},
+        {"tokenizer_source": "base"},
+        {"tokenizer_source": "FT1"},
+        {"tokenizer": {"source": "union", "tokens": {"<|im_start|>": {"source": "FT1", "force": True},
+                                                     "soupword": {"source": {"kind": "zero"}}}}},
+        {"tokenizer_source": "union", "chat_template": "chatml"},
+        {"chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"},
+    ],
+    ids=["union", "base", "model", "tokens", "union+chatml", "literal-template"],
+)  # fmt: skip
+def test_tokenizer_merges_as_mergekit(tmp_path, with_tokenizers, extra):
+    """Embedding and LM-head rows moved to the output vocabulary and filled as mergekit fills them; the tokenizer's
+    vocabulary, special tokens and chat template equal mergekit's; AutoTokenizer and the model load it."""
+    base, ft1, ft2 = with_tokenizers
+    extra = json.loads(json.dumps(extra).replace("FT1", ft1))
+    cfg = {
+        "merge_method": "ties",
+        "base_model": base,
+        "dtype": "float32",
+        "models": [
+            {"model": ft1, "parameters": {"weight": 0.5, "density": 0.5}},
+            {"model": ft2, "parameters": {"weight": 0.5, "density": 0.7}},
+        ],
+        **extra,
+    }
+    if "tokenizer_source" not in extra and "tokenizer" not in extra:  # no vocabulary merge: the same vocabularies
+        cfg["models"] = cfg["models"][1:]
+    path = write(tmp_path, cfg)
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    run_merge(
+        MergeConfiguration.model_validate(cfg), str(tmp_path / "mk"), MergeOptions(quiet=True, write_model_card=False)
+    )
+    merge_config(path, tmp_path / "ps")
+    mk, ours = _tensors(tmp_path / "mk"), _tensors(tmp_path / "ps")
+    assert set(mk) == set(ours)
+    assert_fp32_close(mk, ours)
+    tok_mk = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "mk"))
+    tok_ps = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "ps"))
+    assert tok_ps.get_vocab() == tok_mk.get_vocab() and tok_ps.all_special_tokens == tok_mk.all_special_tokens
+    assert tok_ps.chat_template == tok_mk.chat_template
+    vocab = json.loads((tmp_path / "ps" / "config.json").read_text())["vocab_size"]
+    assert vocab == json.loads((tmp_path / "mk" / "config.json").read_text())["vocab_size"] == len(tok_ps)
+    forward(tmp_path / "ps")
+
+
 # -- malformed configs: one line, exit 1 ------------------------------------------------------------------------------
 
 

@@ -25,9 +25,14 @@ def merged_dtype(plan):
     return _TORCH_NAMES[max(floats)[1]] if floats else None
 
 
-def config_json(spec, plan, donor_config: dict, layers: dict) -> bytes:
-    """The output's config.json: the donor's, with the merge's dtype and layer count."""
+def config_json(spec, plan, donor_config: dict, layers: dict, vocab=None) -> bytes:
+    """The output's config.json: the donor's, with the merge's dtype, layer count and vocabulary size."""
     cfg = dict(donor_config)
+    if vocab is not None:
+        if "vocab_size" not in cfg and isinstance(cfg.get("text_config"), dict):
+            cfg["text_config"] = {**cfg["text_config"], "vocab_size": vocab.size}
+        else:
+            cfg["vocab_size"] = vocab.size
     dtype = merged_dtype(plan)
     if dtype is not None:
         cfg["dtype"] = dtype
@@ -40,11 +45,24 @@ def config_json(spec, plan, donor_config: dict, layers: dict) -> bytes:
     return (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode()
 
 
-def output_files(spec, plan, checkpoint, layers) -> list:
-    """aux_files for OutputTarget: the donor's non-weight files, config.json rewritten."""
-    donor = checkpoint(donor_path(spec))
-    files = [f for f in donor.aux_files() if os.path.basename(f) != "config.json"]
+def output_files(spec, plan, checkpoint, layers, vocab=None) -> list:
+    """aux_files for OutputTarget: the donor's non-weight files, config.json rewritten, and the merged tokenizer (or
+    the donor's with the config's chat template) in place of the donor's tokenizer files."""
+    from pysoup.mergekit.tokenizer import TOKENIZER_FILES
+
+    path = donor_path(spec)
+    donor = checkpoint(path)
+    tokenizer = []
+    if vocab is not None:
+        tokenizer = vocab.files()
+    elif spec.chat_template:
+        from pysoup.mergekit.tokenizer import donor_tokenizer_files
+
+        tokenizer = donor_tokenizer_files(path, spec.chat_template, spec.path)
+    replaced = {"config.json"} | ({n for n, _ in tokenizer} | set(TOKENIZER_FILES) if tokenizer else set())
+    files = [f for f in donor.aux_files() if os.path.basename(f) not in replaced]
+    files += [(n, b) for n, b in tokenizer if n != "config.json"]
     cfg = read_model_config(donor)
     if cfg:
-        files.append(("config.json", config_json(spec, plan, cfg, layers)))
+        files.append(("config.json", config_json(spec, plan, cfg, layers, vocab)))
     return files

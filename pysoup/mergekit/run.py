@@ -84,22 +84,27 @@ def merge_config(
 
             plans = []
             layers = GroupInputs.numbering(spec, checkpoint)
+            vocab = _vocabulary(spec)
             for g in spec.groups:
                 inputs = GroupInputs(spec, g, checkpoint, layers)
-                group_base = base if base is not None else None
-                base_ckpt = checkpoint(group_base) if group_base is not None else inputs.base
-                plans.append(
-                    build_plan(
-                        strategy,
-                        inputs.models,
-                        base_ckpt,
-                        weights=weights,
-                        params={**g.params, **(params or {})},
-                        model_params=g.model_params,
-                        out_dtype=out_dtype,
-                        layer_positions=inputs.positions,
+                if base is not None:
+                    inputs.base, g = checkpoint(base), _with_base(g, base)
+                parts = [(inputs.models, inputs.base)]
+                if vocab is not None:
+                    parts = _split_vocabulary(vocab, g, inputs, checkpoint, spec.compute_dtype)
+                for models, group_base in parts:
+                    plans.append(
+                        build_plan(
+                            strategy,
+                            models,
+                            group_base,
+                            weights=weights,
+                            params={**g.params, **(params or {})},
+                            model_params=g.model_params,
+                            out_dtype=out_dtype,
+                            layer_positions=inputs.positions,
+                        )
                     )
-                )
             plan = combine_plans(plans)
             if out is None:
                 sink = MemorySink(plan.entries)
@@ -109,7 +114,7 @@ def merge_config(
 
             from pysoup.mergekit.output import output_files
 
-            aux = output_files(spec, plan, checkpoint, layers)
+            aux = output_files(spec, plan, checkpoint, layers, vocab)
             target = OutputTarget(
                 out,
                 plan.entries,
@@ -138,6 +143,67 @@ def merge_config(
         finally:
             for c in opened.values():
                 c.close()
+
+
+def _vocabulary(spec):
+    """The output vocabulary when the config merges tokenizers (tokenizer_source / tokenizer), else None."""
+    if spec.tokenizer_source is None and spec.tokenizer is None:
+        return None
+    from pysoup.mergekit.tokenizer import Vocabulary
+
+    models = []
+    for g in spec.groups:
+        for s in g.models + ([g.base] if g.base is not None else []):
+            if s.model not in models:
+                models.append(s.model)
+    if spec.base_model is not None and spec.base_model in models:
+        models.remove(spec.base_model)
+        models.insert(0, spec.base_model)
+    return Vocabulary(spec, models, spec.base_model)
+
+
+def _with_base(g, base):
+    from dataclasses import replace
+
+    from pysoup.mergekit.config import Source
+
+    return replace(g, base=Source(base))
+
+
+def _split_vocabulary(vocab, g, inputs, checkpoint, compute_dtype) -> list:
+    """A group's inputs as two merges: every tensor but the embeddings and LM heads, as views of the files; and those,
+    each input's rows moved to the output vocabulary (in memory, in mergekit's compute dtype), from memory."""
+    import torch
+
+    from pysoup.dtypes import parse_dtype
+    from pysoup.io.checkpoint import MemoryCheckpoint
+    from pysoup.mergekit.slices import view
+
+    sources = g.models + ([g.base] if g.base is not None else [])
+    ckpts = inputs.models + ([inputs.base] if inputs.base is not None else [])
+    first, first_path = ckpts[0], sources[0].model
+    names = first.table.names()
+    is_vocab = [vocab.is_vocab_tensor(n, first.table.shape(r), first_path) for r, n in enumerate(names)]
+    if not any(is_vocab):
+        return [(inputs.models, inputs.base)]
+    dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(parse_dtype(compute_dtype))
+    rest, memory = [], [{} for _ in ckpts]
+    for c in ckpts:
+        rest.append(view(c, [(r, n) for r, n in enumerate(c.table.names()) if not is_vocab[first.table.find(n)]]))
+    for r, name in enumerate(names):
+        if not is_vocab[r]:
+            continue
+        tensors = {}
+        for s in sources:  # vocabulary tensors are outside the layers: the same name in the source's own file
+            t = checkpoint(s.model).torch(name)
+            tensors[s.model] = t.to(dtype) if dtype is not None else t
+        for i, t in enumerate(vocab.permuted(tensors).values()):
+            memory[i][name] = t
+    mem = [MemoryCheckpoint(m, f"{s.model} (vocabulary)") for m, s in zip(memory, sources)]
+    nb = len(inputs.models)
+    parts = [(rest[:nb], rest[nb] if inputs.base is not None else None)]
+    parts.append((mem[:nb], mem[nb] if inputs.base is not None else None))
+    return [(models, base) for models, base in parts if len(models[0].table)]
 
 
 def combine_plans(plans: list) -> MergePlan:

@@ -124,14 +124,20 @@ class _Layers:
             )
 
     def view(self, rows_and_names: list) -> FileCheckpoint:
-        t = self.ckpt.table
-        cols = ([], [], [], [], [], [])
-        for row, name in rows_and_names:
-            _, dtype, shape, begin, end = t.info(row)
-            for col, v in zip(cols, (name, dtype, list(shape), begin, end, t.group(row))):
-                col.append(v)
-        table = TensorTable.from_entries(*cols)
-        return FileCheckpoint(self.ckpt.name, self.ckpt._readers, table, directory=self.ckpt.directory)
+        return view(self.ckpt, rows_and_names)
+
+
+def view(ckpt, rows_and_names: list) -> FileCheckpoint:
+    """The tensors at `rows` of a file checkpoint under new names: the same readers (so the same mapped windows), a
+    table of its own."""
+    t = ckpt.table
+    cols = ([], [], [], [], [], [])
+    for row, name in rows_and_names:
+        _, dtype, shape, begin, end = t.info(row)
+        for col, v in zip(cols, (name, dtype, list(shape), begin, end, t.group(row))):
+            col.append(v)
+    table = TensorTable.from_entries(*cols)
+    return FileCheckpoint(ckpt.name, ckpt._readers, table, directory=ckpt.directory)
 
 
 class GroupInputs:
