@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -166,21 +167,23 @@ def test_executor_arguments_are_checked_before_any_work(fam, tmp_path, models):
 # -- merges on a Ray cluster ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
+    """Two simulated nodes of one CPU each (Ray's own cluster_utils): what ray.init(num_cpus=2) gives, but with
+    tasks crossing raylets as on a real cluster."""
     ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
     fault = tmp_path_factory.mktemp("fault") / "fault.json"
-    # Workers inherit the environment of the raylet this process starts: the fault hook's file, absent until a
+    # Workers inherit the environment of the raylets this process starts: the fault hook's file, absent until a
     # test writes it.
     os.environ[FAULT_ENV] = str(fault)
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-        object_store_memory=80 << 20,
-    )
+    quiet = dict(num_cpus=1, object_store_memory=80 << 20)
+    cluster = Cluster(initialize_head=True, head_node_args=dict(include_dashboard=False, **quiet))
+    cluster.add_node(**quiet)
+    ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
     yield ray, fault
     ray.shutdown()
+    cluster.shutdown()
     os.environ.pop(FAULT_ENV, None)
 
 
@@ -194,6 +197,7 @@ def test_every_method_is_byte_identical_to_the_local_merge(ray_cluster, fam, tmp
         ex = RayExecutor(task_size=task_size)
         dist = pysoup.merge(inputs, tmp_path / "ray" / out, executor=ex, **kw, **extra)
         assert len(ex.last_tasks) >= 3  # byte ranges of the one file / one task per shard
+        assert len({t.node for t in ex.last_tasks}) == 2  # spread over both nodes
         assert tree_snapshot(tmp_path / "ray" / out) == tree_snapshot(tmp_path / "local" / out)
         assert dist.bytes_read == local.bytes_read and dist.stats == local.stats
         assert dist.outputs == [p.replace(os.sep + "local" + os.sep, os.sep + "ray" + os.sep) for p in local.outputs]
@@ -250,28 +254,49 @@ def _driver(address, fps, out, task_size):
     return subprocess.Popen([sys.executable, "-c", code], env={**os.environ, **ENV}, stderr=subprocess.PIPE, text=True)
 
 
+def test_an_interrupted_driver_commits_nothing_and_leaves_no_temporaries(ray_cluster, fam, tmp_path):
+    ray, fault = ray_cluster
+    d, bp, fps = fam
+    out = tmp_path / "soup.safetensors"
+    out.write_bytes(b"older output")
+    fault.write_text(json.dumps({"start": 0, "action": "sleep", "seconds": 60}))
+
+    def interrupt_when_a_task_writes():
+        deadline = time.time() + 60
+        while not os.path.exists(str(fault) + ".taken") and time.time() < deadline:
+            time.sleep(0.02)
+        seen.extend(_temporaries(tmp_path))
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C
+
+    seen = []
+    threading.Thread(target=interrupt_when_a_task_writes, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        pysoup.merge(fps, out, executor=RayExecutor(task_size="8KB"))
+    os.unlink(str(fault) + ".taken")
+    assert seen, "the driver had made its temporaries"
+    assert out.read_bytes() == b"older output" and not _temporaries(tmp_path)
+
+
 def test_a_killed_driver_commits_nothing_and_the_next_run_leaves_no_temporaries(ray_cluster, fam, tmp_path):
     ray, fault = ray_cluster
     d, bp, fps = fam
-    address = ray.get_runtime_context().gcs_address
     out = tmp_path / "soup.safetensors"
     fault.write_text(json.dumps({"start": 0, "action": "sleep", "seconds": 60}))
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        proc = _driver(address, fps, out, "8KB")
-        deadline = time.time() + 60
-        while not os.path.exists(str(fault) + ".taken") and time.time() < deadline:  # a task is writing
-            time.sleep(0.05)
-        assert _temporaries(tmp_path), "the driver made its temporaries before the tasks ran"
-        proc.send_signal(sig)
-        proc.wait(30)
-        assert not out.exists()
-        if sig == signal.SIGTERM:  # interrupted: it cleans up itself
-            assert "terminated" in proc.stderr.read() or proc.returncode == -signal.SIGTERM
-            assert not _temporaries(tmp_path)
-            os.rename(str(fault) + ".taken", fault)
-        else:  # killed: its temporaries stay until the next merge into the directory
-            assert _temporaries(tmp_path)
-            os.unlink(str(fault) + ".taken")
+    code = (
+        "import pysoup\n"
+        "from pysoup.distributed import RayExecutor\n"
+        f"pysoup.merge({fps!r}, {str(out)!r}, executor=RayExecutor({ray.get_runtime_context().gcs_address!r}, "
+        "task_size='8KB'))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, **ENV}, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not os.path.exists(str(fault) + ".taken") and time.time() < deadline:  # a task is writing
+        time.sleep(0.05)
+    assert _temporaries(tmp_path), "the driver made its temporaries before the tasks ran"
+    proc.kill()
+    proc.wait(30)
+    os.unlink(str(fault) + ".taken")
+    assert not out.exists() and _temporaries(tmp_path)  # named with the dead driver's PID: stale from now on
     pysoup.merge(fps, out, executor=RayExecutor(task_size="8KB"))
     assert not _temporaries(tmp_path)
     pysoup.merge(fps, tmp_path / "local" / "l.safetensors")

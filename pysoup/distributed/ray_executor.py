@@ -139,8 +139,13 @@ class RayExecutor:
         ranges = task_ranges(plan, target, self.task_size)
         memory = self.memory if self.memory is not None else task_memory_bytes(plan)
         self._check_fits(ray, memory)
+        # SPREAD: a merge is bound by each node's storage reads, so its tasks go to as many nodes as there are.
         remote = _remote(ray, run_task).options(
-            num_cpus=self.num_cpus, memory=memory, max_retries=self.max_retries, retry_exceptions=False
+            num_cpus=self.num_cpus,
+            memory=memory,
+            max_retries=self.max_retries,
+            retry_exceptions=False,
+            scheduling_strategy="SPREAD",
         )
         t0 = time.perf_counter()
         target.create()
@@ -188,7 +193,7 @@ class RayExecutor:
 
                 warnings.warn(message, NonFiniteWarning, stacklevel=4)
         stats, notes = report_of(summaries)
-        hosts = {r.host for r in results}
+        hosts = {r.node for r in results}
         seconds = sorted(r.seconds for r in results)
         notes = list(notes) + [
             f"ray: {len(results)} tasks on {len(hosts)} node(s), {self.num_cpus} CPU(s) each; task time median "

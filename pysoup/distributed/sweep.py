@@ -117,7 +117,11 @@ def sweep(
     memory = executor.memory or max(j[4] for j in jobs)
     executor._check_fits(ray, memory)
     remote = _remote(ray, run_variant).options(
-        num_cpus=executor.num_cpus, memory=memory, max_retries=executor.max_retries, retry_exceptions=False
+        num_cpus=executor.num_cpus,
+        memory=memory,
+        max_retries=executor.max_retries,
+        retry_exceptions=False,
+        scheduling_strategy="SPREAD",
     )
     refs = [remote.remote(inputs, out, kwargs, executor.num_cpus) for _, out, _, kwargs, _ in jobs]
     bar = progress_bar(len(refs), progress, unit="merge", desc="sweep")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -58,6 +59,7 @@ class TaskResult:
     nonfinite: list = field(default_factory=list)
     summaries: dict = field(default_factory=dict)
     host: str = ""
+    node: str = ""  # the Ray node's id (several simulated nodes share a host)
     pid: int = 0
     peak_rss_bytes: int = 0
 
@@ -146,12 +148,20 @@ def run_task(spec: MergeSpec, start: int, stop: int, shard: int, bytes_read: int
             nonfinite,
             summaries,
             socket.gethostname(),
+            _node_id(),
             os.getpid(),
             peak_rss_bytes(),
         )
     finally:
         for c in opened:
             c.close()
+
+
+def _node_id() -> str:
+    ray = sys.modules.get("ray")  # loaded when this runs in a Ray worker; never imported here
+    if ray is not None and ray.is_initialized():
+        return ray.get_runtime_context().get_node_id()
+    return socket.gethostname()
 
 
 def _take_fault(start: int):
