@@ -292,6 +292,8 @@ def test_fold_several_adapters_weighted_bf16(peft_dirs, tmp_path):
     bf = tmp_path / "base_bf16.safetensors"
     save_file({k: v.bfloat16() for k, v in sd.items()}, str(bf), metadata={"format": "pt"})
     fold(str(bf), [ad["a"], ad["b"]], tmp_path / "out.safetensors", weights=[0.5, 2.0])
+    fold(str(bf), [ad["a"], ad["b"]], tmp_path / "ref.safetensors", weights=[0.5, 2.0], backend="reference")
+    assert (tmp_path / "out.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
     got = load_file(str(tmp_path / "out.safetensors"))
     deltas = _combine([_peft_deltas(base, ad["a"]), _peft_deltas(base, ad["b"])], [0.5, 2.0])
     for k, v in sd.items():

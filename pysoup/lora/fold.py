@@ -1,9 +1,10 @@
 """Folding LoRA adapters into a base model, out of core: W' = W + Σ wᵢsᵢBᵢAᵢ for every adapted weight, every other
 tensor copied, streamed from the base checkpoint into the output files.
 
-Each adapted weight is computed in row blocks of at most FOLD_BLOCK_BYTES of fp32: the block of W is read from
-the base's mapped window and widened to fp32 exactly, the block of ΔW is one BLAS GEMM (numpy's OpenBLAS sgemm:
-[rows, Σr] @ [Σr, cols]), their sum is rounded once to the base's dtype straight into the output buffer. The
+Each adapted weight is computed in row blocks of at most FOLD_BLOCK_BYTES of fp32: the block of ΔW is one BLAS GEMM
+(numpy's OpenBLAS sgemm: [rows, Σr] @ [Σr, cols]) into an fp32 buffer, then the merge engine's weighted-sum kernel
+(the op table's weighted_sum_raw, one fused pass) adds it to the block of W read in place from the base's mapped
+window, in fp32, and rounds once to the base's dtype straight into the output buffer. The
 adapters' factors are read per tensor with pread. Memory is the output buffers, one window of the base, one
 block and one tensor's factors: it does not grow with the model. Torch is never imported (its import alone is
 ~220 MiB resident); numpy's is ~25 MiB.
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from pysoup.dtypes import SAFETENSORS_SIZES
 from pysoup.engine.report import peak_rss_bytes
 from pysoup.errors import PlanError
-from pysoup.lora.adapter import LoraAdapter, from_f32, np_dtype, open_adapter, to_f32
+from pysoup.lora.adapter import LoraAdapter, np_dtype, open_adapter, to_f32
 
 # fp32 bytes of W per block: 4 MiB keeps the block, its ΔW and the widened copy in L2/L3-friendly pieces, and
 # far below the 16 MiB input window and output buffer.
@@ -50,6 +51,7 @@ class FoldReport:
         tensors: tensors in the output.
         folded: {weight name: number of adapters folded into it}.
         replaced: weight names replaced by adapter copies (modules_to_save, saved base layers).
+        nonfinite_tensors: folded weights holding NaN or inf.
     """
 
     seconds: float
@@ -60,9 +62,12 @@ class FoldReport:
     tensors: int
     folded: dict = field(default_factory=dict)
     replaced: list = field(default_factory=list)
+    nonfinite_tensors: list = field(default_factory=list)
 
 
-def fold(base, adapters, out, *, weights=None, shard_size=None, durable=False) -> FoldReport:
+def fold(
+    base, adapters, out, *, weights=None, shard_size=None, durable=False, threads=None, backend="auto"
+) -> FoldReport:
     """Folds LoRA adapters into a base checkpoint: the output is the base with W + Σ wᵢsᵢBᵢAᵢ for every adapted
     weight (computed in fp32, rounded once to the base's dtype), modules_to_save copies in place of the base's
     (their weighted average, weights normalized, when several adapters hold one), every other tensor copied byte
@@ -76,6 +81,8 @@ def fold(base, adapters, out, *, weights=None, shard_size=None, durable=False) -
         weights: one number per adapter (default 1 each: the adapters' updates add up, as in PEFT).
         shard_size: max tensor bytes per shard of a directory output.
         durable: fsync the output before renaming it into place.
+        threads: CPU threads for the kernels (default: all cores this process may use).
+        backend: the backend adding W and ΔW ("auto", "cpu" or "reference").
 
     Returns:
         A FoldReport.
@@ -89,6 +96,8 @@ def fold(base, adapters, out, *, weights=None, shard_size=None, durable=False) -
     from pysoup.io.signals import cleanup_on_termination
     from pysoup.io.units import parse_size
     from pysoup.io.writer import OutputTarget
+    from pysoup.ops import get_backend
+    from pysoup.ops.cpu import default_threads
 
     start = time.perf_counter()
     if isinstance(adapters, (str, os.PathLike, LoraAdapter)):
@@ -97,6 +106,8 @@ def fold(base, adapters, out, *, weights=None, shard_size=None, durable=False) -
     if not adapters:
         raise PlanError("fold needs at least one adapter")
     weights = _weights(weights, len(adapters))
+    backend_name = backend
+    threads = int(threads) if threads else default_threads()
     if shard_size is not None:
         shard_size = parse_size(shard_size)
     if out is None or os.fspath(out) == "":
@@ -119,11 +130,14 @@ def fold(base, adapters, out, *, weights=None, shard_size=None, durable=False) -
                 aux_files=base_ckpt.aux_files(),
                 durable=durable,
             )
-            with target.streaming(OUTPUT_BUFFER_BYTES) as sink:
+            backend = get_backend(backend_name, None, threads)
+            nonfinite = []
+            with target.streaming(OUTPUT_BUFFER_BYTES) as sink, backend.activate():
                 for k in range(len(target.layout)):
                     name = target.layout.name(k)
                     sink.begin_tensor(k)
-                    _write_tensor(base_ckpt, table.find(name), plan.get(name), sink)
+                    if _write_tensor(base_ckpt, table.find(name), plan.get(name), sink, backend):
+                        nonfinite.append(name)
                 sink.finish()
                 base_ckpt.check_unchanged()  # a base rewritten while we read it: nothing is committed
             adapter_bytes = sum(ad.reader.file_size for ad in opened)
@@ -136,6 +150,7 @@ def fold(base, adapters, out, *, weights=None, shard_size=None, durable=False) -
                 tensors=len(table),
                 folded={n: len(p.terms) for n, p in plan.items() if p.terms},
                 replaced=sorted(n for n, p in plan.items() if p.sources),
+                nonfinite_tensors=nonfinite,
             )
         finally:
             if base_ckpt is not None:
@@ -256,39 +271,46 @@ def _base_info(base, ad, name: str, what: str):
     return info
 
 
-def _write_tensor(base, row: int, fold_plan, sink) -> None:
+def _write_tensor(base, row: int, fold_plan, sink, backend) -> int:
+    """Writes one output tensor: copied, or W + ΔW block by block. Returns how many results are not finite."""
     table = base.table
     nbytes = table.nbytes(row)
     if fold_plan is None:
         _copy(base, row, sink, nbytes)
-        return
+        return 0
     import numpy as np
 
-    dtype = table.dtype(row)
+    from pysoup.ops.table import Chunk
+
+    name, dtype = table.name(row), table.dtype(row)
     shape = tuple(table.shape(row))
-    rows_n, cols = shape[0], int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    rows_n = shape[0] if shape else 1
+    cols = table.numel(row) // rows_n if rows_n else 0
     left, right = _gemm_factors(fold_plan.terms)
-    step = max(1, FOLD_BLOCK_BYTES // (4 * cols))
+    step = max(1, FOLD_BLOCK_BYTES // (4 * max(cols, 1)))
     size = SAFETENSORS_SIZES[dtype]
     begin = table.begin(row)
-    delta = np.empty((min(step, rows_n), cols), dtype=np.float32) if left is not None else None
+    delta = np.zeros((min(step, rows_n), cols), dtype=np.float32)
+    nonfinite = 0
     for r0 in range(0, rows_n, step):
         r1 = min(rows_n, r0 + step)
-        n = r1 - r0
-        if fold_plan.sources:
-            acc = _source_rows(fold_plan.sources, r0, r1, cols)
-        else:
-            lo, hi = begin + r0 * cols * size, begin + r1 * cols * size
-            raw = np.frombuffer((ctypes.c_char * (hi - lo)).from_address(base.address_at(row, lo, hi)), np_dtype(dtype))
-            acc = to_f32(raw, dtype).reshape(n, cols)
+        n = (r1 - r0) * cols
         if left is not None:
-            np.matmul(left[r0:r1], right, out=delta[:n])
-            acc += delta[:n]
-        out_bytes = n * cols * size
-        view = np.frombuffer((ctypes.c_char * out_bytes).from_address(sink.reserve(out_bytes)), np_dtype(dtype))
-        from_f32(acc.reshape(-1), dtype, out=view)
-        sink.advance(out_bytes)
+            np.matmul(left[r0:r1], right, out=delta[: r1 - r0])
+        if fold_plan.sources:
+            w = _source_rows(fold_plan.sources, r0, r1, cols)
+            w_addr, w_dtype = w.ctypes.data, "F32"
+        else:
+            w_addr = base.address_at(row, begin + r0 * cols * size, begin + r1 * cols * size)
+            w_dtype = dtype
+        # One fused pass of the merge kernel: fp32 (-0.0 + 1·W) + 1·ΔW, rounded once to the base's dtype straight
+        # into the output buffer (numpy's bf16 widening and rounding took five passes over each block).
+        out = sink.reserve(n * size)
+        chunk = Chunk(name, [w_addr, delta.ctypes.data], [w_dtype, "F32"], r0 * cols, n, out, dtype)
+        nonfinite += backend.weighted_sum_raw(chunk, [1.0, 1.0], False)
+        sink.advance(n * size)
         sink.flush_if_full()
+    return nonfinite
 
 
 def _gemm_factors(terms) -> tuple:
