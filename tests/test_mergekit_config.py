@@ -310,6 +310,49 @@ def test_gpt2_slices_merged_by_slerp(tmp_path, gpt2):
     forward(tmp_path / "ps")
 
 
+def test_llava_style_model(tmp_path_factory, tmp_path):
+    """A LLaVA-style model (CLIP vision tower, projector, Llama language model) written by transformers 5, merged by
+    `models:`. mergekit 0.1.5 infers this architecture with transformers 5's module names (model.vision_tower...,
+    model.language_model...) that the files do not use (language_model.model...): it writes the vision tower and the
+    projector, renamed, and silently drops the language model. pysoup merges every tensor under the files' names:
+    the tensors both write are bit-identical, and transformers loads pysoup's output and runs image + text."""
+    root = tmp_path_factory.mktemp("llava")
+    paths = []
+    for i in range(2):
+        torch.manual_seed(20 + i)
+        text = transformers.LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2,
+        )  # fmt: skip
+        vision = transformers.CLIPVisionConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=16,
+            patch_size=8,
+        )  # fmt: skip
+        cfg = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=63)
+        paths.append(_save(transformers.LlavaForConditionalGeneration(cfg), root / f"m{i}"))
+    cfg = {
+        "merge_method": "linear",
+        "dtype": "float32",
+        "models": [
+            {"model": paths[0], "parameters": {"weight": 0.3}},
+            {"model": paths[1], "parameters": {"weight": 0.7}},
+        ],
+    }
+    path = write(tmp_path, cfg)
+    mk = run_mergekit(path, tmp_path / "mk")
+    merge_config(path, tmp_path / "ps")
+    ours = _tensors(tmp_path / "ps")
+    assert set(ours) == set(load_file(os.path.join(paths[0], "model.safetensors")))
+    assert mk and all(k.startswith("model.") and k[len("model.") :] in ours for k in mk)
+    for k in mk:
+        assert torch.equal(mk[k], ours[k[len("model.") :]]), k
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "ps"))
+    ids = torch.tensor([[1] + [63] * 4 + [5, 7]])  # one image token per patch: (16 / 8)^2, the CLS dropped
+    with torch.no_grad():
+        out = model(input_ids=ids, pixel_values=torch.randn(1, 3, 16, 16)).logits
+    assert torch.isfinite(out).all()
+
+
 # -- item 10: tokenizers and chat templates --------------------------------------------------------------------------
 
 
