@@ -200,6 +200,20 @@ def test_slice_source_over_slice_over_top_level(tmp_path, llama):
     assert_bitwise(mk, ours)
 
 
+def test_modules_one_module_with_its_own_parameters(tmp_path, llama):
+    """`modules:` (Llama has one, "default"): the module's parameters sit between the slice's and the top level's."""
+    _, a, b, _ = llama
+    sources = [{"model": a, "layer_range": [0, 4]}, {"model": b, "layer_range": [0, 4], "parameters": {"weight": 0.2}}]
+    cfg = {
+        "merge_method": "linear",
+        "dtype": "float32",
+        "parameters": {"weight": 5.0, "normalize": True},
+        "modules": {"default": {"slices": [{"sources": sources}], "parameters": {"weight": [0.4, 0.6]}}},
+    }
+    mk, ours, _ = run_both(tmp_path, cfg)
+    assert_bitwise(mk, ours)
+
+
 # -- item 6: inputs mergekit ignores --------------------------------------------------------------------------------
 
 
@@ -490,3 +504,18 @@ def test_layer_range_past_the_models_layers(tmp_path, llama):
     cfg = {"merge_method": "passthrough", "slices": [{"sources": [{"model": a, "layer_range": [2, 6]}]}]}
     proc = run_cli("merge", "--config", write(tmp_path, cfg), "-o", tmp_path / "o")
     assert proc.returncode == 1 and "goes past its 4 layers" in proc.stderr
+
+
+def test_weight_only_through_filters_must_cover_every_tensor(tmp_path, llama):
+    """mergekit has no default weight: a model whose weight comes only from filter entries fails on a tensor none
+    matches; so does pysoup, naming the tensor (before writing anything)."""
+    _, a, b, _ = llama
+    cfg = {
+        "merge_method": "linear",
+        "models": [{"model": a, "parameters": {"weight": [{"filter": "mlp", "value": 0.3}]}}, {"model": b}],
+        "parameters": {"normalize": True},
+    }
+    cfg["models"][1]["parameters"] = {"weight": 1.0}
+    proc = run_cli("merge", "--config", write(tmp_path, cfg), "-o", tmp_path / "o")
+    assert proc.returncode == 1 and "parameter 'weight' has no value for tensor" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()

@@ -84,6 +84,9 @@ class Group:
     params: dict
     model_params: list
     module: str | None = None
+    # (model path, parameter, filters): a parameter mergekit requires that this model gets only from filter entries;
+    # a tensor none of them matches is an error, as in mergekit (checked when the tensor names are known).
+    required: list = field(default_factory=list)
 
 
 @dataclass
@@ -481,6 +484,7 @@ class _Reader:
             raise PlanError(f"{where}: merge_method {self.method!r} needs a base_model")
 
         shared_levels = [slice_params, module_params, self.top]
+        required = []
         params, per_model = {}, [dict() for _ in sources]
         names = set(self.top) | set(module_params) | set(slice_params)
         for _, p in sources:
@@ -526,6 +530,12 @@ class _Reader:
                         raise PlanError(f"{w}: parameter {key!r} is not set (merge_method {self.method!r} needs it)")
                     continue
                 self._place(key, value, default, params, per_model[i], w)
+                if (
+                    default is REQUIRED
+                    and isinstance(value, list)
+                    and all(_is_entry(e) and "filter" in e for e in value)
+                ):
+                    required.append((s.model, key, [e["filter"] for e in value]))
 
         models = [s for i, (s, _) in enumerate(sources) if i != base_pos]
         mparams = [per_model[i] for i in range(len(sources)) if i != base_pos]
@@ -535,7 +545,7 @@ class _Reader:
             # model (t = 0 gives it), the other the second.
             models, mparams = [base_src] + models, [per_model[base_pos]] + mparams
             base_src = None
-        g = Group(models, base_src, params, mparams)
+        g = Group(models, base_src, params, mparams, required=required)
         self._check_per_model_shared(g, where)
         return g
 

@@ -89,6 +89,7 @@ def merge_config(
                 inputs = GroupInputs(spec, g, checkpoint, layers)
                 if base is not None:
                     inputs.base, g = checkpoint(base), _with_base(g, base)
+                _check_required(g, inputs)
                 parts = [(inputs.models, inputs.base)]
                 if vocab is not None:
                     parts = _split_vocabulary(vocab, g, inputs, checkpoint, spec.compute_dtype)
@@ -160,6 +161,17 @@ def _vocabulary(spec):
         models.remove(spec.base_model)
         models.insert(0, spec.base_model)
     return Vocabulary(spec, models, spec.base_model)
+
+
+def _check_required(g, inputs) -> None:
+    """A parameter mergekit requires (weight) given to a model only through filters: every tensor must match one."""
+    for model, key, filters in g.required:
+        for name in inputs.models[0].table.names():
+            if not any(f in name for f in filters):
+                raise PlanError(
+                    f"model {model!r}: parameter {key!r} has no value for tensor {name!r} (its filters: "
+                    f"{', '.join(map(repr, filters))}; mergekit needs one)"
+                )
 
 
 def _with_base(g, base):
