@@ -519,3 +519,30 @@ def test_weight_only_through_filters_must_cover_every_tensor(tmp_path, llama):
     proc = run_cli("merge", "--config", write(tmp_path, cfg), "-o", tmp_path / "o")
     assert proc.returncode == 1 and "parameter 'weight' has no value for tensor" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_stacked_slices_with_a_tokenizer_union_and_scale(tmp_path, with_tokenizers):
+    """passthrough stacking of two models with different vocabularies (tokenizer_source: union) and a per-source
+    `scale`: bit-identical to mergekit, the union tokenizer loads."""
+    _, ft1, ft2 = with_tokenizers
+    cfg = {
+        "merge_method": "passthrough",
+        "dtype": "float32",
+        "tokenizer_source": "union",
+        "slices": [
+            {"sources": [{"model": ft1, "layer_range": [0, 1]}]},
+            {"sources": [{"model": ft2, "layer_range": [1, 2], "parameters": {"scale": 0.5}}]},
+        ],
+    }
+    path = write(tmp_path, cfg)
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    run_merge(
+        MergeConfiguration.model_validate(cfg), str(tmp_path / "mk"), MergeOptions(quiet=True, write_model_card=False)
+    )
+    merge_config(path, tmp_path / "ps")
+    assert_bitwise(_tensors(tmp_path / "mk"), _tensors(tmp_path / "ps"))
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "ps"))
+    assert tok.get_vocab() == transformers.AutoTokenizer.from_pretrained(str(tmp_path / "mk")).get_vocab()
+    assert forward(tmp_path / "ps").config.vocab_size == len(tok) == 73
