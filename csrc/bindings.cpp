@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "cpu/dtype.h"
+#include "cpu/geometric.h"
 #include "cpu/isa.h"
 #include "cpu/masked_sum.h"
 #include "cpu/moments.h"
@@ -343,6 +344,54 @@ std::vector<double> moments_py(const std::vector<uintptr_t>& inputs, const std::
 
 }  // namespace
 
+// The geometric ops (pysoup.ops.cpu: segment_moments_raw, segment_weighted_sum_raw, nearswap_raw).
+SegmentArgs segment_args(const char* op, const Inputs& in, bool base, int64_t length, bool columns, int64_t start) {
+    if (length <= 0) throw std::invalid_argument(std::string(op) + ": vector length must be positive");
+    if (start < 0) throw std::invalid_argument(std::string(op) + ": negative start");
+    if (base && in.ptrs.size() < 2) throw std::invalid_argument(std::string(op) + ": a base needs another source");
+    return SegmentArgs{in.ptrs.data(), in.dtypes.data(), static_cast<int>(in.ptrs.size()), base, length, columns,
+                       start};
+}
+
+// Adds the range's per-vector statistics to acc (a C-contiguous fp64 buffer of vectors x stats, updated in place).
+void segment_moments_py(const std::vector<uintptr_t>& inputs, const std::vector<int>& dtypes, bool base, int64_t n,
+                        int64_t length, bool columns, int64_t start, uintptr_t acc, int64_t vectors, int threads,
+                        const IsaArg& isa) {
+    Inputs in = check_inputs("segment_moments", inputs, dtypes, n, isa);
+    SegmentArgs a = segment_args("segment_moments", in, base, length, columns, start);
+    const int64_t last = columns ? std::min(length, n) - 1 : (start + n - 1) / length;
+    if (n > 0 && (acc == 0 || last >= vectors || (columns && length > vectors)))
+        throw std::invalid_argument("segment_moments: the accumulator has too few vectors for the range");
+    py::gil_scoped_release release;
+    segment_moments(a, n, in.isa, std::max(1, threads), reinterpret_cast<double*>(acc), vectors);
+}
+
+// coefficients: a C-contiguous fp32 buffer of (sources, or models with a base) x vectors.
+int64_t segment_weighted_sum_py(const std::vector<uintptr_t>& inputs, const std::vector<int>& dtypes, bool base,
+                                int64_t n, int64_t length, bool columns, int64_t start, uintptr_t coefficients,
+                                int64_t vectors, uintptr_t out, int out_dtype, int threads, const IsaArg& isa) {
+    Inputs in = check_inputs("segment_weighted_sum", inputs, dtypes, n, isa);
+    SegmentArgs a = segment_args("segment_weighted_sum", in, base, length, columns, start);
+    const int64_t last = columns ? std::min(length, n) - 1 : (start + n - 1) / length;
+    if (n > 0 && (coefficients == 0 || out == 0 || last >= vectors || (columns && length > vectors)))
+        throw std::invalid_argument("segment_weighted_sum: null buffer, or too few vectors for the range");
+    if (out_dtype < kF32 || out_dtype > kBF16) throw std::invalid_argument("segment_weighted_sum: bad output dtype code");
+    py::gil_scoped_release release;
+    return segment_weighted_sum(a, n, reinterpret_cast<const float*>(coefficients), vectors,
+                                reinterpret_cast<void*>(out), out_dtype, in.isa, std::max(1, threads));
+}
+
+int64_t nearswap_py(const std::vector<uintptr_t>& inputs, const std::vector<int>& dtypes, float t, int64_t n,
+                    uintptr_t out, int out_dtype, int threads, const IsaArg& isa) {
+    Inputs in = check_inputs("nearswap", inputs, dtypes, n, isa);
+    if (inputs.size() != 2) throw std::invalid_argument("nearswap: takes the model and the base");
+    if (n > 0 && out == 0) throw std::invalid_argument("nearswap: null output pointer");
+    if (out_dtype < kF32 || out_dtype > kBF16) throw std::invalid_argument("nearswap: bad output dtype code");
+    py::gil_scoped_release release;
+    return nearswap(in.ptrs.data(), in.dtypes.data(), t, n, reinterpret_cast<void*>(out), out_dtype, in.isa,
+                    std::max(1, threads));
+}
+
 PYBIND11_MODULE(_C, m) {
     m.doc() = "pysoup's C++ kernels: fused streaming merges over raw buffers";
     m.attr("__version__") = PYSOUP_VERSION;
@@ -369,6 +418,9 @@ PYBIND11_MODULE(_C, m) {
     m.def("masked_sum", &masked_sum_py, "sparse soup over one range; mode 0 shared, 1 intersection, 2 union");
     m.def("sparse_scan", &sparse_scan_py, "(first index where zero patterns differ or -1, zeros of input 0)");
     m.def("moments", &moments_py, "fp64 sums, squares, abs sums and Gram entries over one range, block-ordered");
+    m.def("segment_moments", &segment_moments_py, "per-vector (row or column) fp64 squares and dots, in order");
+    m.def("segment_weighted_sum", &segment_weighted_sum_py, "weighted sum with per-vector coefficients");
+    m.def("nearswap", &nearswap_py, "mergekit's NearSwap in its fp32 operation order");
     m.def("philox_word", [](uint64_t key, uint64_t e) { return philox_word(key, e); }, "DARE's generator");
     bind_tensor_table(m);
     py::class_<MappedRegion>(m, "MappedRegion")

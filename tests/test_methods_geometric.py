@@ -161,7 +161,10 @@ def test_bad_input_is_one_line_error(strategy, n, base, params, model_params, me
     sds = [{"w": torch.ones(4)} for _ in range(n)]
     with pytest.raises(PlanError, match=message) as e:
         pysoup.merge(
-            sds, strategy=strategy, base={"w": torch.zeros(4)} if base else None, params=params,
+            sds,
+            strategy=strategy,
+            base={"w": torch.zeros(4)} if base else None,
+            params=params,
             model_params=model_params,
         )
     assert "\n" not in str(e.value)
@@ -220,6 +223,75 @@ def test_chunks_that_split_rows_change_nothing(reference_merge, backend, tmp_pat
     assert (tmp_path / "chunked.safetensors").read_bytes() == want
 
 
+def _chunk(xs, start, n, out=None):
+    from pysoup.dtypes import from_torch
+    from pysoup.ops.table import Chunk
+
+    size = xs[0].element_size()
+    addrs = [x.data_ptr() + start * x.element_size() for x in xs]
+    c = Chunk("w", addrs, [from_torch(x.dtype) for x in xs], start, n)
+    if out is not None:
+        c.out, c.out_dtype = out.data_ptr() + start * out.element_size(), from_torch(out.dtype)
+    assert size
+    return c
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=id_formatter("isa"))
+@pytest.mark.parametrize("columns", [False, True], ids=["rows", "columns"])
+@pytest.mark.parametrize("base", [False, True], ids=["plain", "base"])
+def test_segment_kernels_equal_reference(isa, columns, base):
+    """The per-vector statistics and sums over odd rows (300 x 517), mixed dtypes with wide exponents, in uneven
+    chunks (a row split three ways): the C++ kernels give the reference's bits, accumulators included."""
+    from helpers.tensors import assert_bit_equal, random_tensor
+
+    from pysoup.ops.cpu import CpuBackend
+    from pysoup.ops.reference import ReferenceBackend
+    from pysoup.ops.table import Segments
+
+    rows, length = 300, 517
+    xs = [
+        random_tensor((rows, length), dt, seed=i, wide=True).flatten()
+        for i, dt in enumerate([torch.bfloat16, torch.float16, torch.float32])
+    ]
+    seg = Segments(length, length, True) if columns else Segments(length, rows, False)
+    m = len(xs) - 1 if base else len(xs)
+    cuts = [0, 70_000, 70_001, 70_300, 155_100]
+    results = []
+    for be in (ReferenceBackend(), CpuBackend(2, isa)):
+        acc = np.zeros((seg.count, m + m * (m - 1) // 2))
+        for lo, hi in zip(cuts, cuts[1:]):
+            acc = be.segment_moments_raw(_chunk(xs, lo, hi - lo), seg, base, acc)
+        coefficients = np.random.default_rng(0).standard_normal((seg.count, m)).astype(np.float32)
+        out = torch.empty(rows * length, dtype=torch.bfloat16)
+        for lo, hi in zip(cuts, cuts[1:]):
+            be.segment_weighted_sum_raw(_chunk(xs, lo, hi - lo, out), seg, coefficients, base)
+        results.append((acc, out))
+    (acc_ref, out_ref), (acc_cpu, out_cpu) = results
+    assert np.array_equal(acc_ref.view(np.int64), acc_cpu.view(np.int64))
+    assert_bit_equal(out_cpu, out_ref)
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=id_formatter("isa"))
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16], ids=id_formatter("out"))
+def test_nearswap_kernel_equals_reference(isa, out_dtype):
+    from helpers.tensors import assert_bit_equal, random_tensor
+
+    from pysoup.ops.cpu import CpuBackend
+    from pysoup.ops.reference import ReferenceBackend
+
+    n = 200_003
+    x = random_tensor((n,), torch.float16, seed=1, wide=False)
+    b = (x.float() + 1e-3 * random_tensor((n,), torch.float32, seed=2, wide=True)).to(torch.bfloat16)
+    x[:4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0])
+    b[4:8] = torch.tensor([float("nan"), float("inf"), 0.0, -0.0])
+    outs = []
+    for be in (ReferenceBackend(), CpuBackend(2, isa)):
+        out = torch.empty(n, dtype=out_dtype)
+        be.nearswap_raw(_chunk([x, b], 0, n, out), 3e-4)
+        outs.append(out)
+    assert_bit_equal(outs[1], outs[0])
+
+
 # -- agreement with mergekit 0.1.5 -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
@@ -228,7 +300,11 @@ def llama(tmp_path_factory):
     pytest.importorskip("mergekit")
     root = tmp_path_factory.mktemp("llama")
     config = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
         vocab_size=128,
     )
     torch.manual_seed(0)
@@ -313,7 +389,11 @@ def test_agrees_with_mergekit(llama, case):
         config["base_model"] = paths[0]
     want = run_mergekit(root, config)
     got = pysoup.merge(
-        models, strategy=method, base=paths[0] if uses_base else None, params=params, model_params=model_params,
+        models,
+        strategy=method,
+        base=paths[0] if uses_base else None,
+        params=params,
+        model_params=model_params,
         dtype="float32",
     )
     assert set(got) == set(want)

@@ -152,6 +152,55 @@ class CpuBackend(Backend):
     def sparse_scan_raw(self, chunk):
         return _native.native.sparse_scan(list(chunk.addrs), _codes(chunk.dtypes), chunk.n, self.threads, self._isa)
 
+    def segment_moments_raw(self, chunk, seg, base, acc):
+        _native.native.segment_moments(
+            list(chunk.addrs),
+            _codes(chunk.dtypes),
+            base,
+            chunk.n,
+            seg.length,
+            seg.columns,
+            chunk.start,
+            acc.ctypes.data,
+            acc.shape[0],
+            self.threads,
+            self._isa,
+        )
+        return acc
+
+    def segment_weighted_sum_raw(self, chunk, seg, coefficients, around_base):
+        import numpy as np
+
+        # The kernel reads each source's coefficients contiguously: [sources, vectors].
+        by_source = np.ascontiguousarray(coefficients.T, dtype=np.float32)
+        return _native.native.segment_weighted_sum(
+            list(chunk.addrs),
+            _codes(chunk.dtypes),
+            around_base,
+            chunk.n,
+            seg.length,
+            seg.columns,
+            chunk.start,
+            by_source.ctypes.data,
+            seg.count,
+            chunk.out,
+            KERNEL_CODE[chunk.out_dtype],
+            self.threads,
+            self._isa,
+        )
+
+    def nearswap_raw(self, chunk, t):
+        return _native.native.nearswap(
+            list(chunk.addrs),
+            _codes(chunk.dtypes),
+            t,
+            chunk.n,
+            chunk.out,
+            KERNEL_CODE[chunk.out_dtype],
+            self.threads,
+            self._isa,
+        )
+
     def moments_raw(self, chunk, acc):
         spec = acc.spec
         addrs, dtypes = (chunk.addrs[:-1], chunk.dtypes[:-1]) if spec.base else (chunk.addrs, chunk.dtypes)

@@ -669,7 +669,10 @@ def nearswap(x, base, t: float):
     x, a = exact_f32(x), exact_f32(base)
     d = torch.clamp((a - x).abs(), min=to_f32(1e-6))
     w = torch.clamp(torch.reciprocal(d) * torch.full_like(d, to_f32(t)), 0.0, 1.0)
-    return w * x + (1 - w) * a
+    out = w * x + (1 - w) * a
+    # NaN results are the one quiet NaN 0x7FC00000: which NaN torch propagates (its sign) differs between its
+    # vectorized and scalar code paths, so no other choice is reproducible.
+    return torch.where(torch.isnan(out), torch.full_like(out, float("nan")), out)
 
 
 def segment_moments_raw(chunk: Chunk, seg, base: bool, acc):

@@ -419,7 +419,8 @@ class Backend:
 
     def nearswap_raw(self, chunk: Chunk, t: float) -> int:
         """mergekit's NearSwap (sources: the model, then the base a), in its fp32 operation order:
-        w = min(max(fp32(1 / max(|a - x|, 1e-6)) * t, 0), 1), out = w x + (1 - w) a. Returns the non-finite count.
+        w = min(max(fp32(1 / max(|a - x|, 1e-6)) * t, 0), 1), out = w x + (1 - w) a, a NaN result as 0x7FC00000.
+        Returns the non-finite count.
         Backends without a kernel run the reference's."""
         from pysoup.ops import reference
 

@@ -1,0 +1,75 @@
+// The geometric ops' threads. Row statistics: threads take ranges cut at row starts, so every row is summed by one
+// thread in element order. Column statistics: threads take column ranges and walk every row of the range in order.
+// The element-wise ops: one kernel call per block.
+#include "cpu/geometric.h"
+
+#include <algorithm>
+
+#include "cpu/blocking.h"
+
+namespace pysoup {
+namespace {
+
+const GeometricKernels& kernels(Isa isa) {
+#if PYSOUP_X86
+    static const GeometricKernels* const table[kIsaCount] = {&kGeometricScalar, &kGeometricAvx2, &kGeometricAvx512};
+    return *table[static_cast<int>(isa)];
+#else
+    (void)isa;
+    return kGeometricScalar;
+#endif
+}
+
+}  // namespace
+
+void segment_moments(const SegmentArgs& a, int64_t n, Isa isa, int threads, double* acc, int64_t vectors) {
+    const GeometricKernels& kern = kernels(isa);
+    if (n <= 0) return;
+    if (a.columns) {
+        // Each thread owns a range of columns (>= 1024, so threads do not share cache lines of acc).
+        const int64_t cols = std::min<int64_t>(a.length, vectors);
+        const int64_t per = std::max<int64_t>(1024, (cols + threads - 1) / threads);
+        const int64_t parts = (cols + per - 1) / per;
+#pragma omp parallel for num_threads(threads_for(threads, parts)) schedule(static)
+        for (int64_t p = 0; p < parts; ++p) kern.segment_moments(a, 0, n, p * per, std::min(cols, (p + 1) * per), acc);
+        return;
+    }
+    // Blocks of about kBlock elements whose inner boundaries are row starts.
+    const int64_t nb = nblocks(n);
+    auto cut = [&](int64_t b) -> int64_t {
+        if (b <= 0) return 0;
+        if (b >= nb) return n;
+        const int64_t e = a.start + b * kBlock;                      // tensor index of the nominal boundary
+        const int64_t row_start = (e + a.length - 1) / a.length * a.length;  // the next row start at or after it
+        return std::min(n, row_start - a.start);
+    };
+#pragma omp parallel for num_threads(threads_for(threads, nb)) schedule(static)
+    for (int64_t b = 0; b < nb; ++b) {
+        const int64_t lo = cut(b), hi = cut(b + 1);
+        if (lo < hi) kern.segment_moments(a, lo, hi, 0, 0, acc);
+    }
+}
+
+int64_t segment_weighted_sum(const SegmentArgs& a, int64_t n, const float* coefficients, int64_t vectors, void* out,
+                             int out_dtype, Isa isa, int threads) {
+    const GeometricKernels& kern = kernels(isa);
+    const int64_t nb = nblocks(n);
+    int64_t nonfinite = 0;
+#pragma omp parallel for num_threads(threads_for(threads, nb)) schedule(static) reduction(+ : nonfinite)
+    for (int64_t b = 0; b < nb; ++b)
+        nonfinite += kern.segment_weighted_sum(a, b * kBlock, block_end(b, n), coefficients, vectors, out, out_dtype);
+    return nonfinite;
+}
+
+int64_t nearswap(const void* const* inputs, const int* in_dtypes, float t, int64_t n, void* out, int out_dtype, Isa isa,
+                 int threads) {
+    const GeometricKernels& kern = kernels(isa);
+    const int64_t nb = nblocks(n);
+    int64_t nonfinite = 0;
+#pragma omp parallel for num_threads(threads_for(threads, nb)) schedule(static) reduction(+ : nonfinite)
+    for (int64_t b = 0; b < nb; ++b)
+        nonfinite += kern.nearswap(inputs, in_dtypes, t, b * kBlock, block_end(b, n), out, out_dtype);
+    return nonfinite;
+}
+
+}  // namespace pysoup

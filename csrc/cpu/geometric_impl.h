@@ -1,0 +1,162 @@
+// The geometric ops per element range, over fp32 tiles (see geometric.h for what each computes).
+//
+// Included by each ISA's geometric_<isa>.cpp and instantiated there with that ISA's IO type (io_<isa>.h), so the
+// compiler vectorises the fp32 arithmetic with that file's flags. Every fma is explicit (the build uses
+// -ffp-contract=off), so all ISAs compute the same bits. Internal linkage, as in dtype.h.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cpu/blocking.h"
+#include "cpu/geometric.h"
+
+namespace pysoup {
+namespace {
+
+// The sources of [t0, t0 + m) as fp32 tiles, and with a base, x_i - base (fp32) in the first k - 1 tiles.
+template <class IO>
+void load_vectors(const SegmentArgs& a, int64_t t0, int64_t m, float* x) {
+    for (int i = 0; i < a.k; ++i) IO::load(a.inputs[i], a.in_dtypes[i], t0, m, x + size_t(i) * kOpTile);
+    if (a.base) {
+        const float* b = x + size_t(a.k - 1) * kOpTile;
+        for (int i = 0; i + 1 < a.k; ++i) {
+            float* v = x + size_t(i) * kOpTile;
+            for (int64_t j = 0; j < m; ++j) v[j] = v[j] - b[j];
+        }
+    }
+}
+
+// The (i, j) of each statistic: squares first, then the pairs i < j in order.
+inline void stat_pairs(int m, std::vector<int>& pi, std::vector<int>& pj) {
+    for (int i = 0; i < m; ++i) pi.push_back(i), pj.push_back(i);
+    for (int i = 0; i < m; ++i)
+        for (int j = i + 1; j < m; ++j) pi.push_back(i), pj.push_back(j);
+}
+
+template <class IO>
+void segment_moments_kernel(const SegmentArgs& a, int64_t begin, int64_t end, int64_t col_begin, int64_t col_end,
+                            double* acc) {
+    const int m = a.base ? a.k - 1 : a.k;
+    const int S = segment_stats(m);
+    std::vector<int> pi, pj;
+    stat_pairs(m, pi, pj);
+    std::vector<float> buf(size_t(kOpTile) * a.k);
+    float* x = buf.data();
+    const int64_t L = a.length;
+    if (!a.columns) {
+        // Rows: one running sum per statistic for the current row, written back when the row ends.
+        std::vector<double> sums(S);
+        int64_t row = (a.start + begin) / L;
+        int64_t left = L - (a.start + begin) % L;
+        double* r = acc + row * S;
+        std::copy(r, r + S, sums.begin());
+        for (int64_t t0 = begin; t0 < end; t0 += kOpTile) {
+            const int64_t mm = std::min(kOpTile, end - t0);
+            load_vectors<IO>(a, t0, mm, x);
+            for (int64_t j = 0; j < mm; ++j) {
+                for (int s = 0; s < S; ++s)
+                    sums[s] += double(x[size_t(pi[s]) * kOpTile + j]) * double(x[size_t(pj[s]) * kOpTile + j]);
+                if (--left == 0) {
+                    std::copy(sums.begin(), sums.end(), r);
+                    r += S;
+                    left = L;
+                    if (t0 + j + 1 < end) std::copy(r, r + S, sums.begin());
+                }
+            }
+        }
+        if (left != L) std::copy(sums.begin(), sums.end(), r);
+        return;
+    }
+    // Columns [col_begin, col_end): every row of the range in order, each row's run of those columns at once.
+    int64_t e = a.start + begin;
+    const int64_t e_end = a.start + end;
+    while (e < e_end) {
+        const int64_t row_start = e / L * L;
+        const int64_t lo = std::max(row_start + col_begin, e);
+        const int64_t hi = std::min(row_start + col_end, e_end);
+        for (int64_t c0 = lo; c0 < hi; c0 += kOpTile) {
+            const int64_t mm = std::min(kOpTile, hi - c0);
+            load_vectors<IO>(a, c0 - a.start, mm, x);
+            double* col = acc + (c0 - row_start) * S;
+            for (int s = 0; s < S; ++s) {
+                const float* u = x + size_t(pi[s]) * kOpTile;
+                const float* v = x + size_t(pj[s]) * kOpTile;
+                for (int64_t j = 0; j < mm; ++j) col[j * S + s] += double(u[j]) * double(v[j]);
+            }
+        }
+        e = row_start + L;
+    }
+}
+
+template <class IO>
+int64_t segment_weighted_sum_kernel(const SegmentArgs& a, int64_t begin, int64_t end, const float* coefficients,
+                                    int64_t vectors, void* out, int out_dtype) {
+    const int m = a.base ? a.k - 1 : a.k;
+    std::vector<float> buf(size_t(kOpTile) * (a.k + 1));
+    float* x = buf.data();
+    float* acc = x + size_t(a.k) * kOpTile;
+    std::vector<int64_t> ids(kOpTile);
+    const int64_t L = a.length;
+    int64_t nonfinite = 0;
+    for (int64_t t0 = begin; t0 < end; t0 += kOpTile) {
+        const int64_t mm = std::min(kOpTile, end - t0);
+        load_vectors<IO>(a, t0, mm, x);
+        int64_t e = a.start + t0;
+        if (a.columns) {
+            int64_t c = e % L;
+            for (int64_t j = 0; j < mm; ++j) {
+                ids[j] = c;
+                c = c + 1 == L ? 0 : c + 1;
+            }
+        } else {
+            int64_t r = e / L, left = L - e % L;
+            for (int64_t j = 0; j < mm; ++j) {
+                ids[j] = r;
+                if (--left == 0) ++r, left = L;
+            }
+        }
+        std::fill(acc, acc + mm, -0.0f);
+        for (int i = 0; i < m; ++i) {
+            const float* c = coefficients + size_t(i) * vectors;
+            const float* v = x + size_t(i) * kOpTile;
+            for (int64_t j = 0; j < mm; ++j) acc[j] = std::fma(c[ids[j]], v[j], acc[j]);
+        }
+        if (a.base) {
+            const float* b = x + size_t(a.k - 1) * kOpTile;
+            for (int64_t j = 0; j < mm; ++j) acc[j] = std::fma(1.0f, acc[j], b[j]);
+        }
+        nonfinite += IO::store(acc, mm, out, out_dtype, t0);
+    }
+    return nonfinite;
+}
+
+template <class IO>
+int64_t nearswap_kernel(const void* const* inputs, const int* in_dtypes, float t, int64_t begin, int64_t end, void* out,
+                        int out_dtype) {
+    std::vector<float> buf(size_t(kOpTile) * 2);
+    float* x = buf.data();
+    float* a = x + kOpTile;
+    const float lo = 1e-6f;
+    int64_t nonfinite = 0;
+    for (int64_t t0 = begin; t0 < end; t0 += kOpTile) {
+        const int64_t m = std::min(kOpTile, end - t0);
+        IO::load(inputs[0], in_dtypes[0], t0, m, x);
+        IO::load(inputs[1], in_dtypes[1], t0, m, a);
+        for (int64_t j = 0; j < m; ++j) {
+            const float d = std::fabs(a[j] - x[j]);
+            const float dc = d < lo ? lo : d;  // NaN stays NaN, as torch.clamp
+            const float w0 = (1.0f / dc) * t;
+            const float w = w0 < 0.0f ? 0.0f : (w0 > 1.0f ? 1.0f : w0);
+            const float r = w * x[j] + (1.0f - w) * a[j];
+            x[j] = std::isnan(r) ? std::numeric_limits<float>::quiet_NaN() : r;  // the one NaN 0x7FC00000
+        }
+        nonfinite += IO::store(x, m, out, out_dtype, t0);
+    }
+    return nonfinite;
+}
+
+}  // namespace
+}  // namespace pysoup
