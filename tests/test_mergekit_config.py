@@ -546,3 +546,22 @@ def test_stacked_slices_with_a_tokenizer_union_and_scale(tmp_path, with_tokenize
     tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "ps"))
     assert tok.get_vocab() == transformers.AutoTokenizer.from_pretrained(str(tmp_path / "mk")).get_vocab()
     assert forward(tmp_path / "ps").config.vocab_size == len(tok) == 73
+
+
+def test_per_model_filters_match_the_sources_own_names(tmp_path, llama):
+    """mergekit matches a model's filters against that model's tensor names: `layers.0.` on a source whose layer 0
+    becomes output layer 2 scales output layer 2, not output layer 0."""
+    _, a, b, _ = llama
+    scale = [{"filter": "layers.0.", "value": 2.0}, {"value": 1.0}]
+    cfg = {
+        "merge_method": "passthrough",
+        "dtype": "float32",
+        "slices": [
+            {"sources": [{"model": a, "layer_range": [0, 2]}]},
+            {"sources": [{"model": b, "layer_range": [0, 2], "parameters": {"scale": scale}}]},
+        ],
+    }
+    mk, ours, _ = run_both(tmp_path, cfg)
+    assert_bitwise(mk, ours)
+    src = load_file(os.path.join(b, "model.safetensors"))
+    assert torch.equal(ours["model.layers.2.mlp.up_proj.weight"], 2 * src["model.layers.0.mlp.up_proj.weight"])

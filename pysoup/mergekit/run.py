@@ -101,7 +101,7 @@ def merge_config(
                             group_base,
                             weights=weights,
                             params={**g.params, **(params or {})},
-                            model_params=g.model_params,
+                            model_params=inputs.model_params,
                             out_dtype=out_dtype,
                             layer_positions=inputs.positions,
                         )

@@ -140,12 +140,37 @@ def view(ckpt, rows_and_names: list) -> FileCheckpoint:
     return FileCheckpoint(ckpt.name, ckpt._readers, table, directory=ckpt.directory)
 
 
+def _first_match(entries, name):
+    return next((j for j, e in enumerate(entries) if e.get("filter") in (None, "*") or e["filter"] in name), None)
+
+
+def _filters_on_input_names(model_params: dict, names: dict) -> dict:
+    """mergekit matches a per-model parameter's filters against the source's own tensor names (`model.layers.5.` of
+    the source, output layer 0 of the slice). Where that picks another entry than the output name would for some
+    tensor, the setting becomes one entry per output tensor (its full name as the filter) holding the value the
+    source's name selects; otherwise it stays as written."""
+    out = {}
+    for key, setting in model_params.items():
+        entries = setting if isinstance(setting, list) and setting and isinstance(setting[0], dict) else None
+        if entries is None or all(_first_match(entries, o) == _first_match(entries, i) for o, i in names.items()):
+            out[key] = setting
+            continue
+        exact = []
+        for o, i in names.items():
+            j = _first_match(entries, i)
+            if j is not None:
+                exact.append({"filter": o, "value": entries[j]["value"]})
+        out[key] = exact
+    return out
+
+
 class GroupInputs:
     """The checkpoints one group's plan takes: the models and the base, as opened (a `models:` config) or as views
     with the output's layer names (slices)."""
 
     def __init__(self, spec, group, checkpoint, numbering):
         self.positions = None
+        self.model_params = group.model_params
         if not spec.layered:
             self.models = [checkpoint(s.model) for s in group.models]
             self.base = checkpoint(group.base.model) if group.base is not None else None
@@ -172,10 +197,15 @@ class GroupInputs:
                 picks += [(r, layers.ckpt.table.name(r)) for r in layers.post]
             if not picks:
                 raise PlanError(f"{spec.path}: slice of {source.model!r} holds no tensor")
+            input_names.append({out: layers.ckpt.table.name(r) for r, out in picks})
             return layers.view(picks)
 
+        input_names: list = []  # per model: output name -> the source's own name
         self.models = [view(s) for s in group.models]
         self.base = view(group.base) if group.base is not None else None
+        self.model_params = [
+            _filters_on_input_names(p, names) for p, names in zip(group.model_params, input_names[: len(group.models)])
+        ]
 
     @staticmethod
     def numbering(spec, checkpoint) -> dict:
