@@ -16,6 +16,8 @@ import os
 import numpy as np
 import pytest
 import torch
+import yaml
+from helpers.cli import run_cli
 from helpers.methods import family as small_family
 from helpers.parametrize import ISAS, id_formatter
 from safetensors.torch import load_file
@@ -406,6 +408,13 @@ def test_agrees_with_mergekit(llama, case):
         dtype="float32",
     )
     assert set(got) == set(want)
+    # The same config through the mergekit reader (what `pysoup merge --config` runs) gives the same tensors.
+    from pysoup.mergekit.run import merge_config
+
+    path = root / f"{case[0]}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    via_config = merge_config(str(path))
+    assert all(torch.equal(via_config[k], got[k]) for k in got)
     for k in want:
         if exact:
             assert torch.equal(got[k].view(torch.int32), want[k].view(torch.int32)), k
@@ -415,3 +424,26 @@ def test_agrees_with_mergekit(llama, case):
             bound = 2.0**-20 * float(want[k].abs().max())
             err = float((got[k] - want[k]).abs().max())
             assert err <= bound, f"{k}: {err} > {bound}"
+
+
+@pytest.mark.mergekit
+def test_cli_config_output_loads_in_transformers(llama):
+    """`pysoup merge --config` with a geometric method writes a model directory transformers loads and runs."""
+    import transformers
+
+    root, paths = llama
+    config = {
+        "merge_method": "karcher",
+        "base_model": paths[0],
+        "dtype": "bfloat16",
+        "models": [{"model": p} for p in paths[1:3]],
+    }
+    path = root / "karcher-cli.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = root / "karcher-cli"
+    proc = run_cli("merge", "--config", path, "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    model = transformers.LlamaForCausalLM.from_pretrained(str(out))
+    assert model.dtype == torch.bfloat16
+    logits = model(torch.tensor([[1, 2, 3]])).logits
+    assert logits.shape == (1, 3, 128) and torch.isfinite(logits).all()
