@@ -179,6 +179,7 @@ def plan(
     executor=None,
     workers=None,
     read_gbps=None,
+    calibrate=False,
 ):
     """A dry run of `merge`: what it would read and write, its tasks, peak memory and time, from the headers alone.
 
@@ -190,6 +191,8 @@ def plan(
             shard, or per `task_size` bytes of one); Ray is not imported.
         workers: Ray tasks running at once, for the time estimate (default: 1).
         read_gbps: the inputs' storage read bandwidth in GB/s when slower than the page cache.
+        calibrate: time the strategy on this machine now (a merge of small synthetic inputs, ~a second) instead of
+            using the rates measured by the repository's benchmarks.
 
     Returns:
         A `pysoup.distributed.MergeEstimate`; `.format()` is what `pysoup merge --plan` prints.
@@ -213,6 +216,7 @@ def plan(
         executor=executor,
         workers=workers,
         read_gbps=read_gbps,
+        calibrate=calibrate,
     )
 
 

@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--workers", type=int, help="--plan --ray: tasks running at once, for the time estimate")
     m.add_argument("--read-gbps", type=float, help="--plan: the inputs' storage read bandwidth (GB/s), if slower")
+    m.add_argument("--calibrate", action="store_true", help="--plan: time the method here, now, on synthetic inputs")
     m.add_argument("--fsync", action="store_true", help="fsync the output before renaming it into place")
     m.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
     m.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -331,8 +332,8 @@ def _cmd_extract_lora(args) -> int:
 
 def _ray_arguments(args, config: bool) -> dict:
     """{"executor": a RayExecutor} for --ray (and its --task-size, --task-cpus), else {}."""
-    if args.read_gbps is not None and not args.plan:
-        raise SoupError("--read-gbps goes with --plan")
+    if (args.read_gbps is not None or args.calibrate) and not args.plan:
+        raise SoupError("--read-gbps and --calibrate go with --plan")
     if args.ray is None:
         for flag, given in (("--task-size", args.task_size), ("--task-cpus", args.task_cpus)):
             if given:
@@ -361,6 +362,7 @@ def _cmd_plan(args, arguments, ray) -> int:
         shard_size=args.shard_size,
         workers=args.workers,
         read_gbps=args.read_gbps,
+        calibrate=args.calibrate,
         **ray,
         **arguments,
     )

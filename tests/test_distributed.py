@@ -120,6 +120,19 @@ def test_plan_command_line(fam, tmp_path):
     assert not out.exists()
 
 
+def test_plan_calibrates_on_this_machine_without_touching_the_inputs(fam, tmp_path, monkeypatch):
+    d, bp, fps = fam
+    import pysoup.distributed.estimate as estimate
+
+    monkeypatch.setattr(estimate, "CALIBRATION_BYTES", 1 << 20)  # the size only: a real merge still runs
+    before = tree_snapshot(d)
+    est = pysoup.plan(fps, tmp_path / "c.safetensors", strategy="ties", base=bp, calibrate=True, threads=1)
+    line = next(m for m in est.model if "calibrated now" in m)
+    rate = float(line.split(":")[1].split("GB/s")[0])
+    assert rate > 0 and est.seconds > 0 and "3 x 1 MiB synthetic bf16 + base" in line
+    assert tree_snapshot(d) == before and not (tmp_path / "c.safetensors").exists()
+
+
 def test_plan_memory_estimate_matches_a_merge_process(fam, tmp_path):
     d, bp, fps = fam
     out = str(tmp_path / "m.safetensors")

@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Mapping
 
-from pysoup.distributed.estimate import MergeEstimate, estimate
+from pysoup.distributed.estimate import MergeEstimate
 from pysoup.distributed.ray_executor import ClusterError, RayExecutor
 from pysoup.distributed.sweep import SweepResult, sweep
 from pysoup.errors import PlanError
@@ -58,6 +58,7 @@ def plan_merge(
     executor=None,
     workers=None,
     read_gbps=None,
+    calibrate=False,
 ) -> MergeEstimate:
     """pysoup.plan: opens the headers, plans, lays out the output (creating nothing) and counts; see estimate.py."""
     from pysoup.dtypes import parse_dtype
@@ -108,6 +109,14 @@ def plan_merge(
         target = OutputTarget(
             out, plan.entries, shard_size=shard_size, metadata={"format": "pt"}, input_files=input_files
         )
+        calibration = None
+        if calibrate:
+            from pysoup.distributed.estimate import calibrate as run_calibration
+
+            merge_kwargs = dict(weights=weights, params=params, model_params=model_params, dtype=dtype)
+            calibration = run_calibration(strat.name, len(inputs), base is not None, int(threads), merge_kwargs)
+        from pysoup.distributed.estimate import estimate
+
         return estimate(
             plan,
             target,
@@ -116,6 +125,7 @@ def plan_merge(
             threads=int(threads),
             workers=workers or 1,
             read_gbps=read_gbps,
+            calibration=calibration,
         )
     finally:
         for c in opened:

@@ -48,11 +48,17 @@ MEASURED_THREADS = 2
 PROCESS_BASE_BYTES = 22 << 20
 OUTPUT_BUFFERS_BYTES = 2 * (16 << 20)
 WINDOW_BYTES = 16 << 20
+# What a Ray worker process holds beyond a plain merging process (Ray's core worker, its imports): a merge task's
+# measured peak RSS, 240.6 MB (TIES, base + 3 x 512 MiB, benchmarks/results/scale_out.json), less this model's
+# 123.7 MB for the same merge.
+RAY_WORKER_BYTES = 240_594_944 - 123_747_373
 # Header tables: ~75 bytes a tensor per input (README, "Checkpoints with very many tensors") and the plan's rows.
 TABLE_BYTES_PER_TENSOR = 75 + 4
-# A Ray task's fixed cost: scheduling it and opening the inputs' headers and planning in the task (per tensor per
-# input); measured by benchmarks/scale_out.py on this host (benchmarks/results/scale_out.md).
-RAY_TASK_SECONDS = 0.010
+# A Ray task's fixed cost: a task's round trip, 3.6 ms (median of 50 no-op tasks), plus opening the inputs, planning
+# and laying out in the task, 0.9-1.3 ms for 4 inputs of 12-300 tensors (benchmarks/results/scale_out.json, 2 cores
+# under load 8); a task opening many tensors pays per tensor and input what pysoup.open and the planner do for
+# 10^6 tensors (README: 0.76 s to open, 2.66 s for a 2-input merge, ~1.5 us a tensor per input).
+RAY_TASK_SECONDS = 0.0036 + 0.0013
 OPEN_SECONDS_PER_TENSOR_INPUT = 1.5e-6
 PROCESS_START_SECONDS = 0.08  # README: a merge process starts in ~80 ms
 
@@ -146,6 +152,7 @@ def estimate(
     threads: int = 1,
     workers: int = 1,
     read_gbps: float | None = None,
+    calibration: tuple | None = None,
 ) -> MergeEstimate:
     """Counts a planned merge into `target` (an OutputTarget laid out, not created).
 
@@ -157,6 +164,7 @@ def estimate(
         threads: kernel threads per process (per task on Ray).
         workers: tasks that run at once (Ray: the cluster's task slots; local: 1).
         read_gbps: the storage's read bandwidth, when it is slower than the page cache the rates were measured on.
+        calibration: (bytes read per second, how it was measured) from calibrate(), instead of MEASURED.
     """
     reads = read_bytes_per_row(plan)
     if executor == "local":
@@ -182,29 +190,41 @@ def estimate(
 
     n_inputs = len(plan.inputs)
     tensors = max(len(c.table) for c in plan.inputs)
-    parts = memory_parts(plan, max(w for _, _, _, w in ranges))
-    rates = MEASURED.get(plan.strategy)
+    parts = memory_parts(plan, max(w for _, _, _, w in ranges), ray=executor != "local")
     model = []
-    if rates is None:  # a strategy registered after the measurements: the slowest measured one
-        rates = max(MEASURED.values(), key=lambda m: m[1] / m[0])
-        model.append(f"{plan.strategy!r} was not measured; assumed as slow as the slowest measured method")
-    measured_bytes, seconds, floor = rates
-    io_rate = measured_bytes / floor
-    if read_gbps is not None:
-        io_rate = min(io_rate, read_gbps * 1e9)
-    compute_rate = measured_bytes / max(seconds - floor, 1e-9) / MEASURED_THREADS  # bytes read / s / thread
     open_seconds = OPEN_SECONDS_PER_TENSOR_INPUT * tensors * n_inputs
-    task_seconds = [r / io_rate + r / (compute_rate * threads) for _, _, r, _ in ranges]
+    if calibration is not None:  # this machine, now: one rate for I/O and arithmetic together
+        rate, how = calibration
+        if read_gbps is not None:
+            rate = min(rate, read_gbps * 1e9)
+        task_seconds = [r / rate for _, _, r, _ in ranges]
+        model.append(
+            f"{plan.strategy}: {rate / 1e9:.2f} GB/s read per process of {threads} thread(s)"
+            + (f" (capped at --read-gbps {read_gbps:g})" if read_gbps is not None else "")
+            + f"; {how}"
+        )
+    else:
+        rates = MEASURED.get(plan.strategy)
+        if rates is None:  # a strategy registered after the measurements: the slowest measured one
+            rates = max(MEASURED.values(), key=lambda m: m[1] / m[0])
+            model.append(f"{plan.strategy!r} was not measured; assumed as slow as the slowest measured method")
+        measured_bytes, seconds, floor = rates
+        io_rate = measured_bytes / floor
+        if read_gbps is not None:
+            io_rate = min(io_rate, read_gbps * 1e9)
+        compute_rate = measured_bytes / max(seconds - floor, 1e-9) / MEASURED_THREADS  # bytes read / s / thread
+        task_seconds = [r / io_rate + r / (compute_rate * threads) for _, _, r, _ in ranges]
+        model.append(
+            f"{plan.strategy}: I/O {io_rate / 1e9:.2f} GB/s per process"
+            + (f" (capped at --read-gbps {read_gbps:g})" if read_gbps is not None else "")
+            + f", arithmetic {compute_rate / 1e9:.2f} GB/s read per thread; measured {MEASURED_ON} ({MEASURED_SOURCE});"
+            " --calibrate measures this machine instead"
+        )
     if executor == "local":
         total = PROCESS_START_SECONDS + open_seconds + task_seconds[0]
     else:
         fixed = RAY_TASK_SECONDS + open_seconds
         total = PROCESS_START_SECONDS + open_seconds + _makespan([t + fixed for t in task_seconds], workers)
-    model.append(
-        f"{plan.strategy}: I/O {io_rate / 1e9:.2f} GB/s per process"
-        + (f" (capped at --read-gbps {read_gbps:g})" if read_gbps is not None else "")
-        + f", arithmetic {compute_rate / 1e9:.2f} GB/s read per thread; measured {MEASURED_ON} ({MEASURED_SOURCE})"
-    )
     model.append(
         f"fixed: {PROCESS_START_SECONDS * 1e3:.0f} ms start, {open_seconds * 1e3:.1f} ms opening headers"
         + (
@@ -234,14 +254,52 @@ def estimate(
     )
 
 
-def memory_parts(plan, out_bytes: int | None = None) -> dict:
+# The calibration merge: base + the plan's models of this size each, synthetic bf16 Llama-shaped tensors (16 MiB:
+# the kernels' 4 Mi-element chunks, and writing the inputs takes a few seconds even on a loaded machine).
+CALIBRATION_BYTES = 16 << 20
+
+
+def calibrate(strategy: str, models: int, base: bool, threads: int, merge_kwargs: dict) -> tuple:
+    """Measures the strategy on this machine now: a merge of synthetic inputs (as many models, a base if the plan
+    has one, CALIBRATION_BYTES each, in /dev/shm when it has room) with the plan's parameters and `threads`
+    threads, timed after one warm-up run. Reads none of the plan's inputs.
+
+    Returns:
+        (bytes read per second, a line saying how it was measured)
+    """
+    import time
+
+    from pysoup.api import merge
+    from pysoup.bench.harness import work_dir
+    from pysoup.testing import make_family
+
+    with work_dir((models + 3) * CALIBRATION_BYTES) as d:
+        fts = make_family(d, models, CALIBRATION_BYTES, dtype="BF16", seed=0)
+        kw = dict(merge_kwargs, strategy=strategy, threads=threads, progress=False)
+        kw["base"] = os.path.join(d, "base.safetensors") if base else None
+        out = os.path.join(d, "out.safetensors")
+        merge(fts, out, **kw)  # warm-up: kernels loaded, inputs in the page cache
+        t = time.perf_counter()
+        report = merge(fts, out, **kw)
+        seconds = time.perf_counter() - t
+    how = (
+        f"calibrated now: {report.bytes_read / 1e6:.0f} MB merged in {seconds:.3f} s "
+        f"({models} x {CALIBRATION_BYTES >> 20} MiB synthetic bf16{' + base' if base else ''}, page cache, load "
+        f"{os.getloadavg()[0]:.1f})"
+    )
+    return report.bytes_read / seconds, how
+
+
+def memory_parts(plan, out_bytes: int | None = None, ray: bool = False) -> dict:
     """A merging process's peak resident memory by the model above, part by part: a window maps at most its file,
-    and the output buffers are touched only as far as the output (of `out_bytes`, when given) fills them."""
+    and the output buffers are touched only as far as the output (of `out_bytes`, when given) fills them; a Ray
+    task's process (`ray`) holds the Ray worker besides."""
     n_inputs = len(plan.inputs)
     tensors = max(len(c.table) for c in plan.inputs)
     windows = sum(min(WINDOW_BYTES, max((os.path.getsize(f) for f in c.files), default=0)) for c in plan.inputs)
     buffers = OUTPUT_BUFFERS_BYTES if out_bytes is None else min(OUTPUT_BUFFERS_BYTES, out_bytes)
     return {
+        **({"ray worker": RAY_WORKER_BYTES} if ray else {}),
         "process": PROCESS_BASE_BYTES,
         "output buffers": buffers,
         f"{n_inputs} input windows": windows,
@@ -250,8 +308,8 @@ def memory_parts(plan, out_bytes: int | None = None) -> dict:
 
 
 def task_memory_bytes(plan, out_bytes: int | None = None) -> int:
-    """The memory a merge task declares to Ray: a merging process's peak by the model above."""
-    return sum(memory_parts(plan, out_bytes).values())
+    """The memory a merge task declares to Ray: a Ray worker merging, by the model above."""
+    return sum(memory_parts(plan, out_bytes, ray=True).values())
 
 
 def _makespan(seconds: list, workers: int) -> float:

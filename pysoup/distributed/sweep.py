@@ -76,6 +76,7 @@ def sweep(
         >>> results = pysoup.distributed.sweep(["a/", "b/"], grid, "sweep/")   # doctest: +SKIP
     """
     from pysoup.distributed import plan_merge, resolve_executor
+    from pysoup.distributed.estimate import RAY_WORKER_BYTES
     from pysoup.distributed.ray_executor import _cancel_running, _remote
     from pysoup.engine.progress import progress_bar
 
@@ -111,7 +112,7 @@ def sweep(
             estimate = plan_merge(inputs, out, threads=executor.num_cpus, **kwargs)
         except SoupError as exc:
             raise type(exc)(f"variant {name}: {exc}") from None
-        jobs.append((name, out, dict(v), kwargs, estimate.peak_memory_bytes))
+        jobs.append((name, out, dict(v), kwargs, estimate.peak_memory_bytes + RAY_WORKER_BYTES))
 
     ray = executor.connect()
     memory = executor.memory or max(j[4] for j in jobs)
