@@ -20,7 +20,7 @@ def family(tmp_path_factory):
     from pysoup.testing import make_family
 
     root = tmp_path_factory.mktemp("mk")
-    fts = make_family(str(root / "models"), 3, 1_000_000, dtype="F32", layout="hf", noise=0.05)
+    fts = make_family(str(root / "models"), 3, 400_000, dtype="F32", layout="hf", noise=0.05)
     return str(root / "models" / "base"), fts
 
 
