@@ -166,7 +166,9 @@ def _vocabulary(spec):
 def _check_required(g, inputs) -> None:
     """A parameter mergekit requires (weight) given to a model only through filters: every tensor must match one."""
     for model, key, filters in g.required:
-        for name in inputs.models[0].table.names():
+        i = next(j for j, s in enumerate(g.models) if s.model == model)
+        names = inputs.input_names[i].values() if inputs.input_names else inputs.models[i].table.names()
+        for name in names:  # mergekit matches a model's filters against its own tensor names
             if not any(f in name for f in filters):
                 raise PlanError(
                     f"model {model!r}: parameter {key!r} has no value for tensor {name!r} (its filters: "

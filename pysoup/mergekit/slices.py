@@ -171,6 +171,7 @@ class GroupInputs:
     def __init__(self, spec, group, checkpoint, numbering):
         self.positions = None
         self.model_params = group.model_params
+        self.input_names = None  # per model: output name -> the source's own name (slices)
         if not spec.layered:
             self.models = [checkpoint(s.model) for s in group.models]
             self.base = checkpoint(group.base.model) if group.base is not None else None
@@ -206,6 +207,7 @@ class GroupInputs:
         self.model_params = [
             _filters_on_input_names(p, names) for p, names in zip(group.model_params, input_names[: len(group.models)])
         ]
+        self.input_names = input_names[: len(group.models)]
 
     @staticmethod
     def numbering(spec, checkpoint) -> dict:
