@@ -79,7 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("merge", help="merge checkpoints into one")
     m.add_argument("inputs", nargs="*", metavar="IN", help="safetensors files or Hugging Face model directories")
-    m.add_argument("--config", help="a mergekit YAML config (models, base_model, merge_method, parameters, dtype)")
+    m.add_argument(
+        "--config",
+        help="a mergekit 0.1.5 YAML config (models or slices, merge_method, base_model, parameters, dtype, tokenizer, "
+        "chat_template); a directory output also gets its config.json and tokenizer",
+    )
     m.add_argument(
         "-o",
         "--output",
