@@ -565,3 +565,28 @@ def test_per_model_filters_match_the_sources_own_names(tmp_path, llama):
     assert_bitwise(mk, ours)
     src = load_file(os.path.join(b, "model.safetensors"))
     assert torch.equal(ours["model.layers.2.mlp.up_proj.weight"], 2 * src["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_slices_with_their_own_base_and_parameters(tmp_path, llama):
+    """ties per slice: the second slice has its own base_model and lambda, and a source's density gradient runs over
+    that slice's layers."""
+    base, a, b, _ = llama
+    cfg = {
+        "merge_method": "ties",
+        "dtype": "float32",
+        "base_model": base,
+        "parameters": {"weight": 0.5, "density": 0.6},
+        "slices": [
+            {"sources": [{"model": a, "layer_range": [0, 2]}, {"model": base, "layer_range": [0, 2]}]},
+            {
+                "base_model": b,
+                "parameters": {"lambda": 0.7},
+                "sources": [
+                    {"model": a, "layer_range": [2, 4], "parameters": {"density": [0.2, 0.9]}},
+                    {"model": b, "layer_range": [2, 4]},
+                ],
+            },
+        ],
+    }
+    mk, ours, _ = run_both(tmp_path, cfg)
+    assert_fp32_close(mk, ours)
