@@ -403,6 +403,7 @@ def with_tokenizers(tmp_path_factory):
     extended = transformers.AutoTokenizer.from_pretrained(base)
     extended.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
     extended.add_tokens(["soupword"])
+    extended.chat_template = "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
     return (
         base,
         model(1, root / "ft1", extended),
@@ -419,9 +420,10 @@ def with_tokenizers(tmp_path_factory):
         {"tokenizer": {"source": "union", "tokens": {"<|im_start|>": {"source": "FT1", "force": True},
                                                      "soupword": {"source": {"kind": "zero"}}}}},
         {"tokenizer_source": "union", "chat_template": "chatml"},
+        {"tokenizer_source": "union", "chat_template": "auto"},
         {"chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"},
     ],
-    ids=["union", "base", "model", "tokens", "union+chatml", "literal-template"],
+    ids=["union", "base", "model", "tokens", "union+chatml", "union+auto", "literal-template"],
 )  # fmt: skip
 def test_tokenizer_merges_as_mergekit(tmp_path, with_tokenizers, extra):
     """Embedding and LM-head rows moved to the output vocabulary and filled as mergekit fills them; the tokenizer's
@@ -455,6 +457,8 @@ def test_tokenizer_merges_as_mergekit(tmp_path, with_tokenizers, extra):
     tok_ps = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "ps"))
     assert tok_ps.get_vocab() == tok_mk.get_vocab() and tok_ps.all_special_tokens == tok_mk.all_special_tokens
     assert tok_ps.chat_template == tok_mk.chat_template
+    if extra.get("chat_template") == "auto":  # the one template among the inputs (ft1's)
+        assert "<|im_start|>" in tok_ps.chat_template
     vocab = json.loads((tmp_path / "ps" / "config.json").read_text())["vocab_size"]
     assert vocab == json.loads((tmp_path / "mk" / "config.json").read_text())["vocab_size"] == len(tok_ps)
     forward(tmp_path / "ps")

@@ -58,7 +58,8 @@ def output_files(spec, plan, checkpoint, layers, vocab=None) -> list:
     elif spec.chat_template:
         from pysoup.mergekit.tokenizer import donor_tokenizer_files
 
-        tokenizer = donor_tokenizer_files(path, spec.chat_template, spec.path)
+        models = list(dict.fromkeys(s.model for g in spec.groups for s in g.models + ([g.base] if g.base else [])))
+        tokenizer = donor_tokenizer_files(path, spec.chat_template, spec.path, models)
     replaced = {"config.json"} | ({n for n, _ in tokenizer} | set(TOKENIZER_FILES) if tokenizer else set())
     files = [f for f in donor.aux_files() if os.path.basename(f) not in replaced]
     files += [(n, b) for n, b in tokenizer if n != "config.json"]

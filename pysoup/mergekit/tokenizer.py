@@ -267,7 +267,7 @@ class Vocabulary:
         return tensors[model][p[tid]]
 
     def files(self) -> list:
-        return tokenizer_files(self.tokenizer, self.spec.chat_template)
+        return tokenizer_files(self.tokenizer, self.spec.chat_template, self.spec.path, self.models)
 
 
 def _token_config(cfg, path):
@@ -316,11 +316,31 @@ def chat_template_text(template: str, path: str) -> str:
     return template
 
 
-def tokenizer_files(tokenizer, chat_template=None, path="") -> list:
-    """(name, bytes) of every file tokenizer.save_pretrained writes."""
-    if chat_template:
-        if chat_template == "auto":
-            raise PlanError(f"{path}: chat_template 'auto' is not supported by pysoup; name a template")
+def auto_chat_template(models: list):
+    """mergekit's `chat_template: auto`: the template most of the models' tokenizers carry (stripped), or None. A
+    tie goes to the template met first, the models in config order (mergekit walks a set)."""
+    from collections import Counter
+
+    templates = []
+    for m in models:
+        try:
+            template = _load(m).chat_template
+        except PlanError:
+            continue  # mergekit skips a model whose tokenizer does not load
+        if isinstance(template, dict):
+            template = template.get("default")
+        if template:
+            templates.append(template.strip())
+    return Counter(templates).most_common(1)[0][0] if templates else None
+
+
+def tokenizer_files(tokenizer, chat_template=None, path="", models=()) -> list:
+    """(name, bytes) of every file tokenizer.save_pretrained writes, with the config's chat template."""
+    if chat_template == "auto":
+        chat_template = auto_chat_template(list(models))
+        if chat_template is not None:
+            tokenizer.chat_template = chat_template
+    elif chat_template:
         tokenizer.chat_template = chat_template_text(chat_template, path)
     with tempfile.TemporaryDirectory() as d:
         tokenizer.save_pretrained(d)
@@ -331,7 +351,7 @@ def tokenizer_files(tokenizer, chat_template=None, path="") -> list:
     return out
 
 
-def donor_tokenizer_files(donor: str, chat_template: str, path: str) -> list:
+def donor_tokenizer_files(donor: str, chat_template: str, path: str, models=()) -> list:
     """No tokenizer merge but a chat_template: the donor's tokenizer, saved again with the template (as mergekit's
     _copy_tokenizer does then)."""
-    return tokenizer_files(_load(donor), chat_template, path)
+    return tokenizer_files(_load(donor), chat_template, path, models)
