@@ -594,3 +594,40 @@ def test_slices_with_their_own_base_and_parameters(tmp_path, llama):
     }
     mk, ours, _ = run_both(tmp_path, cfg)
     assert_fp32_close(mk, ours)
+
+
+def test_model_plus_lora_reference(tmp_path, llama):
+    """`MODEL+LORA`: the adapter folded into its model first (mergekit: PEFT's merge_and_unload), then merged; the
+    fold rounds W + s·BA once in fp32 where PEFT adds in another order: within fp32 rounding."""
+    peft = pytest.importorskip("peft")
+    base, a, b, _ = llama
+    torch.manual_seed(5)
+    model = transformers.LlamaForCausalLM.from_pretrained(a)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    peft.get_peft_model(model, lora).save_pretrained(str(tmp_path / "adapter"))
+    cfg = {
+        "merge_method": "task_arithmetic",
+        "base_model": base,
+        "dtype": "float32",
+        "models": [
+            {"model": f"{a}+{tmp_path / 'adapter'}", "parameters": {"weight": 0.6}},
+            {"model": b, "parameters": {"weight": 0.4}},
+        ],
+    }
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    options = MergeOptions(
+        copy_tokenizer=False, quiet=True, write_model_card=False, lora_merge_cache=str(tmp_path / "c")
+    )
+    run_merge(MergeConfiguration.model_validate(cfg), str(tmp_path / "mk"), options)
+    merge_config(write(tmp_path, cfg), tmp_path / "ps")
+    mk, ours = _tensors(tmp_path / "mk"), _tensors(tmp_path / "ps")
+    assert set(mk) == set(ours)
+    assert_fp32_close(mk, ours)
+    plain = {**cfg, "models": [{"model": a, "parameters": {"weight": 0.6}}, cfg["models"][1]]}
+    without = merge_config(write(tmp_path, plain, "plain.yaml"))  # the adapter changes q_proj
+    assert not torch.equal(
+        ours["model.layers.0.self_attn.q_proj.weight"], without["model.layers.0.self_attn.q_proj.weight"]
+    )
+    assert not [f for f in os.listdir(os.path.dirname(a)) if f.startswith(".pysoup-folded-")]  # removed

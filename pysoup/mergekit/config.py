@@ -239,12 +239,15 @@ def _model_ref(model, where: str) -> str:
         model = model.get("model", model)
         if isinstance(model, Mapping):
             model = model.get("path")
+        if isinstance(lora, Mapping):
+            lora = lora.get("path")
         if lora:
             model = f"{model}+{lora}"
     if not isinstance(model, str) or not model:
         raise PlanError(f"{where}: a model is a path, got {model!r}")
-    if "+" in model:
-        raise PlanError(f"{where}: LoRA references ({model!r}) are not supported; merge the adapter first")
+    parts = model.split("+")
+    if len(parts) > 2 or not all(parts):
+        raise PlanError(f"{where}: a model reference is MODEL or MODEL+LORA, got {model!r}")
     return model
 
 

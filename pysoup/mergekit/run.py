@@ -4,6 +4,8 @@ states what the merge changed (dtype, layer count, vocabulary size) and, when th
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
 import time
 
@@ -78,8 +80,9 @@ def merge_config(
             opened[path] = open_checkpoint(path, len(opened))
         return opened[path]
 
-    with cleanup_on_termination():
+    with cleanup_on_termination(), contextlib.ExitStack() as folds:
         try:
+            spec = _fold_adapters(spec, folds)
             from pysoup.mergekit.slices import GroupInputs
 
             plans = []
@@ -144,6 +147,28 @@ def merge_config(
         finally:
             for c in opened.values():
                 c.close()
+
+
+def _fold_adapters(spec, folds):
+    """mergekit's MODEL+LORA references: each adapter folded into its model (pysoup.lora.folded: streamed, in a
+    temporary directory beside the model, removed when the merge ends; mergekit merges with PEFT into its cache), and
+    the spec read with those directories in place of the references."""
+    sources = [s for g in spec.groups for s in g.models + ([g.base] if g.base is not None else [])]
+    refs = {s.model for s in sources if "+" in s.model} | (
+        {spec.base_model} if "+" in (spec.base_model or "") else set()
+    )
+    if not refs:
+        return spec
+    from pysoup.lora import folded
+
+    path = {ref: folds.enter_context(folded(ref)) for ref in sorted(refs)}
+    spec = copy.deepcopy(spec)
+    for g in spec.groups:
+        for s in g.models + ([g.base] if g.base is not None else []):
+            s.model = path.get(s.model, s.model)
+        g.required = [(path.get(m, m), key, filters) for m, key, filters in g.required]
+    spec.base_model = path.get(spec.base_model, spec.base_model)
+    return spec
 
 
 def _vocabulary(spec):
