@@ -159,6 +159,10 @@ def test_delta_svd_full_rank_exact_and_truncation_error_is_discarded_energy(peft
     full = merge_adapters([ad["a"], ad["b"]], tmp_path / "full", mode="delta", refactor="svd", rank=6)
     _assert_deltas(_peft_deltas(base, str(tmp_path / "full")), want)
     assert full.max_discarded_energy < 1e-12
+    # rank-deficient concatenations (the same adapter twice): the Grams' null space is dropped, the result exact
+    twice = merge_adapters([ad["d"], ad["d"]], tmp_path / "twice", mode="delta", refactor="svd", rank=8)
+    _assert_deltas(_peft_deltas(base, str(tmp_path / "twice")), _peft_deltas(base, ad["d"]))
+    assert twice.max_discarded_energy < 1e-12
     low = merge_adapters([ad["a"], ad["b"]], tmp_path / "low", mode="delta", refactor="svd", rank=1)
     got = _peft_deltas(base, str(tmp_path / "low"))
     assert set(low.ranks.values()) == {1}

@@ -7,7 +7,7 @@
 - `delta`: each module's update ΔWᵢ = sᵢBᵢAᵢ is combined exactly, then refactored to an adapter.
   For linear strategies (linear, uniform, task_arithmetic) the combination Σ cᵢΔWᵢ is never formed:
   `concat` writes B = [c₁s₁B₁ | c₂s₂B₂ | ...] and A = [A₁; A₂; ...] (rank Σrᵢ, exact), and `svd` takes the SVD of
-  that product through two thin QRs (QR of B and of Aᵀ, then the SVD of the small Σrᵢ × Σrᵢ core), in fp64.
+  that product through the factors' fp64 Gram matrices (the SVD of a small Σrᵢ × Σrᵢ core; see _product_svd).
   Other strategies (ties, dare_linear, dare_ties, ...) are not linear in ΔW: each module's ΔWᵢ is built in fp32,
   the strategy runs on it through pysoup.merge with a zero base (so the task vectors are the ΔWᵢ themselves), and
   the result is refactored by truncated SVD (`svd` only). One module's buffers at a time: memory does not grow
@@ -359,11 +359,36 @@ def _linear_factors(terms, refactor: str, rank: int) -> tuple:
     a_cat, b_cat = np.concatenate(As, axis=0), np.concatenate(Bs, axis=1)
     if refactor == "concat":
         return a_cat, b_cat, None
-    # ΔW = B·A = Qb·(Rb·Raᵀ)·Qaᵀ: the SVD of the small core gives ΔW's, exactly, without forming ΔW.
-    qb, rb = np.linalg.qr(b_cat.astype(np.float64))
-    qa, ra = np.linalg.qr(a_cat.T.astype(np.float64))
-    u, s, vt = np.linalg.svd(rb @ ra.T, full_matrices=False)
-    return _truncate(qb @ u, s, vt @ qa.T, rank)
+    return _product_svd(b_cat, a_cat, rank)
+
+
+# Eigenvalues of a Gram matrix below this fraction of the largest are its null space: in fp64 they carry no digit of
+# a singular value above 1e-7 of the largest, below the fp32 factors' own precision.
+_GRAM_TOL = 1e-14
+
+
+def _product_svd(b, a, rank: int) -> tuple:
+    """The truncated SVD of B·A (B [out, R], A [R, in]) without forming it: with the fp64 Grams BᵀB = Vb Λb Vbᵀ and
+    A Aᵀ = Va Λa Vaᵀ, B = Qb·Sb and Aᵀ = Qa·Sa where Sb = Λb^½ Vbᵀ, Qb = B Vb Λb^-½ (orthonormal), so
+    B·A = Qb·(Sb Saᵀ)·Qaᵀ and the SVD of the small core Sb Saᵀ = U Σ Wᵀ gives B·A's: U' = Qb U, V'ᵀ = Wᵀ Qaᵀ.
+    Cost ~2·R²·(out + in) flops for the Grams. (numpy's Householder QR of the same factors took 30x longer here:
+    17.7 s against 0.57 s for a 5632 x 512 B and 512 x 2048 A.)"""
+    import numpy as np
+
+    b64, a64 = b.astype(np.float64), a.astype(np.float64)
+    lb, vb = np.linalg.eigh(b64.T @ b64)
+    la, va = np.linalg.eigh(a64 @ a64.T)
+    kb = lb > _GRAM_TOL * max(float(lb[-1]), 0.0) if lb.size else lb > 0
+    ka = la > _GRAM_TOL * max(float(la[-1]), 0.0) if la.size else la > 0
+    lb, vb, la, va = lb[kb], vb[:, kb], la[ka], va[:, ka]
+    if lb.size == 0 or la.size == 0:  # B·A = 0
+        return _truncate(np.zeros((b.shape[0], 0)), np.zeros(0), np.zeros((0, a.shape[1])), rank)
+    core = (np.sqrt(lb)[:, None] * vb.T) @ (np.sqrt(la)[:, None] * va.T).T
+    u, s, wt = np.linalg.svd(core, full_matrices=False)
+    k = min(rank, s.shape[0])
+    left = b64 @ ((vb / np.sqrt(lb)) @ u[:, :k])
+    right = (wt[:k] @ (va / np.sqrt(la)).T) @ a64
+    return _truncate(left, s, right, rank)
 
 
 def _svd_factors(dw, rank: int) -> tuple:
@@ -380,7 +405,7 @@ def _truncate(u, s, vt, rank: int) -> tuple:
     fraction of Σσ² left out. The square root splits the scale evenly, as a trained adapter's factors are."""
     import numpy as np
 
-    k = min(rank, s.shape[0])
+    k = min(rank, s.shape[0], u.shape[1])
     total = float(np.sum(s * s))
     lost = float(np.sum(s[k:] * s[k:]) / total) if total > 0 else 0.0
     root = np.sqrt(s[:k])
