@@ -93,11 +93,15 @@ def _tensors(out):
     return got
 
 
-def run_both(tmp_path, cfg):
-    """(mergekit's tensors, pysoup's tensors, the config path) for one config; pysoup through the CLI."""
+def run_both(tmp_path, cfg, cli=False):
+    """(mergekit's tensors, pysoup's tensors, the config path) for one config; pysoup in process, or through the CLI
+    (a process of its own: ~1 s more)."""
     path = write(tmp_path, cfg)
     mk = run_mergekit(path, tmp_path / "mk")
-    run_cli("merge", "--config", path, "-o", tmp_path / "ps", check=True)
+    if cli:
+        run_cli("merge", "--config", path, "-o", tmp_path / "ps", check=True)
+    else:
+        merge_config(path, tmp_path / "ps")
     ours = _tensors(tmp_path / "ps")
     assert set(ours) == set(mk), set(ours) ^ set(mk)
     return mk, ours, path
@@ -134,7 +138,7 @@ def test_top_level_parameters_are_every_models_default(tmp_path, llama):
         "parameters": {"weight": 0.5},
         "models": [{"model": a, "parameters": {"weight": 0.2}}, {"model": b}, {"model": c}],
     }
-    mk, ours, path = run_both(tmp_path, cfg)
+    mk, ours, path = run_both(tmp_path, cfg, cli=True)
     assert [m["weight"] for m in load_config(path).model_params] == [0.2, 0.5, 0.5]
     assert_bitwise(mk, ours)
 
@@ -299,7 +303,7 @@ def test_passthrough_stacks_layers_bit_for_bit(tmp_path, llama):
             {"sources": [{"model": b, "layer_range": [1, 4]}]},
         ],
     }
-    mk, ours, _ = run_both(tmp_path, cfg)
+    mk, ours, _ = run_both(tmp_path, cfg, cli=True)
     assert_bitwise(mk, ours)
     src = load_file(os.path.join(b, "model.safetensors"))
     assert torch.equal(ours["model.layers.3.mlp.up_proj.weight"], src["model.layers.1.mlp.up_proj.weight"])
