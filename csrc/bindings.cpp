@@ -392,6 +392,39 @@ int64_t nearswap_py(const std::vector<uintptr_t>& inputs, const std::vector<int>
                     std::max(1, threads));
 }
 
+// Arcee Fusion's histogram and combine passes (kl: fp32 per tensor row, `rows` of them; hist: uint64 counts).
+FusionArgs fusion_args(const char* op, const Inputs& in, uintptr_t kl, int64_t rows, int64_t row, int64_t start,
+                       int64_t n, const std::vector<uint32_t>& prefix) {
+    if (in.ptrs.size() != 2) throw std::invalid_argument(std::string(op) + ": takes the model and the base");
+    if (row <= 0 || start < 0) throw std::invalid_argument(std::string(op) + ": bad row length or start");
+    if (n > 0 && (kl == 0 || (start + n - 1) / row >= rows))
+        throw std::invalid_argument(std::string(op) + ": the row statistics do not cover the range");
+    return FusionArgs{in.ptrs.data(), in.dtypes.data(), reinterpret_cast<const float*>(kl), row, start,
+                      prefix.empty() ? nullptr : prefix.data(), static_cast<int>(prefix.size())};
+}
+
+void fusion_histogram_py(const std::vector<uintptr_t>& inputs, const std::vector<int>& dtypes, uintptr_t kl,
+                         int64_t rows, int64_t row, int64_t start, int64_t n, int pass,
+                         const std::vector<uint32_t>& prefix, uintptr_t hist, int threads, const IsaArg& isa) {
+    Inputs in = check_inputs("fusion_histogram", inputs, dtypes, n, isa);
+    FusionArgs a = fusion_args("fusion_histogram", in, kl, rows, row, start, n, prefix);
+    if (pass < 0 || pass > 1 || hist == 0 || prefix.empty())
+        throw std::invalid_argument("fusion_histogram: pass is 0 or 1, with a histogram and quantile prefixes");
+    py::gil_scoped_release release;
+    fusion_histogram(a, pass, n, reinterpret_cast<uint64_t*>(hist), in.isa, std::max(1, threads));
+}
+
+int64_t fusion_combine_py(const std::vector<uintptr_t>& inputs, const std::vector<int>& dtypes, uintptr_t kl,
+                          int64_t rows, int64_t row, int64_t start, int64_t n, float threshold, uintptr_t out,
+                          int out_dtype, int threads, const IsaArg& isa) {
+    Inputs in = check_inputs("fusion_combine", inputs, dtypes, n, isa);
+    FusionArgs a = fusion_args("fusion_combine", in, kl, rows, row, start, n, {});
+    if (n > 0 && out == 0) throw std::invalid_argument("fusion_combine: null output pointer");
+    if (out_dtype < kF32 || out_dtype > kBF16) throw std::invalid_argument("fusion_combine: bad output dtype code");
+    py::gil_scoped_release release;
+    return fusion_combine(a, threshold, n, reinterpret_cast<void*>(out), out_dtype, in.isa, std::max(1, threads));
+}
+
 PYBIND11_MODULE(_C, m) {
     m.doc() = "pysoup's C++ kernels: fused streaming merges over raw buffers";
     m.attr("__version__") = PYSOUP_VERSION;
@@ -421,6 +454,8 @@ PYBIND11_MODULE(_C, m) {
     m.def("segment_moments", &segment_moments_py, "per-vector (row or column) fp64 squares and dots, in order");
     m.def("segment_weighted_sum", &segment_weighted_sum_py, "weighted sum with per-vector coefficients");
     m.def("nearswap", &nearswap_py, "mergekit's NearSwap in its fp32 operation order");
+    m.def("fusion_histogram", &fusion_histogram_py, "Arcee Fusion: radix-select histogram of the importance keys");
+    m.def("fusion_combine", &fusion_combine_py, "Arcee Fusion: b + (p - b) * (importance >= threshold)");
     m.def("philox_word", [](uint64_t key, uint64_t e) { return philox_word(key, e); }, "DARE's generator");
     bind_tensor_table(m);
     py::class_<MappedRegion>(m, "MappedRegion")

@@ -27,6 +27,26 @@ struct SegmentArgs {
 // at a time from acc, so neither the chunking, the threads nor the ISA changes them.
 inline int segment_stats(int m) { return m + m * (m - 1) / 2; }
 
+// Arcee Fusion over a range: the model p and the base b at the range's first element, each row's KL (fp32, indexed by
+// tensor row), the row length and the range's tensor index.
+struct FusionArgs {
+    const void* const* inputs;  // p, b
+    const int* in_dtypes;
+    const float* kl;
+    int64_t row;
+    int64_t start;
+    const uint32_t* prefix;  // histogram pass 1: the high 16 bits of each quantile's key
+    int quantiles;
+};
+
+// fp32 bits -> a key ordered as the values (NaN: the largest key), as pysoup.ops.reference.order_keys.
+inline uint32_t fusion_key(float v) {
+    uint32_t bits;
+    __builtin_memcpy(&bits, &v, 4);
+    if (v != v) return 0xFFFFFFFFu;
+    return bits & 0x80000000u ? ~bits : bits | 0x80000000u;
+}
+
 struct GeometricKernels {
     // [begin, end) of the range (relative to args.start); a thread's share covers whole vectors' parts.
     void (*segment_moments)(const SegmentArgs&, int64_t begin, int64_t end, int64_t col_begin, int64_t col_end,
@@ -40,6 +60,11 @@ struct GeometricKernels {
     // the non-finite count.
     int64_t (*nearswap)(const void* const* inputs, const int* in_dtypes, float t, int64_t begin, int64_t end, void* out,
                         int out_dtype);
+    // Arcee Fusion's passes after the row KLs: importance I = |p - b| * kl[e / row] (fp32), mapped to order keys
+    // (fusion_key). Histogram pass 0 counts key >> 16 into hist[0 .. 65535]; pass 1 counts key & 0xFFFF into
+    // hist[q * 65536 ..] for the keys whose high half is prefix[q]. The combine writes b + (p - b) * (I >= thr).
+    void (*fusion_histogram)(const FusionArgs&, int pass, int64_t begin, int64_t end, uint64_t* hist);
+    int64_t (*fusion_combine)(const FusionArgs&, float threshold, int64_t begin, int64_t end, void* out, int out_dtype);
 };
 
 extern const GeometricKernels kGeometricScalar;
@@ -54,5 +79,8 @@ int64_t segment_weighted_sum(const SegmentArgs& a, int64_t n, const float* coeff
                              int out_dtype, Isa isa, int threads);
 int64_t nearswap(const void* const* inputs, const int* in_dtypes, float t, int64_t n, void* out, int out_dtype, Isa isa,
                  int threads);
+// hist: quantiles x 65536 counts (pass 0 uses the first row only), added to.
+void fusion_histogram(const FusionArgs& a, int pass, int64_t n, uint64_t* hist, Isa isa, int threads);
+int64_t fusion_combine(const FusionArgs& a, float threshold, int64_t n, void* out, int out_dtype, Isa isa, int threads);
 
 }  // namespace pysoup

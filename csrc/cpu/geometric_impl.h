@@ -158,5 +158,55 @@ int64_t nearswap_kernel(const void* const* inputs, const int* in_dtypes, float t
     return nonfinite;
 }
 
+// The importance of [t0, t0 + m) into imp (p tile, b tile, imp: kOpTile floats each).
+template <class IO>
+void fusion_importance(const FusionArgs& a, int64_t t0, int64_t m, float* p, float* b, float* imp) {
+    IO::load(a.inputs[0], a.in_dtypes[0], t0, m, p);
+    IO::load(a.inputs[1], a.in_dtypes[1], t0, m, b);
+    const int64_t e = a.start + t0;
+    int64_t r = e / a.row, left = a.row - e % a.row;
+    for (int64_t j = 0; j < m; ++j) {
+        imp[j] = std::fabs(p[j] - b[j]) * a.kl[r];
+        if (--left == 0) ++r, left = a.row;
+    }
+}
+
+template <class IO>
+void fusion_histogram_kernel(const FusionArgs& a, int pass, int64_t begin, int64_t end, uint64_t* hist) {
+    std::vector<float> buf(size_t(kOpTile) * 3);
+    float *p = buf.data(), *b = p + kOpTile, *imp = b + kOpTile;
+    for (int64_t t0 = begin; t0 < end; t0 += kOpTile) {
+        const int64_t m = std::min(kOpTile, end - t0);
+        fusion_importance<IO>(a, t0, m, p, b, imp);
+        for (int64_t j = 0; j < m; ++j) {
+            const uint32_t key = fusion_key(imp[j]);
+            if (pass == 0) {
+                ++hist[key >> 16];
+            } else {
+                for (int q = 0; q < a.quantiles; ++q)
+                    if ((key >> 16) == a.prefix[q]) ++hist[size_t(q) * 65536 + (key & 0xFFFFu)];
+            }
+        }
+    }
+}
+
+template <class IO>
+int64_t fusion_combine_kernel(const FusionArgs& a, float threshold, int64_t begin, int64_t end, void* out,
+                              int out_dtype) {
+    std::vector<float> buf(size_t(kOpTile) * 3);
+    float *p = buf.data(), *b = p + kOpTile, *imp = b + kOpTile;
+    int64_t nonfinite = 0;
+    for (int64_t t0 = begin; t0 < end; t0 += kOpTile) {
+        const int64_t m = std::min(kOpTile, end - t0);
+        fusion_importance<IO>(a, t0, m, p, b, imp);
+        for (int64_t j = 0; j < m; ++j) {
+            const float mask = imp[j] >= threshold ? 1.0f : 0.0f;
+            p[j] = b[j] + (p[j] - b[j]) * mask;  // mergekit's order: no fma (-ffp-contract=off)
+        }
+        nonfinite += IO::store(p, m, out, out_dtype, t0);
+    }
+    return nonfinite;
+}
+
 }  // namespace
 }  // namespace pysoup

@@ -5,9 +5,8 @@
 namespace pysoup {
 
 const GeometricKernels kGeometricScalar{
-    segment_moments_kernel<ScalarIO>,
-    segment_weighted_sum_kernel<ScalarIO>,
-    nearswap_kernel<ScalarIO>,
+    segment_moments_kernel<ScalarIO>,  segment_weighted_sum_kernel<ScalarIO>, nearswap_kernel<ScalarIO>,
+    fusion_histogram_kernel<ScalarIO>, fusion_combine_kernel<ScalarIO>,
 };
 
 }  // namespace pysoup

@@ -189,6 +189,38 @@ class CpuBackend(Backend):
             self._isa,
         )
 
+    def fusion_histogram_raw(self, chunk, row, kl, pass_, prefix, hist):
+        _native.native.fusion_histogram(
+            list(chunk.addrs),
+            _codes(chunk.dtypes),
+            kl.ctypes.data,
+            kl.shape[0],
+            row,
+            chunk.start,
+            chunk.n,
+            pass_,
+            [int(p) for p in prefix],
+            hist.ctypes.data,
+            self.threads,
+            self._isa,
+        )
+
+    def fusion_combine_raw(self, chunk, row, kl, threshold):
+        return _native.native.fusion_combine(
+            list(chunk.addrs),
+            _codes(chunk.dtypes),
+            kl.ctypes.data,
+            kl.shape[0],
+            row,
+            chunk.start,
+            chunk.n,
+            threshold,
+            chunk.out,
+            KERNEL_CODE[chunk.out_dtype],
+            self.threads,
+            self._isa,
+        )
+
     def nearswap_raw(self, chunk, t):
         return _native.native.nearswap(
             list(chunk.addrs),
