@@ -228,7 +228,8 @@ def _split_vocabulary(vocab, g, inputs, checkpoint, compute_dtype) -> list:
     dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(parse_dtype(compute_dtype))
     rest, memory = [], [{} for _ in ckpts]
     for c in ckpts:
-        rest.append(view(c, [(r, n) for r, n in enumerate(c.table.names()) if not is_vocab[first.table.find(n)]]))
+        keep = [(r, n) for r, n in enumerate(c.table.names()) if (k := first.table.find(n)) < 0 or not is_vocab[k]]
+        rest.append(view(c, keep))  # a tensor the first input lacks stays: the planner warns about it as usual
     for r, name in enumerate(names):
         if not is_vocab[r]:
             continue

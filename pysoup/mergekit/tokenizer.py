@@ -17,6 +17,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 
 from pysoup.errors import PlanError
 
@@ -140,7 +141,10 @@ class Vocabulary:
         toks = {donor: base_tok}
         for m in models:
             if m not in toks:
-                toks[m] = _load(m)
+                try:
+                    toks[m] = _load(m)
+                except PlanError as exc:  # mergekit: "Unable to load tokenizer ... Assuming same as base"
+                    warnings.warn(f"{exc}; assuming it is {donor}'s, as mergekit does", stacklevel=3)
         if source == "base":
             out = base_tok
         elif source == "union":
@@ -157,7 +161,7 @@ class Vocabulary:
         self.original = {m: t.get_vocab() for m, t in toks.items()}
         self.permutations = {}
         for m in models:
-            model_vocab = toks[m].get_vocab()
+            model_vocab = toks.get(m, base_tok).get_vocab()
             size = model_vocab_size(m) or len(model_vocab)
             p = {}
             for t, new in self.vocab.items():
