@@ -202,6 +202,7 @@ class MultiSlerp(Strategy):
 
     name = "multislerp"
     base = "optional"
+    plans_by_name = False
     min_models = 1
     params = {"normalize_weights": True, "eps": 1e-8}
     model_params = {"weight": None}
