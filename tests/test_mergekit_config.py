@@ -463,6 +463,7 @@ def test_tokenizer_merges_as_mergekit(tmp_path, with_tokenizers, extra):
     assert tok_ps.chat_template == tok_mk.chat_template
     if extra.get("chat_template") == "auto":  # the one template among the inputs (ft1's)
         assert "<|im_start|>" in tok_ps.chat_template
+    assert not [f for f in os.listdir(os.path.dirname(base)) if f.startswith(".pysoup-vocab-")]  # scratch removed
     vocab = json.loads((tmp_path / "ps" / "config.json").read_text())["vocab_size"]
     assert vocab == json.loads((tmp_path / "mk" / "config.json").read_text())["vocab_size"] == len(tok_ps)
     forward(tmp_path / "ps")

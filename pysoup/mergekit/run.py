@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import tempfile
 import time
 
 from pysoup.engine.execute import OUTPUT_BUFFER_BYTES, execute
@@ -87,7 +88,7 @@ def merge_config(
 
             plans = []
             layers = GroupInputs.numbering(spec, checkpoint)
-            vocab = _vocabulary(spec)
+            vocab, scratch = _vocabulary(spec), None
             for g in spec.groups:
                 inputs = GroupInputs(spec, g, checkpoint, layers)
                 if base is not None:
@@ -95,7 +96,12 @@ def merge_config(
                 _check_required(g, inputs)
                 parts = [(inputs.models, inputs.base)]
                 if vocab is not None:
-                    parts = _split_vocabulary(vocab, g, inputs, checkpoint, spec.compute_dtype)
+                    if scratch is None:  # beside the first model: the same disk, not a RAM-backed /tmp
+                        parent = os.path.dirname(os.path.abspath(spec.groups[0].models[0].model))
+                        scratch = folds.enter_context(tempfile.TemporaryDirectory(prefix=".pysoup-vocab-", dir=parent))
+                    parts, rebuilt = _split_vocabulary(vocab, g, inputs, checkpoint, spec.compute_dtype, scratch)
+                    for c in rebuilt:
+                        folds.callback(c.close)
                 for models, group_base in parts:
                     plans.append(
                         build_plan(
@@ -209,13 +215,16 @@ def _with_base(g, base):
     return replace(g, base=Source(base))
 
 
-def _split_vocabulary(vocab, g, inputs, checkpoint, compute_dtype) -> list:
+def _split_vocabulary(vocab, g, inputs, checkpoint, compute_dtype, scratch) -> list:
     """A group's inputs as two merges: every tensor but the embeddings and LM heads, as views of the files; and those,
-    each input's rows moved to the output vocabulary (in memory, in mergekit's compute dtype), from memory."""
+    each input's rows moved to the output vocabulary (in mergekit's compute dtype), written one tensor at a time to
+    scratch files and merged from them."""
+    import tempfile
+
     import torch
+    from safetensors.torch import save_file
 
     from pysoup.dtypes import parse_dtype
-    from pysoup.io.checkpoint import MemoryCheckpoint
     from pysoup.mergekit.slices import view
 
     sources = g.models + ([g.base] if g.base is not None else [])
@@ -224,26 +233,26 @@ def _split_vocabulary(vocab, g, inputs, checkpoint, compute_dtype) -> list:
     names = first.table.names()
     is_vocab = [vocab.is_vocab_tensor(n, first.table.shape(r), first_path) for r, n in enumerate(names)]
     if not any(is_vocab):
-        return [(inputs.models, inputs.base)]
+        return [(inputs.models, inputs.base)], []
     dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(parse_dtype(compute_dtype))
-    rest, memory = [], [{} for _ in ckpts]
+    rest = []
     for c in ckpts:
         keep = [(r, n) for r, n in enumerate(c.table.names()) if (k := first.table.find(n)) < 0 or not is_vocab[k]]
         rest.append(view(c, keep))  # a tensor the first input lacks stays: the planner warns about it as usual
+    dirs = [tempfile.mkdtemp(prefix="input-", dir=scratch) for _ in ckpts]
     for r, name in enumerate(names):
         if not is_vocab[r]:
             continue
-        tensors = {}
-        for s in sources:  # vocabulary tensors are outside the layers: the same name in the source's own file
-            t = checkpoint(s.model).torch(name)
-            tensors[s.model] = t.to(dtype) if dtype is not None else t
-        for i, t in enumerate(vocab.permuted(tensors).values()):
-            memory[i][name] = t
-    mem = [MemoryCheckpoint(m, f"{s.model} (vocabulary)") for m, s in zip(memory, sources)]
+        # vocabulary tensors are outside the layers: the same name in each source's own file, read where it lies
+        tensors = {s.model: checkpoint(s.model).torch(name) for s in sources}
+        for i, (_, t) in enumerate(vocab.permuted(tensors, dtype)):
+            save_file({name: t}, os.path.join(dirs[i], f"{r:08d}.safetensors"), metadata={"format": "pt"})
+            del t
+    rebuilt = [open_checkpoint(d, i) for i, d in enumerate(dirs)]
     nb = len(inputs.models)
     parts = [(rest[:nb], rest[nb] if inputs.base is not None else None)]
-    parts.append((mem[:nb], mem[nb] if inputs.base is not None else None))
-    return [(models, base) for models, base in parts if len(models[0].table)]
+    parts.append((rebuilt[:nb], rebuilt[nb] if inputs.base is not None else None))
+    return [(models, base) for models, base in parts if len(models[0].table)], rebuilt
 
 
 def combine_plans(plans: list) -> MergePlan:

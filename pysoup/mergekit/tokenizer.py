@@ -6,9 +6,9 @@ This follows mergekit/tokenizer/build.py and embed.py step by step (same vocabul
 one difference is the order in which a union meets the models' tokenizers: mergekit walks a set (an order that
 changes between runs when several models add tokens), pysoup the config's order, base first.
 
-transformers and tokenizers are needed here only; the plain file merge never imports them. The vocabulary tensors are
-rebuilt in memory (each input's embedding and LM head, in the compute dtype) and merged from there; every other
-tensor streams from the files as usual.
+transformers and tokenizers are needed here only; the plain file merge never imports them. Each input's embedding
+and LM head is rebuilt in the output vocabulary one at a time (one such tensor in memory, its rows read from the mapped
+input) into a scratch file beside the models, and merged from there; every other tensor streams from the inputs.
 """
 
 from __future__ import annotations
@@ -189,17 +189,20 @@ class Vocabulary:
             and not _POSITION.search(name)
         )
 
-    def permuted(self, tensors: dict) -> dict:
-        """{model path: tensor} of one vocabulary tensor -> the same rows laid out in the output vocabulary
-        (mergekit's PermutedVocabulary.execute, axis 0)."""
+    def permuted(self, tensors: dict, dtype=None):
+        """{model path: tensor} of one vocabulary tensor -> (model path, its rows laid out in the output vocabulary),
+        one model at a time (mergekit's PermutedVocabulary.execute, axis 0). `dtype`: mergekit's compute dtype (the
+        config's `dtype`), else the inputs' promoted dtype. Rows are read from the inputs as they are (mapped files):
+        the only tensor made is the one yielded, plus the filled rows."""
         import torch
 
         models = list(tensors)
         vocab, perms = self.vocab, self.permutations
         token_shape = tensors[models[0]].shape[1:]
-        dtype = tensors[models[0]].dtype
-        for t in tensors.values():
-            dtype = torch.promote_types(dtype, t.dtype)
+        if dtype is None:
+            dtype = tensors[models[0]].dtype
+            for t in tensors.values():
+                dtype = torch.promote_types(dtype, t.dtype)
         configs = {t: _token_config(c, self.spec.path) for t, c in self.tokens.items()}
         average = set()
         for token, tid in vocab.items():  # assign_embedding_sources
@@ -225,28 +228,33 @@ class Vocabulary:
                 for m in models:
                     if perms[m][tid] < 0:
                         continue
-                    embed = embed + tensors[m][perms[m][tid]]
+                    embed = embed + tensors[m][perms[m][tid]].to(dtype)
                     count += 1
                 embed /= count
             elif cfg is not None:
-                embed = self._default(tensors, token, tid, cfg)
+                embed = self._default(tensors, token, tid, cfg).to(dtype)
             else:
                 continue
             defaults[token] = embed
-        out = {}
         for m in models:
             p, old = perms[m], tensors[m]
             new = torch.zeros((self.size, *token_shape), dtype=dtype)
+            copied, filled = [], []
             for token, tid in vocab.items():
                 force = configs[token]["force"] if token in configs else False
                 if p[tid] >= 0 and not force:
-                    new[tid] = old[p[tid]]
+                    copied.append((tid, p[tid]))
                 elif token in defaults:
-                    new[tid] = defaults[token]
+                    filled.append((tid, defaults[token]))
+            if copied:
+                dst, src = zip(*copied)
+                new[list(dst)] = old[list(src)].to(dtype)
+            for tid, embed in filled:
+                new[tid] = embed
             if self.size > len(vocab):
                 new[len(vocab) :] = torch.mean(new[: len(vocab)], dim=0)
-            out[m] = new
-        return out
+            yield m, new
+            del new
 
     def _default(self, tensors, token, tid, cfg):
         source = cfg["source"]
