@@ -423,11 +423,12 @@ def with_tokenizers(tmp_path_factory):
         {"tokenizer_source": "FT1"},
         {"tokenizer": {"source": "union", "tokens": {"<|im_start|>": {"source": "FT1", "force": True},
                                                      "soupword": {"source": {"kind": "zero"}}}}},
+        {"tokenizer": {"source": "union", "pad_to_multiple_of": 8}},
         {"tokenizer_source": "union", "chat_template": "chatml"},
         {"tokenizer_source": "union", "chat_template": "auto"},
         {"chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"},
     ],
-    ids=["union", "base", "model", "tokens", "union+chatml", "union+auto", "literal-template"],
+    ids=["union", "base", "model", "tokens", "pad-to-8", "union+chatml", "union+auto", "literal-template"],
 )  # fmt: skip
 def test_tokenizer_merges_as_mergekit(tmp_path, with_tokenizers, extra):
     """Embedding and LM-head rows moved to the output vocabulary and filled as mergekit fills them; the tokenizer's
@@ -465,7 +466,8 @@ def test_tokenizer_merges_as_mergekit(tmp_path, with_tokenizers, extra):
         assert "<|im_start|>" in tok_ps.chat_template
     assert not [f for f in os.listdir(os.path.dirname(base)) if f.startswith(".pysoup-vocab-")]  # scratch removed
     vocab = json.loads((tmp_path / "ps" / "config.json").read_text())["vocab_size"]
-    assert vocab == json.loads((tmp_path / "mk" / "config.json").read_text())["vocab_size"] == len(tok_ps)
+    assert vocab == json.loads((tmp_path / "mk" / "config.json").read_text())["vocab_size"]
+    assert vocab == (80 if "pad_to_multiple_of" in extra.get("tokenizer", {}) else len(tok_ps))
     forward(tmp_path / "ps")
 
 
