@@ -17,6 +17,7 @@
 #include "cpu/moments.h"
 #include "cpu/philox.h"
 #include "cpu/radix_select.h"
+#include "cpu/sparsify.h"
 #include "cpu/task_vector.h"
 #include "cpu/weighted_sum.h"
 #include "io/mapped_region.h"
@@ -269,6 +270,127 @@ py::tuple radix_select_py(uintptr_t hist, const std::vector<int64_t>& keep) {
     return py::make_tuple(s.bin, s.above, s.in_bin);
 }
 
+// The sparsified task-vector ops' parameters (pysoup.ops.table.SparseParams, as pysoup.ops.cpu packs them): the
+// vectors stay alive here while the kernels read them.
+struct SparsePy {
+    std::vector<float> weights, scale, lo, eps;
+    std::vector<uint32_t> keep_bits, skip_bits;
+    std::vector<uint64_t> keys;
+    std::vector<uint8_t> drops;
+    SparseArgs a{};
+};
+
+void sparse_args(const char* op, SparsePy& s, const Inputs& in, uintptr_t base, int base_dtype, int64_t n,
+                 int64_t start, const py::tuple& p, size_t quotas) {
+    if (p.size() != 15) throw std::invalid_argument(std::string(op) + ": params needs 15 entries");
+    const size_t k = in.ptrs.size();
+    SparseArgs& a = s.a;
+    a.select = p[0].cast<int>();
+    a.mix = p[1].cast<int>();
+    if (a.select < kSelectAll || a.select > kSelectShared || a.mix < kMixSum || a.mix > kMixRam)
+        throw std::invalid_argument(std::string(op) + ": bad select or mix code");
+    s.weights = p[2].cast<std::vector<float>>();
+    check_len(op, "weights", s.weights, k);
+    a.lambda = p[3].cast<float>();
+    a.normalize = p[4].cast<bool>();
+    s.scale = p[5].cast<std::vector<float>>();
+    if (!s.scale.empty()) check_len(op, "scale", s.scale, k);
+    s.keep_bits = p[6].cast<std::vector<uint32_t>>();
+    s.skip_bits = p[7].cast<std::vector<uint32_t>>();
+    s.keys = p[8].cast<std::vector<uint64_t>>();
+    s.lo = p[9].cast<std::vector<float>>();
+    s.eps = p[10].cast<std::vector<float>>();
+    s.drops = p[11].cast<std::vector<uint8_t>>();
+    a.row = p[12].cast<int64_t>();
+    a.stride = p[13].cast<int64_t>();
+    a.epsilon = p[14].cast<float>();
+    if (a.select == kSelectBand) {
+        check_len(op, "keep_bits", s.keep_bits, k);
+        check_len(op, "skip_bits", s.skip_bits, k);
+    }
+    if (a.select == kSelectShared && s.keep_bits.size() != 1)
+        throw std::invalid_argument(std::string(op) + ": a shared selection takes one threshold");
+    if (a.select == kSelectRank) {
+        check_len(op, "keys", s.keys, k);
+        check_len(op, "lo", s.lo, k);
+        check_len(op, "eps", s.eps, k);
+        check_len(op, "drops", s.drops, k);
+        if (a.row < 1 || a.stride < 1 || n % (a.row * a.stride) != 0)
+            throw std::invalid_argument(std::string(op) + ": a rank selection needs whole rows");
+    }
+    if (n > 0 && base == 0) throw std::invalid_argument(std::string(op) + ": null base pointer");
+    a.inputs = in.ptrs.data();
+    a.in_dtypes = in.dtypes.data();
+    a.k = static_cast<int>(k);
+    a.base = reinterpret_cast<const void*>(base);
+    a.base_dtype = base_dtype;
+    a.weights = s.weights.data();
+    a.divisor = fp32_sum_in_order(s.weights.data(), a.k);
+    a.scale = s.scale.empty() ? nullptr : s.scale.data();
+    a.keep_bits = s.keep_bits.data();
+    a.skip_bits = s.skip_bits.data();
+    a.keys = s.keys.data();
+    a.lo = s.lo.data();
+    a.eps = s.eps.data();
+    a.drops = s.drops.data();
+    a.start = start;
+    a.n = n;
+    if (quotas != static_cast<size_t>(sparse_quota_count(a)))
+        throw std::invalid_argument(std::string(op) + ": wrong number of tie quotas");
+}
+
+// Returns (non-finite count, the tie quotas left).
+py::tuple sparse_task_vector_py(const std::vector<uintptr_t>& inputs, const std::vector<int>& dtypes, uintptr_t base,
+                                int base_dtype, int64_t n, uintptr_t out, int out_dtype, const py::tuple& params,
+                                std::vector<int64_t> quota, int64_t start, int threads, const IsaArg& isa) {
+    Inputs in = check_inputs("sparse_task_vector", inputs, dtypes, n, isa);
+    SparsePy s;
+    sparse_args("sparse_task_vector", s, in, base, base_dtype, n, start, params, quota.size());
+    if (n > 0 && out == 0) throw std::invalid_argument("sparse_task_vector: null output pointer");
+    if (out_dtype < kF32 || out_dtype > kBF16) throw std::invalid_argument("sparse_task_vector: bad output dtype");
+    s.a.out = reinterpret_cast<void*>(out);
+    s.a.out_dtype = out_dtype;
+    int64_t nonfinite;
+    {
+        py::gil_scoped_release release;
+        nonfinite = sparse_task_vector(s.a, in.isa, std::max(1, threads), quota.data());
+    }
+    return py::make_tuple(nonfinite, quota);
+}
+
+// Returns (totals plus this range's statistics, the tie quotas left).
+py::tuple sparse_stats_py(const std::vector<uintptr_t>& inputs, const std::vector<int>& dtypes, uintptr_t base,
+                          int base_dtype, int64_t n, const py::tuple& params, std::vector<int64_t> quota,
+                          std::vector<double> totals, int64_t start, int threads, const IsaArg& isa) {
+    Inputs in = check_inputs("sparse_stats", inputs, dtypes, n, isa);
+    SparsePy s;
+    sparse_args("sparse_stats", s, in, base, base_dtype, n, start, params, quota.size());
+    if (totals.size() != size_t(kSparseStats) * inputs.size())
+        throw std::invalid_argument("sparse_stats: totals needs 5 entries per input");
+    {
+        py::gil_scoped_release release;
+        sparse_stats(s.a, in.isa, std::max(1, threads), quota.data(), totals.data());
+    }
+    return py::make_tuple(totals, quota);
+}
+
+// Adds the variance radix-select histogram of one range into `hist` (65536 uint64); returns the zero variances.
+int64_t variance_histogram_py(const std::vector<uintptr_t>& inputs, const std::vector<int>& dtypes, uintptr_t base,
+                              int base_dtype, int64_t n, int pass, uint32_t prefix, uintptr_t hist, int threads,
+                              const IsaArg& isa) {
+    Inputs in = check_inputs("variance_histogram", inputs, dtypes, n, isa);
+    if (n > 0 && (base == 0 || hist == 0)) throw std::invalid_argument("variance_histogram: null pointer");
+    SparseArgs a{};
+    a.inputs = in.ptrs.data();
+    a.in_dtypes = in.dtypes.data();
+    a.k = static_cast<int>(inputs.size());
+    a.base = reinterpret_cast<const void*>(base);
+    a.base_dtype = base_dtype;
+    a.n = n;
+    py::gil_scoped_release release;
+    return variance_histogram(a, in.isa, std::max(1, threads), pass, prefix, reinterpret_cast<uint64_t*>(hist));
+}
+
 int64_t masked_sum_py(const std::vector<uintptr_t>& inputs, const std::vector<int>& dtypes,
                       const std::vector<float>& weights, int mode, int64_t n, uintptr_t out, int out_dtype, int threads,
                       const IsaArg& isa, float center, float scale) {
@@ -448,6 +570,10 @@ PYBIND11_MODULE(_C, m) {
     m.def("task_vector", &task_vector_py, "fused task-vector merge (task arithmetic, TIES, DARE) over one range");
     m.def("magnitude_histogram", &histogram_py, "radix-select histogram of |x_i - base| bits over one range");
     m.def("radix_select", &radix_select_py, "per model: (bin, count above, count in bin) for the keep-th largest");
+    m.def("sparse_task_vector", &sparse_task_vector_py,
+          "sparsified task-vector merge (Breadcrumbs, DELLA, SCE, RAM) over one range: (non-finite, quotas left)");
+    m.def("sparse_stats", &sparse_stats_py, "the sparsified task-vector statistics of one range: (totals, quotas)");
+    m.def("variance_histogram", &variance_histogram_py, "SCE's radix-select histogram of variance bits; zeros");
     m.def("masked_sum", &masked_sum_py, "sparse soup over one range; mode 0 shared, 1 intersection, 2 union");
     m.def("sparse_scan", &sparse_scan_py, "(first index where zero patterns differ or -1, zeros of input 0)");
     m.def("moments", &moments_py, "fp64 sums, squares, abs sums and Gram entries over one range, block-ordered");

@@ -19,9 +19,205 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import pysoup
-from pysoup.ops import get_backend
+import pysoup.engine.execute as engine
+from pysoup.errors import PlanError
+from pysoup.ops.reference import philox_words
+from pysoup.strategies.task_vector import dare_key
 
 METHODS = ("breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "ram", "ramplus_tl")
+
+
+# -- worked examples: tiny tensors, the expected numbers computed here from the formulas -----------------------------
+def merge_vectors(strategy, models, base, params=None, model_params=None, backend="cpu"):
+    sds = [{"w": torch.tensor(m, dtype=torch.float32)} for m in models]
+    b = {"w": torch.tensor(base, dtype=torch.float32)}
+    mp = [dict(model_params or {}) for _ in models]
+    return pysoup.merge(sds, strategy=strategy, base=b, params=params or {}, model_params=mp, backend=backend)["w"]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_breadcrumbs_worked_example(backend):
+    """10 entries, density 0.5, gamma 0.1: target 5, top int(0.1 * 10) = 1, bottom 10 - 5 - 1 = 4: the largest
+    magnitude and the 4 smallest are dropped; ties (the two 6s, at the band's lower edge) are kept in index order."""
+    tau = np.array([0.5, -9.0, 6.0, 1.0, -7.0, 2.0, 6.0, -3.0, 8.0, 4.0], dtype=np.float32)
+    base = np.full(10, 1.0, dtype=np.float32)
+    # descending |tau|: 9 (1), 8 (8), 7 (4), 6 (2), 6 (6), 4 (9), ... -> ranks [1, 6) kept: 8, 7, 6, 6, 4
+    keep = np.zeros(10, bool)
+    keep[[8, 4, 2, 6, 9]] = True
+    want = base + 0.5 * np.where(keep, tau, 0)
+    got = merge_vectors(
+        "breadcrumbs", [base + tau], base, model_params={"density": 0.5, "gamma": 0.1, "weight": 0.5}, backend=backend
+    )
+    assert got.tolist() == want.tolist()
+    # rescale: kept L1 = 8 + 7 + 6 + 6 + 4 = 31 of 46.5 -> the kept entries times 46.5 / 31 = 1.5
+    got = merge_vectors(
+        "breadcrumbs", [base + tau], base, {"rescale": True}, {"density": 0.5, "gamma": 0.1}, backend=backend
+    )
+    assert got.tolist() == (base + np.where(keep, tau * np.float32(1.5), 0)).tolist()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_breadcrumbs_ties_worked_example(backend):
+    """Two models, 4 entries, density 0.5, gamma 0.25: target 2, top 1, bottom 1: each keeps its 2nd and 3rd
+    largest; then TIES: sign of the sum elected, agreeing entries summed (normalize false by default)."""
+    a = np.array([4.0, -3.0, 2.0, 1.0], np.float32)  # keeps -3, 2
+    b = np.array([-1.0, 5.0, -4.0, 3.0], np.float32)  # keeps -4, 3
+    ka = np.array([0, -3.0, 2.0, 0], np.float32)
+    kb = np.array([0, 0, -4.0, 3.0], np.float32)
+    s = ka + kb  # [0, -3, -2, 3]: signs +, -, -, +
+    agree_a = np.where(s >= 0, ka > 0, ka < 0)
+    agree_b = np.where(s >= 0, kb > 0, kb < 0)
+    want = np.where(agree_a, ka, 0) + np.where(agree_b, kb, 0)
+    got = merge_vectors(
+        "breadcrumbs_ties", [a, b], np.zeros(4, np.float32), {}, {"density": 0.5, "gamma": 0.25}, backend=backend
+    )
+    assert got.tolist() == want.tolist() == [0.0, -3.0, -4.0, 3.0]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_della_worked_example(backend):
+    """One row of 5 entries, density 0.5, epsilon 0.2: keep probabilities 0.3, 0.4, 0.5, 0.6, 0.7 by rank of |tau|
+    (fp32: 0.3 + (2 r / 4) * 0.2), each kept where its Philox word (key from seed, tensor name, model) is below
+    round(p * 2^32); survivors rescaled to the L1 norm of tau; della_linear adds them (weight 1, lambda 1)."""
+    tau = np.array([0.5, -2.0, 1.0, 3.0, -0.25], np.float32)
+    ranks = np.argsort(np.argsort(np.abs(tau), kind="stable"), kind="stable")
+    prob = np.float32(0.5 - 0.2) + (np.float32(ranks) / np.float32(4) * np.float32(2)) * np.float32(0.2)
+    below = np.minimum(np.floor(prob.astype(np.float64) * 2.0**32 + 0.5), 2.0**32 - 1)
+    words = philox_words(dare_key(7, "w", 0), torch.arange(5)).numpy()
+    keep = words < below
+    assert keep.any() and not keep.all()  # seed 7 keeps some: the example tests both branches
+    kept = np.where(keep, tau, np.float32(0))
+    scale = np.float32(np.abs(tau).sum(dtype=np.float64) / np.abs(kept).sum(dtype=np.float64))
+    want = np.where(keep, tau * scale, np.float32(0))
+    got = merge_vectors(
+        "della_linear", [tau], np.zeros(5, np.float32), {"seed": 7}, {"density": 0.5, "epsilon": 0.2}, backend=backend
+    )
+    assert got.tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_sce_worked_example(backend):
+    """3 models, 4 entries, select_topk 0.5: k = int(#nonzero variances * 0.5) entries of highest variance across the
+    models kept (one mask for every model); weights = mean squared kept tau per model over their sum; the sign of
+    sum_i tau_i elected; base + sum_agree w_i tau_i / max(sum_agree w_i, 1e-6)."""
+    taus = np.array([[1.0, 2.0, -1.0, 0.5], [1.0, -2.0, 3.0, 0.5], [1.0, 1.0, -2.0, 0.0]], np.float32)
+    var = taus.astype(np.float64).var(axis=0)  # [0, 3.55.., 4.66.., 0.055..]
+    k = int(np.float32(np.count_nonzero(var)) * np.float32(0.5))
+    mask = np.zeros(4, bool)
+    mask[np.argsort(-var, kind="stable")[:k]] = True
+    kept = np.where(mask, taus, 0)
+    w = (kept.astype(np.float64) ** 2).mean(axis=1)
+    w = (w / w.sum()).astype(np.float32)
+    s = kept.sum(axis=0)
+    agree = np.where(s >= 0, kept > 0, kept < 0)
+    num = (np.where(agree, kept, 0) * w[:, None]).sum(axis=0)
+    den = np.maximum((agree * w[:, None]).sum(axis=0), np.float32(1e-6))
+    want = num / den
+    got = merge_vectors("sce", list(taus), np.zeros(4, np.float32), {"select_topk": 0.5}, backend=backend)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-6)
+    assert mask.tolist() == [False, False, True, False]  # 3 nonzero variances: int(3 * 0.5) = 1 entry kept
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_ram_worked_examples(backend):
+    """RAM: an entry changed (|tau| > epsilon) by one model takes its tau, by several their mean; RAM+ scales each
+    model's unique entries by 1 + r * clamp(#shared / #unique, 0, alpha)."""
+    a = np.array([1.0, 2.0, 0.0, 4.0, 0.0], np.float32)
+    b = np.array([3.0, 0.0, 0.0, 8.0, 5.0], np.float32)
+    zero = np.zeros(5, np.float32)
+    want = np.array([2.0, 2.0, 0.0, 6.0, 5.0], np.float32)
+    assert merge_vectors("ram", [a, b], zero, backend=backend).tolist() == want.tolist()
+    # a: 2 shared, 1 unique -> rho 2 -> clamp 0.9 -> 1 + 0.5 * 0.9 = 1.45; b: 2 shared, 1 unique -> 1.45
+    lam = np.float32(1) + np.float32(0.5) * np.float32(0.9)
+    want_plus = np.array([2.0, 2.0 * lam, 0.0, 6.0, 5.0 * lam], np.float32)
+    got = merge_vectors("ramplus_tl", [a, b], zero, {"r": 0.5, "alpha": 0.9}, backend=backend)
+    assert got.tolist() == want_plus.tolist()
+
+
+def test_bad_parameters_are_one_line_errors():
+    one = [np.ones(4, np.float32)]
+    zero = np.zeros(4, np.float32)
+    with pytest.raises(PlanError, match="density \\+/- epsilon"):
+        merge_vectors("della", one, zero, {}, {"density": 0.9, "epsilon": 0.15})
+    with pytest.raises(PlanError, match="gamma"):
+        merge_vectors("breadcrumbs", one, zero, {}, {"density": 0.5, "gamma": 2})
+    with pytest.raises(PlanError, match="no per-model parameter 'gamma'"):
+        merge_vectors("della", one, zero, {}, {"gamma": 0.1})
+    with pytest.raises(PlanError, match="needs a base"):
+        pysoup.merge([{"w": torch.ones(2)}], strategy="ram")
+    sds = [{"w": torch.ones(4, 1)}]
+    with pytest.raises(PlanError, match="one element"):
+        pysoup.merge(sds, strategy="della", base={"w": torch.zeros(4, 1)}, model_params=[{"density": 0.5}])
+
+
+# -- the cpu backend equals the reference bit for bit ---------------------------------------------------------------
+BIT_CASES = [
+    ("breadcrumbs", {"rescale": True}, {"density": 0.5, "gamma": 0.05, "weight": 0.7}),
+    ("breadcrumbs_ties", {"normalize": True, "lambda": 1.3}, {"density": 0.4, "gamma": 0.1}),
+    ("della", {"seed": 3}, {"density": 0.5, "epsilon": 0.2, "weight": 0.6}),
+    ("della_linear", {"rescale": False, "lambda": 0.8}, {"density": 0.3, "epsilon": 0.1}),
+    ("sce", {"select_topk": 0.3}, {}),
+    ("sce", {}, {}),
+    ("ram", {"epsilon": 0.001}, {}),
+    ("ramplus_tl", {"r": 0.5, "alpha": 0.9}, {}),
+]
+
+
+@pytest.fixture(scope="module")
+def bit_inputs(tmp_path_factory):
+    """A base and three models in files: a [100, 700] matrix (two 64 Ki blocks; rows of 700), a [6, 50, 40]
+    tensor (DELLA's rows interleaved, stride 40), a vector; bf16, so magnitudes tie often (the tie quotas matter)."""
+    root = tmp_path_factory.mktemp("bits")
+    g = torch.Generator().manual_seed(5)
+    shapes = {"m": (100, 700), "c": (6, 50, 40), "v": (5000,)}
+    base = {k: torch.randn(s, generator=g).bfloat16() for k, s in shapes.items()}
+    paths = []
+    for name in ("base", "a", "b", "c"):
+        sd = (
+            base
+            if name == "base"
+            else {
+                k: (
+                    v.float() + torch.randn(v.shape, generator=g) * 0.05 * (torch.rand(v.shape, generator=g) < 0.8)
+                ).bfloat16()
+                for k, v in base.items()
+            }
+        )
+        path = str(root / f"{name}.safetensors")
+        save_file(sd, path)
+        paths.append(path)
+    return paths[0], paths[1:]
+
+
+def _bit_merge(method, params, mp, base, fts, out, backend, threads=None):
+    pysoup.merge(
+        fts,
+        out,
+        strategy=method,
+        base=base,
+        params=params,
+        model_params=[dict(mp) for _ in fts],
+        backend=backend,
+        threads=threads,
+    )
+    with open(out, "rb") as f:
+        return f.read()
+
+
+@pytest.mark.parametrize("method,params,model_params", BIT_CASES)
+def test_cpu_equals_reference(tmp_path, bit_inputs, monkeypatch, method, params, model_params):
+    """Every ISA, 1 and 2 threads, and small chunks (DELLA's rows whole in each, TIES-style tie quotas carried from
+    chunk to chunk): the same bytes as the reference."""
+    base, fts = bit_inputs
+    want = _bit_merge(method, params, model_params, base, fts, str(tmp_path / "ref.safetensors"), "reference")
+    for isa in pysoup.info()["cpu_isas"]:
+        for threads in (1, 2):
+            monkeypatch.setenv("PYSOUP_CPU_ISA", isa)
+            got = _bit_merge(method, params, model_params, base, fts, str(tmp_path / "c.safetensors"), "cpu", threads)
+            assert got == want, f"{method} differs on {isa} with {threads} threads"
+    monkeypatch.delenv("PYSOUP_CPU_ISA")
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 4096 * 3)
+    assert _bit_merge(method, params, model_params, base, fts, str(tmp_path / "s.safetensors"), "cpu") == want
 
 
 # -- tiny real models --------------------------------------------------------------------------------------------
@@ -139,7 +335,11 @@ def test_agrees_with_mergekit(tmp_path_factory, llama, method, params, model_par
     # With rescale, mergekit's L1 ratio comes from fp32 sums (pysoup's from fp64): the scale differs by up to a few
     # ulps, and the scaled tau (up to 1 / density times the inputs) carries it.
     ulps = 4 if not params.get("rescale") else int(4 / model_params["density"]) + 4
-    assert_within_rounding(ours(method, base, fts, params, model_params), theirs, magnitudes(base, fts), ulps)
+    mine = ours(method, base, fts, params, model_params)
+    assert_within_rounding(mine, theirs, magnitudes(base, fts), ulps)
+    if method.startswith("ram"):  # the same fp32 operations in the same order: bit for bit
+        for k in theirs:
+            assert torch.equal(mine[k].view(torch.int32), theirs[k].view(torch.int32)), k
 
 
 # -- DELLA: random masks, compared in distribution -----------------------------------------------------------------

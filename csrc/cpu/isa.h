@@ -13,6 +13,7 @@ struct WeightedSumArgs;
 struct TaskVectorArgs;
 struct MaskedSumArgs;
 struct MomentsArgs;
+struct SparseArgs;
 
 // The codes Python passes. Each ISA needs the ones before it, so the usable ISAs are a prefix of this list.
 enum class Isa : int { scalar = 0, avx2 = 1, avx512 = 2 };
@@ -30,6 +31,11 @@ struct CpuKernels {
     int64_t (*masked_sum)(const MaskedSumArgs&, int64_t begin, int64_t end);  // masked_sum.h
     int64_t (*sparse_scan)(const MaskedSumArgs&, int64_t begin, int64_t end, int64_t* zeros);
     void (*moments)(const MomentsArgs&, int64_t block_begin, int64_t end, double* block_out);  // moments.h
+    int64_t (*sparse_task_vector)(const SparseArgs&, int64_t begin, int64_t end);  // sparsify.h
+    void (*sparse_stats)(const SparseArgs&, int64_t block_begin, int64_t end, double* block_out);
+    void (*sparse_ties)(const SparseArgs&, int64_t begin, int64_t end, int64_t* counts);
+    int64_t (*variance_histogram)(const SparseArgs&, int64_t begin, int64_t end, int pass, uint32_t prefix,
+                                  uint64_t* hist);
 };
 
 // Each ISA's set, defined in kernels_<isa>.cpp (compiled with that ISA's flags).

@@ -5,6 +5,7 @@
 #include "cpu/masked_sum_impl.h"
 #include "cpu/moments_impl.h"
 #include "cpu/radix_select_impl.h"
+#include "cpu/sparsify_impl.h"
 #include "cpu/task_vector_impl.h"
 #include "cpu/weighted_sum.h"
 
@@ -18,6 +19,10 @@ const CpuKernels kScalarKernels{
     masked_sum_kernel<ScalarIO>,           // masked_sum_impl.h
     sparse_scan_kernel<ScalarIO>,          // masked_sum_impl.h
     moments_kernel<ScalarIO>,              // moments_impl.h
+    sparse_task_vector_kernel<ScalarIO>,  // sparsify_impl.h
+    sparse_stats_kernel<ScalarIO>,        // sparsify_impl.h
+    sparse_ties_kernel<ScalarIO>,         // sparsify_impl.h
+    variance_histogram_kernel<ScalarIO>,  // sparsify_impl.h
 };
 
 }  // namespace pysoup

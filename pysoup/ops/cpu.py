@@ -233,6 +233,40 @@ class CpuBackend(Backend):
             self._isa,
         )
 
+    def sparse_task_vector_raw(self, chunk, p, quota):
+        return _native.native.sparse_task_vector(
+            list(chunk.addrs[:-1]),
+            _codes(chunk.dtypes[:-1]),
+            chunk.addrs[-1],
+            KERNEL_CODE[chunk.dtypes[-1]],
+            chunk.n,
+            chunk.out,
+            KERNEL_CODE[chunk.out_dtype],
+            _sparse_params(p),
+            list(quota),
+            chunk.start,
+            self.threads,
+            self._isa,
+        )
+
+    def sparse_stats_raw(self, chunk, p, quota, acc):
+        return _native.native.sparse_stats(
+            list(chunk.addrs[:-1]),
+            _codes(chunk.dtypes[:-1]),
+            chunk.addrs[-1],
+            KERNEL_CODE[chunk.dtypes[-1]],
+            chunk.n,
+            _sparse_params(p),
+            list(quota),
+            list(acc),
+            chunk.start,
+            self.threads,
+            self._isa,
+        )
+
+    def variance_selector(self, density):
+        return _VarianceTopK(density, self)
+
     def moments_raw(self, chunk, acc):
         spec = acc.spec
         addrs, dtypes = (chunk.addrs[:-1], chunk.dtypes[:-1]) if spec.base else (chunk.addrs, chunk.dtypes)
@@ -313,3 +347,56 @@ class _RadixTopK(RadixTopK):
 
     def _clear(self):
         ctypes.memset(self._addr, 0, ctypes.sizeof(self._hist))
+
+def _sparse_params(p) -> tuple:
+    """SparseParams as the sparse kernels take them (one tuple, in csrc/bindings.cpp's order)."""
+    return (
+        int(p.select),
+        int(p.mix),
+        list(p.weights),
+        p.lam,
+        p.normalize,
+        list(p.scale),
+        list(p.keep_bits),
+        list(p.skip_bits),
+        list(p.keys),
+        list(p.lo),
+        list(p.eps),
+        [1 if d else 0 for d in p.drops],
+        p.row,
+        p.stride,
+        p.epsilon,
+    )
+
+
+class _VarianceTopK(_RadixTopK):
+    """SCE's selection (pysoup.ops.reference.TorchVarianceTopK) with the counting in C++."""
+
+    def __init__(self, density, backend):
+        super().__init__([0], backend)
+        self.density = density
+        self._zeros = self._numel = 0
+
+    def _count(self, chunk, pass_):
+        be = self._backend
+        self._zeros += _native.native.variance_histogram(
+            list(chunk.addrs[:-1]),
+            _codes(chunk.dtypes[:-1]),
+            chunk.addrs[-1],
+            KERNEL_CODE[chunk.dtypes[-1]],
+            chunk.n,
+            pass_,
+            self._prefix[0] if pass_ else 0,
+            self._addr,
+            be.threads,
+            be._isa,
+        )
+        if pass_ == 0:
+            self._numel += chunk.n
+
+    def finish(self, pass_):
+        if pass_ == 0:
+            from pysoup.ops.reference import variance_keep
+
+            self.keep = [variance_keep(self._numel - self._zeros, self.density)]
+        super().finish(pass_)

@@ -320,26 +320,24 @@ def variance(taus):
     return (m2 / float(len(taus))).float()
 
 
-def rank_keep_below(bits, p) -> object:
-    """DELLA's per-entry keep thresholds for Philox words: round(prob * 2^32) (at most 2^32 - 1), with prob =
-    fp32(density - epsilon) + fp32(fp32(2 rank / (row - 1)) * fp32(epsilon)) as mergekit computes it in fp32; rank
-    is the entry's 0-based position in its row by |tau| ascending, ties in index order. bits: [rows, row, stride]."""
+def row_ranks(bits):
+    """DELLA's normalized ranks: each entry's 0-based position in its row by |tau| ascending, ties in index order,
+    over (row - 1) in fp32 (rows of one entry: 0). bits: [slabs, row, stride] fp32 bits of |tau|."""
     import torch
 
     order = torch.sort(bits, dim=1, stable=True).indices
     ranks = torch.empty_like(order)
     positions = torch.arange(bits.shape[1], dtype=order.dtype).view(1, -1, 1).expand_as(order)
     ranks.scatter_(1, order, positions)
-    rn = ranks.float() / torch.full(ranks.shape, float(bits.shape[1] - 1), dtype=torch.float32)
-    return rn, ranks
+    return ranks.float() / torch.full(ranks.shape, float(max(bits.shape[1] - 1, 1)), dtype=torch.float32)
 
 
 def _rank_masks(t, p, i: int, start: int):
+    """DELLA's draws for model i: kept where the Philox word is below round(prob * 2^32) (at most 2^32 - 1), prob =
+    fp32(density - epsilon) + fp32(fp32(2 rank) * fp32(epsilon)), two fp32 roundings as mergekit computes it."""
     import torch
 
-    bits = _f32_bits(t).view(-1, p.row, p.stride)
-    rn, _ = rank_keep_below(bits, p)
-    rn = rn.reshape(-1)
+    rn = row_ranks(_f32_bits(t).view(-1, p.row, p.stride)).reshape(-1)
     prob = (rn * 2.0) * torch.full_like(rn, p.eps[i]) + torch.full_like(rn, p.lo[i])
     below = torch.floor(prob.double() * 2.0**32 + 0.5).clamp(max=2.0**32 - 1).to(torch.int64)
     idx = torch.arange(start, start + t.numel(), dtype=torch.int64)

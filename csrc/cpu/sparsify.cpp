@@ -1,0 +1,105 @@
+// The sparsified task-vector merges' threads: per-block tie quotas (ties kept in index order whatever the thread
+// count), one kernel call per block, statistics kept per block and summed in index order, per-thread variance
+// histograms.
+#include "cpu/sparsify.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu/blocking.h"
+#include "cpu/moments.h"
+
+namespace pysoup {
+
+namespace {
+
+// Elements per thread block: kBlock, or for DELLA at least one whole slab of rows (each block ranks the slabs it
+// touches), always whole statistics blocks.
+int64_t sparse_block(const SparseArgs& a) {
+    int64_t bs = kBlock;
+    if (a.select == kSelectRank) bs = std::max(bs, a.row * a.stride);
+    return (bs + kStatBlock - 1) / kStatBlock * kStatBlock;
+}
+
+// Per-block tie quotas: block b may keep what the blocks before it left over. Updates `quota` to what is left.
+std::vector<int64_t> block_quotas(const SparseArgs& a, const CpuKernels& kern, int threads, int64_t bs, int64_t nb,
+                                  int64_t* quota) {
+    const int nq = sparse_quota_count(a);
+    std::vector<int64_t> out(size_t(nb) * nq, -1);
+    bool partial = false;
+    for (int q = 0; q < nq; ++q) partial |= quota[q] >= 0;
+    if (!partial) return out;
+    std::vector<int64_t> counts(size_t(nb) * nq, 0);
+#pragma omp parallel for num_threads(threads_for(threads, nb)) schedule(static)
+    for (int64_t b = 0; b < nb; ++b) kern.sparse_ties(a, b * bs, std::min(a.n, (b + 1) * bs), counts.data() + b * nq);
+    for (int q = 0; q < nq; ++q) {
+        int64_t left = quota[q];
+        for (int64_t b = 0; b < nb; ++b) {
+            out[size_t(b) * nq + q] = left;
+            if (left >= 0) left = std::max<int64_t>(0, left - counts[size_t(b) * nq + q]);
+        }
+        quota[q] = left;
+    }
+    return out;
+}
+
+}  // namespace
+
+int64_t sparse_task_vector(SparseArgs a, Isa isa, int threads, int64_t* quota) {
+    const CpuKernels& kern = cpu_kernels(isa);
+    const int64_t bs = sparse_block(a), nb = (a.n + bs - 1) / bs;
+    const int nq = sparse_quota_count(a);
+    const std::vector<int64_t> bq = block_quotas(a, kern, threads, bs, nb, quota);
+    int64_t nonfinite = 0;
+#pragma omp parallel for num_threads(threads_for(threads, nb)) schedule(static) reduction(+ : nonfinite)
+    for (int64_t b = 0; b < nb; ++b) {
+        SparseArgs ab = a;
+        ab.quota = bq.data() + size_t(b) * nq;
+        nonfinite += kern.sparse_task_vector(ab, b * bs, std::min(a.n, (b + 1) * bs));
+    }
+    return nonfinite;
+}
+
+void sparse_stats(SparseArgs a, Isa isa, int threads, int64_t* quota, double* totals) {
+    const CpuKernels& kern = cpu_kernels(isa);
+    const int64_t bs = sparse_block(a), nb = (a.n + bs - 1) / bs;
+    const int nq = sparse_quota_count(a);
+    const int nstat = kSparseStats * a.k;
+    const std::vector<int64_t> bq = block_quotas(a, kern, threads, bs, nb, quota);
+    const int64_t nstat_blocks = (a.n + kStatBlock - 1) / kStatBlock;
+    std::vector<double> blocks(size_t(nstat_blocks) * nstat);
+#pragma omp parallel for num_threads(threads_for(threads, nb)) schedule(static)
+    for (int64_t b = 0; b < nb; ++b) {
+        SparseArgs ab = a;
+        ab.quota = bq.data() + size_t(b) * nq;
+        kern.sparse_stats(ab, b * bs, std::min(a.n, (b + 1) * bs), blocks.data() + size_t(b * bs / kStatBlock) * nstat);
+    }
+    for (int64_t b = 0; b < nstat_blocks; ++b)
+        for (int q = 0; q < nstat; ++q) totals[q] += blocks[size_t(b) * nstat + q];
+}
+
+int64_t variance_histogram(const SparseArgs& a, Isa isa, int threads, int pass, uint32_t prefix, uint64_t* hist) {
+    const CpuKernels& kern = cpu_kernels(isa);
+    const int64_t nb = nblocks(a.n);
+    if (nb < 4 || threads <= 1) return kern.variance_histogram(a, 0, a.n, pass, prefix, hist);
+    const int nt = threads_for(threads, nb);
+    std::vector<std::vector<uint64_t>> local(nt - 1, std::vector<uint64_t>(65536, 0));
+    std::vector<int64_t> zeros(nt, 0);
+#pragma omp parallel num_threads(nt)
+    {
+        const int t = omp_get_thread_num(), count = omp_get_num_threads();
+        const int64_t first = nb * t / count, last = nb * (t + 1) / count;
+        if (first < last)
+            zeros[t] = kern.variance_histogram(a, first * kBlock, std::min(a.n, last * kBlock), pass, prefix,
+                                               t == 0 ? hist : local[t - 1].data());
+    }
+    for (const auto& h : local)
+        for (size_t i = 0; i < 65536; ++i) hist[i] += h[i];
+    int64_t z = 0;
+    for (int64_t v : zeros) z += v;
+    return z;
+}
+
+}  // namespace pysoup
