@@ -189,6 +189,18 @@ def bit_inputs(tmp_path_factory):
     return paths[0], paths[1:]
 
 
+_REFERENCE: dict = {}
+
+
+def _reference_bytes(tmp_path, bit_inputs, case) -> bytes:
+    """The reference backend's merge of BIT_CASES[case] (merged once per module run)."""
+    if case not in _REFERENCE:
+        method, params, mp = BIT_CASES[case]
+        base, fts = bit_inputs
+        _REFERENCE[case] = _bit_merge(method, params, mp, base, fts, str(tmp_path / "ref.safetensors"), "reference")
+    return _REFERENCE[case]
+
+
 def _bit_merge(method, params, mp, base, fts, out, backend, threads=None):
     pysoup.merge(
         fts,
@@ -204,12 +216,13 @@ def _bit_merge(method, params, mp, base, fts, out, backend, threads=None):
         return f.read()
 
 
-@pytest.mark.parametrize("method,params,model_params", BIT_CASES)
-def test_cpu_equals_reference(tmp_path, bit_inputs, monkeypatch, method, params, model_params):
+@pytest.mark.parametrize("case", range(len(BIT_CASES)), ids=lambda i: BIT_CASES[i][0])
+def test_cpu_equals_reference(tmp_path, bit_inputs, monkeypatch, case):
     """Every ISA, 1 and 2 threads, and small chunks (DELLA's rows whole in each, TIES-style tie quotas carried from
     chunk to chunk): the same bytes as the reference."""
+    method, params, model_params = BIT_CASES[case]
     base, fts = bit_inputs
-    want = _bit_merge(method, params, model_params, base, fts, str(tmp_path / "ref.safetensors"), "reference")
+    want = _reference_bytes(tmp_path, bit_inputs, case)
     for isa in pysoup.info()["cpu_isas"]:
         for threads in (1, 2):
             monkeypatch.setenv("PYSOUP_CPU_ISA", isa)
@@ -410,3 +423,23 @@ def test_della_three_models_in_distribution(tmp_path_factory, llama):
     s1, s2, s0 = summary(runs[0]), summary(runs[1]), summary(mine)
     tol = np.maximum(3 * np.abs(s1 - s2), 0.02 * np.abs(s1))
     assert np.all(np.abs(s0 - (s1 + s2) / 2) <= tol), (s0, s1, s2)
+
+
+@pytest.mark.parametrize("case", [0, 2, 4, 7], ids=lambda i: BIT_CASES[i][0])
+def test_device_path_equals_reference(tmp_path, bit_inputs, case):
+    """device= merges (the triton backend, here under TRITON_INTERPRET=1): these methods have no Triton kernel and run
+    the reference's op on the host ranges (breadcrumbs' histograms on the device): the same bytes."""
+    pytest.importorskip("triton")
+    method, params, mp = BIT_CASES[case]
+    base, fts = bit_inputs
+    want = _reference_bytes(tmp_path, bit_inputs, case)
+    pysoup.merge(
+        fts,
+        tmp_path / "dev.safetensors",
+        strategy=method,
+        base=base,
+        params=params,
+        model_params=[dict(mp) for _ in fts],
+        device="cpu",
+    )
+    assert (tmp_path / "dev.safetensors").read_bytes() == want
