@@ -40,7 +40,44 @@ METHODS = {
     "sparse": (["--param", "mask=union"], 3, False, None),
     "variance_corrected": ([], 3, False, None),
     "interpolate": (["--param", "alpha=0.3"], 2, False, None),
+    # The geometric family (pysoup.strategies.geometric). A key "method:variant" runs `method` with other parameters.
+    "nuslerp": (["--weights", "1,1"], 2, True, {}),
+    "nuslerp:rows": (
+        ["--weights", "1,1", "--param", "nuslerp_flatten=false"],
+        2,
+        True,
+        {"parameters": {"nuslerp_flatten": False}},
+    ),
+    "multislerp": (["--weights", "1,1,1"], 3, True, {}),
+    "karcher": ([], 3, True, {}),
+    "nearswap": (["--param", "t=0.001"], 1, True, {"parameters": {"t": 0.001}}),
+    "arcee_fusion": ([], 1, True, {}),
+    "passthrough:scale": (["--param", "scale=0.5"], 1, False, {"parameters": {"scale": 0.5}}),
+    "model_stock:filter_wise": (["--param", "filter_wise=true"], 3, True, {"parameters": {"filter_wise": True}}),
+    # The sparsified task-vector family (pysoup.strategies.sparsify).
+    "breadcrumbs": (["--param", "density=0.5"], 3, True, {"parameters": {"density": 0.5}}),
+    "breadcrumbs_ties": (["--param", "density=0.5"], 3, True, {"parameters": {"density": 0.5}}),
+    "della": (
+        ["--param", "density=0.5", "--param", "epsilon=0.1"],
+        3,
+        True,
+        {"parameters": {"density": 0.5, "epsilon": 0.1}},
+    ),
+    "della_linear": (
+        ["--param", "density=0.5", "--param", "epsilon=0.1"],
+        3,
+        True,
+        {"parameters": {"density": 0.5, "epsilon": 0.1}},
+    ),
+    "sce": (["--param", "select_topk=0.5"], 3, True, {"parameters": {"select_topk": 0.5}}),
+    "ram": ([], 3, True, {}),
+    "ramplus_tl": ([], 3, True, {}),
 }
+
+
+def method_of(key: str) -> str:
+    """The strategy a METHODS key runs: 'model_stock:filter_wise' -> 'model_stock'."""
+    return key.split(":", 1)[0]
 
 
 @dataclass
@@ -129,14 +166,14 @@ def _mergekit_config(work: str, strategy: str, inputs: list, base: str | None, e
         cfg = {"merge_method": "slerp", "base_model": inputs[0], "models": models, "dtype": "bfloat16", **extra}
     else:
         cfg = {
-            "merge_method": strategy,
+            "merge_method": method_of(strategy),
             "dtype": "bfloat16",
             "models": [{"model": p, "parameters": {"weight": 1.0}} for p in inputs],
             **extra,
         }
         if base:
             cfg["base_model"] = base
-    path = os.path.join(work, f"mergekit-{strategy}.yaml")
+    path = os.path.join(work, f"mergekit-{strategy.replace(':', '-')}.yaml")
     with open(path, "w") as f:
         json.dump(cfg, f, indent=2)
     return path
@@ -148,7 +185,7 @@ def contenders(work: str, strategy: str, base: str | None, mergekit_exe: str | N
     pysoup_args, mk_extra = [], {"parameters": {}}
     if strategy != "linear":
         pysoup_args, _, _, mk_extra = METHODS[strategy]
-        pysoup_args = ["--strategy", strategy, *pysoup_args] + (["--base", base] if base else [])
+        pysoup_args = ["--strategy", method_of(strategy), *pysoup_args] + (["--base", base] if base else [])
     py = sys.executable
     base_in = [base] if base else []
     out = [
