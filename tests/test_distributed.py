@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -326,14 +327,34 @@ def test_a_killed_driver_commits_nothing_and_the_next_run_leaves_no_temporaries(
     assert out.read_bytes() == (tmp_path / "local" / "l.safetensors").read_bytes()
 
 
-def test_bad_or_unreachable_addresses_fail_fast(fam, tmp_path):
+def test_bad_or_unreachable_addresses_fail_fast(ray_cluster, fam, tmp_path):
     d, bp, fps = fam
-    for address, message in (("nohost", "expected HOST:PORT"), ("127.0.0.1:1", "cannot connect"),
-                             ("ray://no-such-host.invalid:10001", "unknown host")):  # fmt: skip
+    # A port that answers, but not as Ray (what a wrong port number reaches): refused, not retried for minutes.
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def answer_like_ssh():
+        for _ in range(2):
+            conn, _ = server.accept()
+            conn.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
+            conn.close()
+
+    threading.Thread(target=answer_like_ssh, daemon=True).start()
+    cases = [
+        ("nohost", "expected HOST:PORT"),
+        ("127.0.0.1:1", "cannot connect"),
+        ("ray://no-such-host.invalid:10001", "unknown host"),
+        (f"127.0.0.1:{port}", "not as a Ray cluster"),
+    ]
+    for address, message in cases:
         t0 = time.perf_counter()
         proc = run_cli("merge", *fps, "-o", tmp_path / "x.safetensors", "--ray", address, env=ENV)
         assert proc.returncode == 1 and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
         assert time.perf_counter() - t0 < 15
+    with pytest.raises(ClusterError, match="not as a Ray cluster"):
+        RayExecutor(f"127.0.0.1:{port}", connect_timeout=2).check_address()
+    RayExecutor(ray_cluster[0].get_runtime_context().gcs_address).check_address()  # a real GCS passes
+    server.close()
     assert not os.listdir(tmp_path)
 
 

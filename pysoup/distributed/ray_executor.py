@@ -37,6 +37,11 @@ def _remote(ray, fn):
     return _REMOTES[fn]
 
 
+# An HTTP/2 client's connection preface and an empty SETTINGS frame; the server's first frame is its SETTINGS (type 4).
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+_HTTP2_SETTINGS = 4
+
+
 class ClusterError(SoupError):
     """The Ray cluster cannot be reached or cannot run the merge's tasks."""
 
@@ -87,8 +92,17 @@ class RayExecutor:
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ClusterError(f"ray address {address!r}: expected HOST:PORT, ray://HOST:PORT or auto")
         try:
-            with socket.create_connection((host.strip("[]"), int(port)), timeout=self.connect_timeout):
-                pass
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=self.connect_timeout) as conn:
+                # Ray's GCS and client server speak gRPC: an HTTP/2 server answers the client preface with a
+                # SETTINGS frame at once. Anything else (another service, a port that accepts and stays silent)
+                # would keep ray.init retrying for minutes, in C++ where not even SIGTERM stops it.
+                conn.sendall(_HTTP2_PREFACE)
+                frame = conn.recv(9)
+            if len(frame) < 9 or frame[3] != _HTTP2_SETTINGS:
+                raise ClusterError(
+                    f"ray address {address!r}: answers, but not as a Ray cluster (no gRPC server); is it the head "
+                    "node's GCS port (6379) or its client port (10001)?"
+                )
         except socket.gaierror as exc:
             raise ClusterError(f"ray address {address!r}: unknown host ({exc.strerror})") from None
         except OSError as exc:
