@@ -9,6 +9,7 @@ fused kernel rounds the mix once and adds it with one fma.
 
 import json
 import os
+import re
 import warnings
 
 import pytest
@@ -638,3 +639,30 @@ def test_model_plus_lora_reference(tmp_path, llama):
         ours["model.layers.0.self_attn.q_proj.weight"], without["model.layers.0.self_attn.q_proj.weight"]
     )
     assert not [f for f in os.listdir(os.path.dirname(a)) if f.startswith(".pysoup-folded-")]  # removed
+
+
+@pytest.mark.parametrize(
+    "tokenizer,match",
+    [
+        ({"source": "union", "tokens": {"<s>": {"source": {"kind": "weird"}}}}, "token source kind 'weird'"),
+        (
+            {"source": "union", "tokens": {"<s>": {"source": {"kind": "model_token", "model": "X"}}}},
+            "token_id or token",
+        ),
+        ({"source": "./no-such-model"}, "cannot load its tokenizer"),
+    ],
+)
+def test_bad_tokenizer_sections_are_one_line_errors(tmp_path, with_tokenizers, tokenizer, match):
+    base, ft1, _ = with_tokenizers
+    cfg = {
+        "merge_method": "task_arithmetic",
+        "base_model": base,
+        "parameters": {"weight": 1.0},
+        "models": [{"model": ft1}],
+        "tokenizer": tokenizer,
+    }
+    path = write(tmp_path, cfg)
+    with pytest.raises(PlanError, match=re.escape(match)) as err:
+        merge_config(path, tmp_path / "o")
+    assert "\n" not in str(err.value) and not (tmp_path / "o").exists()
+    assert not [f for f in os.listdir(os.path.dirname(base)) if f.startswith(".pysoup-vocab-")]
