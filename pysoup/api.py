@@ -153,7 +153,7 @@ def merge(
                 outputs=target.paths,
                 strategy=strat.name,
                 **be.describe(),
-                threads=threads,
+                threads=executor.num_cpus if executor is not None else threads,  # on Ray: per task
                 tensors=len(plan),
                 nonfinite_tensors=nonfinite,
                 stats=stats,

@@ -221,6 +221,8 @@ def _merge_arguments(args) -> dict:
 def _cmd_merge(args) -> int:
     import pysoup
 
+    if (args.plan or args.ray is not None) and (args.lora or args.lora_mode or _adapter_inputs(args)):
+        raise SoupError("--plan and --ray take merges of checkpoints; LoRA folds and adapter merges run locally")
     if args.lora or args.lora_weights or args.lora_mode or args.lora_rank is not None or _adapter_inputs(args):
         return _cmd_lora_merge(args)
 

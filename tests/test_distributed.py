@@ -117,6 +117,8 @@ def test_plan_command_line(fam, tmp_path):
     assert proc.returncode == 0 and "capped at --read-gbps 0.5" in proc.stdout and "peak memory" in proc.stdout
     proc = run_cli("merge", fps[0], d / "missing.safetensors", "-o", out, "--plan", env=ENV)
     assert proc.returncode == 1 and proc.stderr.startswith("pysoup: error:") and proc.stderr.count("\n") == 1
+    proc = run_cli("merge", fps[0], "--lora", d / "adapter", "-o", out, "--plan", env=ENV)
+    assert proc.returncode == 1 and "LoRA folds and adapter merges run locally" in proc.stderr
     assert not out.exists()
 
 
@@ -211,7 +213,7 @@ def test_every_method_is_byte_identical_to_the_local_merge(ray_cluster, fam, tmp
         dist = pysoup.merge(inputs, tmp_path / "ray" / out, executor=ex, **kw, **extra)
         assert len(ex.last_tasks) >= 3  # byte ranges of the one file / one task per shard
         assert tree_snapshot(tmp_path / "ray" / out) == tree_snapshot(tmp_path / "local" / out)
-        assert dist.bytes_read == local.bytes_read and dist.stats == local.stats
+        assert dist.bytes_read == local.bytes_read and dist.stats == local.stats and dist.threads == 1
         assert dist.outputs == [p.replace(os.sep + "local" + os.sep, os.sep + "ray" + os.sep) for p in local.outputs]
     assert not _temporaries(tmp_path / "ray") and not _temporaries(tmp_path / "ray" / "dir")
 
