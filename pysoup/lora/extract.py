@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pysoup.engine.report import peak_rss_bytes
 from pysoup.errors import PlanError
 from pysoup.lora.adapter import np_dtype, to_f32
-from pysoup.lora.merge import _svd_factors
+from pysoup.lora.merge import _svd_factors, one_blas_thread
 from pysoup.lora.output import factor_keys, scale_one_config, write_adapter
 
 _FLOAT = ("F32", "F16", "BF16")
@@ -115,7 +115,8 @@ def extract_lora(finetuned, base, out, *, rank: int, modules=None, dtype=None) -
                 diff = _read_f32(ft, name) - _read_f32(bs, name)
                 if kind == "embedding":
                     diff = np.ascontiguousarray(diff.T)  # PEFT's linear layout: ΔWᵀ = B·A
-                a, b, lost = _svd_factors(diff, ranks[module])
+                with one_blas_thread():
+                    a, b, lost = _svd_factors(diff, ranks[module])
                 del diff
                 retained[module] = 1.0 - lost
                 a_key, b_key = factor_keys(module, kind)
