@@ -24,6 +24,9 @@ from pysoup.errors import PlanError
 from pysoup.strategies import strategy_names
 
 ENV = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": ROOT}
+# One xdist worker runs the module (under --dist loadgroup): each worker that ran some of it would start its own
+# Ray cluster, ~10 s or more apiece.
+pytestmark = pytest.mark.xdist_group("ray")
 
 
 @pytest.fixture(scope="module")
