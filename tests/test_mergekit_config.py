@@ -666,3 +666,40 @@ def test_bad_tokenizer_sections_are_one_line_errors(tmp_path, with_tokenizers, t
         merge_config(path, tmp_path / "o")
     assert "\n" not in str(err.value) and not (tmp_path / "o").exists()
     assert not [f for f in os.listdir(os.path.dirname(base)) if f.startswith(".pysoup-vocab-")]
+
+
+def test_stacked_qwen3_keeps_layer_types_per_layer(tmp_path_factory, tmp_path):
+    """Qwen3 states one attention type per layer (layer_types); a stack of layers 0-2 of one model and 1-3 of another
+    gets those layers' types. mergekit 0.1.5 keeps the donor's 4, and transformers refuses to save that config for 6
+    layers: mergekit fails after writing the weights. pysoup's weights are those, bit for bit, and its output loads."""
+    root = tmp_path_factory.mktemp("qwen3")
+    paths = []
+    for i, types in enumerate(
+        [["full_attention", "sliding_attention"] * 2, ["sliding_attention"] * 2 + ["full_attention"] * 2]
+    ):
+        torch.manual_seed(30 + i)
+        cfg = transformers.Qwen3Config(
+            vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, use_sliding_window=True, sliding_window=4, layer_types=types,
+        )  # fmt: skip
+        paths.append(_save(transformers.Qwen3ForCausalLM(cfg), root / f"q{i}"))
+    cfg = {
+        "merge_method": "passthrough",
+        "dtype": "float32",
+        "slices": [
+            {"sources": [{"model": paths[0], "layer_range": [0, 3]}]},
+            {"sources": [{"model": paths[1], "layer_range": [1, 4]}]},
+        ],
+    }
+    path = write(tmp_path, cfg)
+    with pytest.raises(Exception, match="must be equal to the number of `layer_types`"):
+        run_mergekit(path, tmp_path / "mk")
+    merge_config(path, tmp_path / "ps")
+    mk, ours = _tensors(tmp_path / "mk"), _tensors(tmp_path / "ps")
+    assert mk and set(mk) == set(ours)
+    assert_bitwise(mk, ours)
+    model = forward(tmp_path / "ps")
+    assert model.config.num_hidden_layers == 6
+    assert model.config.layer_types == ["full_attention", "sliding_attention", "full_attention"] + [
+        "sliding_attention", "full_attention", "full_attention"
+    ]  # fmt: skip

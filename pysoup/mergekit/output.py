@@ -40,9 +40,32 @@ def config_json(spec, plan, donor_config: dict, layers: dict, vocab=None) -> byt
             cfg["torch_dtype"] = dtype
     if spec.layered and "total" in layers:
         key = next((k for k in _LAYER_KEYS if isinstance(cfg.get(k), int)), "num_hidden_layers")
+        count = cfg.get(key)
         cfg[key] = layers["total"]
+        cfg.update(_per_layer_lists(spec, cfg, count, layers))
     # As transformers' PretrainedConfig.to_json_string writes it.
     return (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _per_layer_lists(spec, cfg: dict, count, layers: dict) -> dict:
+    """Fields holding one entry per layer (transformers 5's `layer_types`: sliding or full attention, Qwen3, Gemma):
+    stacked from each slice's first source's entries for its layer range, so that the output loads (transformers
+    refuses a layer_types whose length is not num_hidden_layers). mergekit 0.1.5 leaves them as the donor's."""
+    out = {}
+    for key, value in cfg.items():
+        if not isinstance(value, list) or not isinstance(count, int) or len(value) != count:
+            continue
+        stacked = []
+        for g in spec.groups:
+            src = g.models[0]
+            entries = read_model_config(layers["layers"](src.model).ckpt).get(key)
+            a, b = src.layer_range
+            if not isinstance(entries, list) or len(entries) < b:
+                break
+            stacked += entries[a:b]
+        else:
+            out[key] = stacked
+    return out
 
 
 def output_files(spec, plan, checkpoint, layers, vocab=None) -> list:
