@@ -36,6 +36,34 @@ inline void stat_pairs(int m, std::vector<int>& pi, std::vector<int>& pj) {
         for (int j = i + 1; j < m; ++j) pi.push_back(i), pj.push_back(j);
 }
 
+// One run [j0, j1) of a row's tile: the statistics' running sums in element order, each product exact in fp64 and
+// each addition one rounding (-ffp-contract=off keeps them apart). M, the vectors, known at compile time: the sums
+// live in registers as independent chains.
+template <int M>
+void row_run(const float* x, int64_t j0, int64_t j1, double* sums) {
+    constexpr int S = M + M * (M - 1) / 2;
+    double s[S];
+    for (int q = 0; q < S; ++q) s[q] = sums[q];
+    for (int64_t j = j0; j < j1; ++j) {
+        double v[M];
+        for (int i = 0; i < M; ++i) v[i] = double(x[size_t(i) * kOpTile + j]);
+        int q = 0;
+        for (int i = 0; i < M; ++i) s[q++] += v[i] * v[i];
+        for (int i = 0; i < M; ++i)
+            for (int k = i + 1; k < M; ++k) s[q++] += v[i] * v[k];
+    }
+    for (int q = 0; q < S; ++q) sums[q] = s[q];
+}
+
+// The same for any number of vectors (the pairs from stat_pairs).
+inline void row_run_any(const float* x, int64_t j0, int64_t j1, const std::vector<int>& pi, const std::vector<int>& pj,
+                        double* sums) {
+    const int S = static_cast<int>(pi.size());
+    for (int64_t j = j0; j < j1; ++j)
+        for (int s = 0; s < S; ++s)
+            sums[s] += double(x[size_t(pi[s]) * kOpTile + j]) * double(x[size_t(pj[s]) * kOpTile + j]);
+}
+
 template <class IO>
 void segment_moments_kernel(const SegmentArgs& a, int64_t begin, int64_t end, int64_t col_begin, int64_t col_end,
                             double* acc) {
@@ -56,14 +84,22 @@ void segment_moments_kernel(const SegmentArgs& a, int64_t begin, int64_t end, in
         for (int64_t t0 = begin; t0 < end; t0 += kOpTile) {
             const int64_t mm = std::min(kOpTile, end - t0);
             load_vectors<IO>(a, t0, mm, x);
-            for (int64_t j = 0; j < mm; ++j) {
-                for (int s = 0; s < S; ++s)
-                    sums[s] += double(x[size_t(pi[s]) * kOpTile + j]) * double(x[size_t(pj[s]) * kOpTile + j]);
-                if (--left == 0) {
+            for (int64_t j = 0; j < mm;) {
+                const int64_t run = std::min(left, mm - j);
+                switch (m) {
+                case 1: row_run<1>(x, j, j + run, sums.data()); break;
+                case 2: row_run<2>(x, j, j + run, sums.data()); break;
+                case 3: row_run<3>(x, j, j + run, sums.data()); break;
+                case 4: row_run<4>(x, j, j + run, sums.data()); break;
+                default: row_run_any(x, j, j + run, pi, pj, sums.data());
+                }
+                j += run;
+                left -= run;
+                if (left == 0) {
                     std::copy(sums.begin(), sums.end(), r);
                     r += S;
                     left = L;
-                    if (t0 + j + 1 < end) std::copy(r, r + S, sums.begin());
+                    if (t0 + j < end) std::copy(r, r + S, sums.begin());
                 }
             }
         }
@@ -98,31 +134,32 @@ int64_t segment_weighted_sum_kernel(const SegmentArgs& a, int64_t begin, int64_t
     std::vector<float> buf(size_t(kOpTile) * (a.k + 1));
     float* x = buf.data();
     float* acc = x + size_t(a.k) * kOpTile;
-    std::vector<int64_t> ids(kOpTile);
     const int64_t L = a.length;
     int64_t nonfinite = 0;
     for (int64_t t0 = begin; t0 < end; t0 += kOpTile) {
         const int64_t mm = std::min(kOpTile, end - t0);
         load_vectors<IO>(a, t0, mm, x);
-        int64_t e = a.start + t0;
-        if (a.columns) {
-            int64_t c = e % L;
-            for (int64_t j = 0; j < mm; ++j) {
-                ids[j] = c;
-                c = c + 1 == L ? 0 : c + 1;
-            }
-        } else {
-            int64_t r = e / L, left = L - e % L;
-            for (int64_t j = 0; j < mm; ++j) {
-                ids[j] = r;
-                if (--left == 0) ++r, left = L;
-            }
-        }
+        const int64_t e = a.start + t0;
         std::fill(acc, acc + mm, -0.0f);
-        for (int i = 0; i < m; ++i) {
-            const float* c = coefficients + size_t(i) * vectors;
-            const float* v = x + size_t(i) * kOpTile;
-            for (int64_t j = 0; j < mm; ++j) acc[j] = std::fma(c[ids[j]], v[j], acc[j]);
+        // Runs of one row (one coefficient per source) or of consecutive columns (consecutive coefficients); each
+        // element still gets its sources' fmas in source order.
+        int64_t vec = a.columns ? e % L : e / L;
+        int64_t left = a.columns ? L - vec : L - e % L;
+        for (int64_t j = 0; j < mm;) {
+            const int64_t run = std::min(left, mm - j);
+            for (int i = 0; i < m; ++i) {
+                const float* c = coefficients + size_t(i) * vectors + vec;
+                const float* v = x + size_t(i) * kOpTile;
+                if (a.columns) {
+                    for (int64_t q = 0; q < run; ++q) acc[j + q] = std::fma(c[q], v[j + q], acc[j + q]);
+                } else {
+                    const float ci = c[0];
+                    for (int64_t q = 0; q < run; ++q) acc[j + q] = std::fma(ci, v[j + q], acc[j + q]);
+                }
+            }
+            j += run;
+            vec = a.columns ? 0 : vec + 1;
+            left = L;
         }
         if (a.base) {
             const float* b = x + size_t(a.k - 1) * kOpTile;
