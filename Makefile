@@ -42,9 +42,10 @@ install: $(VENV)/.build-stamp
 demo: install
 	$(PY) examples/demo.py
 
-# Two workers: the suite is mostly single-threaded Python, so the two cores run two tests at once.
+# Two workers: the suite is mostly single-threaded Python, so the two cores run two tests at once. loadgroup keeps
+# a module marked xdist_group on one worker (tests/test_distributed.py: one Ray cluster, started once).
 test: install
-	$(PY) -m pytest -q -n 2 --durations=15
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
