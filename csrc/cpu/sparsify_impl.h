@@ -29,6 +29,8 @@ struct RankCache {
     int64_t slab = -1;
     std::vector<uint32_t> below;  // k x slab elements: Philox words below this keep the entry
     std::vector<uint32_t> key, pos, key2, pos2;  // one row: |tau| bits and positions, sorted by a radix sort
+    std::vector<uint32_t> by_rank;               // one model's keep threshold per rank
+    std::vector<float> tile;                     // a contiguous row's loads
 };
 
 // round(p * 2^32), at most 2^32 - 1 (p in [0, 1]).
@@ -75,28 +77,47 @@ inline void radix_sort_row(RankCache& c, int64_t n) {
     }
 }
 
-inline void rank_slab(const SparseArgs& a, int64_t slab, RankCache& c) {
+template <class IO>
+void rank_slab(const SparseArgs& a, int64_t slab, RankCache& c) {
     const int64_t len = a.row * a.stride, s0 = slab * len;
     c.below.resize(size_t(a.k) * size_t(len));
     for (auto* v : {&c.key, &c.pos, &c.key2, &c.pos2}) v->resize(size_t(a.row));
+    c.by_rank.resize(size_t(a.row));
+    if (a.stride == 1) c.tile.resize(size_t(2 * kOpTile));
     const float denom = float(a.row > 1 ? a.row - 1 : 1);
     for (int i = 0; i < a.k; ++i) {
         if (!a.drops[i]) continue;
         uint32_t* kb = c.below.data() + size_t(i) * size_t(len);
+        // The keep threshold of each rank: the same for every row of the tensor.
         const float lo = a.lo[i], eps = a.eps[i];
+        for (int64_t r = 0; r < a.row; ++r) {
+            const float rn = float(r) / denom;
+            const float p = (rn * 2.0f) * eps + lo;  // two fp32 roundings, as mergekit (and the reference)
+            c.by_rank[size_t(r)] = keep_below_of(p);
+        }
         for (int64_t col = 0; col < a.stride; ++col) {
-            for (int64_t j = 0; j < a.row; ++j) {
-                const int64_t e = s0 + j * a.stride + col;
-                const float t = load_f32(a.inputs[i], a.in_dtypes[i], e) - load_f32(a.base, a.base_dtype, e);
-                c.key[size_t(j)] = abs_bits(t);
-                c.pos[size_t(j)] = uint32_t(j);
+            if (a.stride == 1) {  // one contiguous row: tile loads
+                float* x = c.tile.data();
+                float* b = x + kOpTile;
+                for (int64_t j0 = 0; j0 < a.row; j0 += kOpTile) {
+                    const int64_t m = std::min(kOpTile, a.row - j0);
+                    IO::load(a.inputs[i], a.in_dtypes[i], s0 + j0, m, x);
+                    IO::load(a.base, a.base_dtype, s0 + j0, m, b);
+                    for (int64_t j = 0; j < m; ++j) {
+                        c.key[size_t(j0 + j)] = abs_bits(x[j] - b[j]);
+                        c.pos[size_t(j0 + j)] = uint32_t(j0 + j);
+                    }
+                }
+            } else {
+                for (int64_t j = 0; j < a.row; ++j) {
+                    const int64_t e = s0 + j * a.stride + col;
+                    const float t = load_f32(a.inputs[i], a.in_dtypes[i], e) - load_f32(a.base, a.base_dtype, e);
+                    c.key[size_t(j)] = abs_bits(t);
+                    c.pos[size_t(j)] = uint32_t(j);
+                }
             }
             radix_sort_row(c, a.row);  // ascending |tau|, ties in index order
-            for (int64_t r = 0; r < a.row; ++r) {
-                const float rn = float(r) / denom;
-                const float p = (rn * 2.0f) * eps + lo;  // two fp32 roundings, as mergekit (and the reference)
-                kb[int64_t(c.pos[size_t(r)]) * a.stride + col] = keep_below_of(p);
-            }
+            for (int64_t r = 0; r < a.row; ++r) kb[int64_t(c.pos[size_t(r)]) * a.stride + col] = c.by_rank[size_t(r)];
         }
     }
     c.slab = slab;
@@ -185,7 +206,8 @@ void load_taus(const SparseArgs& a, int64_t t0, int64_t m, SparseScratch& s) {
 }
 
 // The selection: entries not kept become +0 (the rescale comes after, in apply_scale).
-inline void select_taus(const SparseArgs& a, int64_t t0, int64_t m, SparseScratch& s, int64_t* quota) {
+template <class IO>
+void select_taus(const SparseArgs& a, int64_t t0, int64_t m, SparseScratch& s, int64_t* quota) {
     const int k = a.k;
     if (a.select == kSelectShared) {
         variance_bits(s.tau, k, m, s.wmean.data(), s.wm2.data(), s.bits.data());
@@ -209,7 +231,7 @@ inline void select_taus(const SparseArgs& a, int64_t t0, int64_t m, SparseScratc
             philox_words(a.keys[i], uint64_t(a.start + t0), m, words, words + kSparseTile + 8);
             for (int64_t j = 0; j < m;) {  // slab by slab
                 const int64_t slab = (t0 + j) / len;
-                if (slab != s.rank.slab) rank_slab(a, slab, s.rank);
+                if (slab != s.rank.slab) rank_slab<IO>(a, slab, s.rank);
                 const int64_t stop = std::min(m, (slab + 1) * len - t0);
                 const uint32_t* below = s.rank.below.data() + size_t(i) * size_t(len);
                 const int64_t off = t0 - slab * len;  // entry t0 + j is below[off + j]
@@ -239,7 +261,7 @@ int64_t sparse_task_vector_kernel(const SparseArgs& a, int64_t begin, int64_t en
     for (int64_t t0 = begin; t0 < end; t0 += kOpTile) {
         const int64_t m = std::min(kOpTile, end - t0);
         load_taus<IO>(a, t0, m, s);
-        select_taus(a, t0, m, s, quota.data());
+        select_taus<IO>(a, t0, m, s, quota.data());
         apply_scale(a, m, s);
         std::fill(mix, mix + m, -0.0f);
         if (a.mix == kMixRam) {
@@ -338,7 +360,7 @@ void sparse_stats_kernel(const SparseArgs& a, int64_t block_begin, int64_t end, 
                 r[4 * kSparseTile + j] = (nz && count[j] == 1.0f) ? 1.0 : 0.0;
             }
         }
-        select_taus(a, b0, m, s, quota.data());
+        select_taus<IO>(a, b0, m, s, quota.data());
         for (int i = 0; i < k; ++i) {
             const float* t = s.tau + size_t(i) * kSparseTile;
             double* r = rows.data() + size_t(kSparseStats * i) * kSparseTile;
