@@ -703,3 +703,41 @@ def test_stacked_qwen3_keeps_layer_types_per_layer(tmp_path_factory, tmp_path):
     assert model.config.layer_types == ["full_attention", "sliding_attention", "full_attention"] + [
         "sliding_attention", "full_attention", "full_attention"
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name,where",
+    [
+        ("model.layers.7.mlp.up_proj.weight", ("layer", 7)),
+        ("transformer.h.2.attn.c_attn.weight", ("layer", 2)),
+        ("blocks.0.norm1.weight", ("layer", 0)),
+        ("model.embed_tokens.weight", ("pre", None)),
+        ("transformer.wpe.weight", ("pre", None)),
+        ("gpt_neox.embed_in.weight", ("pre", None)),
+        ("embed_out.weight", ("post", None)),
+        ("model.norm.weight", ("post", None)),
+        ("transformer.ln_f.bias", ("post", None)),
+        ("lm_head.weight", ("post", None)),
+        ("model.rotary_scale", None),
+    ],
+)
+def test_where_a_tensor_goes_in_a_slice_merge(name, where):
+    from pysoup.mergekit.slices import place
+
+    assert place(name) == where
+
+
+def test_a_tensor_pysoup_cannot_place_is_an_error_naming_it(tmp_path, llama):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    _, a, _, _ = llama
+    odd = tmp_path / "odd"
+    shutil.copytree(a, odd)
+    sd = load_file(str(odd / "model.safetensors"))
+    save_file({**sd, "model.rotary_scale": torch.ones(4)}, str(odd / "model.safetensors"), metadata={"format": "pt"})
+    cfg = {"merge_method": "passthrough", "slices": [{"sources": [{"model": str(odd), "layer_range": [0, 2]}]}]}
+    with pytest.raises(PlanError, match="tensor 'model.rotary_scale' is neither in a layer nor an embedding"):
+        merge_config(write(tmp_path, cfg), tmp_path / "o")
+    assert not (tmp_path / "o").exists()

@@ -25,8 +25,11 @@ from pysoup.io.table import TensorTable
 from pysoup.strategies.params import _LAYER, layer_index
 
 # Tensors outside the layer stack: before it (embeddings) or after it (final norm, LM head, classifier head).
-_PRE = re.compile(r"(?:^|[._])(?:embed\w*|wte|wpe|tok_embeddings|word_embeddings|position_embeddings)(?:\.|$)")
-_POST = re.compile(r"(?:^|[._])(?:norm|final_layernorm|final_layer_norm|ln_f|lm_head|score|head|output)(?:\.|$)")
+# GPT-NeoX's LM head is `embed_out`: after the layers.
+_PRE = re.compile(r"(?:^|[._])(?:embed(?!_out)\w*|wte|wpe|tok_embeddings|word_embeddings|position_embeddings)(?:\.|$)")
+_POST = re.compile(
+    r"(?:^|[._])(?:norm|final_layernorm|final_layer_norm|ln_f|lm_head|embed_out|score|head|output)(?:\.|$)"
+)
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
 
