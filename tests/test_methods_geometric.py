@@ -333,6 +333,28 @@ def llama(tmp_path_factory):
     return root, paths
 
 
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    """A tiny GPT-2 base and three fine-tunes (Conv1D weights stored [in, out]: rows and columns swap roles)."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("mergekit")
+    root = tmp_path_factory.mktemp("gpt2")
+    config = transformers.GPT2Config(vocab_size=80, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+    torch.manual_seed(1)
+    base = transformers.GPT2LMHeadModel(config)
+    sd = {k: v.clone() for k, v in base.state_dict().items()}
+    paths = []
+    for i in range(4):
+        g = torch.Generator().manual_seed(10 + i)
+        with torch.no_grad():
+            for name, p in base.named_parameters():
+                p.copy_(sd[name] + (0.02 * torch.randn(p.shape, generator=g) if i else 0))
+        path = str(root / f"g{i}")
+        base.save_pretrained(path)
+        paths.append(path)
+    return root, paths
+
+
 def run_mergekit(root, config: dict) -> dict:
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions, run_merge
@@ -384,10 +406,22 @@ MERGEKIT_CASES = [
 ]
 
 
+# The methods whose vectors depend on the tensors' shapes, on GPT-2 too.
+GPT2_CASES = [
+    c
+    for c in MERGEKIT_CASES
+    if c[0] in ("nuslerp-rows", "nuslerp-columns", "model_stock-filter_wise", "arcee_fusion", "karcher", "nearswap")
+]
+
+
 @pytest.mark.mergekit
-@pytest.mark.parametrize("case", MERGEKIT_CASES, ids=[c[0] for c in MERGEKIT_CASES])
-def test_agrees_with_mergekit(llama, case):
-    root, paths = llama
+@pytest.mark.parametrize(
+    "family,case",
+    [("llama", c) for c in MERGEKIT_CASES] + [("gpt2", c) for c in GPT2_CASES],
+    ids=[c[0] for c in MERGEKIT_CASES] + [f"gpt2-{c[0]}" for c in GPT2_CASES],
+)
+def test_agrees_with_mergekit(family, case, request):
+    root, paths = request.getfixturevalue(family)
     _, method, uses_base, params, model_params, n, exact = case
     models = paths[1 : 1 + n]
     config = {
