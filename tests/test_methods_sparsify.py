@@ -355,6 +355,32 @@ def test_agrees_with_mergekit(tmp_path_factory, llama, method, params, model_par
             assert torch.equal(mine[k].view(torch.int32), theirs[k].view(torch.int32)), k
 
 
+@pytest.mark.parametrize("case", [2, 8], ids=lambda i: DETERMINISTIC[i][0])
+def test_mergekit_config_gives_the_same(tmp_path_factory, llama, case):
+    """The same merge written as a mergekit config and run by `pysoup merge --config` (in-process): mergekit's result
+    within rounding (RAM+: bit for bit), and pysoup.merge's bytes."""
+    from pysoup.cli import main
+
+    yaml = pytest.importorskip("yaml")
+    method, params, mp = DETERMINISTIC[case]
+    base, fts = llama
+    cfg = {
+        "merge_method": method,
+        "base_model": base,
+        "dtype": "float32",
+        "parameters": dict(params),
+        "models": [{"model": m, "parameters": dict(mp)} for m in fts],
+    }
+    d = tmp_path_factory.mktemp("cfg")
+    (d / "soup.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["merge", "--config", str(d / "soup.yaml"), "-o", str(d / "out"), "--no-progress"]) in (0, None)
+    got = tensors(str(d / "out"))
+    mine = ours(method, base, fts, params, mp)
+    assert all(torch.equal(got[k], mine[k]) for k in mine)
+    theirs = mergekit_merge(tmp_path_factory, method, base, fts, params, mp)
+    assert_within_rounding(got, theirs, magnitudes(base, fts), 4 if case != 8 else 0)
+
+
 # -- DELLA: random masks, compared in distribution -----------------------------------------------------------------
 def _row_ranks(tau):
     """Each entry's 0-based rank of |tau| along dimension 1 (a 1-D tensor is one row), normalized to [0, 1]."""
