@@ -14,6 +14,7 @@ from helpers.faults import BAD_HEADERS, disk_full_after
 
 import pysoup
 from pysoup.errors import FormatError, OutputError, PlanError, SoupError
+from pysoup.strategies import strategy_names
 
 OLD = b"an older merge result that must survive"
 
@@ -131,7 +132,7 @@ def test_unknown_strategy_and_param(workspace):
         tmp_path,
         target,
         inputs,
-        "unknown strategy 'soup9' (valid: dare_linear, dare_ties, interpolate, linear, model_stock",
+        f"unknown strategy 'soup9' (valid: {', '.join(strategy_names())})",
         PlanError,
         cli_extra=("--strategy", "soup9"),
         api_kwargs={"strategy": "soup9"},
