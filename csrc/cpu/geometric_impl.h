@@ -40,19 +40,69 @@ inline void stat_pairs(int m, std::vector<int>& pi, std::vector<int>& pj) {
 // each addition one rounding (-ffp-contract=off keeps them apart). M, the vectors, known at compile time: the sums
 // live in registers as independent chains.
 template <int M>
-void row_run(const float* x, int64_t j0, int64_t j1, double* sums) {
-    constexpr int S = M + M * (M - 1) / 2;
-    double s[S];
-    for (int q = 0; q < S; ++q) s[q] = sums[q];
+void row_run(const float* x, int64_t j0, int64_t j1, double* sums);
+
+// Written out per M (a loop over the pairs left the sums in memory: 3x slower at M = 3).
+template <>
+inline void row_run<1>(const float* x, int64_t j0, int64_t j1, double* sums) {
+    double s0 = sums[0];
     for (int64_t j = j0; j < j1; ++j) {
-        double v[M];
-        for (int i = 0; i < M; ++i) v[i] = double(x[size_t(i) * kOpTile + j]);
-        int q = 0;
-        for (int i = 0; i < M; ++i) s[q++] += v[i] * v[i];
-        for (int i = 0; i < M; ++i)
-            for (int k = i + 1; k < M; ++k) s[q++] += v[i] * v[k];
+        const double v0 = x[j];
+        s0 += v0 * v0;
     }
-    for (int q = 0; q < S; ++q) sums[q] = s[q];
+    sums[0] = s0;
+}
+
+template <>
+inline void row_run<2>(const float* x, int64_t j0, int64_t j1, double* sums) {
+    double s0 = sums[0], s1 = sums[1], s2 = sums[2];
+    const float *x0 = x, *x1 = x + kOpTile;
+    for (int64_t j = j0; j < j1; ++j) {
+        const double v0 = x0[j], v1 = x1[j];
+        s0 += v0 * v0;
+        s1 += v1 * v1;
+        s2 += v0 * v1;
+    }
+    sums[0] = s0, sums[1] = s1, sums[2] = s2;
+}
+
+template <>
+inline void row_run<3>(const float* x, int64_t j0, int64_t j1, double* sums) {
+    double s0 = sums[0], s1 = sums[1], s2 = sums[2], s3 = sums[3], s4 = sums[4], s5 = sums[5];
+    const float *x0 = x, *x1 = x + kOpTile, *x2 = x + 2 * kOpTile;
+    for (int64_t j = j0; j < j1; ++j) {
+        const double v0 = x0[j], v1 = x1[j], v2 = x2[j];
+        s0 += v0 * v0;
+        s1 += v1 * v1;
+        s2 += v2 * v2;
+        s3 += v0 * v1;
+        s4 += v0 * v2;
+        s5 += v1 * v2;
+    }
+    sums[0] = s0, sums[1] = s1, sums[2] = s2, sums[3] = s3, sums[4] = s4, sums[5] = s5;
+}
+
+template <>
+inline void row_run<4>(const float* x, int64_t j0, int64_t j1, double* sums) {
+    double s[10];
+    for (int q = 0; q < 10; ++q) s[q] = sums[q];
+    double s0 = s[0], s1 = s[1], s2 = s[2], s3 = s[3], s4 = s[4], s5 = s[5], s6 = s[6], s7 = s[7], s8 = s[8], s9 = s[9];
+    const float *x0 = x, *x1 = x + kOpTile, *x2 = x + 2 * kOpTile, *x3 = x + 3 * kOpTile;
+    for (int64_t j = j0; j < j1; ++j) {
+        const double v0 = x0[j], v1 = x1[j], v2 = x2[j], v3 = x3[j];
+        s0 += v0 * v0;
+        s1 += v1 * v1;
+        s2 += v2 * v2;
+        s3 += v3 * v3;
+        s4 += v0 * v1;
+        s5 += v0 * v2;
+        s6 += v0 * v3;
+        s7 += v1 * v2;
+        s8 += v1 * v3;
+        s9 += v2 * v3;
+    }
+    const double out[10] = {s0, s1, s2, s3, s4, s5, s6, s7, s8, s9};
+    for (int q = 0; q < 10; ++q) sums[q] = out[q];
 }
 
 // The same for any number of vectors (the pairs from stat_pairs).
