@@ -187,17 +187,26 @@ def measure(cfg: dict, work: str) -> dict:
     suites = {}
     for suite, commands in (("fold", fold), ("merge8", merges)):
         times = {n: [] for n in commands}
+        cpu = {n: [] for n in commands}
         rss = {n: [] for n in commands}
         for r in range(cfg["runs"]):
             for name in rotated(list(commands), r):
                 sync()
+                before = _children_cpu()
                 res = run_process(commands[name], cwd=ROOT)
                 raise_on_failure(res, name, suite)
+                cpu[name].append(_children_cpu() - before)  # the launcher's and the command's user + system time
                 times[name].append(res["seconds"])
                 rss[name].append(res["peak_rss_bytes"])
                 load.append(os.getloadavg()[0])
         suites[suite] = {
-            n: {"seconds": summarize(times[n]), "peak_rss_bytes": max(rss[n]), "runs": times[n]} for n in commands
+            n: {
+                "seconds": summarize(times[n]),
+                "cpu_seconds": statistics.median(cpu[n]),
+                "peak_rss_bytes": max(rss[n]),
+                "runs": times[n],
+            }
+            for n in commands
         }
     check = _check_fold(work)
     floor = suites["fold"]["io_floor"]["seconds"]["median"]
@@ -218,6 +227,13 @@ def measure(cfg: dict, work: str) -> dict:
         "load_average": {"min": min(load), "median": statistics.median(load), "max": max(load)},
         "cores": len(os.sched_getaffinity(0)),
     }
+
+
+def _children_cpu() -> float:
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def _check_fold(work: str) -> dict:
@@ -252,23 +268,26 @@ def markdown(report: dict) -> str:
         "",
         f"Case: {m['case']}. Base model {m['base_bytes'] / 2**30:.2f} GiB (bf16), one adapter "
         f"{m['adapter_bytes'] / 2**20:.0f} MiB (fp32). Files on {report['scratch']}, warm page cache; contenders "
-        f"rotated each round; median of {m['config']['runs']} runs (spread = (max - min) / median). Every time is a "
-        "whole process (interpreter start and imports included).",
+        f"rotated each round; median of {m['config']['runs']} runs (spread = (max - min) / median; CPU seconds: user + "
+        "system of the whole process, median). Every time is a whole process (interpreter start and imports "
+        "included).",
         "",
         f"The machine ({m['cores']} cores) was shared with other agents' work during the runs: load average "
         f"{m['load_average']['min']:.1f} to {m['load_average']['max']:.1f} (median {m['load_average']['median']:.1f}).",
         "",
         "## Fold one adapter into the model",
         "",
-        "| contender | seconds (median) | spread | peak RSS | vs the I/O floor |",
-        "|---|---|---|---|---|",
+        "| contender | seconds (median) | spread | CPU seconds | peak RSS | vs the I/O floor | CPU vs the floor's |",
+        "|---|---|---|---|---|---|---|",
     ]
     floor = m["suites"]["fold"]["io_floor"]["seconds"]["median"]
+    floor_cpu = m["suites"]["fold"]["io_floor"]["cpu_seconds"]
     for name, r in m["suites"]["fold"].items():
         s = r["seconds"]
         lines.append(
-            f"| {name} | {s['median']:.2f} | {s['spread']:.0%} | {r['peak_rss_bytes'] / 2**20:.0f} MiB | "
-            f"{s['median'] / floor:.2f}x |"
+            f"| {name} | {s['median']:.2f} | {s['spread']:.0%} | {r['cpu_seconds']:.1f} | "
+            f"{r['peak_rss_bytes'] / 2**20:.0f} MiB | {s['median'] / floor:.2f}x | "
+            f"{r['cpu_seconds'] / floor_cpu:.2f}x |"
         )
     t = m["targets"]
     c = m["fold_vs_peft_max_abs_diff"]
@@ -284,12 +303,15 @@ def markdown(report: dict) -> str:
         "",
         f"## Merge {m['config']['adapters']} adapters (weights 1/{m['config']['adapters']})",
         "",
-        "| contender | seconds (median) | spread | peak RSS |",
-        "|---|---|---|---|",
+        "| contender | seconds (median) | spread | CPU seconds | peak RSS |",
+        "|---|---|---|---|---|",
     ]
     for name, r in m["suites"]["merge8"].items():
         s = r["seconds"]
-        lines.append(f"| {name} | {s['median']:.2f} | {s['spread']:.0%} | {r['peak_rss_bytes'] / 2**20:.0f} MiB |")
+        lines.append(
+            f"| {name} | {s['median']:.2f} | {s['spread']:.0%} | {r['cpu_seconds']:.1f} | "
+            f"{r['peak_rss_bytes'] / 2**20:.0f} MiB |"
+        )
     lines += [
         "",
         "peft_cat loads the base model (PEFT merges adapters on a model); pysoup reads the adapters alone. PEFT's "
