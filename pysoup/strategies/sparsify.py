@@ -29,6 +29,7 @@ from pysoup.errors import PlanError
 from pysoup.ops.table import SPARSE_STATS, Chunk, SparseMix, SparseParams, SparseSelect
 from pysoup.strategies import register
 from pysoup.strategies.base import Strategy, TensorContext
+from pysoup.strategies.params import finite_number
 from pysoup.strategies.task_vector import dare_key
 from pysoup.strategies.tensor_op import TensorOp
 
@@ -190,8 +191,6 @@ class SparseTaskVectorOp(TensorOp):
 
 
 def _global(ctx: TensorContext, key: str, default) -> float:
-    from pysoup.strategies.params import finite_number
-
     return finite_number(key, ctx.param(key, default), f"tensor {ctx.name!r}")
 
 
@@ -206,8 +205,6 @@ class _GeneralizedTaskArithmetic(Strategy):
     base = "required"
     consensus = False
     default_normalize = False
-    default_rescale = False
-    select = SparseSelect.BAND
 
     def _mix(self, ctx: TensorContext) -> tuple:
         k = ctx.num_models
@@ -286,8 +283,6 @@ def rows_of(shape: tuple, name: str) -> tuple:
 class _Della(_GeneralizedTaskArithmetic):
     params = {"int8_mask": False, "normalize": False, "rescale": True, "lambda": 1.0, "seed": 0}
     model_params = {"weight": 1.0, "density": 1.0, "epsilon": 0.15}
-    select = SparseSelect.RANK
-    default_rescale = True
     # plans_by_name stays true: the rows depend on the tensor's shape, not only its element count.
 
     def plan_tensor(self, ctx):
