@@ -348,6 +348,7 @@ class _RadixTopK(RadixTopK):
     def _clear(self):
         ctypes.memset(self._addr, 0, ctypes.sizeof(self._hist))
 
+
 def _sparse_params(p) -> tuple:
     """SparseParams as the sparse kernels take them (one tuple, in csrc/bindings.cpp's order)."""
     return (
