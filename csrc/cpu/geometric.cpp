@@ -4,11 +4,6 @@
 #include "cpu/geometric.h"
 
 #include <algorithm>
-#include <vector>
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #include "cpu/blocking.h"
 
@@ -80,20 +75,9 @@ int64_t nearswap(const void* const* inputs, const int* in_dtypes, float t, int64
 void fusion_histogram(const FusionArgs& a, int pass, int64_t n, uint64_t* hist, Isa isa, int threads) {
     const GeometricKernels& kern = kernels(isa);
     const int64_t nb = nblocks(n);
-    const int t = threads_for(threads, nb);
-    const size_t size = size_t(pass == 0 ? 1 : a.quantiles) * 65536;
-    // One histogram per thread, added up at the end (counts: the order of the additions changes nothing).
-    std::vector<std::vector<uint64_t>> local(t, std::vector<uint64_t>(size, 0));
-#pragma omp parallel for num_threads(t) schedule(static)
-    for (int64_t b = 0; b < nb; ++b) {
-        int me = 0;
-#ifdef _OPENMP
-        me = omp_get_thread_num();
-#endif
-        kern.fusion_histogram(a, pass, b * kBlock, block_end(b, n), local[me].data());
-    }
-    for (const auto& h : local)
-        for (size_t i = 0; i < size; ++i) hist[i] += h[i];
+    // Counts: the order of the (atomic) increments changes nothing.
+#pragma omp parallel for num_threads(threads_for(threads, nb)) schedule(static)
+    for (int64_t b = 0; b < nb; ++b) kern.fusion_histogram(a, pass, b * kBlock, block_end(b, n), hist);
 }
 
 int64_t fusion_combine(const FusionArgs& a, float threshold, int64_t n, void* out, int out_dtype, Isa isa,
