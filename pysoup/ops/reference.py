@@ -754,9 +754,16 @@ def fusion_kl_raw(chunk: Chunk, row: int, kl, carry: dict) -> None:
     # At most ~1 Mi elements (and at least 64 rows) per torch call bounds the temporaries; each row's KL is torch's
     # reduction over that row alone, whatever the rows beside it (the chunking test compares).
     step = max(64, (1 << 20) // row)
-    for r0 in range(0, p.shape[0], step):
-        r1 = min(p.shape[0], r0 + step)
-        out[first + r0 : first + r1] = fusion_kl(p[r0:r1], b[r0:r1], scratch)
+    # One torch thread: a row longer than torch's grain (32 Ki) would otherwise be summed in per-thread parts, so
+    # the KL would depend on the thread count (and on 2 busy cores torch's threads ran ~10x slower than one).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for r0 in range(0, p.shape[0], step):
+            r1 = min(p.shape[0], r0 + step)
+            out[first + r0 : first + r1] = fusion_kl(p[r0:r1], b[r0:r1], scratch)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def fusion_importance(chunk: Chunk, row: int, kl):
