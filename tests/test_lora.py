@@ -504,3 +504,24 @@ def test_mwa_from_trainer_checkpoints(tmp_path):
     (run / "checkpoint-100" / "trainer_state.json").unlink()
     with pytest.raises(PlanError, match="checkpoint-100: no trainer_state.json"):
         pysoup.weights.mwa(folders)
+
+
+def test_fold_fan_in_fan_out_gpt2_equals_merge_and_unload(tmp_path):
+    """GPT-2's Conv1D weights are [in, out]: PEFT's fan_in_fan_out adapters update them by (B·A)ᵀ."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64)).save_pretrained(base)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, init_lora_weights=False)
+    model = get_peft_model(GPT2LMHeadModel.from_pretrained(base), cfg)
+    model.save_pretrained(tmp_path / "ad")
+    fold(str(base), [str(tmp_path / "ad")], tmp_path / "out")
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    merged = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), str(tmp_path / "ad")).merge_and_unload()
+    want = merged.state_dict()
+    assert got["transformer.h.0.attn.c_attn.weight"].shape == (32, 96)
+    for k, v in got.items():
+        torch.testing.assert_close(v, want[k], atol=ATOL, rtol=RTOL, msg=k)
