@@ -28,7 +28,7 @@ constexpr int64_t kSparseTile = kStatBlock;  // the statistics sum per block of 
 struct RankCache {
     int64_t slab = -1;
     std::vector<uint32_t> below;  // k x slab elements: Philox words below this keep the entry
-    std::vector<uint32_t> key, pos, key2, pos2;  // one row: |tau| bits and positions, sorted by a radix sort
+    std::vector<uint64_t> key, key2;  // one row: |tau| bits << 32 | position, sorted by a radix sort
     std::vector<uint32_t> by_rank;               // one model's keep threshold per rank
     std::vector<float> tile;                     // a contiguous row's loads
 };
@@ -39,49 +39,42 @@ inline uint32_t keep_below_of(float p) {
     return v >= 4294967295.0 ? 0xFFFFFFFFu : uint32_t(v);
 }
 
-// Sorts c.key (with c.pos alongside) ascending by a stable LSD radix sort, bytes whose value every key shares
-// skipped: ties stay in index order, as the reference's stable sort keeps them. 4 x 256 counters, no comparisons.
+// Sorts c.key ascending by its high 32 bits (|tau| bits; the low 32 bits are the position) by a stable LSD radix
+// sort over those 4 bytes, bytes whose value every key shares skipped: ties stay in index order, as the reference's
+// stable sort keeps them. 4 x 256 counters, no comparisons; one 8-byte move per element and pass.
 inline void radix_sort_row(RankCache& c, int64_t n) {
     uint32_t counts[4][256] = {};
     for (int64_t j = 0; j < n; ++j) {
-        const uint32_t k = c.key[size_t(j)];
+        const uint32_t k = uint32_t(c.key[size_t(j)] >> 32);
         ++counts[0][k & 0xFF];
         ++counts[1][(k >> 8) & 0xFF];
         ++counts[2][(k >> 16) & 0xFF];
         ++counts[3][k >> 24];
     }
-    uint32_t* src_k = c.key.data();
-    uint32_t* src_p = c.pos.data();
-    uint32_t* dst_k = c.key2.data();
-    uint32_t* dst_p = c.pos2.data();
+    uint64_t* src = c.key.data();
+    uint64_t* dst = c.key2.data();
     for (int byte = 0; byte < 4; ++byte) {
         uint32_t* cnt = counts[byte];
-        if (cnt[(src_k[0] >> (8 * byte)) & 0xFF] == uint32_t(n)) continue;  // one value: nothing moves
+        const int shift = 32 + 8 * byte;
+        if (cnt[(src[0] >> shift) & 0xFF] == uint32_t(n)) continue;  // one value: nothing moves
         uint32_t sum = 0;
         for (int b = 0; b < 256; ++b) {
             const uint32_t v = cnt[b];
             cnt[b] = sum;
             sum += v;
         }
-        for (int64_t j = 0; j < n; ++j) {
-            const uint32_t d = cnt[(src_k[j] >> (8 * byte)) & 0xFF]++;
-            dst_k[d] = src_k[j];
-            dst_p[d] = src_p[j];
-        }
-        std::swap(src_k, dst_k);
-        std::swap(src_p, dst_p);
+        for (int64_t j = 0; j < n; ++j) dst[cnt[(src[j] >> shift) & 0xFF]++] = src[j];
+        std::swap(src, dst);
     }
-    if (src_k != c.key.data()) {
-        std::copy(src_k, src_k + n, c.key.data());
-        std::copy(src_p, src_p + n, c.pos.data());
-    }
+    if (src != c.key.data()) std::copy(src, src + n, c.key.data());
 }
 
 template <class IO>
 void rank_slab(const SparseArgs& a, int64_t slab, RankCache& c) {
     const int64_t len = a.row * a.stride, s0 = slab * len;
     c.below.resize(size_t(a.k) * size_t(len));
-    for (auto* v : {&c.key, &c.pos, &c.key2, &c.pos2}) v->resize(size_t(a.row));
+    c.key.resize(size_t(a.row));
+    c.key2.resize(size_t(a.row));
     c.by_rank.resize(size_t(a.row));
     if (a.stride == 1) c.tile.resize(size_t(2 * kOpTile));
     const float denom = float(a.row > 1 ? a.row - 1 : 1);
@@ -104,20 +97,19 @@ void rank_slab(const SparseArgs& a, int64_t slab, RankCache& c) {
                     IO::load(a.inputs[i], a.in_dtypes[i], s0 + j0, m, x);
                     IO::load(a.base, a.base_dtype, s0 + j0, m, b);
                     for (int64_t j = 0; j < m; ++j) {
-                        c.key[size_t(j0 + j)] = abs_bits(x[j] - b[j]);
-                        c.pos[size_t(j0 + j)] = uint32_t(j0 + j);
+                        c.key[size_t(j0 + j)] = (uint64_t(abs_bits(x[j] - b[j])) << 32) | uint64_t(j0 + j);
                     }
                 }
             } else {
                 for (int64_t j = 0; j < a.row; ++j) {
                     const int64_t e = s0 + j * a.stride + col;
                     const float t = load_f32(a.inputs[i], a.in_dtypes[i], e) - load_f32(a.base, a.base_dtype, e);
-                    c.key[size_t(j)] = abs_bits(t);
-                    c.pos[size_t(j)] = uint32_t(j);
+                    c.key[size_t(j)] = (uint64_t(abs_bits(t)) << 32) | uint64_t(j);
                 }
             }
             radix_sort_row(c, a.row);  // ascending |tau|, ties in index order
-            for (int64_t r = 0; r < a.row; ++r) kb[int64_t(c.pos[size_t(r)]) * a.stride + col] = c.by_rank[size_t(r)];
+            for (int64_t r = 0; r < a.row; ++r)
+                kb[int64_t(c.key[size_t(r)] & 0xFFFFFFFFu) * a.stride + col] = c.by_rank[size_t(r)];
         }
     }
     c.slab = slab;
