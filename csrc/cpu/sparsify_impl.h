@@ -329,45 +329,40 @@ void sparse_stats_kernel(const SparseArgs& a, int64_t block_begin, int64_t end, 
     std::vector<int64_t> quota(a.quota, a.quota + sparse_quota_count(a));
     const int k = a.k;
     const int nstat = kSparseStats * k;
-    std::vector<double> rows(size_t(nstat) * kSparseTile);
     std::vector<double> lanes(size_t(nstat) * kStatLanes);
     std::vector<float> count(kSparseTile);
     for (int64_t b0 = block_begin; b0 < end; b0 += kStatBlock) {
         const int64_t m = std::min(kStatBlock, end - b0);
-        const int64_t padded = (m + kStatLanes - 1) / kStatLanes * kStatLanes;
-        std::fill(rows.begin(), rows.end(), 0.0);
         load_taus<IO>(a, b0, m, s);
         std::fill(count.begin(), count.end(), 0.0f);
         for (int i = 0; i < k; ++i) {
             const float* t = s.tau + size_t(i) * kSparseTile;
             for (int64_t j = 0; j < m; ++j) count[j] += std::fabs(t[j]) > a.epsilon ? 1.0f : 0.0f;
         }
+        // Straight into the lanes (element j into lane j mod 8, in order): every value is >= 0, so the zeros a
+        // padded block would add change nothing.
+        std::fill(lanes.begin(), lanes.end(), 0.0);
         for (int i = 0; i < k; ++i) {
             const float* t = s.tau + size_t(i) * kSparseTile;
-            double* r = rows.data() + size_t(kSparseStats * i) * kSparseTile;
+            double* L = lanes.data() + size_t(kSparseStats * i) * kStatLanes;
             for (int64_t j = 0; j < m; ++j) {
+                const int l = int(j & (kStatLanes - 1));
                 const bool nz = std::fabs(t[j]) > a.epsilon;
-                r[j] = std::fabs(double(t[j]));
-                r[3 * kSparseTile + j] = (nz && count[j] > 1.0f) ? 1.0 : 0.0;
-                r[4 * kSparseTile + j] = (nz && count[j] == 1.0f) ? 1.0 : 0.0;
+                L[l] += std::fabs(double(t[j]));
+                L[3 * kStatLanes + l] += (nz && count[j] > 1.0f) ? 1.0 : 0.0;
+                L[4 * kStatLanes + l] += (nz && count[j] == 1.0f) ? 1.0 : 0.0;
             }
         }
         select_taus<IO>(a, b0, m, s, quota.data());
         for (int i = 0; i < k; ++i) {
             const float* t = s.tau + size_t(i) * kSparseTile;
-            double* r = rows.data() + size_t(kSparseStats * i) * kSparseTile;
+            double* L = lanes.data() + size_t(kSparseStats * i) * kStatLanes;
             for (int64_t j = 0; j < m; ++j) {
+                const int l = int(j & (kStatLanes - 1));
                 const double x = t[j];
-                r[kSparseTile + j] = std::fabs(x);
-                r[2 * kSparseTile + j] = x * x;  // exact: a float's square fits in a double
+                L[kStatLanes + l] += std::fabs(x);
+                L[2 * kStatLanes + l] += x * x;  // exact: a float's square fits in a double
             }
-        }
-        std::fill(lanes.begin(), lanes.end(), 0.0);
-        for (int q = 0; q < nstat; ++q) {
-            const double* r = rows.data() + size_t(q) * kSparseTile;
-            double* l = lanes.data() + size_t(q) * kStatLanes;
-            for (int64_t j = 0; j < padded; j += kStatLanes)
-                for (int c = 0; c < kStatLanes; ++c) l[c] += r[j + c];
         }
         double* out = block_out + size_t((b0 - block_begin) / kStatBlock) * nstat;
         for (int q = 0; q < nstat; ++q) {
