@@ -204,18 +204,8 @@ def _merge_arguments(args) -> dict:
         )
     if args.inputs:
         raise SoupError("give the inputs either on the command line or in --config, not both")
-    from pysoup.strategies.config import load_config
-
-    spec = load_config(args.config)
-    return dict(
-        inputs=spec.inputs,
-        strategy=spec.strategy,
-        base=args.base or spec.base,
-        weights=weights or spec.weights,
-        params={**spec.params, **params},
-        model_params=spec.model_params,
-        dtype=args.dtype or spec.dtype,
-    )
+    # A config may stack slices of several models: pysoup.mergekit runs it (see _cmd_merge).
+    return dict(config=args.config, base=args.base, weights=weights, params=params, dtype=args.dtype)
 
 
 def _cmd_merge(args) -> int:
@@ -227,10 +217,16 @@ def _cmd_merge(args) -> int:
         return _cmd_lora_merge(args)
 
     arguments = _merge_arguments(args)
-    ray = _ray_arguments(args, False)
+    if "config" in arguments:
+        from pysoup.mergekit.run import merge_config
+
+        run = merge_config
+    else:
+        run = pysoup.merge
+    ray = _ray_arguments(args, "config" in arguments)
     if args.plan:
         return _cmd_plan(args, arguments, ray)
-    report = pysoup.merge(
+    report = run(
         **ray,
         out=args.output,
         backend=args.backend,
@@ -257,6 +253,46 @@ def _cmd_merge(args) -> int:
             f"backend {report.backend}{'/' + report.cpu_isa if report.cpu_isa else ''}"
             + (f" on {report.device}" if report.backend == "triton" else f", {report.threads} threads")
         )
+    return 0
+
+
+def _ray_arguments(args, config: bool) -> dict:
+    """{"executor": a RayExecutor} for --ray (and its --task-size, --task-cpus), else {}."""
+    if (args.read_gbps is not None or args.calibrate) and not args.plan:
+        raise SoupError("--read-gbps and --calibrate go with --plan")
+    if args.ray is None:
+        for flag, given in (("--task-size", args.task_size), ("--task-cpus", args.task_cpus)):
+            if given:
+                raise SoupError(f"{flag} goes with --ray")
+        if args.workers and not args.plan:
+            raise SoupError("--workers goes with --plan --ray")
+        return {}
+    if config:
+        raise SoupError("--ray runs merges of input checkpoints; a --config merge runs locally")
+    if args.device:
+        raise SoupError("--ray runs the CPU kernels in its tasks: --device does not apply")
+    from pysoup.distributed import RayExecutor
+
+    return {"executor": RayExecutor(args.ray or None, task_size=args.task_size, num_cpus=args.task_cpus or 1)}
+
+
+def _cmd_plan(args, arguments, ray) -> int:
+    """merge --plan: the dry run, printed (or as JSON)."""
+    import pysoup
+
+    if "config" in arguments:
+        raise SoupError("--plan takes input checkpoints; a --config merge has no dry run yet")
+    estimate = pysoup.plan(
+        out=args.output,
+        threads=args.threads,
+        shard_size=args.shard_size,
+        workers=args.workers,
+        read_gbps=args.read_gbps,
+        calibrate=args.calibrate,
+        **ray,
+        **arguments,
+    )
+    print(json.dumps(estimate.as_dict(), indent=2) if args.json else estimate.format())
     return 0
 
 
@@ -333,46 +369,6 @@ def _cmd_extract_lora(args) -> int:
     if report.modules_to_save:
         summary += f"; modules_to_save: {', '.join(report.modules_to_save)}"
     _print_lora_report(args, report, summary)
-    return 0
-
-
-def _ray_arguments(args, config: bool) -> dict:
-    """{"executor": a RayExecutor} for --ray (and its --task-size, --task-cpus), else {}."""
-    if (args.read_gbps is not None or args.calibrate) and not args.plan:
-        raise SoupError("--read-gbps and --calibrate go with --plan")
-    if args.ray is None:
-        for flag, given in (("--task-size", args.task_size), ("--task-cpus", args.task_cpus)):
-            if given:
-                raise SoupError(f"{flag} goes with --ray")
-        if args.workers and not args.plan:
-            raise SoupError("--workers goes with --plan --ray")
-        return {}
-    if config:
-        raise SoupError("--ray runs merges of input checkpoints; a --config merge runs locally")
-    if args.device:
-        raise SoupError("--ray runs the CPU kernels in its tasks: --device does not apply")
-    from pysoup.distributed import RayExecutor
-
-    return {"executor": RayExecutor(args.ray or None, task_size=args.task_size, num_cpus=args.task_cpus or 1)}
-
-
-def _cmd_plan(args, arguments, ray) -> int:
-    """merge --plan: the dry run, printed (or as JSON)."""
-    import pysoup
-
-    if "config" in arguments:
-        raise SoupError("--plan takes input checkpoints; a --config merge has no dry run yet")
-    estimate = pysoup.plan(
-        out=args.output,
-        threads=args.threads,
-        shard_size=args.shard_size,
-        workers=args.workers,
-        read_gbps=args.read_gbps,
-        calibrate=args.calibrate,
-        **ray,
-        **arguments,
-    )
-    print(json.dumps(estimate.as_dict(), indent=2) if args.json else estimate.format())
     return 0
 
 
