@@ -266,6 +266,33 @@ def model_405b(result: dict) -> list:
     return [{"tasks": tasks, "read_per_task_gb": read_task, "per_thread_gbps": per_thread, "overhead": overhead}] + rows
 
 
+def _ties_prose(c: dict, isa: str) -> str:
+    """What the TIES table shows, from its own numbers."""
+    local1, local2 = c["local, 1 thread(s)"]["seconds"]["median"], c["local, 2 thread(s)"]["seconds"]["median"]
+    ray1, ray2 = c["ray, 1 worker slot(s)"]["seconds"]["median"], c["ray, 2 worker slot(s)"]["seconds"]["median"]
+    return (
+        f"One Ray slot against one local thread: {ray1 / local1:.2f}x the time (the tasks' fixed costs and Ray's "
+        f"dispatch); two slots against one: {ray1 / ray2:.2f}x faster; two slots against the local two-thread merge: "
+        f"{local2 / ray2:.2f}x faster (independent tasks on separate cores scale better than two OpenMP threads "
+        "sharing one merge). The estimates are pysoup.plan's without --calibrate: rates of the AVX-512 host of "
+        f"methods.json, while this host runs {isa}, which is why they are low here (`--calibrate` times the method "
+        "on the machine itself). Every distributed output's bytes equal the local merge's; a Ray task's peak RSS "
+        "does not depend on the model's size."
+    )
+
+
+def _sweep_prose(c: dict) -> str:
+    """What the sweep table shows, from its own numbers."""
+    procs = min(v["seconds"] for k, v in c.items() if k.startswith("16 sequential"))
+    ray1 = c["ray sweep, 1 worker slot(s) of 1 CPU"]["seconds"]
+    ray2 = c["ray sweep, 2 worker slot(s) of 1 CPU"]["seconds"]
+    return (
+        f"The sweep: one Ray slot ran the 16 merges in warm worker processes {procs / ray1:.2f}x faster than the "
+        "best of 16 processes run one after another (each process pays Python's start, pysoup's import and cold "
+        f"kernels); two slots {procs / ray2:.2f}x faster."
+    )
+
+
 def _markdown(result: dict) -> str:
     from pysoup.io.units import format_bytes
 
@@ -274,8 +301,7 @@ def _markdown(result: dict) -> str:
         "",
         f"{result['machine_line']}; Ray {result['ray']}. `{result['command']}`.",
         "",
-        "**Shared machine**: other agents were running builds and test suites on the same 2 cores while this ran "
-        "(load averages beside each row); treat differences under ~20% as noise.",
+        "Load averages beside each row (2 cores): above ~2, other work held the cores and wall times say little.",
         "",
     ]
     ties = result["cases"][0]
@@ -295,12 +321,7 @@ def _markdown(result: dict) -> str:
         )
     lines += [
         "",
-        f"The estimates are pysoup.plan's without --calibrate: rates of the idle AVX-512 host of methods.json. This "
-        f"host ran AVX2 ({result['machine']['cpu_isa']}) at a load of ~8 on 2 cores, so every merge took 4-14x "
-        "longer; two-thread merges were slower than one-thread ones (two OpenMP threads wait on each other when "
-        "other processes hold the cores), and two Ray slots gained nothing over one: there were no idle cores to "
-        "gain. What holds regardless of the load: the bytes equal the local merge's, a task's fixed cost is a few "
-        "ms, and a Ray task's peak RSS is ~240 MB whatever the model's size.",
+        _ties_prose(ties["contenders"], result["machine"]["cpu_isa"]),
         "",
     ]
     o = result["cases"][1]
@@ -330,9 +351,7 @@ def _markdown(result: dict) -> str:
         lines.append(f"| {name} | {c['seconds']:.2f} | {notes} | {c['load'][0]} |")
     lines += [
         "",
-        "The sweep: one Ray slot ran the 16 merges (one thread each, in warm Ray worker processes) in half the time "
-        "of 16 one-thread processes run one after another: each process pays Python's start, pysoup's import and "
-        "cold kernels, and the per-merge time rose with the load. Two slots on 2 busy cores gained nothing.",
+        _sweep_prose(s["contenders"]),
     ]
     head, *rows = model_405b(result)
     lines += [
