@@ -12,7 +12,7 @@ from pysoup.engine.execute import OUTPUT_BUFFER_BYTES, execute
 from pysoup.engine.plan import build_plan
 from pysoup.engine.report import MergeReport, peak_rss_bytes
 from pysoup.errors import PlanError
-from pysoup.io.checkpoint import open_checkpoint
+from pysoup.io.checkpoint import open_checkpoint, open_inputs
 from pysoup.io.signals import cleanup_on_termination
 from pysoup.io.units import parse_size
 from pysoup.io.writer import MemorySink, OutputTarget
@@ -104,12 +104,7 @@ def merge(
     opened = []
     with cleanup_on_termination():  # SIGTERM / SIGHUP clean up like Ctrl-C
         try:
-            for i, src in enumerate(inputs):
-                opened.append(open_checkpoint(src, i))
-            base_ckpt = None
-            if base is not None:
-                base_ckpt = open_checkpoint(base, len(inputs))
-                opened.append(base_ckpt)
+            base_ckpt = open_inputs(inputs, base, opened)
             plan = build_plan(
                 strat,
                 opened[: len(inputs)],

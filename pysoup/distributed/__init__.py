@@ -63,7 +63,7 @@ def plan_merge(
     """pysoup.plan: opens the headers, plans, lays out the output (creating nothing) and counts; see estimate.py."""
     from pysoup.dtypes import parse_dtype
     from pysoup.engine.plan import build_plan
-    from pysoup.io.checkpoint import open_checkpoint
+    from pysoup.io.checkpoint import open_inputs
     from pysoup.io.units import parse_size
     from pysoup.io.writer import OutputTarget
     from pysoup.strategies import get_strategy
@@ -91,11 +91,7 @@ def plan_merge(
         raise PlanError(f"read_gbps must be positive, got {read_gbps!r}")
     opened = []
     try:
-        for i, src in enumerate(inputs):
-            opened.append(open_checkpoint(src, i))
-        base_ckpt = open_checkpoint(base, len(inputs)) if base is not None else None
-        if base_ckpt is not None:
-            opened.append(base_ckpt)
+        base_ckpt = open_inputs(inputs, base, opened)
         plan = build_plan(
             strat,
             opened[: len(inputs)],

@@ -79,7 +79,7 @@ def run_task(spec: MergeSpec, start: int, stop: int, shard: int, bytes_read: int
     from pysoup.engine.execute import OUTPUT_BUFFER_BYTES, NonFiniteWarning, execute_rows
     from pysoup.engine.plan import build_plan
     from pysoup.engine.report import peak_rss_bytes
-    from pysoup.io.checkpoint import open_checkpoint
+    from pysoup.io.checkpoint import open_inputs
     from pysoup.io.writer import FileSink, OutputTarget
     from pysoup.ops import get_backend
     from pysoup.strategies import get_strategy
@@ -89,12 +89,7 @@ def run_task(spec: MergeSpec, start: int, stop: int, shard: int, bytes_read: int
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the driver planned first and showed the planning warnings
-            for i, path in enumerate(spec.inputs):
-                opened.append(open_checkpoint(path, i))
-            base = None
-            if spec.base is not None:
-                base = open_checkpoint(spec.base, len(spec.inputs))
-                opened.append(base)
+            base = open_inputs(spec.inputs, spec.base, opened)
             for c, seen in zip(opened, spec.files):
                 if [tuple(x) for x in file_identities(c)] != [tuple(x) for x in seen]:
                     raise FormatError(f"{c.name}: changed since the merge was planned (replaced or written to)")

@@ -185,6 +185,17 @@ def open_checkpoint(source, index: int = 0, window_bytes: int | None = None) -> 
     return FileCheckpoint(path, [reader], reader.table)
 
 
+def open_inputs(inputs, base, opened: list):
+    """Opens a merge's inputs (numbered in order) and its base (numbered last) into `opened`, which the caller
+    closes, also when this raises part way. Returns the base's checkpoint, or None."""
+    for i, src in enumerate(inputs):
+        opened.append(open_checkpoint(src, i))
+    if base is None:
+        return None
+    opened.append(open_checkpoint(base, len(inputs)))
+    return opened[-1]
+
+
 def _open_directory(path: str, kw: dict) -> FileCheckpoint:
     index_path = os.path.join(path, INDEX_NAME)
     if os.path.isfile(index_path):
