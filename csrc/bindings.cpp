@@ -497,7 +497,8 @@ int64_t segment_weighted_sum_py(const std::vector<uintptr_t>& inputs, const std:
     const int64_t last = columns ? std::min(length, n) - 1 : (start + n - 1) / length;
     if (n > 0 && (coefficients == 0 || out == 0 || last >= vectors || (columns && length > vectors)))
         throw std::invalid_argument("segment_weighted_sum: null buffer, or too few vectors for the range");
-    if (out_dtype < kF32 || out_dtype > kBF16) throw std::invalid_argument("segment_weighted_sum: bad output dtype code");
+    if (out_dtype < kF32 || out_dtype > kBF16)
+        throw std::invalid_argument("segment_weighted_sum: bad output dtype code");
     py::gil_scoped_release release;
     return segment_weighted_sum(a, n, reinterpret_cast<const float*>(coefficients), vectors,
                                 reinterpret_cast<void*>(out), out_dtype, in.isa, std::max(1, threads));
@@ -521,8 +522,13 @@ FusionArgs fusion_args(const char* op, const Inputs& in, uintptr_t kl, int64_t r
     if (row <= 0 || start < 0) throw std::invalid_argument(std::string(op) + ": bad row length or start");
     if (n > 0 && (kl == 0 || (start + n - 1) / row >= rows))
         throw std::invalid_argument(std::string(op) + ": the row statistics do not cover the range");
-    return FusionArgs{in.ptrs.data(), in.dtypes.data(), reinterpret_cast<const float*>(kl), row, start,
-                      prefix.empty() ? nullptr : prefix.data(), static_cast<int>(prefix.size())};
+    return FusionArgs{in.ptrs.data(),
+                      in.dtypes.data(),
+                      reinterpret_cast<const float*>(kl),
+                      row,
+                      start,
+                      prefix.empty() ? nullptr : prefix.data(),
+                      static_cast<int>(prefix.size())};
 }
 
 void fusion_histogram_py(const std::vector<uintptr_t>& inputs, const std::vector<int>& dtypes, uintptr_t kl,

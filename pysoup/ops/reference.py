@@ -812,4 +812,5 @@ def fusion_combine_raw(chunk: Chunk, row: int, kl, threshold: float) -> int:
     out = b + (p - b) * mask
     return store(chunk.out, chunk.n, chunk.out_dtype, round_to(out, to_torch(chunk.out_dtype)))
 
+
 # -- end of the geometric methods' ops ----------------------------------------------------------------------------

@@ -26,6 +26,13 @@ def strategy_names() -> list:
 
 
 # Importing the modules registers their strategies.
-from pysoup.strategies import linear, model_stock, slerp, sparse, task_vector, variance  # noqa: E402,F401
-from pysoup.strategies import geometric  # noqa: E402,F401
-from pysoup.strategies import sparsify  # noqa: E402,F401
+from pysoup.strategies import (  # noqa: E402,F401
+    geometric,
+    linear,
+    model_stock,
+    slerp,
+    sparse,
+    sparsify,
+    task_vector,
+    variance,
+)

@@ -130,4 +130,3 @@ class RowModelStockOp(SegmentOp):
     def coefficients(self, stats):
         t = model_stock_rows(self.models, stats)
         return np.concatenate([np.repeat((t / self.models)[:, None], self.models, axis=1), (1 - t)[:, None]], axis=1)
-
