@@ -10,7 +10,7 @@ from pysoup._version import __version__
 from pysoup.dtypes import parse_dtype
 from pysoup.engine.execute import OUTPUT_BUFFER_BYTES, execute
 from pysoup.engine.plan import build_plan
-from pysoup.engine.report import MergeReport, peak_rss_bytes
+from pysoup.engine.report import MergeReport
 from pysoup.errors import PlanError
 from pysoup.io.checkpoint import open_checkpoint, open_inputs
 from pysoup.io.signals import cleanup_on_termination
@@ -140,20 +140,8 @@ def merge(
             else:
                 with target.streaming(OUTPUT_BUFFER_BYTES) as sink, be.activate():
                     nonfinite, (stats, notes) = execute(plan, sink, be, progress)
-            return MergeReport(
-                seconds=time.perf_counter() - start,
-                bytes_read=plan.bytes_to_read,
-                bytes_written=target.total_bytes,
-                peak_rss_bytes=peak_rss_bytes(),
-                outputs=target.paths,
-                strategy=strat.name,
-                **be.describe(),
-                threads=executor.num_cpus if executor is not None else threads,  # on Ray: per task
-                tensors=len(plan),
-                nonfinite_tensors=nonfinite,
-                stats=stats,
-                notes=notes,
-            )
+            threads_used = executor.num_cpus if executor is not None else threads  # on Ray: per task
+            return MergeReport.of_files(start, plan, target, strat.name, be, threads_used, nonfinite, stats, notes)
         finally:
             for c in opened:
                 c.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import resource
 import sys
+import time
 from dataclasses import dataclass, field
 
 
@@ -39,6 +40,24 @@ class MergeReport:
     nonfinite_tensors: list = field(default_factory=list)
     stats: dict = field(default_factory=dict)  # what the strategy measured, e.g. {"sparsity": 0.9}
     notes: list = field(default_factory=list)  # the same, as lines for people (the command line prints them)
+
+    @classmethod
+    def of_files(cls, start, plan, target, strategy: str, backend, threads: int, nonfinite, stats, notes):
+        """The report of a file merge that began at perf_counter() `start`, wrote `target` and has just committed."""
+        return cls(
+            seconds=time.perf_counter() - start,
+            bytes_read=plan.bytes_to_read,
+            bytes_written=target.total_bytes,
+            peak_rss_bytes=peak_rss_bytes(),
+            outputs=target.paths,
+            strategy=strategy,
+            **backend.describe(),
+            threads=threads,
+            tensors=len(plan),
+            nonfinite_tensors=nonfinite,
+            stats=stats,
+            notes=notes,
+        )
 
     @property
     def gb_per_s(self) -> float:

@@ -12,7 +12,7 @@ import time
 
 from pysoup.engine.execute import OUTPUT_BUFFER_BYTES, execute
 from pysoup.engine.plan import Kind, MergePlan, build_plan
-from pysoup.engine.report import MergeReport, peak_rss_bytes
+from pysoup.engine.report import MergeReport
 from pysoup.errors import PlanError
 from pysoup.io.checkpoint import open_checkpoint
 from pysoup.io.signals import cleanup_on_termination
@@ -136,20 +136,7 @@ def merge_config(
             )
             with target.streaming(OUTPUT_BUFFER_BYTES) as sink, be.activate():
                 nonfinite, (stats, notes) = execute(plan, sink, be, progress)
-            return MergeReport(
-                seconds=time.perf_counter() - start,
-                bytes_read=plan.bytes_to_read,
-                bytes_written=target.total_bytes,
-                peak_rss_bytes=peak_rss_bytes(),
-                outputs=target.paths,
-                strategy=strategy.name,
-                **be.describe(),
-                threads=threads,
-                tensors=len(plan),
-                nonfinite_tensors=nonfinite,
-                stats=stats,
-                notes=notes,
-            )
+            return MergeReport.of_files(start, plan, target, strategy.name, be, threads, nonfinite, stats, notes)
         finally:
             for c in opened.values():
                 c.close()
