@@ -159,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--rank", type=int, required=True, help="rank per module (at most min(rows, cols))")
     x.add_argument("--modules", help="module-name suffixes to extract, comma-separated (default: every 2-D weight)")
     x.add_argument("--dtype", help="the factors' dtype (default: the fine-tuned weights')")
+    x.add_argument(
+        "--fan-in-fan-out",
+        action="store_true",
+        default=None,
+        help="linear weights are stored [in, out] (Conv1D); default: from config.json's model_type (GPT-2 family)",
+    )
     x.add_argument("--json", action="store_true", help="print the report as JSON")
     x.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -363,7 +369,13 @@ def _cmd_extract_lora(args) -> int:
         raise SoupError(f"unrecognized arguments: {' '.join(args.rest)}")
     modules = [m for m in args.modules.split(",") if m] if args.modules else None
     report = pysoup.lora.extract_lora(
-        args.finetuned, args.base, args.output, rank=args.rank, modules=modules, dtype=args.dtype
+        args.finetuned,
+        args.base,
+        args.output,
+        rank=args.rank,
+        modules=modules,
+        dtype=args.dtype,
+        fan_in_fan_out=args.fan_in_fan_out,
     )
     summary = f"extracted {len(report.ranks)} modules (rank <= {args.rank}) -> {report.outputs[0]}"
     if report.modules_to_save:

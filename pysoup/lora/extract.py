@@ -3,9 +3,13 @@ SVD of D = W_ft − W_base per 2-D weight, the factors written as a PEFT adapter
 
 Every 2-D float weight (optionally only the modules named in `modules`) becomes a LoRA module of rank
 min(rank, rows, cols): a linear layer (A [r, in], B [out, r]), or PEFT's embedding layout for modules whose last name
-component holds "embed" (lora_embedding_A [r, num_embeddings], lora_embedding_B [dim, r]). Other float tensors
+component holds "embed" or is GPT-2's `wte`/`wpe` (lora_embedding_A [r, num_embeddings], lora_embedding_B [dim, r]).
+Models whose linear layers are transformers' Conv1D (GPT-2 and its family: weights stored [in, out]) get a
+`fan_in_fan_out` adapter, as PEFT makes for them (mergekit-extract-lora saves Conv1D modules at full rank instead):
+found from config.json's `model_type`, or forced with fan_in_fan_out=True. Other float tensors
 that differ between the two models (norms, biases) cannot be low-rank updates: their modules go to
-`modules_to_save` with the fine-tuned values, so that at full rank the adapter reproduces the fine-tuned model.
+`modules_to_save` with the fine-tuned values (a linear module whose bias changed goes there whole, weight included:
+PEFT cannot carry one module's bias change), so that at full rank the adapter reproduces the fine-tuned model.
 One module is in memory at a time (both weights in fp32, their difference, its SVD).
 """
 
@@ -23,6 +27,10 @@ from pysoup.lora.merge import _svd_factors, one_blas_thread
 from pysoup.lora.output import factor_keys, scale_one_config, write_adapter
 
 _FLOAT = ("F32", "F16", "BF16")
+# The transformers model types whose linear layers are Conv1D (transformers.pytorch_utils.Conv1D: weight [in, out]).
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
+# Embedding weights whose names do not say "embed" (GPT-2's token and position tables).
+_EMBEDDING_NAMES = frozenset({"wte", "wpe"})
 
 
 @dataclass
@@ -54,7 +62,7 @@ class ExtractReport:
         return [f"retained spectral energy: mean {mean:.6f}, min {self.retained_energy[worst]:.6f} ({worst})"]
 
 
-def extract_lora(finetuned, base, out, *, rank: int, modules=None, dtype=None) -> ExtractReport:
+def extract_lora(finetuned, base, out, *, rank: int, modules=None, dtype=None, fan_in_fan_out=None) -> ExtractReport:
     """Extracts a LoRA adapter of `rank` from a fine-tuned model and its base.
 
     Args:
@@ -64,6 +72,8 @@ def extract_lora(finetuned, base, out, *, rank: int, modules=None, dtype=None) -
         rank: the rank per module (at most min(rows, cols) of each weight).
         modules: module-name suffixes to extract (["q_proj", "v_proj"]); default every 2-D float weight.
         dtype: the factors' dtype (default: the fine-tuned weights' dtype).
+        fan_in_fan_out: the linear weights are stored [in, out] (transformers' Conv1D); default: True for the
+            model types in CONV1D_MODEL_TYPES (from the fine-tuned model's config.json), else False.
 
     Returns:
         An ExtractReport with the retained spectral energy per module.
@@ -86,6 +96,7 @@ def extract_lora(finetuned, base, out, *, rank: int, modules=None, dtype=None) -
     try:
         bs = open_checkpoint(base, 1)
         try:
+            fif = _conv1d_model(finetuned) if fan_in_fan_out is None else bool(fan_in_fan_out)
             targets, whole = _select(ft, bs, modules)
             if not targets and not whole:
                 raise PlanError(f"{ft.name}: no 2-D float weight to extract (modules={modules!r})")
@@ -93,7 +104,9 @@ def extract_lora(finetuned, base, out, *, rank: int, modules=None, dtype=None) -
             entries, ranks, by_key = [], {}, {}
             for module, name, kind in targets:
                 rows_n, cols = ft.infos[name].shape
-                out_f, in_f = (cols, rows_n) if kind == "embedding" else (rows_n, cols)
+                # Embeddings ([num_embeddings, dim]) and Conv1D weights ([in, out]) are the transpose of PEFT's B·A.
+                transposed = kind == "embedding" or fif
+                out_f, in_f = (cols, rows_n) if transposed else (rows_n, cols)
                 k = min(rank, out_f, in_f)
                 ranks[module] = k
                 a_key, b_key = factor_keys(module, kind)
@@ -113,8 +126,8 @@ def extract_lora(finetuned, base, out, *, rank: int, modules=None, dtype=None) -
                     return _read_f32(ft, whole_keys[key])
                 module, name, kind, which = by_key[key]
                 diff = _read_f32(ft, name) - _read_f32(bs, name)
-                if kind == "embedding":
-                    diff = np.ascontiguousarray(diff.T)  # PEFT's linear layout: ΔWᵀ = B·A
+                if kind == "embedding" or fif:
+                    diff = np.ascontiguousarray(diff.T)  # PEFT's layout: ΔWᵀ = B·A
                 with one_blas_thread():
                     a, b, lost = _svd_factors(diff, ranks[module])
                 del diff
@@ -133,7 +146,7 @@ def extract_lora(finetuned, base, out, *, rank: int, modules=None, dtype=None) -
                 "init_lora_weights": True,
                 "modules_to_save": saved or None,
             }
-            config = scale_one_config(template, ranks, sorted(ranks), False)
+            config = scale_one_config(template, ranks, sorted(ranks), fif)
             paths = write_adapter(out, entries, produce, config, list(ft.files) + list(bs.files))
         finally:
             bs.close()
@@ -161,14 +174,37 @@ def _select(ft, bs, modules) -> tuple:
         module = name.rsplit(".", 1)[0] if "." in name else name
         wanted = modules is None or any(module == m or module.endswith("." + m) for m in modules)
         if len(info.shape) == 2 and name.endswith(".weight") and wanted:
-            kind = "embedding" if "embed" in module.rsplit(".", 1)[-1] else "linear"
+            last = module.rsplit(".", 1)[-1]
+            kind = "embedding" if "embed" in last or last in _EMBEDDING_NAMES else "linear"
             targets.append((module, name, kind))
         elif not _equal(ft, bs, name):
             whole.append(name)
     for name in bs.infos:
         if name not in ft.infos:
             raise PlanError(f"{ft.name}: no tensor {name!r}, which the base {bs.name} has")
+    # A module whose weight would be a LoRA target but whose bias changed too: PEFT has no per-module way to carry a
+    # bias change (its `lora_bias` is one switch for every target and refused for embeddings), so the module is
+    # saved whole (weight and bias, exact) in modules_to_save rather than as a LoRA module that drops the bias.
+    changed = {n.rsplit(".", 1)[0] for n in whole}
+    targets = [t for t in targets if t[0] not in changed]
+    # PEFT loads a module to save whole (every parameter: a LayerNorm's bias with its weight, changed or not).
+    whole = [n for n in ft.infos if ft.infos[n].dtype in _FLOAT and "." in n and n.rsplit(".", 1)[0] in changed]
     return targets, whole
+
+
+def _conv1d_model(path) -> bool:
+    """Whether a Hugging Face model directory's config.json names a model type built of Conv1D layers."""
+    import json
+
+    config = os.path.join(os.fspath(path), "config.json") if isinstance(path, (str, os.PathLike)) else ""
+    if not config or not os.path.isfile(config):
+        return False
+    try:
+        with open(config, encoding="utf-8") as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError) as e:
+        raise PlanError(f"{config}: not a readable config.json ({e})") from None
+    return model_type in CONV1D_MODEL_TYPES
 
 
 def _read_f32(ckpt, name: str):
