@@ -13,6 +13,7 @@
 #include "cpu/dtype.h"
 #include "cpu/geometric.h"
 #include "cpu/isa.h"
+#include "cpu/lora_fold.h"
 #include "cpu/masked_sum.h"
 #include "cpu/moments.h"
 #include "cpu/philox.h"
@@ -553,6 +554,27 @@ int64_t fusion_combine_py(const std::vector<uintptr_t>& inputs, const std::vecto
     return fusion_combine(a, threshold, n, reinterpret_cast<void*>(out), out_dtype, in.isa, std::max(1, threads));
 }
 
+// The LoRA fold (pysoup.ops.cpu: lora_fold_raw): out = round(W + L R) over rows x cols (see cpu/lora_fold.h).
+int64_t lora_fold_py(uintptr_t w, int w_dtype, uintptr_t left, uintptr_t right, int64_t rows, int64_t cols, int k,
+                     uintptr_t out, int out_dtype, int threads, const IsaArg& isa) {
+    const Isa code = checked_isa("lora_fold", isa);
+    if (rows < 0 || cols < 0 || k < 0) throw std::invalid_argument("lora_fold: negative rows, columns or rank");
+    if (w_dtype < kF32 || w_dtype > kBF16 || out_dtype < kF32 || out_dtype > kBF16)
+        throw std::invalid_argument("lora_fold: bad dtype code");
+    if (rows > 0 && cols > 0 && (w == 0 || out == 0 || (k > 0 && (left == 0 || right == 0))))
+        throw std::invalid_argument("lora_fold: null pointer");
+    LoraFoldArgs a{};
+    a.w = reinterpret_cast<const void*>(w);
+    a.w_dtype = w_dtype;
+    a.left = reinterpret_cast<const float*>(left);
+    a.right = reinterpret_cast<const float*>(right);
+    a.rows = rows, a.cols = cols, a.k = k;
+    a.out = reinterpret_cast<void*>(out);
+    a.out_dtype = out_dtype;
+    py::gil_scoped_release release;
+    return lora_fold(a, code, std::max(1, threads));
+}
+
 PYBIND11_MODULE(_C, m) {
     m.doc() = "pysoup's C++ kernels: fused streaming merges over raw buffers";
     m.attr("__version__") = PYSOUP_VERSION;
@@ -588,6 +610,11 @@ PYBIND11_MODULE(_C, m) {
     m.def("nearswap", &nearswap_py, "mergekit's NearSwap in its fp32 operation order");
     m.def("fusion_histogram", &fusion_histogram_py, "Arcee Fusion: radix-select histogram of the importance keys");
     m.def("fusion_combine", &fusion_combine_py, "Arcee Fusion: b + (p - b) * (importance >= threshold)");
+    m.def("lora_fold", &lora_fold_py, py::arg("w"), py::arg("w_dtype"), py::arg("left"), py::arg("right"),
+          py::arg("rows"), py::arg("cols"), py::arg("k"), py::arg("out"), py::arg("out_dtype"), py::arg("threads"),
+          py::arg("isa"),
+          "out = round(W + L R), W rows x cols, L fp32 rows x k, R fp32 k x cols, the k products fma'd in order "
+          "from +0; returns the count of non-finite outputs");
     m.def("philox_word", [](uint64_t key, uint64_t e) { return philox_word(key, e); }, "DARE's generator");
     bind_tensor_table(m);
     py::class_<MappedRegion>(m, "MappedRegion")

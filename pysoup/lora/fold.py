@@ -1,17 +1,18 @@
 """Folding LoRA adapters into a base model, out of core: W' = W + Σ wᵢsᵢBᵢAᵢ for every adapted weight, every other
 tensor copied, streamed from the base checkpoint into the output files.
 
-Each adapted weight is computed in row blocks of at most FOLD_BLOCK_BYTES of fp32: the block of ΔW is one BLAS GEMM
-(numpy's OpenBLAS sgemm: [rows, Σr] @ [Σr, cols]) into an fp32 buffer, then the merge engine's weighted-sum kernel
-(the op table's weighted_sum_raw, one fused pass) adds it to the block of W read in place from the base's mapped
-window, in fp32, and rounds once to the base's dtype straight into the output buffer. The
-adapters' factors are read per tensor with pread. Memory is the output buffers, one window of the base, one
-block and one tensor's factors: it does not grow with the model. Torch is never imported (its import alone is
-~220 MiB resident); numpy's is ~25 MiB.
+Each adapted weight is computed in blocks of rows that fill the output buffer, each one call of the op table's
+fused fold (lora_fold_raw; csrc/cpu/lora_fold*): out = round(W + L·R) with L = [w₁s₁B₁ | ...], R = [A₁; ...], the
+products of each element accumulated in registers over k = Σrᵢ (fma in order from +0), W read in place from the
+base's mapped window and added once in fp32, the result rounded once to the base's dtype straight into the output
+buffer. No fp32 ΔW buffer and no second pass: the block's W is read once and its output written once. The adapters'
+factors are read per tensor with pread. Memory is the output buffers, one window of the base and one tensor's
+factors: it does not grow with the model. Torch is never imported (its import alone is ~220 MiB resident); numpy's
+is ~25 MiB.
 
-Why numpy's BLAS rather than a C++ kernel: the GEMM is [rows, r] @ [r, cols] with r ≤ a few hundred, which
-OpenBLAS runs at ~40-100 GFLOP/s on one core, so a rank-64 fold costs ~2·64 FLOP per weight element, a
-few ms per MiB of bf16 weights: well under the I/O. (benchmarks/results/lora.md has the measurement.)
+Why a kernel of our own rather than numpy's BLAS: the GEMM's output, [rows, cols] fp32, is twice the bf16 weight
+it is added to, and writing and reading it back was half the fold's time (a 1 GiB rank-64 fold: 0.78 s in sgemm,
+0.75 s in the add pass). The fused kernel adds W in the GEMM's epilogue instead (docs/lora.md has the numbers).
 """
 
 from __future__ import annotations
@@ -23,18 +24,13 @@ import os
 import shutil
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from pysoup.dtypes import SAFETENSORS_SIZES
 from pysoup.engine.report import peak_rss_bytes
 from pysoup.errors import PlanError
 from pysoup.lora.adapter import LoraAdapter, np_dtype, open_adapter, to_f32
-from pysoup.lora.merge import one_blas_thread
 
-# fp32 bytes of W per block: 4 MiB keeps the block, its ΔW and the widened copy in L2/L3-friendly pieces, and
-# far below the 16 MiB input window and output buffer.
-FOLD_BLOCK_BYTES = 4 << 20
 # Bytes per copy step for tensors that are copied unchanged (within one mapped window of the base).
 COPY_BYTES = 8 << 20
 _FLOAT = ("F32", "F16", "BF16")
@@ -83,7 +79,7 @@ def fold(
         weights: one number per adapter (default 1 each: the adapters' updates add up, as in PEFT).
         shard_size: max tensor bytes per shard of a directory output.
         durable: fsync the output before renaming it into place.
-        threads: CPU threads of the add kernel (default 1: the GEMMs run on a second thread).
+        threads: CPU threads of the fold kernel (default: every core).
         backend: the backend adding W and ΔW ("auto", "cpu" or "reference").
 
     Returns:
@@ -108,10 +104,9 @@ def fold(
         raise PlanError("fold needs at least one adapter")
     weights = _weights(weights, len(adapters))
     backend_name = backend
-    # One kernel thread by default: the GEMMs run on a thread of their own beside it, and OpenMP's second thread
-    # only contends with them (a 0.4 GiB bf16 fold on a loaded 2-core machine, interleaved, 3 runs each: 2.3 s wall
-    # and 1.15 CPU s with 1 kernel thread, 4.8 s and 2.4 CPU s with 2).
-    threads = int(threads) if threads else 1
+    # Every core by default: the fused kernel is the fold's one compute pass (the writer thread only hands buffers
+    # to pwrite).
+    threads = int(threads) if threads else None
     if shard_size is not None:
         shard_size = parse_size(shard_size)
     if out is None or os.fspath(out) == "":
@@ -136,15 +131,11 @@ def fold(
             )
             backend = get_backend(backend_name, None, threads)
             nonfinite = []
-            # One BLAS thread, and the GEMMs on a thread of their own beside the adds and the writer: OpenBLAS's own
-            # threads spin on a loaded machine (a 5632 x 2048 rank-64 GEMM in 4 MiB blocks: 0.36 s on its 2
-            # threads beside other jobs, 0.09 s on one).
-            gemm_pool = ThreadPoolExecutor(1, thread_name_prefix="pysoup-gemm")
-            with gemm_pool, one_blas_thread(), target.streaming(OUTPUT_BUFFER_BYTES) as sink, backend.activate():
+            with target.streaming(OUTPUT_BUFFER_BYTES) as sink, backend.activate():
                 for k in range(len(target.layout)):
                     name = target.layout.name(k)
                     sink.begin_tensor(k)
-                    if _write_tensor(base_ckpt, table.find(name), plan.get(name), sink, backend, gemm_pool):
+                    if _write_tensor(base_ckpt, table.find(name), plan.get(name), sink, backend):
                         nonfinite.append(name)
                 sink.finish()
                 base_ckpt.check_unchanged()  # a base rewritten while we read it: nothing is committed
@@ -279,16 +270,15 @@ def _base_info(base, ad, name: str, what: str):
     return info
 
 
-def _write_tensor(base, row: int, fold_plan, sink, backend, gemm_pool) -> int:
-    """Writes one output tensor: copied, or W + ΔW block by block, the GEMM of the next block running on
-    `gemm_pool`'s thread while this one adds and writes. Returns how many results are not finite."""
+def _write_tensor(base, row: int, fold_plan, sink, backend) -> int:
+    """Writes one output tensor: copied, or W + ΔW in blocks of rows that fill the output buffer, each one call of
+    the op table's fused fold (W read in place from the base's mapped window, the result rounded straight into the
+    output buffer). Returns how many results are not finite."""
     table = base.table
     nbytes = table.nbytes(row)
     if fold_plan is None:
         _copy(base, row, sink, nbytes)
         return 0
-    import numpy as np
-
     from pysoup.ops.table import Chunk
 
     name, dtype = table.name(row), table.dtype(row)
@@ -296,40 +286,31 @@ def _write_tensor(base, row: int, fold_plan, sink, backend, gemm_pool) -> int:
     rows_n = shape[0] if shape else 1
     cols = table.numel(row) // rows_n if rows_n else 0
     left, right = _gemm_factors(fold_plan.terms)
-    step = max(1, FOLD_BLOCK_BYTES // (4 * max(cols, 1)))
     size = SAFETENSORS_SIZES[dtype]
+    row_bytes = max(1, cols * size)
     begin = table.begin(row)
-    blocks = [(r0, min(rows_n, r0 + step)) for r0 in range(0, rows_n, step)]
-    deltas = [np.empty((min(step, rows_n), cols), dtype=np.float32) for _ in range(2 if left is not None else 0)]
-
-    def gemm(i):
-        r0, r1 = blocks[i]
-        np.matmul(left[r0:r1], right, out=deltas[i % 2][: r1 - r0])
-
-    pending = gemm_pool.submit(gemm, 0) if deltas and blocks else None
-    nonfinite = 0
-    for i, (r0, r1) in enumerate(blocks):
+    nonfinite, r0 = 0, 0
+    while r0 < rows_n:
+        # As many rows as the output buffer has room for (a fresh buffer when not one fits): the fold packs R once
+        # per call, so fewer, larger calls.
+        fit = sink.available() // row_bytes or max(1, sink.capacity // row_bytes)
+        r1 = min(rows_n, r0 + fit)
         n = (r1 - r0) * cols
-        if pending is not None:
-            pending.result()
-            pending = gemm_pool.submit(gemm, i + 1) if i + 1 < len(blocks) else None
         if fold_plan.sources:
             w = _source_rows(fold_plan.sources, r0, r1, cols)
             w_addr, w_dtype = w.ctypes.data, "F32"
         else:
             w_addr = base.address_at(row, begin + r0 * cols * size, begin + r1 * cols * size)
             w_dtype = dtype
-        # One fused pass of the merge kernel: fp32 (-0.0 + 1·W) + 1·ΔW, rounded once to the base's dtype straight
-        # into the output buffer (numpy's bf16 widening and rounding took five passes over each block).
-        addrs, dtypes = [w_addr], [w_dtype]
-        if deltas:
-            addrs.append(deltas[i % 2].ctypes.data)
-            dtypes.append("F32")
         out = sink.reserve(n * size)
-        chunk = Chunk(name, addrs, dtypes, r0 * cols, n, out, dtype)
-        nonfinite += backend.weighted_sum_raw(chunk, [1.0] * len(addrs), False)
+        chunk = Chunk(name, [w_addr], [w_dtype], r0 * cols, n, out, dtype)
+        if left is None:  # copies only: their average rounded to the base's dtype
+            nonfinite += backend.weighted_sum_raw(chunk, [1.0], False)
+        else:
+            nonfinite += backend.lora_fold_raw(chunk, left[r0:r1], right)
         sink.advance(n * size)
         sink.flush_if_full()
+        r0 = r1
     return nonfinite
 
 

@@ -233,6 +233,27 @@ class CpuBackend(Backend):
             self._isa,
         )
 
+    def lora_fold_raw(self, chunk, left, right):
+        rows, cols = left.shape[0], right.shape[1]
+        if chunk.n != rows * cols or left.shape[1] != right.shape[0]:
+            raise BackendError(f"lora_fold_raw: {chunk.n} elements, L {left.shape}, R {right.shape}")
+        for m in (left, right):  # the kernel reads raw row-major fp32
+            if m.dtype != "float32" or not m.flags.c_contiguous:
+                raise BackendError(f"lora_fold_raw: L and R must be C-contiguous fp32, got {m.dtype} {m.strides}")
+        return _native.native.lora_fold(
+            chunk.addrs[0],
+            KERNEL_CODE[chunk.dtypes[0]],
+            left.ctypes.data,
+            right.ctypes.data,
+            rows,
+            cols,
+            left.shape[1],
+            chunk.out,
+            KERNEL_CODE[chunk.out_dtype],
+            self.threads,
+            self._isa,
+        )
+
     def sparse_task_vector_raw(self, chunk, p, quota):
         return _native.native.sparse_task_vector(
             list(chunk.addrs[:-1]),

@@ -696,6 +696,34 @@ def nearswap_raw(chunk: Chunk, t: float) -> int:
     return store(chunk.out, chunk.n, chunk.out_dtype, round_to(nearswap(x, base, t), to_torch(chunk.out_dtype)))
 
 
+# -- the LoRA fold (pysoup.lora.fold) ---------------------------------------------------------------------------
+def lora_fold(w, left, right):
+    """The fp32 result of lora_fold_raw before rounding: fp32(W) + (L R with each element's products fma'd in k
+    order from +0), a NaN result as 0x7FC00000 (w: [rows, cols] tensor; left, right: fp32 tensors)."""
+    import torch
+
+    rows, cols = w.shape
+    acc = torch.zeros((rows, cols), dtype=torch.float32)
+    for q in range(left.shape[1]):
+        lq = left[:, q : q + 1].expand(rows, cols)
+        rq = right[q : q + 1, :].expand(rows, cols)
+        acc = _fma_f32_per_element(lq, rq, acc)
+    s = exact_f32(w) + acc
+    return torch.where(torch.isnan(s), torch.full_like(s, float("nan")), s)
+
+
+def lora_fold_raw(chunk: Chunk, left, right) -> int:
+    """left, right: fp32 C-contiguous numpy arrays [rows, K] and [K, cols]."""
+    import torch
+
+    rows, cols = left.shape[0], right.shape[1]
+    if chunk.n != rows * cols:
+        raise ValueError(f"lora_fold_raw: {chunk.n} elements for {rows} x {cols}")
+    w = _view(chunk.addrs[0], chunk.n, chunk.dtypes[0]).view(rows, cols)
+    result = lora_fold(w, torch.from_numpy(left), torch.from_numpy(right))
+    return store(chunk.out, chunk.n, chunk.out_dtype, round_to(result.reshape(-1), to_torch(chunk.out_dtype)))
+
+
 # -- Arcee Fusion (pysoup.strategies.geometric.ArceeFusion) -----------------------------------------------------
 def fusion_kl(p, b, scratch=None):
     """mergekit's per-row KL of softmax(p) + 1e-8 against softmax(b) + 1e-8 over [rows, row] tensors, op for op

@@ -426,6 +426,16 @@ class Backend:
 
         return reference.nearswap_raw(chunk, t)
 
+    def lora_fold_raw(self, chunk: Chunk, left, right) -> int:
+        """A LoRA fold over rows of a weight (pysoup.lora.fold): out = round(W + L R), W the chunk's one source
+        (rows x cols, row-major; rows = left.shape[0], cols = right.shape[1], chunk.n = rows * cols), L and R fp32
+        C-contiguous numpy arrays [rows, K] and [K, cols]. Each element: acc = +0, acc = fma(L[r, k], R[k, c], acc)
+        for k in order, s = fp32(W) + acc (one fp32 addition), a NaN s as 0x7FC00000, rounded once to the output
+        dtype. Returns the non-finite count. Backends without a kernel run the reference's."""
+        from pysoup.ops import reference
+
+        return reference.lora_fold_raw(chunk, left, right)
+
     def moments_raw(self, chunk: Chunk, acc: Moments) -> Moments:
         """acc plus the statistics of one chunk (fp64, summed block by block in index order: the result does not
         depend on the backend, the chunking or the threads)."""

@@ -1,0 +1,121 @@
+"""The fused LoRA fold kernel (op table: lora_fold_raw; csrc/cpu/lora_fold*) against the torch reference, bit for bit:
+every ISA this CPU runs, 1 and 2 threads, ragged edges (rows and columns not multiples of the micro-tile, K not a
+multiple of anything), W in fp32/fp16/bf16, NaN and inf, and the one-line errors of bad arguments."""
+
+import numpy as np
+import pytest
+import torch
+
+from pysoup import _native
+from pysoup.errors import BackendError
+from pysoup.ops import reference
+from pysoup.ops.table import Chunk
+
+pytestmark = pytest.mark.skipif(not _native.available, reason="the C++ module did not load")
+
+_TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_BITS = {"F32": torch.int32, "F16": torch.int16, "BF16": torch.int16}
+# (rows, cols, K): one element; under one micro-tile; ragged in both directions around the AVX2 6 x 16 and the
+# AVX-512 14 x 32 tiles; more columns than one 512-column block of R; more rows than one strip (96 / 112), so two
+# threads share them; K = 3 adapters of ranks 8, 16 and 41.
+SHAPES = [(1, 1, 1), (5, 15, 3), (13, 33, 7), (29, 70, 65), (120, 530, 5), (230, 40, 8 + 16 + 41)]
+
+
+def _isas():
+    from pysoup.ops.cpu import usable_isas
+
+    return usable_isas()
+
+
+def _case(rows, cols, k, w_dtype, seed, specials):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(rows, cols, generator=g) * 0.05).to(_TORCH[w_dtype])
+    # L = the scaled B's, R = the A's: values like a rank-k update's, of mixed sign and magnitude.
+    left = (torch.randn(rows, k, generator=g) * 0.3).numpy()
+    right = (torch.randn(k, cols, generator=g) * 0.3).numpy()
+    if specials and rows * cols > 4:
+        w.view(-1)[1] = float("nan")
+        w.view(-1)[2] = float("inf")
+        left[rows // 2, 0] = np.inf  # inf times a zero is NaN; times the rest of the row, +-inf
+        right[0, cols // 2] = 0.0
+        right[k - 1, cols - 1] = np.nan
+    return w.contiguous(), np.ascontiguousarray(left), np.ascontiguousarray(right)
+
+
+def _run(fold_raw, w, left, right, out_dtype):
+    rows, cols = w.shape
+    out = torch.empty(rows * cols, dtype=_TORCH[out_dtype])
+    w_dtype = next(d for d, t in _TORCH.items() if t == w.dtype)
+    chunk = Chunk("w", [w.data_ptr()], [w_dtype], 0, rows * cols, out.data_ptr(), out_dtype)
+    nonfinite = fold_raw(chunk, left, right)
+    return out.view(_BITS[out_dtype]), nonfinite
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("w_dtype", ["F32", "F16", "BF16"])
+def test_kernel_equals_reference_bit_for_bit(shape, w_dtype):
+    from pysoup.ops.cpu import CpuBackend
+
+    rows, cols, k = shape
+    for specials in (False, True):
+        w, left, right = _case(rows, cols, k, w_dtype, seed=rows * cols + k, specials=specials)
+        # the output in the weight's dtype (what the fold writes), and a bf16 weight widened into fp32
+        for out_dtype in {w_dtype, "F32"}:
+            want, want_bad = _run(reference.lora_fold_raw, w, left, right, out_dtype)
+            assert (want_bad > 0) == (specials and rows * cols > 4)
+            for isa in _isas():
+                for threads in (1, 2):
+                    got, bad = _run(CpuBackend(threads, isa).lora_fold_raw, w, left, right, out_dtype)
+                    assert torch.equal(got, want), (isa, threads, out_dtype, specials)
+                    assert bad == want_bad, (isa, threads, out_dtype, specials)
+
+
+def test_reference_numerics_are_the_stated_ones():
+    """The reference itself: each element is fp32(W) + the products fma'd in k order from +0 (checked against an
+    fp64 sum where every step is exact), a NaN written as 0x7FC00000, one rounding to the output dtype."""
+    # Products and sums exact in fp32: small integers times powers of two.
+    w = torch.tensor([[3.0, -0.0, 5.0], [-2.0, 0.0, 7.0]], dtype=torch.bfloat16)
+    left = np.array([[1.0, 2.0], [0.5, -0.0]], dtype=np.float32)
+    right = np.array([[4.0, 0.0, 1.0], [-1.0, -0.0, 8.0]], dtype=np.float32)
+    got, bad = _run(reference.lora_fold_raw, w, left, right, "F32")
+    want = w.double() + torch.from_numpy(left).double() @ torch.from_numpy(right).double()
+    assert torch.equal(got.view(torch.float32), want.float().reshape(-1)) and bad == 0
+    # -0 + (+0 + -0 products) is +0: the sum starts from +0 (as PEFT's W + BA does)
+    assert got.view(torch.float32)[1].item() == 0.0 and got[1].item() == 0
+    # NaN from W or from inf * 0 in the sum: the one quiet NaN, rounded to bf16 as 0x7FC0
+    w = torch.tensor([[float("nan"), 1.0]], dtype=torch.bfloat16)
+    left = np.array([[np.inf]], dtype=np.float32)
+    right = np.array([[1.0, 0.0]], dtype=np.float32)
+    got, bad = _run(reference.lora_fold_raw, w, left, right, "BF16")
+    assert got.tolist() == [0x7FC0, 0x7FC0] and bad == 2
+
+
+def test_kernel_rounds_once_from_the_fused_sum():
+    """An fma keeps the product's low bits that a separate multiply would round away: the kernel's last bit follows
+    the fused definition, not (L * R rounded) + acc."""
+    from pysoup.ops.cpu import CpuBackend
+
+    a = np.float32(1 + 2**-12)
+    left = np.array([[np.float32(-1.0), a]], dtype=np.float32)
+    right = np.array([[np.float32(1 + 2**-11)], [a]], dtype=np.float32)
+    # k = 0: acc = -(1 + 2^-11), exact. k = 1: a*a = 1 + 2^-11 + 2^-24, which rounded alone is 1 + 2^-11 (a tie, to
+    # even), so a multiply then an add gives 0; the fma gives 2^-24.
+    w = torch.zeros(1, 1, dtype=torch.float32)
+    for isa in _isas():
+        got, _ = _run(CpuBackend(1, isa).lora_fold_raw, w, left, right, "F32")
+        assert got.view(torch.float32).item() == 2.0**-24, isa
+
+
+def test_bad_arguments_one_line_errors():
+    from pysoup.ops.cpu import CpuBackend
+
+    be = CpuBackend(1)
+    w, left, right = _case(4, 8, 3, "BF16", 0, False)
+    with pytest.raises(BackendError, match="C-contiguous fp32"):
+        _run(be.lora_fold_raw, w, left.astype(np.float64), right, "BF16")
+    with pytest.raises(BackendError, match="C-contiguous fp32"):
+        _run(be.lora_fold_raw, w, left, np.asfortranarray(right), "BF16")
+    with pytest.raises(BackendError, match="elements"):
+        _run(be.lora_fold_raw, w, left[:3], right, "BF16")
+    with pytest.raises(ValueError, match="null pointer"):
+        _native.native.lora_fold(0, 2, left.ctypes.data, right.ctypes.data, 4, 8, 3, 0, 2, 1, 0)
