@@ -1,5 +1,5 @@
 // The LoRA fold's threads: R packed once per call into nr-column panels (k x nr each, zero-padded past the last
-// column), then the row strips (mc rows each) shared among the threads in order. Every output element is computed by
+// column), then the row strips (mc rows each) shared among the threads. Every output element is computed by
 // one strip, in the same order whatever the thread count, so neither the threads nor the call's row range change
 // a bit.
 #include "cpu/lora_fold.h"
@@ -48,7 +48,9 @@ int64_t lora_fold(const LoraFoldArgs& a, Isa isa, int threads) {
             }
         }
         std::vector<float> scratch(size_t(kern.scratch_floats(a.k)));
-#pragma omp for schedule(static)
+        // Strips handed out one at a time: a thread the OS preempts (2 cores shared with the writer thread and
+        // other processes) leaves its strips to the other instead of making it wait at the barrier.
+#pragma omp for schedule(dynamic, 1)
         for (int64_t s = 0; s < strips; ++s) {
             const int64_t r0 = s * kern.mc, r1 = std::min(a.rows, r0 + kern.mc);
             nonfinite += kern.strip(a, packed.data(), r0, r1, scratch.data());
