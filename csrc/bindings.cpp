@@ -575,6 +575,17 @@ int64_t lora_fold_py(uintptr_t w, int w_dtype, uintptr_t left, uintptr_t right, 
     return lora_fold(a, code, std::max(1, threads));
 }
 
+// Arcee Fusion's row KL: `rows` whole rows of `row` elements from the inputs (p, b) into kl (fp32, rows entries).
+void fusion_kl_py(const std::vector<uintptr_t>& inputs, const std::vector<int>& dtypes, int64_t row, int64_t rows,
+                  uintptr_t kl, int threads, const IsaArg& isa) {
+    if (row <= 0 || rows < 0) throw std::invalid_argument("fusion_kl: bad row length or row count");
+    Inputs in = check_inputs("fusion_kl", inputs, dtypes, row * rows, isa);
+    if (in.ptrs.size() != 2) throw std::invalid_argument("fusion_kl: takes the model and the base");
+    if (rows > 0 && kl == 0) throw std::invalid_argument("fusion_kl: null output pointer");
+    py::gil_scoped_release release;
+    fusion_kl(in.ptrs.data(), in.dtypes.data(), row, rows, reinterpret_cast<float*>(kl), in.isa, std::max(1, threads));
+}
+
 PYBIND11_MODULE(_C, m) {
     m.doc() = "pysoup's C++ kernels: fused streaming merges over raw buffers";
     m.attr("__version__") = PYSOUP_VERSION;
@@ -610,6 +621,7 @@ PYBIND11_MODULE(_C, m) {
     m.def("nearswap", &nearswap_py, "mergekit's NearSwap in its fp32 operation order");
     m.def("fusion_histogram", &fusion_histogram_py, "Arcee Fusion: radix-select histogram of the importance keys");
     m.def("fusion_combine", &fusion_combine_py, "Arcee Fusion: b + (p - b) * (importance >= threshold)");
+    m.def("fusion_kl", &fusion_kl_py, "Arcee Fusion: each row's KL of softmax(p) + eps against softmax(b) + eps, fp64");
     m.def("lora_fold", &lora_fold_py, py::arg("w"), py::arg("w_dtype"), py::arg("left"), py::arg("right"),
           py::arg("rows"), py::arg("cols"), py::arg("k"), py::arg("out"), py::arg("out_dtype"), py::arg("threads"),
           py::arg("isa"),

@@ -283,6 +283,41 @@ def test_segment_kernels_equal_reference(isa, columns, base):
 
 
 @pytest.mark.parametrize("isa", ISAS, ids=id_formatter("isa"))
+@pytest.mark.parametrize("row", [1, 517, 70_001], ids=id_formatter("row"))
+def test_fusion_kl_kernel_equals_reference(isa, row):
+    """Arcee Fusion's row KL (fp64, rounded once): the C++ kernel gives the reference's bits on every ISA, for fp16 /
+    bf16 / fp32 inputs of small and wide range, rows with NaN or inf (NaN), rows of one element, rows longer than a
+    thread block, in chunks that split rows (carried across two and three chunks); and it stays within 2e-7
+    (relative: fp32 rounding) of the KL computed with numpy's fp64 exp and log (pysoup's are polynomials)."""
+    from helpers.tensors import random_tensor
+
+    from pysoup.ops.cpu import CpuBackend
+    from pysoup.ops.reference import ReferenceBackend
+
+    rows = max(3, 150_000 // row) if row > 1 else 5000
+    p = random_tensor((rows, row), torch.bfloat16, seed=3, wide=False) * 3
+    b = (p.float() + 0.3 * random_tensor((rows, row), torch.float32, seed=4)).to(torch.float16)
+    p[1, -1] = float("nan")
+    b[2, 0] = float("inf")
+    n = rows * row
+    cuts = sorted({0, 1, row // 2, row + 1, 3 * row - 1, n // 2 + 7, n - 1, n})
+    kls = []
+    for be in (ReferenceBackend(), CpuBackend(2, isa)):
+        kl, carry = np.zeros(rows, dtype=np.float32), {}
+        for lo, hi in zip(cuts, cuts[1:]):
+            be.fusion_kl_raw(_chunk([p.flatten(), b.flatten()], lo, hi - lo), row, kl, carry)
+        kls.append(kl)
+    assert np.array_equal(kls[0].view(np.uint32), kls[1].view(np.uint32))
+    kl = kls[1]
+    assert np.isnan(kl[1]) and np.isnan(kl[2]) and (row == 1 or np.isfinite(kl[3:]).all())
+    pn, bn = p.double().numpy()[3:], b.double().numpy()[3:]
+    P, Q = (np.exp(x - x.max(1, keepdims=True)) for x in (pn, bn))
+    P, Q = P / P.sum(1, keepdims=True) + float(np.float32(1e-8)), Q / Q.sum(1, keepdims=True) + float(np.float32(1e-8))
+    want = (P * np.log(P / Q)).sum(1)
+    assert np.all(np.abs(kl[3:] - want) <= 2e-7 * np.abs(want))
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=id_formatter("isa"))
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16], ids=id_formatter("out"))
 def test_nearswap_kernel_equals_reference(isa, out_dtype):
     from helpers.tensors import assert_bit_equal, random_tensor
@@ -375,7 +410,7 @@ MERGEKIT_CASES = [
     ("passthrough", "passthrough", False, {}, None, 1, True),
     ("nearswap", "nearswap", True, {"t": 0.01}, None, 1, True),
     ("nearswap-small-t", "nearswap", True, {"t": 1e-4}, None, 1, True),
-    ("arcee_fusion", "arcee_fusion", True, {}, None, 1, True),
+    ("arcee_fusion", "arcee_fusion", True, {}, None, 1, "mask"),
     ("nuslerp", "nuslerp", False, {}, [{"weight": 0.3}, {"weight": 0.7}], 2, False),
     ("nuslerp-base", "nuslerp", True, {}, [{"weight": 0.3}, {"weight": 0.7}], 2, False),
     ("nuslerp-rows", "nuslerp", True, {"nuslerp_flatten": False}, [{"weight": 1}, {"weight": 1}], 2, False),
@@ -449,6 +484,9 @@ def test_agrees_with_mergekit(family, case, request):
     path.write_text(yaml.safe_dump(config))
     via_config = merge_config(str(path))
     assert all(torch.equal(via_config[k], got[k]) for k in got)
+    if exact == "mask":
+        _assert_fusion_flips(paths[0], models[0], got, want, family)
+        return
     for k in want:
         if exact:
             assert torch.equal(got[k].view(torch.int32), want[k].view(torch.int32)), k
@@ -458,6 +496,55 @@ def test_agrees_with_mergekit(family, case, request):
             bound = 2.0**-20 * float(want[k].abs().max())
             err = float((got[k] - want[k]).abs().max())
             assert err <= bound, f"{k}: {err} > {bound}"
+
+
+# Elements that differ from mergekit, measured on these models: 3 of 28832 (Llama), 1 of 29056 (GPT-2).
+FUSION_FLIPS_MEASURED = {"llama": 3, "gpt2": 1}
+
+
+def _fusion_mask_fp64(p, b):
+    """arcee_fusion's mask computed in fp64 throughout (numpy's exp and log, the quartiles at mergekit's ranks)."""
+    from pysoup.strategies.geometric import quantile_ranks
+
+    pn, bn = (x.double().numpy().reshape(-1, x.shape[-1]) for x in (p, b))
+
+    def softmax(x):
+        e = np.exp(x - x.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True) + 1e-8
+
+    P, Q = softmax(pn), softmax(bn)
+    importance = np.abs(pn - bn) * (P * np.log(P / Q)).sum(axis=1, keepdims=True)
+    s = np.sort(importance.ravel())
+    q1, med, q3 = (s[r] for r in quantile_ranks(s.size))
+    return (importance >= med + 1.5 * (q3 - q1)).reshape(p.shape)
+
+
+def _assert_fusion_flips(base_dir, model_dir, got, want, family):
+    """arcee_fusion against mergekit: pysoup's row KL is fp64 rounded once (the kernel's definition), mergekit's fp32
+    (torch's softmax, log and sum: on these nearly equal rows, whose KL is a sum of terms that nearly cancel, its
+    relative error reaches ~1e-3), so a mask entry may decide the other way where the importance is that close to
+    the threshold. Every element that differs must be such a flip: one side b + (p - b), the other b, mergekit's
+    importance within 1e-2 (relative) of its threshold, and pysoup's side the one the mask computed in fp64
+    throughout takes; and there are no more of them than measured."""
+    from mergekit.merge_methods.arcee_fusion import DynamicThresholdFusion, _compute_importance
+
+    base, model = (pysoup.merge([d], strategy="passthrough") for d in (base_dir, model_dir))
+    flips = 0
+    for k in want:
+        same = got[k].view(torch.int32) == want[k].view(torch.int32)
+        if bool(same.all()):
+            continue
+        p, b = model[k], base[k]
+        kept, exact = (b + (p - b)).flatten(), _fusion_mask_fp64(p, b).flatten()
+        importance = _compute_importance(p, b).flatten()
+        threshold = float(DynamicThresholdFusion().calculate_dynamic_threshold(importance))
+        for i in torch.nonzero(~same.flatten()).flatten().tolist():
+            mine, theirs = float(got[k].flatten()[i]), float(want[k].flatten()[i])
+            assert {mine, theirs} == {float(kept[i]), float(b.flatten()[i])}, f"{k}[{i}]: not a mask flip"
+            assert abs(float(importance[i]) - threshold) <= 1e-2 * abs(threshold), f"{k}[{i}]: far from threshold"
+            assert (mine == float(kept[i])) == bool(exact[i]), f"{k}[{i}]: pysoup's side is not the fp64 mask's"
+            flips += 1
+    assert flips <= FUSION_FLIPS_MEASURED[family], f"{flips} elements decided otherwise than mergekit"
 
 
 @pytest.mark.mergekit

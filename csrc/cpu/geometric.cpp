@@ -91,4 +91,16 @@ int64_t fusion_combine(const FusionArgs& a, float threshold, int64_t n, void* ou
     return nonfinite;
 }
 
+void fusion_kl(const void* const* inputs, const int* in_dtypes, int64_t row, int64_t rows, float* kl, Isa isa,
+               int threads) {
+    const GeometricKernels& kern = kernels(isa);
+    if (rows <= 0 || row <= 0) return;
+    // Parts of about kBlock elements (at least one row); a row's sums never leave its thread.
+    const int64_t per = std::max<int64_t>(1, kBlock / row);
+    const int64_t parts = (rows + per - 1) / per;
+#pragma omp parallel for num_threads(threads_for(threads, parts)) schedule(static)
+    for (int64_t q = 0; q < parts; ++q)
+        kern.fusion_kl(inputs, in_dtypes, row, q * per, std::min(rows, (q + 1) * per), kl);
+}
+
 }  // namespace pysoup

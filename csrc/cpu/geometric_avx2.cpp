@@ -7,7 +7,7 @@ namespace pysoup {
 
 const GeometricKernels kGeometricAvx2{
     segment_moments_kernel<Avx2IO>,  segment_weighted_sum_kernel<Avx2IO>, nearswap_kernel<Avx2IO>,
-    fusion_histogram_kernel<Avx2IO>, fusion_combine_kernel<Avx2IO>,
+    fusion_histogram_kernel<Avx2IO>, fusion_combine_kernel<Avx2IO>,       fusion_kl_kernel<Avx2IO>,
 };
 
 }  // namespace pysoup

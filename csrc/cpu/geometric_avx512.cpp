@@ -7,7 +7,7 @@ namespace pysoup {
 
 const GeometricKernels kGeometricAvx512{
     segment_moments_kernel<Avx512IO>,  segment_weighted_sum_kernel<Avx512IO>, nearswap_kernel<Avx512IO>,
-    fusion_histogram_kernel<Avx512IO>, fusion_combine_kernel<Avx512IO>,
+    fusion_histogram_kernel<Avx512IO>, fusion_combine_kernel<Avx512IO>,       fusion_kl_kernel<Avx512IO>,
 };
 
 }  // namespace pysoup

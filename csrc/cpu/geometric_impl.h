@@ -245,39 +245,49 @@ int64_t nearswap_kernel(const void* const* inputs, const int* in_dtypes, float t
     return nonfinite;
 }
 
-// The importance of [t0, t0 + m) into imp (p tile, b tile, imp: kOpTile floats each).
+// The importance of [t0, t0 + m) into imp (p tile, b tile, imp: kOpTile floats each), in runs of one row (one KL
+// factor), so the product vectorises.
 template <class IO>
 void fusion_importance(const FusionArgs& a, int64_t t0, int64_t m, float* p, float* b, float* imp) {
     IO::load(a.inputs[0], a.in_dtypes[0], t0, m, p);
     IO::load(a.inputs[1], a.in_dtypes[1], t0, m, b);
     const int64_t e = a.start + t0;
     int64_t r = e / a.row, left = a.row - e % a.row;
-    for (int64_t j = 0; j < m; ++j) {
-        imp[j] = std::fabs(p[j] - b[j]) * a.kl[r];
-        if (--left == 0) ++r, left = a.row;
+    for (int64_t j = 0; j < m;) {
+        const int64_t run = std::min(left, m - j);
+        const float k = a.kl[r];
+        for (int64_t q = j; q < j + run; ++q) imp[q] = std::fabs(p[q] - b[q]) * k;
+        j += run;
+        ++r;
+        left = a.row;
     }
 }
 
-// Threads count into the one histogram with relaxed atomic increments: per-thread copies (1.5 MiB zeroed and added
-// up per call) cost more than the rare collisions of two threads.
+// Pass 0 counts every element: into a per-call 32-bit histogram of the thread's own (no atomic per element; a
+// block has at most kBlock elements, so 32 bits cannot overflow), added to the shared one at the end. Pass 1 counts
+// only the few elements whose high half matches a quantile's: relaxed atomic increments into the shared histogram.
 template <class IO>
 void fusion_histogram_kernel(const FusionArgs& a, int pass, int64_t begin, int64_t end, uint64_t* hist) {
     std::vector<float> buf(size_t(kOpTile) * 3);
     float *p = buf.data(), *b = p + kOpTile, *imp = b + kOpTile;
+    std::vector<uint32_t> local(pass == 0 ? 65536 : 0);
+    uint32_t keys[kOpTile];
     for (int64_t t0 = begin; t0 < end; t0 += kOpTile) {
         const int64_t m = std::min(kOpTile, end - t0);
         fusion_importance<IO>(a, t0, m, p, b, imp);
-        for (int64_t j = 0; j < m; ++j) {
-            const uint32_t key = fusion_key(imp[j]);
-            if (pass == 0) {
-                __atomic_fetch_add(&hist[key >> 16], 1, __ATOMIC_RELAXED);
-            } else {
-                for (int q = 0; q < a.quantiles; ++q)
-                    if ((key >> 16) == a.prefix[q])
-                        __atomic_fetch_add(&hist[size_t(q) * 65536 + (key & 0xFFFFu)], 1, __ATOMIC_RELAXED);
-            }
+        for (int64_t j = 0; j < m; ++j) keys[j] = fusion_key(imp[j]);
+        if (pass == 0) {
+            for (int64_t j = 0; j < m; ++j) ++local[keys[j] >> 16];
+            continue;
         }
+        for (int64_t j = 0; j < m; ++j)
+            for (int q = 0; q < a.quantiles; ++q)
+                if ((keys[j] >> 16) == a.prefix[q])
+                    __atomic_fetch_add(&hist[size_t(q) * 65536 + (keys[j] & 0xFFFFu)], 1, __ATOMIC_RELAXED);
     }
+    if (pass == 0)
+        for (size_t h = 0; h < local.size(); ++h)
+            if (local[h]) __atomic_fetch_add(&hist[h], local[h], __ATOMIC_RELAXED);
 }
 
 template <class IO>
@@ -296,6 +306,140 @@ int64_t fusion_combine_kernel(const FusionArgs& a, float threshold, int64_t begi
         nonfinite += IO::store(p, m, out, out_dtype, t0);
     }
     return nonfinite;
+}
+
+// -- Arcee Fusion's row KL, fp64 (the definition: geometric.h, fusion_kl; pysoup.ops.reference.fusion_kl) --------
+// exp and log are polynomials in + - * / and floor only, each operation one IEEE rounding (-ffp-contract=off), so
+// the torch reference, which runs the same operations on fp64 tensors, gets the same bits: libm's and torch's exp
+// and log differ from each other in the last bit, and the result is rounded to fp32 once anyway.
+constexpr double kKlInvLn2 = 1.4426950408889634;
+constexpr double kKlLn2Hi = 0.6931471803691238;  // 0x3FE62E42FEE00000: k * hi is exact for |k| < 2^11
+constexpr double kKlLn2Lo = 1.9082149292705877e-10;
+constexpr double kKlSqrt2 = 1.4142135623730951;
+constexpr double kKlEps = 9.99999993922529e-09;  // fp32(1e-8), what mergekit adds to its fp32 softmax
+constexpr double kKlExpFloor = -600.0;          // exp(r) below it counts as 0 (it vanishes next to kKlEps)
+
+inline double kl_bits_to_double(uint64_t u) {
+    double d;
+    __builtin_memcpy(&d, &u, 8);
+    return d;
+}
+
+inline uint64_t kl_double_bits(double d) {
+    uint64_t u;
+    __builtin_memcpy(&u, &d, 8);
+    return u;
+}
+
+// exp(r) for r <= 0: r = k ln2 + f (Cody-Waite), exp(f) by its Taylor series to f^13 (|f| <= 0.35: error < 1e-17),
+// times 2^k built from its bits; 0 below kKlExpFloor.
+inline double kl_exp(double r) {
+    const double rc = r < kKlExpFloor ? kKlExpFloor : r;
+    const double k = std::floor(rc * kKlInvLn2 + 0.5);
+    const double f = (rc - k * kKlLn2Hi) - k * kKlLn2Lo;
+    // Estrin's scheme (pairs in f, then f^2, f^4, f^8): a quarter of Horner's dependent chain, which made this
+    // loop latency-bound. The coefficients 1/i!, i = 0 .. 13.
+    const double f2 = f * f, f4 = f2 * f2, f8 = f4 * f4;
+    const double a0 = 1.0 + 1.0 * f, a1 = 0.5 + 0.16666666666666666 * f;
+    const double a2 = 0.041666666666666664 + 0.008333333333333333 * f;
+    const double a3 = 0.001388888888888889 + 0.0001984126984126984 * f;
+    const double a4 = 2.48015873015873e-05 + 2.7557319223985893e-06 * f;
+    const double a5 = 2.755731922398589e-07 + 2.505210838544172e-08 * f;
+    const double a6 = 2.08767569878681e-09 + 1.6059043836821613e-10 * f;
+    const double b0 = a0 + a1 * f2, b1 = a2 + a3 * f2, b2 = a4 + a5 * f2;
+    const double s = (b0 + b1 * f4) + (b2 + a6 * f4) * f8;
+    // 2^k (k in [-866, 0]): 2^52 + 1023 + k holds k + 1023 in its low mantissa bits; shifted into the exponent field.
+    const double scale = kl_bits_to_double(kl_double_bits(k + 4503599627371519.0) << 52);
+    return r < kKlExpFloor ? 0.0 : s * scale;
+}
+
+// log(y) for a positive normal y: y = 2^e m with m in [sqrt(1/2), sqrt(2)), log(m) = 2 atanh(s), s = (m - 1) / (m + 1)
+// (|s| < 0.172), by its series to s^23 (error < 1e-19); e ln2 added in two parts.
+inline double kl_log(double y) {
+    const uint64_t u = kl_double_bits(y);
+    double e = kl_bits_to_double((u >> 52) | 0x4330000000000000ull) - 0x1p52 - 1023.0;  // the exponent, exactly
+    double m = kl_bits_to_double((u & 0x000FFFFFFFFFFFFFull) | 0x3FF0000000000000ull);
+    const bool big = m > kKlSqrt2;
+    m = big ? m * 0.5 : m;
+    e = big ? e + 1.0 : e;
+    const double f = m - 1.0;
+    const double s = f / (2.0 + f);
+    const double z = s * s;
+    // Estrin's scheme, as kl_exp; the coefficients 1/(2i + 1), i = 0 .. 11.
+    const double z2 = z * z, z4 = z2 * z2, z8 = z4 * z4;
+    const double a0 = 1.0 + 0.3333333333333333 * z, a1 = 0.2 + 0.14285714285714285 * z;
+    const double a2 = 0.1111111111111111 + 0.09090909090909091 * z;
+    const double a3 = 0.07692307692307693 + 0.06666666666666667 * z;
+    const double a4 = 0.058823529411764705 + 0.05263157894736842 * z;
+    const double a5 = 0.047619047619047616 + 0.043478260869565216 * z;
+    const double q = ((a0 + a1 * z2) + (a2 + a3 * z2) * z4) + (a4 + a5 * z2) * z8;
+    return e * kKlLn2Hi + (e * kKlLn2Lo + (2.0 * s) * q);
+}
+
+// The row sums: kKlLanes running sums, element j into lane j % kKlLanes, each in element order from +0.0, then the
+// lanes added pairwise ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)). One sum in element order would cost an
+// fp64 addition's latency per element (the kernel's bottleneck); these vectorise and keep a fixed order.
+constexpr int kKlLanes = 8;
+
+inline double kl_sum(const double* x, int64_t n) {
+    double acc[kKlLanes] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+    int64_t j = 0;
+    for (; j + kKlLanes <= n; j += kKlLanes)
+        for (int l = 0; l < kKlLanes; ++l) acc[l] += x[j + l];
+    for (int l = 0; j + l < n; ++l) acc[l] += x[j + l];
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+// Rows [r0, r1) (the inputs at row 0's first element) into kl[r0 .. r1).
+template <class IO>
+void fusion_kl_kernel(const void* const* inputs, const int* in_dtypes, int64_t row, int64_t r0, int64_t r1, float* kl) {
+    std::vector<double> buf(size_t(row) * 2);
+    double *xp = buf.data(), *xb = xp + row;
+    float tile[kOpTile];
+    for (int64_t r = r0; r < r1; ++r) {
+        for (int i = 0; i < 2; ++i) {
+            double* x = i ? xb : xp;
+            for (int64_t t0 = 0; t0 < row; t0 += kOpTile) {
+                const int64_t m = std::min(kOpTile, row - t0);
+                IO::load(inputs[i], in_dtypes[i], r * row + t0, m, tile);
+                for (int64_t j = 0; j < m; ++j) x[t0 + j] = tile[j];
+            }
+        }
+        // A row with a non-finite value has no KL (NaN: the importance of its elements is NaN, never kept): x - x is
+        // NaN exactly for those. Maxima are exact in any order; lanes let the loop vectorise.
+        double mp[kKlLanes], mb[kKlLanes], bad[kKlLanes];
+        for (int l = 0; l < kKlLanes; ++l) mp[l] = mb[l] = -HUGE_VAL, bad[l] = 0.0;
+        auto scan = [&](int64_t j, int l) {
+            mp[l] = xp[j] > mp[l] ? xp[j] : mp[l];
+            mb[l] = xb[j] > mb[l] ? xb[j] : mb[l];
+            bad[l] += (xp[j] - xp[j]) + (xb[j] - xb[j]);
+        };
+        int64_t j0 = 0;
+        for (; j0 + kKlLanes <= row; j0 += kKlLanes)
+            for (int l = 0; l < kKlLanes; ++l) scan(j0 + l, l);
+        for (int l = 0; j0 + l < row; ++l) scan(j0 + l, l);
+        double mxp = mp[0], mxb = mb[0], nan = 0.0;
+        for (int l = 0; l < kKlLanes; ++l) {
+            mxp = mp[l] > mxp ? mp[l] : mxp;
+            mxb = mb[l] > mxb ? mb[l] : mxb;
+            nan += bad[l];
+        }
+        if (nan != 0.0) {
+            kl[r] = std::numeric_limits<float>::quiet_NaN();
+            continue;
+        }
+        for (int64_t j = 0; j < row; ++j) {
+            xp[j] = kl_exp(xp[j] - mxp);
+            xb[j] = kl_exp(xb[j] - mxb);
+        }
+        const double ip = 1.0 / kl_sum(xp, row), ib = 1.0 / kl_sum(xb, row);
+        for (int64_t j = 0; j < row; ++j) {
+            const double P = xp[j] * ip + kKlEps, Q = xb[j] * ib + kKlEps;
+            xp[j] = P * kl_log(P / Q);
+        }
+        const double sum = kl_sum(xp, row);
+        kl[r] = static_cast<float>(sum);
+    }
 }
 
 }  // namespace

@@ -6,7 +6,7 @@ namespace pysoup {
 
 const GeometricKernels kGeometricScalar{
     segment_moments_kernel<ScalarIO>,  segment_weighted_sum_kernel<ScalarIO>, nearswap_kernel<ScalarIO>,
-    fusion_histogram_kernel<ScalarIO>, fusion_combine_kernel<ScalarIO>,
+    fusion_histogram_kernel<ScalarIO>, fusion_combine_kernel<ScalarIO>,       fusion_kl_kernel<ScalarIO>,
 };
 
 }  // namespace pysoup

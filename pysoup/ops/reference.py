@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import math
 
 from pysoup.dtypes import SAFETENSORS_SIZES, f32_sum, to_f32, to_torch
 from pysoup.ops import register_backend
@@ -725,31 +726,90 @@ def lora_fold_raw(chunk: Chunk, left, right) -> int:
 
 
 # -- Arcee Fusion (pysoup.strategies.geometric.ArceeFusion) -----------------------------------------------------
-def fusion_kl(p, b, scratch=None):
-    """mergekit's per-row KL of softmax(p) + 1e-8 against softmax(b) + 1e-8 over [rows, row] tensors, op for op
-    (mergekit: sum(P * log(P / Q), -1)), its temporaries in `scratch` (a dict of reusable fp32 buffers: fresh pages
-    for every temporary cost ~16x the arithmetic on a 2-core VM)."""
+# The row KL's fp64 exp and log: the kernel's (csrc/cpu/geometric_impl.h, kl_exp / kl_log), operation for operation.
+# torch's fp64 add, multiply, divide, floor and bit views round as the C++ does, while its exp and log (SLEEF) and
+# libm's differ in the last bit: hence polynomials of those operations only.
+_KL_INV_LN2 = 1.4426950408889634
+_KL_LN2_HI = 0.6931471803691238  # 0x3FE62E42FEE00000: k * hi is exact for |k| < 2^11
+_KL_LN2_LO = 1.9082149292705877e-10
+_KL_SQRT2 = 1.4142135623730951
+_KL_EPS = 9.99999993922529e-09  # fp32(1e-8), what mergekit adds to its fp32 softmax
+_KL_EXP_FLOOR = -600.0  # exp(r) below it counts as 0 (it vanishes next to _KL_EPS)
+_KL_EXP = tuple(1.0 / math.factorial(i) for i in range(14))  # exp(f)'s Taylor series, 1/i! (the kernel's literals)
+_KL_LOG = tuple(1.0 / (2 * i + 1) for i in range(12))  # atanh(s)/s's series in z = s^2, 1/(2i + 1)
+
+
+def _estrin(c, x):
+    """sum_i c[i] x^i by Estrin's scheme in the kernel's order: c[i] + c[i + 1] x for pairs, then pairs of those
+    with x^2, x^4, ... (an odd one out carried up a level)."""
+    terms, power = list(c), x
+    while len(terms) > 1:
+        terms = [terms[i] + terms[i + 1] * power if i + 1 < len(terms) else terms[i] for i in range(0, len(terms), 2)]
+        power = power * power
+    return terms[0]
+
+
+def _kl_exp(r):
+    """exp(r), r <= 0 fp64 (kl_exp): Cody-Waite reduction, Taylor series to f^13, 2^k from its bits; 0 below -600."""
     import torch
 
-    scratch = {} if scratch is None else scratch
-    n, shape = p.numel(), (p.shape[0], p.shape[-1])
+    rc = r.clamp(min=_KL_EXP_FLOOR)
+    k = torch.floor(rc * _KL_INV_LN2 + 0.5)
+    f = (rc - k * _KL_LN2_HI) - k * _KL_LN2_LO
+    s = _estrin(_KL_EXP, f)
+    scale = ((k.to(torch.int64) + 1023) << 52).view(torch.float64)
+    return torch.where(r < _KL_EXP_FLOOR, torch.zeros_like(s), s * scale)
 
-    def buf(name):
-        t = scratch.get(name)
-        if t is None or t.numel() < n:
-            t = scratch[name] = torch.empty(n, dtype=torch.float32)
-        return t[:n].view(shape)
 
-    def f32(x, name):  # inputs converted exactly (fp16 NaN payloads kept, as exact_f32)
-        if x.dtype == torch.float32:
-            return x
-        return exact_f32(x) if x.dtype == torch.float16 else buf(name).copy_(x)
+def _kl_log(y):
+    """log(y), y > 0 normal fp64 (kl_log): y = 2^e m, m in [sqrt(1/2), sqrt(2)), 2 atanh((m - 1) / (m + 1))."""
+    import torch
 
-    aten = torch.ops.aten
-    P = aten._softmax.out(f32(p, "p"), -1, False, out=buf("P")).add_(1e-8)  # = torch.softmax(p, -1) + 1e-8
-    Q = aten._softmax.out(f32(b, "b"), -1, False, out=buf("Q")).add_(1e-8)
-    R = torch.div(P, Q, out=buf("R")).log_().mul_(P)  # log(P / Q) * P: the same products as P * log(P / Q)
-    return torch.sum(R, dim=-1)
+    u = y.view(torch.int64)
+    e = ((u >> 52) - 1023).to(torch.float64)
+    m = ((u & 0x000FFFFFFFFFFFFF) | 0x3FF0000000000000).view(torch.float64)
+    big = m > _KL_SQRT2
+    m = torch.where(big, m * 0.5, m)
+    e = torch.where(big, e + 1.0, e)
+    f = m - 1.0
+    s = f / (2.0 + f)
+    z = s * s
+    q = _estrin(_KL_LOG, z)
+    return e * _KL_LN2_HI + (e * _KL_LN2_LO + (2.0 * s) * q)
+
+
+def _kl_sum(x):
+    """Row sums of [rows, n] fp64 as the kernel's kl_sum: 8 lane sums (element j into lane j % 8), each in element
+    order from +0.0 (cumsum: a sequential loop; padding adds +0.0, which changes no sum), then the lanes pairwise."""
+    import torch
+
+    rows, n = x.shape
+    pad = -n % 8
+    if pad:
+        x = torch.cat([x, x.new_zeros(rows, pad)], dim=1)
+    s = torch.cumsum(x.reshape(rows, -1, 8), dim=1)[:, -1, :]
+    return ((s[:, 0] + s[:, 1]) + (s[:, 2] + s[:, 3])) + ((s[:, 4] + s[:, 5]) + (s[:, 6] + s[:, 7]))
+
+
+def fusion_kl(p, b):
+    """Arcee Fusion's per-row KL over [rows, row] tensors, fp64 rounded to fp32 once (the kernel's definition,
+    csrc/cpu/geometric.h fusion_kl): P = softmax(p) + eps, Q = softmax(b) + eps, sum_j P_j log(P_j / Q_j), with
+    softmax(x)_j = e_j * (1 / sum e), e_j = exp(x_j - max x), every sum _kl_sum's fixed order and exp / log the
+    polynomials above. A row with a non-finite value: NaN. mergekit computes the same in
+    fp32 with torch's softmax and log: within fp32 rounding of the KL (docs/methods.md)."""
+    import torch
+
+    x = [exact_f32(t).double() for t in (p, b)]
+    finite = torch.isfinite(x[0]).all(dim=-1) & torch.isfinite(x[1]).all(dim=-1)
+    probs = []
+    for t in x:
+        t = torch.where(torch.isfinite(t), t, torch.zeros_like(t))  # NaN rows are set below; keep the rest finite
+        e = _kl_exp(t - t.amax(dim=-1, keepdim=True))
+        inv = (1.0 / _kl_sum(e))[:, None]
+        probs.append(e * inv + _KL_EPS)
+    P, Q = probs
+    kl = _kl_sum(P * _kl_log(P / Q)).float()
+    return torch.where(finite, kl, torch.full_like(kl, float("nan")))
 
 
 def _whole_rows(chunk: Chunk, row: int, carry: dict):
@@ -778,20 +838,12 @@ def fusion_kl_raw(chunk: Chunk, row: int, kl, carry: dict) -> None:
 
     first, p, b = _whole_rows(chunk, row, carry)
     out = torch.from_numpy(kl)
-    scratch = carry.setdefault("scratch", {})
-    # At most ~1 Mi elements (and at least 64 rows) per torch call bounds the temporaries; each row's KL is torch's
-    # reduction over that row alone, whatever the rows beside it (the chunking test compares).
+    # At most ~1 Mi elements (and at least 64 rows) per call bounds the fp64 temporaries; each row's KL depends on
+    # that row alone (the chunking test compares).
     step = max(64, (1 << 20) // row)
-    # One torch thread: a row longer than torch's grain (32 Ki) would otherwise be summed in per-thread parts, so
-    # the KL would depend on the thread count (and on 2 busy cores torch's threads ran ~10x slower than one).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for r0 in range(0, p.shape[0], step):
-            r1 = min(p.shape[0], r0 + step)
-            out[first + r0 : first + r1] = fusion_kl(p[r0:r1], b[r0:r1], scratch)
-    finally:
-        torch.set_num_threads(threads)
+    for r0 in range(0, p.shape[0], step):
+        r1 = min(p.shape[0], r0 + step)
+        out[first + r0 : first + r1] = fusion_kl(p[r0:r1], b[r0:r1])
 
 
 def fusion_importance(chunk: Chunk, row: int, kl):

@@ -394,9 +394,9 @@ class Backend:
 
     def fusion_kl_raw(self, chunk: Chunk, row: int, kl, carry: dict) -> None:
         """Arcee Fusion's per-row statistic (sources: the model p, then the base b; rows of `row` elements):
-        kl[r] = sum_j P_j log(P_j / Q_j), P = softmax(p_r) + 1e-8, Q = softmax(b_r) + 1e-8, in fp32 as mergekit
-        computes it (torch's softmax, log and row sum); `carry` keeps a row split between chunks until it is whole.
-        Backends without a kernel run the reference's."""
+        kl[r] = sum_j P_j log(P_j / Q_j), P = softmax(p_r) + 1e-8, Q = softmax(b_r) + 1e-8, in fp64 rounded to
+        fp32 once (reference.fusion_kl defines every operation); `carry` keeps a row split between chunks until it
+        is whole. Backends without a kernel run the reference's."""
         from pysoup.ops import reference
 
         reference.fusion_kl_raw(chunk, row, kl, carry)

@@ -357,8 +357,9 @@ def quantile_ranks(numel: int) -> list:
 
 @dataclass(frozen=True)
 class ArceeFusionOp(TensorOp):
-    """Three reduction passes and the combine: (0) each row's KL, (1) and (2) the radix select of the importance's
-    quartiles (order keys, 16 bits a pass), then out = b + (p - b) * (importance >= median + 1.5 IQR)."""
+    """Three reduction passes and the combine: (0) each row's KL (fp64, rounded to fp32 once: the C++ kernel, no
+    torch), (1) and (2) the radix select of the importance's quartiles (order keys, 16 bits a pass), then
+    out = b + (p - b) * (importance >= median + 1.5 IQR)."""
 
     row: int
     rows: int
@@ -411,7 +412,9 @@ class ArceeFusionOp(TensorOp):
 class ArceeFusion(Strategy):
     """Arcee Fusion: keep the model's change to the base only where its importance |p - b| * KL(softmax rows) is at
     least median + 1.5 IQR of the tensor's importances (exact quartiles; mergekit samples 10^6 values with
-    replacement on tensors larger than that)."""
+    replacement on tensors larger than that). The row KL is computed in fp64 and rounded once, mergekit's in fp32:
+    a mask entry can decide otherwise only where the importance is within mergekit's fp32 rounding of the
+    threshold (docs/methods.md)."""
 
     name = "arcee_fusion"
     base = "required"
