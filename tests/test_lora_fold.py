@@ -119,3 +119,79 @@ def test_bad_arguments_one_line_errors():
         _run(be.lora_fold_raw, w, left[:3], right, "BF16")
     with pytest.raises(ValueError, match="null pointer"):
         _native.native.lora_fold(0, 2, left.ctypes.data, right.ctypes.data, 4, 8, 3, 0, 2, 1, 0)
+
+
+# -- the fold's output on tmpfs (pysoup.io.writer: no eager allocation there, its free space checked instead) --------
+@pytest.fixture(scope="module")
+def tiny_fold(tmp_path_factory):
+    """A tiny bf16 Llama and a PEFT adapter on its attention and MLP, made by transformers and PEFT."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    root = tmp_path_factory.mktemp("tiny_fold")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=64, tie_word_embeddings=False,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(root / "base")
+    lora = peft.LoraConfig(r=5, lora_alpha=7, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+    peft.get_peft_model(model.float(), lora).save_pretrained(root / "adapter")
+    return root / "base", root / "adapter"
+
+
+def _mount_tmpfs(path, size):
+    import subprocess
+
+    path.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if proc.returncode:
+        pytest.skip(f"cannot mount here: {proc.stderr.decode().strip()}")
+    return path
+
+
+def test_fold_on_tmpfs_is_not_preallocated_and_equals_disk(tiny_fold, tmp_path, monkeypatch):
+    import os
+    import subprocess
+
+    from pysoup.io.writer import _on_tmpfs
+    from pysoup.lora import fold
+
+    base, adapter = tiny_fold
+    fs = _mount_tmpfs(tmp_path / "shm", "4m")
+    try:
+        calls = []
+        real = os.posix_fallocate
+        monkeypatch.setattr(os, "posix_fallocate", lambda fd, off, n: calls.append(n) or real(fd, off, n))
+        fold(base, [adapter], fs / "out.safetensors")
+        assert calls == []  # tmpfs: pwrite allocates (and zeroes) the pages, on the writer thread
+        fold(base, [adapter], tmp_path / "out.safetensors")
+        fd = os.open(tmp_path, os.O_RDONLY)
+        on_tmpfs = _on_tmpfs(fd)
+        os.close(fd)
+        assert (calls == []) == on_tmpfs  # a disk is still allocated up front
+        assert (fs / "out.safetensors").read_bytes() == (tmp_path / "out.safetensors").read_bytes()
+    finally:
+        subprocess.run(["umount", "-l", str(fs)], check=False)
+
+
+def test_fold_onto_full_tmpfs_fails_before_any_kernel_call(tiny_fold, tmp_path, monkeypatch):
+    import os
+    import subprocess
+
+    from pysoup.errors import OutputError
+    from pysoup.lora import fold
+    from pysoup.ops.cpu import CpuBackend
+
+    base, adapter = tiny_fold
+    fs = _mount_tmpfs(tmp_path / "small", "64k")  # the output is ~100 KiB
+    calls = []
+    real = CpuBackend.lora_fold_raw
+    monkeypatch.setattr(CpuBackend, "lora_fold_raw", lambda self, *a: calls.append(1) or real(self, *a))
+    try:
+        with pytest.raises(OutputError, match="No space left on device") as err:
+            fold(base, [adapter], fs / "out" / "model")
+        assert "\n" not in str(err.value)
+        assert calls == [] and os.listdir(fs) == []  # detected up front; nothing made is left
+    finally:
+        subprocess.run(["umount", "-l", str(fs)], check=False)
