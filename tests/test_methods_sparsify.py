@@ -233,6 +233,29 @@ def test_cpu_equals_reference(tmp_path, bit_inputs, monkeypatch, case):
     assert _bit_merge(method, params, model_params, base, fts, str(tmp_path / "s.safetensors"), "cpu") == want
 
 
+def test_della_bits_kept_and_ranked_again_agree(tmp_path, bit_inputs, monkeypatch):
+    """DELLA's combine reads the draws its statistics pass kept as bits (the rows ranked once); a tensor whose bits
+    would exceed RANK_MASK_BYTES is ranked again in the combine. Both give the reference's bytes, and the bits are
+    really kept (a backend that hands out no buffer, as the reference, ranks twice)."""
+    from pysoup.ops.cpu import CpuBackend
+    from pysoup.strategies import sparsify
+
+    case = next(i for i, c in enumerate(BIT_CASES) if c[0] == "della")
+    method, params, model_params = BIT_CASES[case]
+    base, fts = bit_inputs
+    want = _reference_bytes(tmp_path, bit_inputs, case)
+    sizes = []
+    real = CpuBackend.rank_mask_buffer
+    monkeypatch.setattr(CpuBackend, "rank_mask_buffer", lambda self, n: sizes.append(n) or real(self, n))
+    assert _bit_merge(method, params, model_params, base, fts, str(tmp_path / "a.safetensors"), "cpu", 2) == want
+    assert sorted(sizes) == sorted(3 * ((n + 7) // 8) for n in (100 * 700, 6 * 50 * 40, 5000))
+    sizes.clear()
+    monkeypatch.setattr(sparsify, "RANK_MASK_BYTES", 3 * ((6 * 50 * 40 + 7) // 8))  # only the [6, 50, 40] tensor's
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 4096 * 3)
+    assert _bit_merge(method, params, model_params, base, fts, str(tmp_path / "b.safetensors"), "cpu", 2) == want
+    assert sorted(sizes) == sorted(3 * ((n + 7) // 8) for n in (6 * 50 * 40, 5000))
+
+
 # -- tiny real models --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):

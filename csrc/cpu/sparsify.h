@@ -14,6 +14,9 @@ namespace pysoup {
 enum SparseSelectCode : int { kSelectAll = 0, kSelectBand = 1, kSelectRank = 2, kSelectShared = 3 };
 // How the kept entries are mixed (pysoup.ops.table.SparseMix).
 enum SparseMixCode : int { kMixSum = 0, kMixTies = 1, kMixSce = 2, kMixRam = 3 };
+// DELLA's draws: ranked and drawn in every pass (kRankDraw); ranked, drawn and stored as bits by the statistics
+// pass (kRankDrawStore); read back from those bits by the combine (kRankLoad), which then ranks nothing.
+enum RankMaskMode : int { kRankDraw = 0, kRankDrawStore = 1, kRankLoad = 2 };
 // Statistics per model (pysoup.ops.table.SPARSE_STATS): sum |tau|, sum |kept|, sum kept^2, #shared, #unique.
 constexpr int kSparseStats = 5;
 
@@ -39,6 +42,9 @@ struct SparseArgs {
     const uint8_t* drops;       // RANK: k, whether the model is sparsified
     int64_t row;                // RANK: entries per row (dimension 1)
     int64_t stride;             // RANK: distance between a row's entries
+    uint8_t* rank_mask;         // RANK: the tensor's keep bits (bit e % 8 of byte e / 8 per model), or nullptr
+    int64_t rank_mask_stride;   // RANK: bytes per model in rank_mask
+    int rank_mask_mode;         // RANK: kRankDraw, kRankDrawStore or kRankLoad
     float epsilon;              // RAM: |tau| threshold
     void* out;
     int out_dtype;

@@ -22,15 +22,16 @@ namespace pysoup {
 namespace {
 
 constexpr int64_t kSparseTile = kStatBlock;  // the statistics sum per block of kStatBlock: one tile per block
+constexpr int64_t kWordPitch = kSparseTile + 8;  // philox_words writes up to m + 6 words
 
 // DELLA's keep thresholds of every row of one group of rows ("slab": row * stride elements from slab * row * stride,
-// the rows interleaved when stride > 1), per model; a range ranks each slab it touches once.
+// the rows interleaved when stride > 1), per model; a range ranks each slab it touches once, every model at once.
 struct RankCache {
     int64_t slab = -1;
-    std::vector<uint32_t> below;  // k x slab elements: Philox words below this keep the entry
-    std::vector<uint64_t> key, key2;  // one row: |tau| bits << 32 | position, sorted by a radix sort
-    std::vector<uint32_t> by_rank;               // one model's keep threshold per rank
-    std::vector<float> tile;                     // a contiguous row's loads
+    std::vector<uint32_t> below;      // k x slab elements: Philox words below this keep the entry
+    std::vector<uint64_t> key, key2;  // one row's nonzero |tau|: bits << 32 | position, sorted by a radix sort
+    std::vector<uint32_t> by_rank;    // k x row: each model's keep threshold per rank (the same for every row)
+    std::vector<float> tile;          // a contiguous row's loads
 };
 
 // round(p * 2^32), at most 2^32 - 1 (p in [0, 1]).
@@ -39,18 +40,12 @@ inline uint32_t keep_below_of(float p) {
     return v >= 4294967295.0 ? 0xFFFFFFFFu : uint32_t(v);
 }
 
-// Sorts c.key ascending by its high 32 bits (|tau| bits; the low 32 bits are the position) by a stable LSD radix
-// sort over those 4 bytes, bytes whose value every key shares skipped: ties stay in index order, as the reference's
-// stable sort keeps them. 4 x 256 counters, no comparisons; one 8-byte move per element and pass.
-inline void radix_sort_row(RankCache& c, int64_t n) {
-    uint32_t counts[4][256] = {};
-    for (int64_t j = 0; j < n; ++j) {
-        const uint32_t k = uint32_t(c.key[size_t(j)] >> 32);
-        ++counts[0][k & 0xFF];
-        ++counts[1][(k >> 8) & 0xFF];
-        ++counts[2][(k >> 16) & 0xFF];
-        ++counts[3][k >> 24];
-    }
+// Sorts c.key[0, n) ascending by its high 32 bits (|tau| bits; the low 32 bits are the position) by a stable LSD
+// radix sort over those 4 bytes, from the counts the caller took while it wrote the keys; bytes whose value every
+// key shares are skipped (the low mantissa bytes of a bf16 difference usually are). Ties stay in index order, as
+// the reference's stable sort keeps them. No comparisons; one 8-byte move per element and pass.
+inline void radix_sort_row(RankCache& c, int64_t n, uint32_t (*counts)[256]) {
+    if (n < 2) return;
     uint64_t* src = c.key.data();
     uint64_t* dst = c.key2.data();
     for (int byte = 0; byte < 4; ++byte) {
@@ -63,32 +58,59 @@ inline void radix_sort_row(RankCache& c, int64_t n) {
             cnt[b] = sum;
             sum += v;
         }
-        for (int64_t j = 0; j < n; ++j) dst[cnt[(src[j] >> shift) & 0xFF]++] = src[j];
+        for (int64_t j = 0; j < n; ++j) {
+            const uint64_t v = src[j];
+            dst[cnt[(v >> shift) & 0xFF]++] = v;
+        }
         std::swap(src, dst);
     }
     if (src != c.key.data()) std::copy(src, src + n, c.key.data());
 }
 
-template <class IO>
-void rank_slab(const SparseArgs& a, int64_t slab, RankCache& c) {
-    const int64_t len = a.row * a.stride, s0 = slab * len;
-    c.below.resize(size_t(a.k) * size_t(len));
-    c.key.resize(size_t(a.row));
-    c.key2.resize(size_t(a.row));
-    c.by_rank.resize(size_t(a.row));
-    if (a.stride == 1) c.tile.resize(size_t(2 * kOpTile));
+// Each rank's keep threshold per model, once per range: p = fp32(fp32(rank / (row - 1)) * 2) * eps + lo, two fp32
+// roundings, as mergekit (and the reference).
+inline void rank_thresholds(const SparseArgs& a, RankCache& c) {
+    c.by_rank.resize(size_t(a.k) * size_t(a.row));
     const float denom = float(a.row > 1 ? a.row - 1 : 1);
     for (int i = 0; i < a.k; ++i) {
         if (!a.drops[i]) continue;
-        uint32_t* kb = c.below.data() + size_t(i) * size_t(len);
-        // The keep threshold of each rank: the same for every row of the tensor.
-        const float lo = a.lo[i], eps = a.eps[i];
+        uint32_t* br = c.by_rank.data() + size_t(i) * size_t(a.row);
         for (int64_t r = 0; r < a.row; ++r) {
             const float rn = float(r) / denom;
-            const float p = (rn * 2.0f) * eps + lo;  // two fp32 roundings, as mergekit (and the reference)
-            c.by_rank[size_t(r)] = keep_below_of(p);
+            br[r] = keep_below_of((rn * 2.0f) * a.eps[i] + a.lo[i]);
         }
+    }
+}
+
+template <class IO>
+void rank_slab(const SparseArgs& a, int64_t slab, RankCache& c) {
+    const int64_t len = a.row * a.stride, s0 = slab * len;
+    if (c.by_rank.empty()) rank_thresholds(a, c);
+    c.below.resize(size_t(a.k) * size_t(len));
+    c.key.resize(size_t(a.row));
+    c.key2.resize(size_t(a.row));
+    if (a.stride == 1) c.tile.resize(size_t(2 * kOpTile));
+    uint32_t counts[4][256];
+    for (int i = 0; i < a.k; ++i) {
+        if (!a.drops[i]) continue;
+        uint32_t* kb = c.below.data() + size_t(i) * size_t(len);
+        const uint32_t* by_rank = c.by_rank.data() + size_t(i) * size_t(a.row);
         for (int64_t col = 0; col < a.stride; ++col) {
+            // The zeros rank lowest, in index order (as the stable sort puts them): their thresholds are handed out
+            // here, and only the nonzero |tau| are sorted. The byte counts are taken while the keys are written.
+            std::fill(&counts[0][0], &counts[0][0] + 4 * 256, 0u);
+            int64_t zeros = 0, nz = 0;
+            auto add = [&](int64_t j, uint32_t bits) {
+                if (bits == 0) {
+                    kb[j * a.stride + col] = by_rank[zeros++];
+                    return;
+                }
+                c.key[size_t(nz++)] = (uint64_t(bits) << 32) | uint64_t(j);
+                ++counts[0][bits & 0xFF];
+                ++counts[1][(bits >> 8) & 0xFF];
+                ++counts[2][(bits >> 16) & 0xFF];
+                ++counts[3][bits >> 24];
+            };
             if (a.stride == 1) {  // one contiguous row: tile loads
                 float* x = c.tile.data();
                 float* b = x + kOpTile;
@@ -96,20 +118,17 @@ void rank_slab(const SparseArgs& a, int64_t slab, RankCache& c) {
                     const int64_t m = std::min(kOpTile, a.row - j0);
                     IO::load(a.inputs[i], a.in_dtypes[i], s0 + j0, m, x);
                     IO::load(a.base, a.base_dtype, s0 + j0, m, b);
-                    for (int64_t j = 0; j < m; ++j) {
-                        c.key[size_t(j0 + j)] = (uint64_t(abs_bits(x[j] - b[j])) << 32) | uint64_t(j0 + j);
-                    }
+                    for (int64_t j = 0; j < m; ++j) add(j0 + j, abs_bits(x[j] - b[j]));
                 }
             } else {
                 for (int64_t j = 0; j < a.row; ++j) {
                     const int64_t e = s0 + j * a.stride + col;
-                    const float t = load_f32(a.inputs[i], a.in_dtypes[i], e) - load_f32(a.base, a.base_dtype, e);
-                    c.key[size_t(j)] = (uint64_t(abs_bits(t)) << 32) | uint64_t(j);
+                    add(j, abs_bits(load_f32(a.inputs[i], a.in_dtypes[i], e) - load_f32(a.base, a.base_dtype, e)));
                 }
             }
-            radix_sort_row(c, a.row);  // ascending |tau|, ties in index order
-            for (int64_t r = 0; r < a.row; ++r)
-                kb[int64_t(c.key[size_t(r)] & 0xFFFFFFFFu) * a.stride + col] = c.by_rank[size_t(r)];
+            radix_sort_row(c, nz, counts);  // ascending |tau|, ties in index order
+            const uint32_t* br = by_rank + zeros;
+            for (int64_t r = 0; r < nz; ++r) kb[int64_t(c.key[size_t(r)] & 0xFFFFFFFFu) * a.stride + col] = br[r];
         }
     }
     c.slab = slab;
@@ -167,7 +186,8 @@ struct SparseScratch {
     float* div;
     std::vector<uint32_t> bits;
     std::vector<uint8_t> m1, m2;
-    std::vector<uint32_t> words;
+    std::vector<uint32_t> words;     // RANK: k tiles of Philox words, then the generator's scratch (kWordPitch each)
+    std::vector<uint8_t> keep;       // RANK: k tiles of draws
     std::vector<double> wmean, wm2;  // Welford's running mean and sum of squares
     RankCache rank;
     explicit SparseScratch(int k)
@@ -175,7 +195,8 @@ struct SparseScratch {
           bits(kSparseTile),
           m1(kSparseTile),
           m2(kSparseTile),
-          words(size_t(kSparseTile) * 3 + 16),
+          words(size_t(kWordPitch) * (k + 1)),
+          keep(size_t(kSparseTile) * k),
           wmean(kSparseTile),
           wm2(kSparseTile) {
         base = buf.data();
@@ -194,6 +215,63 @@ void load_taus(const SparseArgs& a, int64_t t0, int64_t m, SparseScratch& s) {
         float* t = s.tau + size_t(i) * kSparseTile;
         IO::load(a.inputs[i], a.in_dtypes[i], t0, m, t);
         for (int64_t j = 0; j < m; ++j) t[j] = t[j] - s.base[j];
+    }
+}
+
+// DELLA's draws over [t0, t0 + m): kept where model i's Philox word is below its threshold at the entry's rank. The
+// slabs are the outer loop (each ranked once, for every model); the draws may be stored as bits for the combine, or
+// read back from them.
+template <class IO>
+void select_rank(const SparseArgs& a, int64_t t0, int64_t m, SparseScratch& s) {
+    const int64_t g0 = a.start + t0;  // the first entry's index in the tensor (the bits' and the draws' index)
+    if (a.rank_mask_mode == kRankLoad) {
+        for (int i = 0; i < a.k; ++i) {
+            if (!a.drops[i]) continue;
+            float* t = s.tau + size_t(i) * kSparseTile;
+            const uint8_t* bits = a.rank_mask + size_t(i) * size_t(a.rank_mask_stride);
+            uint32_t* keep = s.bits.data();  // all ones or zero: a branch-free select the compiler vectorises
+            for (int64_t j = 0; j < m; ++j) keep[j] = 0u - ((uint32_t(bits[(g0 + j) >> 3]) >> ((g0 + j) & 7)) & 1u);
+            for (int64_t j = 0; j < m; ++j) t[j] = bits_f32(f32_bits(t[j]) & keep[j]);
+        }
+        return;
+    }
+    const int64_t len = a.row * a.stride;
+    uint32_t* scratch = s.words.data() + size_t(a.k) * kWordPitch;
+    for (int i = 0; i < a.k; ++i)
+        if (a.drops[i]) philox_words(a.keys[i], uint64_t(g0), m, s.words.data() + size_t(i) * kWordPitch, scratch);
+    for (int64_t j = 0; j < m;) {  // slab by slab
+        const int64_t slab = (t0 + j) / len;
+        if (slab != s.rank.slab) rank_slab<IO>(a, slab, s.rank);
+        const int64_t stop = std::min(m, (slab + 1) * len - t0);
+        const int64_t off = t0 - slab * len;  // entry t0 + j is below[off + j]
+        for (int i = 0; i < a.k; ++i) {
+            if (!a.drops[i]) continue;
+            const uint32_t* below = s.rank.below.data() + size_t(i) * size_t(len) + off;
+            const uint32_t* words = s.words.data() + size_t(i) * kWordPitch;
+            uint8_t* keep = s.keep.data() + size_t(i) * kSparseTile;
+            for (int64_t jj = j; jj < stop; ++jj) keep[jj] = words[jj] < below[jj];
+        }
+        j = stop;
+    }
+    for (int i = 0; i < a.k; ++i) {
+        if (!a.drops[i]) continue;
+        float* t = s.tau + size_t(i) * kSparseTile;
+        const uint8_t* keep = s.keep.data() + size_t(i) * kSparseTile;
+        for (int64_t j = 0; j < m; ++j) t[j] = keep[j] ? t[j] : 0.0f;
+        if (a.rank_mask_mode != kRankDrawStore) continue;
+        // Whole bytes are this range's alone; a byte shared with a neighbouring range (a chunk may start mid-byte)
+        // is or-ed in atomically (the bits start zeroed, and each entry is drawn once).
+        uint8_t* bits = a.rank_mask + size_t(i) * size_t(a.rank_mask_stride);
+        const int64_t g1 = g0 + m;
+        for (int64_t byte = g0 >> 3; byte <= (g1 - 1) >> 3; ++byte) {
+            const int64_t lo = std::max(g0, byte * 8), hi = std::min(g1, byte * 8 + 8);
+            uint8_t v = 0;
+            for (int64_t g = lo; g < hi; ++g) v |= uint8_t(keep[g - g0] << (g & 7));
+            if (hi - lo == 8)
+                bits[byte] = v;
+            else
+                __atomic_fetch_or(bits + byte, v, __ATOMIC_RELAXED);
+        }
     }
 }
 
@@ -217,20 +295,9 @@ void select_taus(const SparseArgs& a, int64_t t0, int64_t m, SparseScratch& s, i
             top_mask(s.bits.data(), m, a.keep_bits[i], quota[i], s.m1.data());
             top_mask(s.bits.data(), m, a.skip_bits[i], quota[k + i], s.m2.data());
             for (int64_t j = 0; j < m; ++j) t[j] = (s.m1[j] && !s.m2[j]) ? t[j] : 0.0f;
-        } else if (a.select == kSelectRank && a.drops[i]) {
-            const int64_t len = a.row * a.stride;
-            uint32_t* words = s.words.data();
-            philox_words(a.keys[i], uint64_t(a.start + t0), m, words, words + kSparseTile + 8);
-            for (int64_t j = 0; j < m;) {  // slab by slab
-                const int64_t slab = (t0 + j) / len;
-                if (slab != s.rank.slab) rank_slab<IO>(a, slab, s.rank);
-                const int64_t stop = std::min(m, (slab + 1) * len - t0);
-                const uint32_t* below = s.rank.below.data() + size_t(i) * size_t(len);
-                const int64_t off = t0 - slab * len;  // entry t0 + j is below[off + j]
-                for (; j < stop; ++j) t[j] = words[j] < below[off + j] ? t[j] : 0.0f;
-            }
         }
     }
+    if (a.select == kSelectRank) select_rank<IO>(a, t0, m, s);
 }
 
 inline void apply_scale(const SparseArgs& a, int64_t m, SparseScratch& s) {
@@ -339,30 +406,45 @@ void sparse_stats_kernel(const SparseArgs& a, int64_t block_begin, int64_t end, 
             const float* t = s.tau + size_t(i) * kSparseTile;
             for (int64_t j = 0; j < m; ++j) count[j] += std::fabs(t[j]) > a.epsilon ? 1.0f : 0.0f;
         }
-        // Straight into the lanes (element j into lane j mod 8, in order): every value is >= 0, so the zeros a
-        // padded block would add change nothing.
-        std::fill(lanes.begin(), lanes.end(), 0.0);
+        // Straight into the lanes (element j into lane j mod 8, in order), 8 elements per step in local lanes the
+        // compiler keeps in registers: every value is >= 0, so the zeros that pad the block to whole steps change
+        // nothing.
+        const int64_t m8 = (m + kStatLanes - 1) / kStatLanes * kStatLanes;  // <= kSparseTile
+        for (int i = 0; i < k; ++i)
+            std::fill(s.tau + size_t(i) * kSparseTile + m, s.tau + size_t(i) * kSparseTile + m8, 0.0f);
+        std::fill(count.begin() + m, count.begin() + m8, 0.0f);
         for (int i = 0; i < k; ++i) {
             const float* t = s.tau + size_t(i) * kSparseTile;
-            double* L = lanes.data() + size_t(kSparseStats * i) * kStatLanes;
-            for (int64_t j = 0; j < m; ++j) {
-                const int l = int(j & (kStatLanes - 1));
-                const bool nz = std::fabs(t[j]) > a.epsilon;
-                L[l] += std::fabs(double(t[j]));
-                L[3 * kStatLanes + l] += (nz && count[j] > 1.0f) ? 1.0 : 0.0;
-                L[4 * kStatLanes + l] += (nz && count[j] == 1.0f) ? 1.0 : 0.0;
+            double l0[kStatLanes] = {}, l3[kStatLanes] = {}, l4[kStatLanes] = {};
+            for (int64_t j0 = 0; j0 < m8; j0 += kStatLanes) {
+                for (int l = 0; l < kStatLanes; ++l) {
+                    const float x = t[j0 + l], c = count[j0 + l];
+                    const bool nz = std::fabs(x) > a.epsilon;
+                    l0[l] += std::fabs(double(x));
+                    l3[l] += (nz & (c > 1.0f)) ? 1.0 : 0.0;
+                    l4[l] += (nz & (c == 1.0f)) ? 1.0 : 0.0;
+                }
             }
+            double* L = lanes.data() + size_t(kSparseStats * i) * kStatLanes;
+            std::copy(l0, l0 + kStatLanes, L);
+            std::copy(l3, l3 + kStatLanes, L + 3 * kStatLanes);
+            std::copy(l4, l4 + kStatLanes, L + 4 * kStatLanes);
         }
         select_taus<IO>(a, b0, m, s, quota.data());
         for (int i = 0; i < k; ++i) {
-            const float* t = s.tau + size_t(i) * kSparseTile;
-            double* L = lanes.data() + size_t(kSparseStats * i) * kStatLanes;
-            for (int64_t j = 0; j < m; ++j) {
-                const int l = int(j & (kStatLanes - 1));
-                const double x = t[j];
-                L[kStatLanes + l] += std::fabs(x);
-                L[2 * kStatLanes + l] += x * x;  // exact: a float's square fits in a double
+            float* t = s.tau + size_t(i) * kSparseTile;
+            std::fill(t + m, t + m8, 0.0f);  // the selection may have left other values there
+            double l1[kStatLanes] = {}, l2[kStatLanes] = {};
+            for (int64_t j0 = 0; j0 < m8; j0 += kStatLanes) {
+                for (int l = 0; l < kStatLanes; ++l) {
+                    const double x = t[j0 + l];
+                    l1[l] += std::fabs(x);
+                    l2[l] += x * x;  // exact: a float's square fits in a double
+                }
             }
+            double* L = lanes.data() + size_t(kSparseStats * i) * kStatLanes;
+            std::copy(l1, l1 + kStatLanes, L + kStatLanes);
+            std::copy(l2, l2 + kStatLanes, L + 2 * kStatLanes);
         }
         double* out = block_out + size_t((b0 - block_begin) / kStatBlock) * nstat;
         for (int q = 0; q < nstat; ++q) {

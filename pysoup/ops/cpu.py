@@ -326,6 +326,11 @@ class CpuBackend(Backend):
     def variance_selector(self, density):
         return _VarianceTopK(density, self)
 
+    def rank_mask_buffer(self, nbytes: int):
+        """Zeroed memory for DELLA's keep bits (SparseParams.rank_mask): its statistics pass stores the draws, the
+        combine reads them instead of ranking every row again."""
+        return (ctypes.c_uint8 * nbytes)()
+
     def moments_raw(self, chunk, acc):
         spec = acc.spec
         addrs, dtypes = (chunk.addrs[:-1], chunk.dtypes[:-1]) if spec.base else (chunk.addrs, chunk.dtypes)
@@ -426,6 +431,9 @@ def _sparse_params(p) -> tuple:
         p.row,
         p.stride,
         p.epsilon,
+        p.rank_mask,
+        p.rank_mask_stride,
+        p.rank_mask_mode,
     )
 
 

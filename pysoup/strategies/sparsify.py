@@ -7,8 +7,9 @@ All are tau_i = theta_i - theta_0 in fp32, a selection of entries per model, the
   `density` of them (a band of ranks, found by two exact radix selections: no sort, no copy), then task arithmetic or
   TIES' sign election and disjoint mean.
 - `della`, `della_linear`: per model, keep each entry with probability density - epsilon .. density + epsilon by its
-  magnitude's rank in its row (the rows are sorted one at a time, in the combine; the tensor is never copied), rescale
-  to the L1 norm of tau_i, then TIES or task arithmetic.
+  magnitude's rank in its row (the rows are sorted one at a time; the tensor is never copied), rescale to the L1 norm
+  of tau_i, then TIES or task arithmetic. The statistics pass keeps its draws as bits for the combine, so each row
+  is ranked once.
 - `sce`: keep the entries whose variance across the models is in the top `select_topk` (radix selection on the
   variance), weight each model by its mean squared kept tau, elect signs by sum_i tau_i, mix the agreeing entries.
 - `ram`, `ramplus_tl`: an entry that only one model changes (|tau_i| > epsilon) takes that model's tau (RAM+: times
@@ -21,6 +22,7 @@ where mergekit leaves the result open (ties, the random draws).
 
 from __future__ import annotations
 
+import ctypes
 import math
 from dataclasses import dataclass, replace
 
@@ -35,6 +37,9 @@ from pysoup.strategies.tensor_op import TensorOp
 
 # DELLA ranks whole rows in the combine: a chunk holds whole rows, at most this many elements (the engine's chunk).
 MAX_ROW_ELEMENTS = 4 << 20
+# DELLA's statistics pass keeps its draws (one bit per entry and model) for the combine, which then ranks nothing,
+# where they take at most this much memory; larger tensors are ranked in both passes.
+RANK_MASK_BYTES = 32 << 20
 # mergekit's guards: norms below this are not rescaled; SCE's weights below this sum are uniform.
 RESCALE_EPS = 1e-7
 SCE_UNIFORM_BELOW = 1e-6
@@ -133,6 +138,13 @@ class SparseTaskVectorOp(TensorOp):
                 state["quota"] = []
         if self._stats():
             state["stats"] = [0.0] * (SPARSE_STATS * k)
+            nbytes = (numel + 7) // 8
+            if p.select == SparseSelect.RANK and any(p.drops) and k * nbytes <= RANK_MASK_BYTES:
+                bits = backend.rank_mask_buffer(k * nbytes)
+                if bits is not None:
+                    state["rank_mask"] = bits  # alive until the combine is done
+                    mask = {"rank_mask": ctypes.addressof(bits), "rank_mask_stride": nbytes, "rank_mask_mode": 1}
+                    state["params"] = replace(state["params"], **mask)
         state["stats_quota"] = list(state["quota"])  # the selection passes replace both
         return state
 
@@ -183,7 +195,9 @@ class SparseTaskVectorOp(TensorOp):
             for i, s in enumerate(per):
                 on = sparsified[i] < 1 if p.select == SparseSelect.BAND else sparsified[i]
                 scale.append(to_f32(l1_scale(s[0], s[1])) if on else 1.0)
-            state["params"] = replace(p, scale=tuple(scale))
+            # The combine reads the draws this pass stored (mode 1 -> 2), if it stored them.
+            mode = 2 if p.rank_mask_mode else 0
+            state["params"] = replace(p, scale=tuple(scale), rank_mask_mode=mode)
 
     def combine(self, backend, chunk, state):
         nonfinite, state["quota"] = backend.sparse_task_vector_raw(chunk, state["params"], state["quota"])
