@@ -219,6 +219,109 @@ def test_modules_one_module_with_its_own_parameters(tmp_path, llama):
     assert_bitwise(mk, ours)
 
 
+@pytest.fixture(scope="module")
+def mistral3(tmp_path_factory):
+    """Two tiny Mistral3 models (mergekit 0.1.5's architecture of three modules: text_decoder, vision_tower,
+    multi_modal_projector), written by transformers: a 3-layer Mistral language model with its own LM head and a
+    2-layer Pixtral vision tower."""
+    root = tmp_path_factory.mktemp("mistral3")
+    paths = []
+    for i in range(2):
+        torch.manual_seed(30 + i)
+        text = transformers.MistralConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, tie_word_embeddings=False,
+        )  # fmt: skip
+        vision = transformers.PixtralVisionConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=16,
+            patch_size=8, head_dim=8,
+        )  # fmt: skip
+        cfg = transformers.Mistral3Config(
+            text_config=text, vision_config=vision, image_token_index=63, spatial_merge_size=1,
+            tie_word_embeddings=False,
+        )  # fmt: skip
+        paths.append(_save(transformers.Mistral3ForConditionalGeneration(cfg), root / f"m{i}"))
+    return paths
+
+
+def test_modules_several_modules(tmp_path, mistral3):
+    """`modules:` with two modules configured differently on a Mistral3 model: the language model a weighted
+    `models:` merge with module parameters, the vision tower stacked from slices of both models (2 + 1 layers,
+    renumbered from 0 within the module). Every tensor bit-identical to mergekit 0.1.5's, the same names (the
+    projector, not listed, left out as mergekit leaves it out: a warning says so), and config.json's per-module
+    layer counts as mergekit writes them."""
+    a, b = mistral3
+    cfg = {
+        "merge_method": "linear",
+        "dtype": "float32",
+        "parameters": {"weight": 1.0},
+        "modules": {
+            "text_decoder": {
+                "models": [{"model": a, "parameters": {"weight": 0.3}}, {"model": b}],
+                "parameters": {"weight": 0.6},
+            },
+            "vision_tower": {
+                "slices": [
+                    {"sources": [{"model": a, "layer_range": [0, 2], "parameters": {"weight": 0.9}},
+                                 {"model": b, "layer_range": [0, 2], "parameters": {"weight": 0.1}}]},
+                    {"sources": [{"model": b, "layer_range": [1, 2]}, {"model": a, "layer_range": [1, 2]}],
+                     "parameters": {"weight": [0.2, 0.8]}},
+                ]
+            },
+        },
+    }  # fmt: skip
+    path = write(tmp_path, cfg)
+    mk = run_mergekit(path, tmp_path / "mk")
+    with pytest.warns(ConfigWarning, match="modules multi_modal_projector of Mistral3ForConditionalGeneration"):
+        merge_config(path, tmp_path / "ps")
+    ours = _tensors(tmp_path / "ps")
+    assert set(ours) == set(mk), set(ours) ^ set(mk)
+    assert_bitwise(mk, ours)
+    names = set(ours)
+    assert "language_model.lm_head.weight" in names and "vision_tower.transformer.layers.2.ffn_norm.weight" in names
+    assert not any(n.startswith("multi_modal_projector.") for n in names)
+    # The vision tower's third layer is layer 1 of both models; the slice's gradient [0.2, 0.8] at its one layer
+    # (t = 1, as mergekit) weighs both 0.8: their mean. Its first two come from the first slice, 0.9 a + 0.1 b.
+    sa, sb = (load_file(os.path.join(m, "model.safetensors")) for m in (a, b))
+    name = "vision_tower.transformer.layers.1.attention.q_proj.weight"
+    want = (0.8 * sb[name] + 0.8 * sa[name]) / 1.6
+    torch.testing.assert_close(ours[name], 0.9 * sa[name] + 0.1 * sb[name])
+    torch.testing.assert_close(ours["vision_tower.transformer.layers.2.attention.q_proj.weight"], want)
+    with open(tmp_path / "mk" / "config.json") as f:
+        mk_cfg = json.load(f)
+    with open(tmp_path / "ps" / "config.json") as f:
+        ps_cfg = json.load(f)
+    for sub, layers in (("text_config", 3), ("vision_config", 3)):
+        assert ps_cfg[sub]["num_hidden_layers"] == mk_cfg[sub]["num_hidden_layers"] == layers
+    assert "num_hidden_layers" not in ps_cfg
+
+
+@pytest.mark.parametrize(
+    "family,module,message",
+    [
+        ("mistral3", "vision_encoder", r"modules\.vision_encoder: Mistral3ForConditionalGeneration .* has no module "
+         r"'vision_encoder' \(its modules: multi_modal_projector, text_decoder, vision_tower\)"),
+        ("llama", "text_decoder", r"has no module 'text_decoder' \(its modules: default\)"),
+    ],
+    ids=["mistral3", "llama"],
+)  # fmt: skip
+def test_modules_unknown_module_is_one_line_error(tmp_path, request, family, module, message):
+    """A module name the architecture does not have: a one-line error listing the ones it has (mergekit 0.1.5: a
+    KeyError from deep in its planner); nothing written."""
+    models = request.getfixturevalue(family)
+    cfg = {
+        "merge_method": "linear",
+        "modules": {module: {"models": [{"model": m, "parameters": {"weight": 1.0}} for m in models[:2]]}},
+    }
+    with pytest.raises(PlanError, match=message) as err:
+        merge_config(write(tmp_path, cfg), tmp_path / "out")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()
+    proc = run_cli("merge", "--config", write(tmp_path, cfg), "-o", tmp_path / "out")
+    assert proc.returncode == 1 and proc.stderr.startswith("pysoup: error: ") and "has no module" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
 # -- item 6: inputs mergekit ignores --------------------------------------------------------------------------------
 
 

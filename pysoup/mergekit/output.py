@@ -43,6 +43,13 @@ def config_json(spec, plan, donor_config: dict, layers: dict, vocab=None) -> byt
         count = cfg.get(key)
         cfg[key] = layers["total"]
         cfg.update(_per_layer_lists(spec, cfg, count, layers))
+    for key, total in layers.get("totals", {}).items():  # modules of their own: each one's count, at dotted keys
+        *path, last = key.split(".")
+        node = cfg
+        for part in path:  # copied on the way down: the donor's dict stays as read
+            node[part] = dict(node.get(part) or {})
+            node = node[part]
+        node[last] = total
     # As transformers' PretrainedConfig.to_json_string writes it.
     return (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode()
 

@@ -11,6 +11,12 @@ either way is an error naming the tensor, never a silent copy.
 
 Each source of a slice is a view of its checkpoint (the same files and readers, a table with the output's names),
 so the planner and the engine see an ordinary merge of whole checkpoints per slice.
+
+`modules:` (mergekit 0.1.5's plan.py): a model of one layer stack has one module, "default". An architecture of
+several (ARCH_MODULES, from mergekit's architecture definitions) has named modules, each the tensors under its name
+prefix with its own layer stack and layer count (config.json's `text_config.num_hidden_layers`...): each module is
+stacked on its own as above (layers renumbered from 0, its non-layer tensors from its first / last slice), and the
+modules a config does not list are left out of the output, as mergekit leaves them out.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 
 from pysoup.errors import PlanError
 from pysoup.io.checkpoint import FileCheckpoint
@@ -26,11 +33,28 @@ from pysoup.strategies.params import _LAYER, layer_index
 
 # Tensors outside the layer stack: before it (embeddings) or after it (final norm, LM head, classifier head).
 # GPT-NeoX's LM head is `embed_out`: after the layers.
-_PRE = re.compile(r"(?:^|[._])(?:embed(?!_out)\w*|wte|wpe|tok_embeddings|word_embeddings|position_embeddings)(?:\.|$)")
+# Vision towers (Pixtral, SigLIP): the patch convolution and the norm before the layers are "pre" too.
+_PRE = re.compile(
+    r"(?:^|[._])(?:embed(?!_out)\w*|wte|wpe|tok_embeddings|word_embeddings|position_embeddings|patch_conv|ln_pre)"
+    r"(?:\.|$)"
+)
 _POST = re.compile(
     r"(?:^|[._])(?:norm|final_layernorm|final_layer_norm|ln_f|lm_head|embed_out|score|head|output)(?:\.|$)"
 )
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+DEFAULT_MODULE = "default"  # the one module of a model with one layer stack (mergekit's name)
+
+# mergekit 0.1.5's architectures of several modules that pysoup reads (mergekit/_data/architectures/*.json), by
+# config.json's `architectures`: module -> (the prefix of its tensors' names, the config.json key of its layer count,
+# dotted, or None for a module without layers). Others are an error naming these.
+ARCH_MODULES = {
+    "Mistral3ForConditionalGeneration": {
+        "text_decoder": ("language_model.", "text_config.num_hidden_layers"),
+        "vision_tower": ("vision_tower.", "vision_config.num_hidden_layers"),
+        "multi_modal_projector": ("multi_modal_projector.", None),
+    },
+}
 
 
 def num_layers_of(config: dict):
@@ -56,6 +80,21 @@ def read_model_config(ckpt) -> dict:
     if not isinstance(cfg, dict):
         raise PlanError(f"{path}: not a JSON object")
     return cfg
+
+
+def config_value(config: dict, key: str):
+    """config.json's value at a dotted key ('text_config.num_hidden_layers'), or None."""
+    for part in key.split("."):
+        if not isinstance(config, dict):
+            return None
+        config = config.get(part)
+    return config
+
+
+def architecture_of(ckpt) -> str | None:
+    """config.json's `architectures[0]`, or None."""
+    archs = read_model_config(ckpt).get("architectures")
+    return archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
 
 
 def place(name: str):
@@ -91,14 +130,24 @@ class SlicePositions:
 
 
 class _Layers:
-    """Each model's tensors sorted into pre, layers and post, checked once per model."""
+    """Each model's tensors (of one module: `module` = (name, tensor name prefix, layer count key)) sorted into pre,
+    layers and post, checked once per model and module."""
 
-    def __init__(self, ckpt):
+    def __init__(self, ckpt, module=None):
         self.ckpt = ckpt
         names = ckpt.table.names()
         self.pre, self.post, self.layer = [], [], {}  # rows; layer: index -> rows
         prefixes = set()
-        for row, name in enumerate(names):
+        rows = range(len(names))
+        if module is not None:
+            rows = [r for r in rows if names[r].startswith(module[1])]
+            if not rows:
+                raise PlanError(f"{ckpt.name}: no tensor of module {module[0]!r} (names starting {module[1]!r})")
+            if all(layer_index(names[r]) is None for r in rows):  # a module without layers (a projector): all "pre"
+                self.pre, self.count = list(rows), 0
+                return
+        for row in rows:
+            name = names[row]
             where = place(name)
             if where is None:
                 raise PlanError(
@@ -113,10 +162,12 @@ class _Layers:
                 (self.pre if kind == "pre" else self.post).append(row)
         if len(prefixes) > 1:
             raise PlanError(
-                f"{ckpt.name}: more than one layer stack ({', '.join(sorted(prefixes))}): slices need one (mergekit "
-                "needs `modules:` here, which pysoup reads for one module only)"
+                f"{ckpt.name}: more than one layer stack ({', '.join(sorted(prefixes))}): slices need one (a model of "
+                f"several modules takes `modules:`; pysoup knows those of {', '.join(sorted(ARCH_MODULES))})"
             )
-        stated = num_layers_of(read_model_config(ckpt))
+        cfg = read_model_config(ckpt)
+        stated = num_layers_of(cfg) if module is None else config_value(cfg, module[2])
+        stated = stated if isinstance(stated, int) and not isinstance(stated, bool) else None
         self.count = stated if stated is not None else (max(self.layer) + 1 if self.layer else 0)
         beyond = [i for i in self.layer if i >= self.count]
         if beyond:
@@ -183,7 +234,7 @@ class GroupInputs:
         self.positions = SlicePositions(offset, count)
 
         def view(source):
-            layers = numbering["layers"](source.model)
+            layers = numbering["layers"](source.model, group.module)
             a, b = source.layer_range
             if b > layers.count:
                 raise PlanError(
@@ -214,31 +265,75 @@ class GroupInputs:
 
     @staticmethod
     def numbering(spec, checkpoint) -> dict:
-        """Per group: (first output layer, layer count, holds the pre tensors, holds the post tensors); "layers":
-        model path -> its _Layers; "total": output layers."""
+        """Per group: (first output layer, layer count, holds the pre tensors, holds the post tensors), each module
+        numbered from 0, its first group holding its pre tensors and its last the post ones; "layers": (model path,
+        module name) -> its _Layers; "total": output layers (one module), or "totals": config key -> output layers
+        of each module of a several-module architecture."""
         out: dict = {}
         if not spec.layered:
             return out
-        modules = {g.module for g in spec.groups}
-        if len(modules) > 1:
-            raise PlanError(f"{spec.path}: pysoup reads `modules:` with one module only, got {sorted(modules)}")
+        modules = list(dict.fromkeys(g.module for g in spec.groups))  # None: `slices:`
+        arch, layout = GroupInputs._architecture(spec, checkpoint, modules)
         cache: dict = {}
 
-        def layers(path):
-            if path not in cache:
-                cache[path] = _Layers(checkpoint(path))
-            return cache[path]
+        def layers(path, module=None):
+            key = (path, module)
+            if key not in cache:
+                mod = (module, *layout[module]) if layout is not None else None
+                cache[key] = _Layers(checkpoint(path), mod)
+            return cache[key]
 
-        offset = 0
-        for j, g in enumerate(spec.groups):
-            src = g.models[0]
-            count = src.layer_range[1] - src.layer_range[0] if src.layer_range is not None else None
-            if count is None:  # a module's `models:`: every layer
-                count = layers(src.model).count
-                for s in g.models + ([g.base] if g.base is not None else []):
-                    s.layer_range = (0, layers(s.model).count)
-            out[id(g)] = (offset, count, j == 0, j == len(spec.groups) - 1)
-            offset += count
+        totals = {}
+        for module in modules:
+            groups = [g for g in spec.groups if g.module == module]
+            offset = 0
+            for j, g in enumerate(groups):
+                src = g.models[0]
+                count = src.layer_range[1] - src.layer_range[0] if src.layer_range is not None else None
+                if count is None:  # a module's `models:`: every layer
+                    count = layers(src.model, module).count
+                    for s in g.models + ([g.base] if g.base is not None else []):
+                        s.layer_range = (0, layers(s.model, module).count)
+                out[id(g)] = (offset, count, j == 0, j == len(groups) - 1)
+                offset += count
+            if layout is not None and layout[module][1] is not None:
+                totals[layout[module][1]] = offset
+            elif layout is None:
+                out["total"] = offset
         out["layers"] = layers
-        out["total"] = offset
+        if layout is not None:
+            out["totals"] = totals
         return out
+
+    @staticmethod
+    def _architecture(spec, checkpoint, modules: list):
+        """(architecture, its ARCH_MODULES entry or None) of the config's models, with the config's module names
+        checked against it: a one-line error for a module it does not have, and a warning for its modules the
+        config leaves out."""
+        from pysoup.mergekit.config import ConfigWarning
+
+        paths = list(dict.fromkeys(s.model for g in spec.groups for s in g.models + ([g.base] if g.base else [])))
+        archs = {p: architecture_of(checkpoint(p)) for p in paths}
+        arch = archs[paths[0]]
+        layout = ARCH_MODULES.get(arch)
+        if layout is not None and any(a != arch for a in archs.values()):
+            other = next(p for p, a in archs.items() if a != arch)
+            raise PlanError(f"{spec.path}: {other!r} is a {archs[other]}, {paths[0]!r} a {arch}: modules need one")
+        if modules == [None]:  # `slices:`
+            return arch, None
+        known = sorted(layout) if layout is not None else [DEFAULT_MODULE]
+        for m in modules:
+            if m not in known:
+                what = f"{arch} (from {paths[0]}'s config.json)" if arch else f"{paths[0]}"
+                raise PlanError(
+                    f"{spec.path}: modules.{m}: {what} has no module {m!r} (its modules: {', '.join(known)})"
+                )
+        left = [m for m in known if m not in modules]
+        if layout is not None and left:
+            warnings.warn(
+                f"{spec.path}: modules {', '.join(left)} of {arch} are not in the config: their tensors are left "
+                "out of the output, as mergekit 0.1.5 leaves them out",
+                ConfigWarning,
+                stacklevel=4,
+            )
+        return arch, layout
