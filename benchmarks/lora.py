@@ -6,7 +6,7 @@ alpha 128, fp32, on q/k/v/o/gate/up/down of every layer (PEFT's layout and adapt
 Every contender is a whole process timed by pysoup.bench.harness, which reports the process's own peak RSS:
 
 Fold (one adapter into the model):
-  - pysoup: `pysoup merge BASE --lora ADAPTER -o OUT` (streamed: a GEMM per row block, one fused add per block);
+  - pysoup: `pysoup merge BASE --lora ADAPTER -o OUT` (streamed: one fused fold kernel call per row block and thread);
   - io_floor: pysoup/bench/baselines.py's floor: read the base and the adapter once, write the base's size;
   - peft: what users run today: transformers' from_pretrained (bf16), PeftModel.from_pretrained,
     merge_and_unload(), save_pretrained.
@@ -297,9 +297,11 @@ def markdown(report: dict) -> str:
         f"**{'PASS' if t['time_vs_floor']['pass'] else 'FAIL'}**; peak RSS {t['peak_rss']['value_mib']:.0f} MiB <= "
         f"{t['peak_rss']['target_mib']:.0f} MiB: **{'PASS' if t['peak_rss']['pass'] else 'FAIL'}**.",
         "",
-        f"pysoup's folded model and PEFT's differ in {c['values_differing']:,} of {c['values']:,} bf16 values, by at "
-        f"most {c['max_abs_diff']:.3g}: PEFT rounds ΔW to bf16 and adds in bf16 (two roundings), pysoup adds in fp32 "
-        "and rounds once.",
+        f"pysoup's folded model and PEFT's are the same: all {c['values']:,} bf16 values equal."
+        if c["values_differing"] == 0
+        else f"pysoup's folded model and PEFT's differ in {c['values_differing']:,} of {c['values']:,} bf16 values, by "
+        f"at most {c['max_abs_diff']:.3g}: PEFT rounds ΔW to bf16 and adds in bf16 (two roundings), pysoup adds in "
+        "fp32 and rounds once.",
         "",
         f"## Merge {m['config']['adapters']} adapters (weights 1/{m['config']['adapters']})",
         "",
