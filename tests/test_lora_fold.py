@@ -195,3 +195,18 @@ def test_fold_onto_full_tmpfs_fails_before_any_kernel_call(tiny_fold, tmp_path, 
         assert calls == [] and os.listdir(fs) == []  # detected up front; nothing made is left
     finally:
         subprocess.run(["umount", "-l", str(fs)], check=False)
+
+
+def test_fold_refuses_rows_longer_than_the_output_buffer(tiny_fold, tmp_path, monkeypatch):
+    """The kernel writes whole rows into the output buffer: a longer row is a one-line PlanError before any output."""
+    import os
+
+    import pysoup.engine.execute as execute
+    from pysoup.errors import PlanError
+    from pysoup.lora import fold
+
+    base, adapter = tiny_fold
+    monkeypatch.setattr(execute, "OUTPUT_BUFFER_BYTES", 150)  # q_proj's rows: 64 bf16; down_proj's: 96
+    with pytest.raises(PlanError, match="down_proj.weight': a row of 192 bytes is larger than the 150-byte output"):
+        fold(base, [adapter], tmp_path / "out")
+    assert not os.path.exists(tmp_path / "out")

@@ -242,6 +242,8 @@ def _weights(weights, n: int) -> list:
 def _plan(base, adapters: list, weights: list) -> dict:
     """{tensor name: _TensorFold}, every adapter module and copy checked against the base (one-line errors naming
     the adapter and the module)."""
+    from pysoup.engine.execute import OUTPUT_BUFFER_BYTES
+
     plan = {}
     for w, ad in zip(weights, adapters):
         for m in ad.modules.values():
@@ -260,6 +262,16 @@ def _plan(base, adapters: list, weights: list) -> dict:
                     raise PlanError(f"{ad.path}: {what} {name!r} is {list(mine)} but the base's is {list(info.shape)}")
                 plan.setdefault(name, _TensorFold()).sources.append((w, ad, key))
     for name, p in plan.items():
+        row = base.table.find(name)
+        shape = tuple(base.table.shape(row))
+        row_bytes = (base.table.numel(row) // shape[0] if shape and shape[0] else 0) * SAFETENSORS_SIZES[
+            base.table.dtype(row)
+        ]
+        if row_bytes > OUTPUT_BUFFER_BYTES:  # the kernel writes whole rows into the output buffer
+            raise PlanError(
+                f"{name!r}: a row of {row_bytes} bytes is larger than the {OUTPUT_BUFFER_BYTES}-byte output buffer; "
+                "cannot fold it"
+            )
         if len(p.sources) > 1:
             total = sum(w for w, _, _ in p.sources)
             if total == 0:
