@@ -214,6 +214,7 @@ def test_fold_refuses_rows_longer_than_the_output_buffer(tiny_fold, tmp_path, mo
 
 def test_fold_threads_and_backends_give_the_same_bytes(tiny_fold, tmp_path):
     """Rows cut among 1, 2 or 3 threads, the C++ kernel or the torch reference: the same output file."""
+    from pysoup.errors import PlanError
     from pysoup.lora import fold
 
     base, adapter = tiny_fold
@@ -224,3 +225,5 @@ def test_fold_threads_and_backends_give_the_same_bytes(tiny_fold, tmp_path):
         assert report.folded and not report.nonfinite_tensors
         outs.append((tmp_path / f"{i}.safetensors").read_bytes())
     assert all(o == outs[0] for o in outs[1:])
+    with pytest.raises(PlanError, match="at least 1 thread, got 0"):
+        fold(base, [adapter], tmp_path / "none.safetensors", threads=0)

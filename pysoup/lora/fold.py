@@ -108,7 +108,9 @@ def fold(
     # Every core by default, as threads of our own that each run the kernel on one thread over a share of the
     # block's rows: OpenMP's idle thread spins between the fold's many short kernel calls (1.4 CPU s of a 1 GiB
     # fold on 2 cores), on the core the writer thread's pwrite needs.
-    threads = int(threads) if threads else _cores()
+    threads = int(threads) if threads is not None else _cores()
+    if threads < 1:
+        raise PlanError(f"fold needs at least 1 thread, got {threads}")
     if shard_size is not None:
         shard_size = parse_size(shard_size)
     if out is None or os.fspath(out) == "":
