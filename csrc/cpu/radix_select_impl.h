@@ -34,11 +34,17 @@ void magnitude_histogram_kernel(const TaskVectorArgs& a, int64_t begin, int64_t 
     float* t = base_tile + kOpTile;
     const bool split = pass == 0 && end - begin >= kSplitHistogramMin && end - begin < (int64_t(1) << 32);
     std::vector<uint32_t> halves(split ? size_t(a.k) * 2 * 65536 : 0);
+    // A model listed again right after itself (Breadcrumbs' keep and skip selections of one model) is loaded once,
+    // and in pass 0, where both count the same bins, counted once: its histogram is copied at the end.
+    std::vector<uint8_t> again(size_t(a.k), 0);
+    for (int i = 1; i < a.k; ++i)
+        again[size_t(i)] = a.inputs[i] == a.inputs[i - 1] && a.in_dtypes[i] == a.in_dtypes[i - 1];
     for (int64_t t0 = begin; t0 < end; t0 += kOpTile) {
         const int64_t m = std::min(kOpTile, end - t0);
         IO::load(a.base, a.base_dtype, t0, m, base_tile);
         for (int i = 0; i < a.k; ++i) {
-            IO::load(a.inputs[i], a.in_dtypes[i], t0, m, t);
+            if (again[size_t(i)] && pass == 0) continue;
+            if (!again[size_t(i)]) IO::load(a.inputs[i], a.in_dtypes[i], t0, m, t);
             uint64_t* h = hist + size_t(i) * 65536;
             if (split) {
                 uint32_t* even = halves.data() + size_t(i) * 2 * 65536;
@@ -66,6 +72,12 @@ void magnitude_histogram_kernel(const TaskVectorArgs& a, int64_t begin, int64_t 
             for (int64_t b = 0; b < 65536; ++b) h[b] += uint64_t(even[b]) + even[b + 65536];
         }
     }
+    // Pass 0's histograms of a repeated model were equal before this range (the same counts every time, from
+    // zero), so they are equal after it.
+    if (pass == 0)
+        for (int i = 1; i < a.k; ++i)
+            if (again[size_t(i)])
+                std::copy(hist + size_t(i - 1) * 65536, hist + size_t(i) * 65536, hist + size_t(i) * 65536);
 }
 
 }  // namespace

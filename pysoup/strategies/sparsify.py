@@ -126,7 +126,9 @@ class SparseTaskVectorOp(TensorOp):
             state["params"] = replace(p, keys=keys)
         if p.select == SparseSelect.BAND:
             bands = [band(d, g, numel) for d, g in zip(self.densities, self.gammas)]
-            state["selector"] = backend.top_k_selector([b[1] for b in bands] + [b[0] for b in bands])
+            # Each model's keep and skip selections side by side: the histogram kernels load (and in their first
+            # pass count) a model listed twice in a row once.
+            state["selector"] = backend.top_k_selector([e for b in bands for e in (b[1], b[0])])
         elif p.select == SparseSelect.SHARED:
             if self.select_topk <= 0:  # mergekit: an all-zero mask
                 state["params"] = replace(p, keep_bits=(0xFFFFFFFF,))
@@ -150,10 +152,10 @@ class SparseTaskVectorOp(TensorOp):
 
     def reduce(self, backend, chunk, state, pass_):
         if "selector" in state and pass_ < backend.top_k_passes:
-            if self.params.select == SparseSelect.BAND:  # the keep and the skip selections, models listed twice
+            if self.params.select == SparseSelect.BAND:  # the keep and the skip selections, each model twice
                 k = len(self.params.weights)
-                addrs = chunk.addrs[:k] * 2 + chunk.addrs[k:]
-                dtypes = chunk.dtypes[:k] * 2 + chunk.dtypes[k:]
+                addrs = [a for a in chunk.addrs[:k] for _ in (0, 1)] + list(chunk.addrs[k:])
+                dtypes = [d for d in chunk.dtypes[:k] for _ in (0, 1)] + list(chunk.dtypes[k:])
                 chunk = Chunk(chunk.name, addrs, dtypes, chunk.start, chunk.n)
             state["selector"].add(chunk, pass_)
             return
@@ -167,9 +169,9 @@ class SparseTaskVectorOp(TensorOp):
             selector.finish(pass_)
             if selector.thresholds is not None:
                 bits, quotas = list(selector.thresholds), list(selector.quotas)
-                if self.params.select == SparseSelect.BAND:
-                    k = len(self.params.weights)
-                    state["params"] = replace(state["params"], keep_bits=tuple(bits[:k]), skip_bits=tuple(bits[k:]))
+                if self.params.select == SparseSelect.BAND:  # the kernels take every keep, then every skip
+                    state["params"] = replace(state["params"], keep_bits=tuple(bits[0::2]), skip_bits=tuple(bits[1::2]))
+                    quotas = quotas[0::2] + quotas[1::2]
                 else:
                     state["params"] = replace(state["params"], keep_bits=tuple(bits))
                 state["quota"] = quotas
