@@ -545,8 +545,8 @@ void fusion_histogram_py(const std::vector<uintptr_t>& inputs, const std::vector
                          const std::vector<uint32_t>& prefix, uintptr_t hist, int threads, const IsaArg& isa) {
     Inputs in = check_inputs("fusion_histogram", inputs, dtypes, n, isa);
     FusionArgs a = fusion_args("fusion_histogram", in, kl, rows, row, start, n, prefix);
-    if (pass < 0 || pass > 1 || hist == 0 || prefix.empty())
-        throw std::invalid_argument("fusion_histogram: pass is 0 or 1, with a histogram and quantile prefixes");
+    if (pass < 0 || pass > 1 || hist == 0 || prefix.empty() || prefix.size() > 3)
+        throw std::invalid_argument("fusion_histogram: pass is 0 or 1, with a histogram and 1 to 3 quantile prefixes");
     py::gil_scoped_release release;
     fusion_histogram(a, pass, n, reinterpret_cast<uint64_t*>(hist), in.isa, std::max(1, threads));
 }

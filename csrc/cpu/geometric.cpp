@@ -75,9 +75,26 @@ int64_t nearswap(const void* const* inputs, const int* in_dtypes, float t, int64
 void fusion_histogram(const FusionArgs& a, int pass, int64_t n, uint64_t* hist, Isa isa, int threads) {
     const GeometricKernels& kern = kernels(isa);
     const int64_t nb = nblocks(n);
-    // Counts: the order of the (atomic) increments changes nothing.
+    // Counts: the order of the increments changes nothing.
+    if (pass != 0) {
 #pragma omp parallel for num_threads(threads_for(threads, nb)) schedule(static)
-    for (int64_t b = 0; b < nb; ++b) kern.fusion_histogram(a, pass, b * kBlock, block_end(b, n), hist);
+        for (int64_t b = 0; b < nb; ++b) kern.fusion_histogram(a, pass, b * kBlock, block_end(b, n), hist);
+        return;
+    }
+    // Pass 0 counts every element: each thread into a histogram of its own, added to `hist` once at the end.
+    const int nt = threads_for(threads, nb);
+    if (nt == 1) {
+        for (int64_t b = 0; b < nb; ++b) kern.fusion_histogram(a, 0, b * kBlock, block_end(b, n), hist);
+        return;
+    }
+#pragma omp parallel num_threads(nt)
+    {
+        std::vector<uint64_t> local(65536, 0);
+#pragma omp for schedule(static) nowait
+        for (int64_t b = 0; b < nb; ++b) kern.fusion_histogram(a, 0, b * kBlock, block_end(b, n), local.data());
+#pragma omp critical(pysoup_fusion_histogram)
+        for (size_t h = 0; h < local.size(); ++h) hist[h] += local[h];
+    }
 }
 
 int64_t fusion_combine(const FusionArgs& a, float threshold, int64_t n, void* out, int out_dtype, Isa isa,

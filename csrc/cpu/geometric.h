@@ -62,7 +62,8 @@ struct GeometricKernels {
                         int out_dtype);
     // Arcee Fusion's passes after the row KLs: importance I = |p - b| * kl[e / row] (fp32), mapped to order keys
     // (fusion_key). Histogram pass 0 counts key >> 16 into hist[0 .. 65535]; pass 1 counts key & 0xFFFF into
-    // hist[q * 65536 ..] for the keys whose high half is prefix[q]. The combine writes b + (p - b) * (I >= thr).
+    // hist[q * 65536 ..] for the keys whose high half is prefix[q] (pass 0: plain increments, into a histogram the
+    // caller gives one thread only; pass 1: atomic). The combine writes b + (p - b) * (I >= thr).
     void (*fusion_histogram)(const FusionArgs&, int pass, int64_t begin, int64_t end, uint64_t* hist);
     int64_t (*fusion_combine)(const FusionArgs&, float threshold, int64_t begin, int64_t end, void* out, int out_dtype);
     // Arcee Fusion's row KL over rows [r0, r1) (inputs: p, b at row 0's first element), into kl[r0 .. r1): see

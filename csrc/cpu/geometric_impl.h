@@ -263,31 +263,41 @@ void fusion_importance(const FusionArgs& a, int64_t t0, int64_t m, float* p, flo
     }
 }
 
-// Pass 0 counts every element: into a per-call 32-bit histogram of the thread's own (no atomic per element; a
-// block has at most kBlock elements, so 32 bits cannot overflow), added to the shared one at the end. Pass 1 counts
-// only the few elements whose high half matches a quantile's: relaxed atomic increments into the shared histogram.
+// Pass 0 counts every element into `hist`, which the caller makes the thread's own (plain increments: one atomic per
+// element cost more than the counting). Pass 1 counts only the few elements whose high half matches a quantile's:
+// relaxed atomic increments into the shared histogram.
 template <class IO>
 void fusion_histogram_kernel(const FusionArgs& a, int pass, int64_t begin, int64_t end, uint64_t* hist) {
     std::vector<float> buf(size_t(kOpTile) * 3);
     float *p = buf.data(), *b = p + kOpTile, *imp = b + kOpTile;
-    std::vector<uint32_t> local(pass == 0 ? 65536 : 0);
     uint32_t keys[kOpTile];
+    uint16_t at[kOpTile];
+    // Up to three quantiles' prefixes; a missing one never matches (high halves are < 65536).
+    const uint32_t p0 = a.quantiles > 0 ? a.prefix[0] : 0xFFFFFFFFu, p1 = a.quantiles > 1 ? a.prefix[1] : 0xFFFFFFFFu,
+                   p2 = a.quantiles > 2 ? a.prefix[2] : 0xFFFFFFFFu;
     for (int64_t t0 = begin; t0 < end; t0 += kOpTile) {
         const int64_t m = std::min(kOpTile, end - t0);
         fusion_importance<IO>(a, t0, m, p, b, imp);
         for (int64_t j = 0; j < m; ++j) keys[j] = fusion_key(imp[j]);
         if (pass == 0) {
-            for (int64_t j = 0; j < m; ++j) ++local[keys[j] >> 16];
+            for (int64_t j = 0; j < m; ++j) ++hist[keys[j] >> 16];
             continue;
         }
-        for (int64_t j = 0; j < m; ++j)
+        // The matching elements' positions, packed branch-free (a match is rare and data-dependent: a branch per
+        // element mispredicts), then counted.
+        int64_t hits = 0;
+        for (int64_t j = 0; j < m; ++j) {
+            const uint32_t hi = keys[j] >> 16;
+            at[hits] = static_cast<uint16_t>(j);
+            hits += (hi == p0) | (hi == p1) | (hi == p2);
+        }
+        for (int64_t h = 0; h < hits; ++h) {
+            const uint32_t key = keys[at[h]];
             for (int q = 0; q < a.quantiles; ++q)
-                if ((keys[j] >> 16) == a.prefix[q])
-                    __atomic_fetch_add(&hist[size_t(q) * 65536 + (keys[j] & 0xFFFFu)], 1, __ATOMIC_RELAXED);
+                if ((key >> 16) == a.prefix[q])
+                    __atomic_fetch_add(&hist[size_t(q) * 65536 + (key & 0xFFFFu)], 1, __ATOMIC_RELAXED);
+        }
     }
-    if (pass == 0)
-        for (size_t h = 0; h < local.size(); ++h)
-            if (local[h]) __atomic_fetch_add(&hist[h], local[h], __ATOMIC_RELAXED);
 }
 
 template <class IO>
