@@ -70,6 +70,16 @@ def test_kernel_equals_reference_bit_for_bit(shape, w_dtype):
                     assert bad == want_bad, (isa, threads, out_dtype, specials)
 
 
+def test_reference_in_row_slices_equals_kernel():
+    """Rows longer than the reference's slice (256 Ki elements): it computes them a row at a time, same bits."""
+    from pysoup.ops.cpu import CpuBackend
+
+    w, left, right = _case(3, (1 << 18) + 5, 2, "BF16", seed=1, specials=True)
+    want, want_bad = _run(reference.lora_fold_raw, w, left, right, "BF16")
+    got, bad = _run(CpuBackend(2, _isas()[-1]).lora_fold_raw, w, left, right, "BF16")
+    assert torch.equal(got, want) and bad == want_bad > 0
+
+
 def test_reference_numerics_are_the_stated_ones():
     """The reference itself: each element is fp32(W) + the products fma'd in k order from +0 (checked against an
     fp64 sum where every step is exact), a NaN written as 0x7FC00000, one rounding to the output dtype."""

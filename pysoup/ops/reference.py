@@ -714,15 +714,24 @@ def lora_fold(w, left, right):
 
 
 def lora_fold_raw(chunk: Chunk, left, right) -> int:
-    """left, right: fp32 C-contiguous numpy arrays [rows, K] and [K, cols]."""
+    """left, right: fp32 C-contiguous numpy arrays [rows, K] and [K, cols]. Computed in slices of rows of ~256 K
+    elements: the fma emulation's fp64 temporaries of a whole 16 MiB block took ~0.5 GiB."""
     import torch
 
     rows, cols = left.shape[0], right.shape[1]
     if chunk.n != rows * cols:
         raise ValueError(f"lora_fold_raw: {chunk.n} elements for {rows} x {cols}")
-    w = _view(chunk.addrs[0], chunk.n, chunk.dtypes[0]).view(rows, cols)
-    result = lora_fold(w, torch.from_numpy(left), torch.from_numpy(right))
-    return store(chunk.out, chunk.n, chunk.out_dtype, round_to(result.reshape(-1), to_torch(chunk.out_dtype)))
+    w_size, out_size = SAFETENSORS_SIZES[chunk.dtypes[0]], SAFETENSORS_SIZES[chunk.out_dtype]
+    step = max(1, (1 << 18) // max(cols, 1))
+    nonfinite = 0
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        n = (r1 - r0) * cols
+        w = _view(chunk.addrs[0] + r0 * cols * w_size, n, chunk.dtypes[0]).view(r1 - r0, cols)
+        result = lora_fold(w, torch.from_numpy(left[r0:r1]), torch.from_numpy(right))
+        out = round_to(result.reshape(-1), to_torch(chunk.out_dtype))
+        nonfinite += store(chunk.out + r0 * cols * out_size, n, chunk.out_dtype, out)
+    return nonfinite
 
 
 # -- Arcee Fusion (pysoup.strategies.geometric.ArceeFusion) -----------------------------------------------------
