@@ -314,9 +314,11 @@ def _cmd_lora_merge(args) -> int:
 
     if args.config:
         raise SoupError("--lora options and --config do not mix (a config states model+lora itself)")
-    for flag, given in (("--base", args.base), ("--device", args.device), ("--threads", args.threads)):
+    for flag, given in (("--base", args.base), ("--device", args.device)):
         if given:
             raise SoupError(f"{flag} does not apply to LoRA merges")
+    if args.threads is not None and not args.lora:
+        raise SoupError("--threads applies to folding (--lora), not to adapter merges")
     if args.lora:
         if args.lora_mode or args.lora_rank is not None:
             raise SoupError("--lora folds adapters into a model; --lora-mode/--lora-rank merge adapter inputs")
@@ -328,7 +330,7 @@ def _cmd_lora_merge(args) -> int:
             )
         report = pysoup.lora.fold(
             args.inputs[0], args.lora, args.output, weights=_parse_weights(args.lora_weights),
-            shard_size=args.shard_size, durable=args.fsync,
+            shard_size=args.shard_size, durable=args.fsync, threads=args.threads,
         )  # fmt: skip
         summary = f"folded {len(args.lora)} adapter(s) into {len(report.folded)} weights -> {', '.join(report.outputs)}"
     else:

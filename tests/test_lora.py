@@ -312,7 +312,8 @@ def test_fold_several_adapters_weighted_bf16(peft_dirs, tmp_path):
 def test_fold_cli_and_errors(peft_dirs, tmp_path):
     root, base, ad = peft_dirs
     out = tmp_path / "m"
-    proc = run_cli("merge", base, "--lora", ad["a"], "--lora", ad["b"], "--lora-weights", "1,0.5", "-o", out)
+    argv = ("merge", base, "--lora", ad["a"], "--lora", ad["b"], "--lora-weights", "1,0.5", "--threads", "1")
+    proc = run_cli(*argv, "-o", out)
     assert proc.returncode == 0, proc.stderr
     api = fold(base, [ad["a"], ad["b"]], tmp_path / "api", weights=[1, 0.5])
     assert (out / "model.safetensors").read_bytes() == (tmp_path / "api" / "model.safetensors").read_bytes()
@@ -323,6 +324,7 @@ def test_fold_cli_and_errors(peft_dirs, tmp_path):
         ((base, "--lora", ad["a"], "--lora-weights", "1,2"), "2 adapter weights for 1 adapters"),
         ((base, "--lora", ad["a"], "--strategy", "ties"), "folding takes --lora-weights"),
         ((ad["b"], "--lora", ad["a"]), "has no tensor 'model.embed_tokens.weight'"),
+        ((ad["a"], ad["b"], "--lora-mode", "delta", "--threads", "2"), "--threads applies to folding (--lora)"),
     ]:
         proc = run_cli("merge", *argv, "-o", tmp_path / "bad")
         lines = proc.stderr.strip().splitlines()
