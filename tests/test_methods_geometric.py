@@ -227,6 +227,22 @@ def test_chunks_that_split_rows_change_nothing(reference_merge, tmp_path, monkey
     assert (tmp_path / "chunked.safetensors").read_bytes() == want
 
 
+def test_arcee_fusion_device_merge_equals_cpu(inputs, tmp_path, monkeypatch):
+    """device= merges (the Triton backend; CI: TRITON_INTERPRET=1 on the CPU) take the C++ row-KL kernel on the host
+    ranges and the reference's histograms and combine: the cpu backend's and the reference's bytes, in chunks that
+    split rows."""
+    pytest.importorskip("triton")
+    bp, fps = inputs
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 3 * 4096)
+    outs = {}
+    for name, kw in (("dev", {"device": "cpu"}), ("cpu", {"backend": "cpu"}), ("ref", {"backend": "reference"})):
+        report = pysoup.merge(fps[:1], tmp_path / f"{name}.safetensors", strategy="arcee_fusion", base=bp, **kw)
+        outs[name] = (tmp_path / f"{name}.safetensors").read_bytes()
+        if name == "dev":
+            assert report.backend == "triton"
+    assert outs["dev"] == outs["cpu"] == outs["ref"]
+
+
 def _chunk(xs, start, n, out=None):
     from pysoup.dtypes import from_torch
     from pysoup.ops.table import Chunk

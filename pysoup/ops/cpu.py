@@ -39,6 +39,46 @@ def _codes(dtypes) -> list:
     return [KERNEL_CODE[d] for d in dtypes]
 
 
+def fusion_kl_native(chunk, row, kl, carry, threads: int, isa: int) -> None:
+    """Arcee Fusion's row KL with the C++ kernel (Backend.fusion_kl_raw) over a chunk of host memory: whole rows
+    in one call, a row split between chunks copied and carried until it is whole. Every backend with host ranges
+    uses it where pysoup._C loaded (the same bits as the torch reference, tested)."""
+    import numpy as np
+
+    from pysoup.dtypes import SAFETENSORS_SIZES
+
+    sizes = [SAFETENSORS_SIZES[d] for d in chunk.dtypes]
+    codes = _codes(chunk.dtypes)
+    pos, end = chunk.start, chunk.start + chunk.n
+
+    def copy(dst, at, e0, e1):  # the sources' elements [e0, e1) of this chunk into dst (bytes), from element `at`
+        for i, s in enumerate(sizes):
+            ctypes.memmove(dst[i].ctypes.data + at * s, chunk.addrs[i] + (e0 - chunk.start) * s, (e1 - e0) * s)
+
+    lead = carry.pop("row", None)
+    # A row an earlier chunk began: completed here (one kernel call on the copy), or carried on.
+    if lead is not None:
+        r, bufs = lead
+        row_end = (r + 1) * row
+        stop = min(row_end, end)
+        copy(bufs, pos - r * row, pos, stop)
+        if stop < row_end:
+            carry["row"] = lead
+            return
+        _native.native.fusion_kl([b.ctypes.data for b in bufs], codes, row, 1, kl.ctypes.data + 4 * r, threads, isa)
+        pos = stop
+    first = -(-pos // row)  # the chunks come in order, so pos is a row start here (or the end)
+    rows = max(0, end // row - first)
+    if rows:
+        addrs = [a + (first * row - chunk.start) * s for a, s in zip(chunk.addrs, sizes)]
+        _native.native.fusion_kl(addrs, codes, row, rows, kl.ctypes.data + 4 * first, threads, isa)
+    tail = max(pos, (first + rows) * row)
+    if tail < end:  # the start of a row that ends in a later chunk: kept (a copy) until it is whole
+        bufs = [np.empty(row * s, dtype=np.uint8) for s in sizes]
+        copy(bufs, 0, tail, end)
+        carry["row"] = (tail // row, bufs)
+
+
 @register_backend
 class CpuBackend(Backend):
     """The C++ kernels. The ISA and the thread count are resolved once, when the backend is made."""
@@ -190,42 +230,7 @@ class CpuBackend(Backend):
         )
 
     def fusion_kl_raw(self, chunk, row, kl, carry):
-        import numpy as np
-
-        from pysoup.dtypes import SAFETENSORS_SIZES
-
-        sizes = [SAFETENSORS_SIZES[d] for d in chunk.dtypes]
-        codes = _codes(chunk.dtypes)
-        pos, end = chunk.start, chunk.start + chunk.n
-
-        def copy(dst, at, e0, e1):  # the sources' elements [e0, e1) of this chunk into dst (bytes), from element `at`
-            for i, s in enumerate(sizes):
-                ctypes.memmove(dst[i].ctypes.data + at * s, chunk.addrs[i] + (e0 - chunk.start) * s, (e1 - e0) * s)
-
-        lead = carry.pop("row", None)
-        # A row an earlier chunk began: completed here (one kernel call on the copy), or carried on.
-        if lead is not None:
-            r, bufs = lead
-            row_end = (r + 1) * row
-            stop = min(row_end, end)
-            copy(bufs, pos - r * row, pos, stop)
-            if stop < row_end:
-                carry["row"] = lead
-                return
-            _native.native.fusion_kl(
-                [b.ctypes.data for b in bufs], codes, row, 1, kl.ctypes.data + 4 * r, self.threads, self._isa
-            )
-            pos = stop
-        first = -(-pos // row)  # the chunks come in order, so pos is a row start here (or the end)
-        rows = max(0, end // row - first)
-        if rows:
-            addrs = [a + (first * row - chunk.start) * s for a, s in zip(chunk.addrs, sizes)]
-            _native.native.fusion_kl(addrs, codes, row, rows, kl.ctypes.data + 4 * first, self.threads, self._isa)
-        tail = max(pos, (first + rows) * row)
-        if tail < end:  # the start of a row that ends in a later chunk: kept (a copy) until it is whole
-            bufs = [np.empty(row * s, dtype=np.uint8) for s in sizes]
-            copy(bufs, 0, tail, end)
-            carry["row"] = (tail // row, bufs)
+        fusion_kl_native(chunk, row, kl, carry, self.threads, self._isa)
 
     def fusion_histogram_raw(self, chunk, row, kl, pass_, prefix, hist):
         _native.native.fusion_histogram(

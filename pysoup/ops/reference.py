@@ -544,6 +544,9 @@ class ReferenceBackend(Backend):
     def weighted_sum(self, tensors, weights, out_dtype, normalize):
         return weighted_sum(tensors, weights, out_dtype, normalize)
 
+    def fusion_kl_raw(self, chunk, row, kl, carry):  # the definition itself (other backends take the C++ kernel)
+        fusion_kl_raw(chunk, row, kl, carry)
+
     def lerp_plan(self, averaged, current):
         pairs = list(zip(averaged, current))
 
@@ -847,12 +850,18 @@ def fusion_kl_raw(chunk: Chunk, row: int, kl, carry: dict) -> None:
 
     first, p, b = _whole_rows(chunk, row, carry)
     out = torch.from_numpy(kl)
-    # At most ~1 Mi elements (and at least 64 rows) per call bounds the fp64 temporaries; each row's KL depends on
-    # that row alone (the chunking test compares).
-    step = max(64, (1 << 20) // row)
-    for r0 in range(0, p.shape[0], step):
-        r1 = min(p.shape[0], r0 + step)
-        out[first + r0 : first + r1] = fusion_kl(p[r0:r1], b[r0:r1])
+    # ~16 Ki elements (at least one row) per call: the ~40 fp64 temporaries stay in the allocator's reused memory
+    # (fresh pages for each cost ~10x the arithmetic on a 2-core VM), and one torch thread (two contended with the
+    # engine's and ran ~10x slower). Each row's KL depends on that row alone (the chunking test compares).
+    step = max(1, (1 << 14) // row)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for r0 in range(0, p.shape[0], step):
+            r1 = min(p.shape[0], r0 + step)
+            out[first + r0 : first + r1] = fusion_kl(p[r0:r1], b[r0:r1])
+    finally:
+        torch.set_num_threads(threads)
 
 
 def fusion_importance(chunk: Chunk, row: int, kl):
