@@ -4,9 +4,11 @@ arcee_fusion, passthrough with scale and model_stock's filter_wise.
 - worked examples, the numbers computed here by hand or numpy from the definitions in docs/methods.md;
 - the cpu backend equals the torch reference bit for bit (every ISA, threads, chunks that split rows);
 - agreement with mergekit 0.1.5 run in-process (computing in fp32) on tiny Llama models written by transformers,
-  every tensor compared: bit-identical for passthrough, nearswap and arcee_fusion (pysoup computes them in mergekit's
-  fp32 operation order); within fp32 rounding for the spherical methods and model stock, whose coefficients pysoup
-  computes in fp64 from the inputs' Gram matrix where mergekit builds each intermediate vector in fp32.
+  every tensor compared: bit-identical for passthrough and nearswap (pysoup computes them in mergekit's fp32
+  operation order); within fp32 rounding for the spherical methods and model stock, whose coefficients pysoup
+  computes in fp64 from the inputs' Gram matrix where mergekit builds each intermediate vector in fp32; arcee_fusion
+  equal but for the few mask entries whose importance lies within mergekit's fp32 rounding of the threshold (its row
+  KL is fp64 in pysoup, fp32 in mergekit), each checked.
 """
 
 import json
