@@ -17,7 +17,8 @@ enum SparseMixCode : int { kMixSum = 0, kMixTies = 1, kMixSce = 2, kMixRam = 3 }
 // DELLA's draws: ranked and drawn in every pass (kRankDraw); ranked, drawn and stored as bits by the statistics
 // pass (kRankDrawStore); read back from those bits by the combine (kRankLoad), which then ranks nothing.
 enum RankMaskMode : int { kRankDraw = 0, kRankDrawStore = 1, kRankLoad = 2 };
-// Statistics per model (pysoup.ops.table.SPARSE_STATS): sum |tau|, sum |kept|, sum kept^2, #shared, #unique.
+// Statistics per model (pysoup.ops.table.SPARSE_STATS): sum |tau|, sum |kept|, sum kept^2, #shared, #unique (the
+// counts under the RAM mix only, 0 otherwise: no other mix reads them).
 constexpr int kSparseStats = 5;
 
 struct SparseArgs {

@@ -30,6 +30,7 @@ struct RankCache {
     int64_t slab = -1;
     std::vector<uint32_t> below;      // k x slab elements: Philox words below this keep the entry
     std::vector<uint64_t> key, key2;  // one row's nonzero |tau|: bits << 32 | position, sorted by a radix sort
+    std::vector<uint32_t> counts = std::vector<uint32_t>(4 * 2048);  // the radix sort's counters
     std::vector<uint32_t> by_rank;    // k x row: each model's keep threshold per rank (the same for every row)
     std::vector<float> tile;          // a contiguous row's loads
 };
@@ -40,27 +41,50 @@ inline uint32_t keep_below_of(float p) {
     return v >= 4294967295.0 ? 0xFFFFFFFFu : uint32_t(v);
 }
 
-// Sorts c.key[0, n) ascending by its high 32 bits (|tau| bits; the low 32 bits are the position) by a stable LSD
-// radix sort over those 4 bytes, from the counts the caller took while it wrote the keys; bytes whose value every
-// key shares are skipped (the low mantissa bytes of a bf16 difference usually are). Ties stay in index order, as
-// the reference's stable sort keeps them. No comparisons; one 8-byte move per element and pass.
-inline void radix_sort_row(RankCache& c, int64_t n, uint32_t (*counts)[256]) {
+// Sorts c.key[0, n) ascending by its high 32 bits (|tau| bits, none zero; the low 32 bits are the position) by a
+// stable LSD radix sort: ties stay in index order, as the reference's stable sort keeps them. Only the bits that
+// differ between the keys are sorted on: every key is first mapped to (key - min) >> s, s the low bits all keys
+// share (an order-preserving map: the low mantissa bits of a bf16 difference are mostly equal), and the remaining D
+// bits take ceil(D / w) passes of equal digits of at most w bits (8, or 11 for long rows, where the counters' prefix
+// sums cost less than a pass). No comparisons; one 8-byte move per element and pass.
+inline void radix_sort_row(RankCache& c, int64_t n) {
     if (n < 2) return;
     uint64_t* src = c.key.data();
+    uint32_t lo = 0xFFFFFFFFu, hi = 0, differ = 0;
+    const uint32_t first = uint32_t(src[0] >> 32);
+    for (int64_t j = 0; j < n; ++j) {
+        const uint32_t k = uint32_t(src[j] >> 32);
+        lo = std::min(lo, k);
+        hi = std::max(hi, k);
+        differ |= k ^ first;
+    }
+    if (differ == 0) return;  // one value: index order is the order
+    const int shift = __builtin_ctz(differ);
+    const uint32_t range = (hi - lo) >> shift;
+    const int bits = 32 - __builtin_clz(range);
+    const int wmax = n >= 2048 ? 11 : 8;
+    const int passes = (bits + wmax - 1) / wmax, w = (bits + passes - 1) / passes;
+    const uint32_t mask = (1u << w) - 1, nbins = mask + 1;
+    uint32_t* counts = c.counts.data();  // passes x nbins
+    std::fill(counts, counts + size_t(passes) * nbins, 0u);
+    for (int64_t j = 0; j < n; ++j) {
+        const uint32_t r = (uint32_t(src[j] >> 32) - lo) >> shift;
+        src[j] = (uint64_t(r) << 32) | (src[j] & 0xFFFFFFFFu);
+        for (int p = 0; p < passes; ++p) ++counts[size_t(p) * nbins + ((r >> (p * w)) & mask)];
+    }
     uint64_t* dst = c.key2.data();
-    for (int byte = 0; byte < 4; ++byte) {
-        uint32_t* cnt = counts[byte];
-        const int shift = 32 + 8 * byte;
-        if (cnt[(src[0] >> shift) & 0xFF] == uint32_t(n)) continue;  // one value: nothing moves
+    for (int p = 0; p < passes; ++p) {
+        uint32_t* cnt = counts + size_t(p) * nbins;
+        const int sh = 32 + p * w;
         uint32_t sum = 0;
-        for (int b = 0; b < 256; ++b) {
+        for (uint32_t b = 0; b < nbins; ++b) {
             const uint32_t v = cnt[b];
             cnt[b] = sum;
             sum += v;
         }
         for (int64_t j = 0; j < n; ++j) {
             const uint64_t v = src[j];
-            dst[cnt[(v >> shift) & 0xFF]++] = v;
+            dst[cnt[(v >> sh) & mask]++] = v;
         }
         std::swap(src, dst);
     }
@@ -90,26 +114,20 @@ void rank_slab(const SparseArgs& a, int64_t slab, RankCache& c) {
     c.key.resize(size_t(a.row));
     c.key2.resize(size_t(a.row));
     if (a.stride == 1) c.tile.resize(size_t(2 * kOpTile));
-    uint32_t counts[4][256];
     for (int i = 0; i < a.k; ++i) {
         if (!a.drops[i]) continue;
         uint32_t* kb = c.below.data() + size_t(i) * size_t(len);
         const uint32_t* by_rank = c.by_rank.data() + size_t(i) * size_t(a.row);
         for (int64_t col = 0; col < a.stride; ++col) {
             // The zeros rank lowest, in index order (as the stable sort puts them): their thresholds are handed out
-            // here, and only the nonzero |tau| are sorted. The byte counts are taken while the keys are written.
-            std::fill(&counts[0][0], &counts[0][0] + 4 * 256, 0u);
+            // here, without a branch (a nonzero entry's is overwritten after the sort), and only the nonzero |tau|
+            // are sorted.
             int64_t zeros = 0, nz = 0;
             auto add = [&](int64_t j, uint32_t bits) {
-                if (bits == 0) {
-                    kb[j * a.stride + col] = by_rank[zeros++];
-                    return;
-                }
-                c.key[size_t(nz++)] = (uint64_t(bits) << 32) | uint64_t(j);
-                ++counts[0][bits & 0xFF];
-                ++counts[1][(bits >> 8) & 0xFF];
-                ++counts[2][(bits >> 16) & 0xFF];
-                ++counts[3][bits >> 24];
+                kb[j * a.stride + col] = by_rank[zeros];
+                c.key[size_t(nz)] = (uint64_t(bits) << 32) | uint64_t(j);
+                zeros += bits == 0;
+                nz += bits != 0;
             };
             if (a.stride == 1) {  // one contiguous row: tile loads
                 float* x = c.tile.data();
@@ -126,7 +144,7 @@ void rank_slab(const SparseArgs& a, int64_t slab, RankCache& c) {
                     add(j, abs_bits(load_f32(a.inputs[i], a.in_dtypes[i], e) - load_f32(a.base, a.base_dtype, e)));
                 }
             }
-            radix_sort_row(c, nz, counts);  // ascending |tau|, ties in index order
+            radix_sort_row(c, nz);  // ascending |tau|, ties in index order
             const uint32_t* br = by_rank + zeros;
             for (int64_t r = 0; r < nz; ++r) kb[int64_t(c.key[size_t(r)] & 0xFFFFFFFFu) * a.stride + col] = br[r];
         }
@@ -396,13 +414,14 @@ void sparse_stats_kernel(const SparseArgs& a, int64_t block_begin, int64_t end, 
     std::vector<int64_t> quota(a.quota, a.quota + sparse_quota_count(a));
     const int k = a.k;
     const int nstat = kSparseStats * k;
+    const bool ram = a.mix == kMixRam;
     std::vector<double> lanes(size_t(nstat) * kStatLanes);
     std::vector<float> count(kSparseTile);
     for (int64_t b0 = block_begin; b0 < end; b0 += kStatBlock) {
         const int64_t m = std::min(kStatBlock, end - b0);
         load_taus<IO>(a, b0, m, s);
         std::fill(count.begin(), count.end(), 0.0f);
-        for (int i = 0; i < k; ++i) {
+        for (int i = 0; ram && i < k; ++i) {
             const float* t = s.tau + size_t(i) * kSparseTile;
             for (int64_t j = 0; j < m; ++j) count[j] += std::fabs(t[j]) > a.epsilon ? 1.0f : 0.0f;
         }
@@ -416,11 +435,12 @@ void sparse_stats_kernel(const SparseArgs& a, int64_t block_begin, int64_t end, 
         for (int i = 0; i < k; ++i) {
             const float* t = s.tau + size_t(i) * kSparseTile;
             double l0[kStatLanes] = {}, l3[kStatLanes] = {}, l4[kStatLanes] = {};
-            for (int64_t j0 = 0; j0 < m8; j0 += kStatLanes) {
+            for (int64_t j0 = 0; j0 < m8; j0 += kStatLanes)
+                for (int l = 0; l < kStatLanes; ++l) l0[l] += std::fabs(double(t[j0 + l]));
+            for (int64_t j0 = 0; ram && j0 < m8; j0 += kStatLanes) {  // RAM's counts: only its mix reads them
                 for (int l = 0; l < kStatLanes; ++l) {
                     const float x = t[j0 + l], c = count[j0 + l];
                     const bool nz = std::fabs(x) > a.epsilon;
-                    l0[l] += std::fabs(double(x));
                     l3[l] += (nz & (c > 1.0f)) ? 1.0 : 0.0;
                     l4[l] += (nz & (c == 1.0f)) ? 1.0 : 0.0;
                 }

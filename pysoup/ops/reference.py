@@ -421,7 +421,8 @@ def sparse_task_vector_combine(xs, base, p, start: int, quota) -> tuple:
 def sparse_stats(xs, base, p, start: int, quota, acc: list) -> tuple:
     """acc plus SPARSE_STATS fp64 totals per model over tensors (sums as `moments` adds them): sum |tau_i|, sum
     |kept tau_i|, sum kept tau_i^2 (before any rescale), and RAM's counts of the entries that model i changes by more
-    than epsilon together with another model (#shared) and alone (#unique). Returns (totals, quotas left)."""
+    than epsilon together with another model (#shared) and alone (#unique); the counts only under the RAM mix (0
+    otherwise: no other mix reads them). Returns (totals, quotas left)."""
     import torch
 
     b, taus, masks, quota = sparse_masks(xs, base, p, start, quota)
@@ -436,8 +437,9 @@ def sparse_stats(xs, base, p, start: int, quota, acc: list) -> tuple:
         rows[r, :n] = t.double().abs()
         rows[r + 1, :n] = kept.abs()
         rows[r + 2, :n] = kept * kept
-        rows[r + 3, :n] = (nz[i] & (count > 1)).double()
-        rows[r + 4, :n] = (nz[i] & (count == 1)).double()
+        if p.mix == SparseMix.RAM:
+            rows[r + 3, :n] = (nz[i] & (count > 1)).double()
+            rows[r + 4, :n] = (nz[i] & (count == 1)).double()
     out = []
     for total, row in zip(acc, rows):
         seq = torch.cat([torch.tensor([total], dtype=torch.float64), lane_block_sums(row)])
