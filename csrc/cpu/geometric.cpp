@@ -72,12 +72,15 @@ int64_t nearswap(const void* const* inputs, const int* in_dtypes, float t, int64
     return nonfinite;
 }
 
+// Arcee Fusion's passes hand out blocks (rows) dynamically: no result depends on which thread takes which (each row's
+// KL is one thread's, counts add in any order, outputs are disjoint), and on a machine shared with other jobs a
+// descheduled thread then holds back only its current block, not a static share of the pass.
 void fusion_histogram(const FusionArgs& a, int pass, int64_t n, uint64_t* hist, Isa isa, int threads) {
     const GeometricKernels& kern = kernels(isa);
     const int64_t nb = nblocks(n);
     // Counts: the order of the increments changes nothing.
     if (pass != 0) {
-#pragma omp parallel for num_threads(threads_for(threads, nb)) schedule(static)
+#pragma omp parallel for num_threads(threads_for(threads, nb)) schedule(dynamic)
         for (int64_t b = 0; b < nb; ++b) kern.fusion_histogram(a, pass, b * kBlock, block_end(b, n), hist);
         return;
     }
@@ -90,7 +93,7 @@ void fusion_histogram(const FusionArgs& a, int pass, int64_t n, uint64_t* hist, 
 #pragma omp parallel num_threads(nt)
     {
         std::vector<uint64_t> local(65536, 0);
-#pragma omp for schedule(static) nowait
+#pragma omp for schedule(dynamic) nowait
         for (int64_t b = 0; b < nb; ++b) kern.fusion_histogram(a, 0, b * kBlock, block_end(b, n), local.data());
 #pragma omp critical(pysoup_fusion_histogram)
         for (size_t h = 0; h < local.size(); ++h) hist[h] += local[h];
@@ -102,7 +105,7 @@ int64_t fusion_combine(const FusionArgs& a, float threshold, int64_t n, void* ou
     const GeometricKernels& kern = kernels(isa);
     const int64_t nb = nblocks(n);
     int64_t nonfinite = 0;
-#pragma omp parallel for num_threads(threads_for(threads, nb)) schedule(static) reduction(+ : nonfinite)
+#pragma omp parallel for num_threads(threads_for(threads, nb)) schedule(dynamic) reduction(+ : nonfinite)
     for (int64_t b = 0; b < nb; ++b)
         nonfinite += kern.fusion_combine(a, threshold, b * kBlock, block_end(b, n), out, out_dtype);
     return nonfinite;
@@ -115,7 +118,7 @@ void fusion_kl(const void* const* inputs, const int* in_dtypes, int64_t row, int
     // Parts of about kBlock elements (at least one row); a row's sums never leave its thread.
     const int64_t per = std::max<int64_t>(1, kBlock / row);
     const int64_t parts = (rows + per - 1) / per;
-#pragma omp parallel for num_threads(threads_for(threads, parts)) schedule(static)
+#pragma omp parallel for num_threads(threads_for(threads, parts)) schedule(dynamic)
     for (int64_t q = 0; q < parts; ++q)
         kern.fusion_kl(inputs, in_dtypes, row, q * per, std::min(rows, (q + 1) * per), kl);
 }
