@@ -305,14 +305,15 @@ void sparse_args(const char* op, SparsePy& s, const Inputs& in, uintptr_t base, 
     a.row = p[12].cast<int64_t>();
     a.stride = p[13].cast<int64_t>();
     a.epsilon = p[14].cast<float>();
-    a.rank_mask = reinterpret_cast<uint8_t*>(p[15].cast<uintptr_t>());
-    a.rank_mask_stride = p[16].cast<int64_t>();
-    a.rank_mask_mode = p[17].cast<int>();
-    if (a.rank_mask_mode < kRankDraw || a.rank_mask_mode > kRankLoad)
-        throw std::invalid_argument(std::string(op) + ": bad rank mask mode");
-    if (a.rank_mask_mode != kRankDraw &&
-        (a.select != kSelectRank || !a.rank_mask || start < 0 || a.rank_mask_stride < (start + n + 7) / 8))
-        throw std::invalid_argument(std::string(op) + ": the rank mask needs a rank selection and whole bits");
+    a.keep_mask = reinterpret_cast<uint8_t*>(p[15].cast<uintptr_t>());
+    a.keep_mask_stride = p[16].cast<int64_t>();
+    a.keep_mask_mode = p[17].cast<int>();
+    if (a.keep_mask_mode < kMaskDraw || a.keep_mask_mode > kMaskLoad)
+        throw std::invalid_argument(std::string(op) + ": bad keep mask mode");
+    if (a.keep_mask_mode != kMaskDraw && ((a.select != kSelectRank && a.select != kSelectShared) || !a.keep_mask ||
+                                          start < 0 || a.keep_mask_stride < (start + n + 7) / 8))
+        throw std::invalid_argument(std::string(op) +
+                                    ": the keep mask needs a rank or shared selection and whole bits");
     if (a.select == kSelectBand) {
         check_len(op, "keep_bits", s.keep_bits, k);
         check_len(op, "skip_bits", s.skip_bits, k);

@@ -233,27 +233,28 @@ def test_cpu_equals_reference(tmp_path, bit_inputs, monkeypatch, case):
     assert _bit_merge(method, params, model_params, base, fts, str(tmp_path / "s.safetensors"), "cpu") == want
 
 
-def test_della_bits_kept_and_ranked_again_agree(tmp_path, bit_inputs, monkeypatch):
-    """DELLA's combine reads the draws its statistics pass kept as bits (the rows ranked once); a tensor whose bits
-    would exceed RANK_MASK_BYTES is ranked again in the combine. Both give the reference's bytes, and the bits are
-    really kept (a backend that hands out no buffer, as the reference, ranks twice)."""
+@pytest.mark.parametrize("method, masks", [("della", 3), ("sce", 1)])
+def test_kept_bits_and_selecting_again_agree(tmp_path, bit_inputs, monkeypatch, method, masks):
+    """DELLA's and SCE's combine read the selection their statistics pass kept as bits (DELLA: per model; SCE: one
+    mask), so no row is ranked and no variance computed twice; a tensor whose bits would exceed KEEP_MASK_BYTES
+    selects again in the combine. Both give the reference's bytes, and the bits are really kept."""
     from pysoup.ops.cpu import CpuBackend
     from pysoup.strategies import sparsify
 
-    case = next(i for i, c in enumerate(BIT_CASES) if c[0] == "della")
+    case = next(i for i, c in enumerate(BIT_CASES) if c[0] == method and c[1])
     method, params, model_params = BIT_CASES[case]
     base, fts = bit_inputs
     want = _reference_bytes(tmp_path, bit_inputs, case)
     sizes = []
-    real = CpuBackend.rank_mask_buffer
-    monkeypatch.setattr(CpuBackend, "rank_mask_buffer", lambda self, n: sizes.append(n) or real(self, n))
+    real = CpuBackend.keep_mask_buffer
+    monkeypatch.setattr(CpuBackend, "keep_mask_buffer", lambda self, n: sizes.append(n) or real(self, n))
     assert _bit_merge(method, params, model_params, base, fts, str(tmp_path / "a.safetensors"), "cpu", 2) == want
-    assert sorted(sizes) == sorted(3 * ((n + 7) // 8) for n in (100 * 700, 6 * 50 * 40, 5000))
+    assert sorted(sizes) == sorted(masks * ((n + 7) // 8) for n in (100 * 700, 6 * 50 * 40, 5000))
     sizes.clear()
-    monkeypatch.setattr(sparsify, "RANK_MASK_BYTES", 3 * ((6 * 50 * 40 + 7) // 8))  # only the [6, 50, 40] tensor's
+    monkeypatch.setattr(sparsify, "KEEP_MASK_BYTES", masks * ((6 * 50 * 40 + 7) // 8))  # the [6, 50, 40] tensor's
     monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 4096 * 3)
     assert _bit_merge(method, params, model_params, base, fts, str(tmp_path / "b.safetensors"), "cpu", 2) == want
-    assert sorted(sizes) == sorted(3 * ((n + 7) // 8) for n in (6 * 50 * 40, 5000))
+    assert sorted(sizes) == sorted(masks * ((n + 7) // 8) for n in (6 * 50 * 40, 5000))
 
 
 # -- tiny real models --------------------------------------------------------------------------------------------

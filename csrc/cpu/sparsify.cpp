@@ -28,6 +28,7 @@ std::vector<int64_t> block_quotas(const SparseArgs& a, const CpuKernels& kern, i
                                   int64_t* quota) {
     const int nq = sparse_quota_count(a);
     std::vector<int64_t> out(size_t(nb) * nq, -1);
+    if (a.keep_mask_mode == kMaskLoad) return out;  // the stored bits hold the selection, ties settled
     bool partial = false;
     for (int q = 0; q < nq; ++q) partial |= quota[q] >= 0;
     if (!partial) return out;

@@ -14,9 +14,10 @@ namespace pysoup {
 enum SparseSelectCode : int { kSelectAll = 0, kSelectBand = 1, kSelectRank = 2, kSelectShared = 3 };
 // How the kept entries are mixed (pysoup.ops.table.SparseMix).
 enum SparseMixCode : int { kMixSum = 0, kMixTies = 1, kMixSce = 2, kMixRam = 3 };
-// DELLA's draws: ranked and drawn in every pass (kRankDraw); ranked, drawn and stored as bits by the statistics
-// pass (kRankDrawStore); read back from those bits by the combine (kRankLoad), which then ranks nothing.
-enum RankMaskMode : int { kRankDraw = 0, kRankDrawStore = 1, kRankLoad = 2 };
+// DELLA's draws and SCE's variance selection: made in every pass (kMaskDraw); made and stored as bits by the
+// statistics pass (kMaskStore); read back from those bits by the combine (kMaskLoad), which then ranks no row,
+// computes no variance and counts no ties.
+enum KeepMaskMode : int { kMaskDraw = 0, kMaskStore = 1, kMaskLoad = 2 };
 // Statistics per model (pysoup.ops.table.SPARSE_STATS): sum |tau|, sum |kept|, sum kept^2, #shared, #unique (the
 // counts under the RAM mix only, 0 otherwise: no other mix reads them).
 constexpr int kSparseStats = 5;
@@ -43,9 +44,9 @@ struct SparseArgs {
     const uint8_t* drops;       // RANK: k, whether the model is sparsified
     int64_t row;                // RANK: entries per row (dimension 1)
     int64_t stride;             // RANK: distance between a row's entries
-    uint8_t* rank_mask;         // RANK: the tensor's keep bits (bit e % 8 of byte e / 8 per model), or nullptr
-    int64_t rank_mask_stride;   // RANK: bytes per model in rank_mask
-    int rank_mask_mode;         // RANK: kRankDraw, kRankDrawStore or kRankLoad
+    uint8_t* keep_mask;         // RANK, SHARED: the tensor's keep bits (bit e % 8 of byte e / 8; RANK: per model)
+    int64_t keep_mask_stride;   // bytes per model in keep_mask (SHARED: one mask)
+    int keep_mask_mode;         // kMaskDraw, kMaskStore or kMaskLoad
     float epsilon;              // RAM: |tau| threshold
     void* out;
     int out_dtype;

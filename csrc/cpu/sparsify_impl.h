@@ -236,17 +236,38 @@ void load_taus(const SparseArgs& a, int64_t t0, int64_t m, SparseScratch& s) {
     }
 }
 
+// Stores keep[0, m) (0 or 1) as bits g0 .. g0 + m - 1. Whole bytes are this range's alone; a byte shared with a
+// neighbouring range (a chunk may start mid-byte) is or-ed in atomically (the bits start zeroed, and each entry is
+// stored once).
+inline void store_bits(const uint8_t* keep, int64_t g0, int64_t m, uint8_t* bits) {
+    const int64_t g1 = g0 + m;
+    for (int64_t byte = g0 >> 3; byte <= (g1 - 1) >> 3; ++byte) {
+        const int64_t lo = std::max(g0, byte * 8), hi = std::min(g1, byte * 8 + 8);
+        uint8_t v = 0;
+        for (int64_t g = lo; g < hi; ++g) v |= uint8_t(keep[g - g0] << (g & 7));
+        if (hi - lo == 8)
+            bits[byte] = v;
+        else
+            __atomic_fetch_or(bits + byte, v, __ATOMIC_RELAXED);
+    }
+}
+
+// Bits g0 .. g0 + m - 1 into keep[0, m) as 0 or 1.
+inline void load_bits(const uint8_t* bits, int64_t g0, int64_t m, uint8_t* keep) {
+    for (int64_t j = 0; j < m; ++j) keep[j] = (bits[(g0 + j) >> 3] >> ((g0 + j) & 7)) & 1;
+}
+
 // DELLA's draws over [t0, t0 + m): kept where model i's Philox word is below its threshold at the entry's rank. The
 // slabs are the outer loop (each ranked once, for every model); the draws may be stored as bits for the combine, or
 // read back from them.
 template <class IO>
 void select_rank(const SparseArgs& a, int64_t t0, int64_t m, SparseScratch& s) {
     const int64_t g0 = a.start + t0;  // the first entry's index in the tensor (the bits' and the draws' index)
-    if (a.rank_mask_mode == kRankLoad) {
+    if (a.keep_mask_mode == kMaskLoad) {
         for (int i = 0; i < a.k; ++i) {
             if (!a.drops[i]) continue;
             float* t = s.tau + size_t(i) * kSparseTile;
-            const uint8_t* bits = a.rank_mask + size_t(i) * size_t(a.rank_mask_stride);
+            const uint8_t* bits = a.keep_mask + size_t(i) * size_t(a.keep_mask_stride);
             uint32_t* keep = s.bits.data();  // all ones or zero: a branch-free select the compiler vectorises
             for (int64_t j = 0; j < m; ++j) keep[j] = 0u - ((uint32_t(bits[(g0 + j) >> 3]) >> ((g0 + j) & 7)) & 1u);
             for (int64_t j = 0; j < m; ++j) t[j] = bits_f32(f32_bits(t[j]) & keep[j]);
@@ -276,20 +297,8 @@ void select_rank(const SparseArgs& a, int64_t t0, int64_t m, SparseScratch& s) {
         float* t = s.tau + size_t(i) * kSparseTile;
         const uint8_t* keep = s.keep.data() + size_t(i) * kSparseTile;
         for (int64_t j = 0; j < m; ++j) t[j] = keep[j] ? t[j] : 0.0f;
-        if (a.rank_mask_mode != kRankDrawStore) continue;
-        // Whole bytes are this range's alone; a byte shared with a neighbouring range (a chunk may start mid-byte)
-        // is or-ed in atomically (the bits start zeroed, and each entry is drawn once).
-        uint8_t* bits = a.rank_mask + size_t(i) * size_t(a.rank_mask_stride);
-        const int64_t g1 = g0 + m;
-        for (int64_t byte = g0 >> 3; byte <= (g1 - 1) >> 3; ++byte) {
-            const int64_t lo = std::max(g0, byte * 8), hi = std::min(g1, byte * 8 + 8);
-            uint8_t v = 0;
-            for (int64_t g = lo; g < hi; ++g) v |= uint8_t(keep[g - g0] << (g & 7));
-            if (hi - lo == 8)
-                bits[byte] = v;
-            else
-                __atomic_fetch_or(bits + byte, v, __ATOMIC_RELAXED);
-        }
+        if (a.keep_mask_mode == kMaskStore)
+            store_bits(keep, g0, m, a.keep_mask + size_t(i) * size_t(a.keep_mask_stride));
     }
 }
 
@@ -298,8 +307,14 @@ template <class IO>
 void select_taus(const SparseArgs& a, int64_t t0, int64_t m, SparseScratch& s, int64_t* quota) {
     const int k = a.k;
     if (a.select == kSelectShared) {
-        variance_bits(s.tau, k, m, s.wmean.data(), s.wm2.data(), s.bits.data());
-        top_mask(s.bits.data(), m, a.keep_bits[0], quota[0], s.m1.data());
+        const int64_t g0 = a.start + t0;
+        if (a.keep_mask_mode == kMaskLoad) {
+            load_bits(a.keep_mask, g0, m, s.m1.data());
+        } else {
+            variance_bits(s.tau, k, m, s.wmean.data(), s.wm2.data(), s.bits.data());
+            top_mask(s.bits.data(), m, a.keep_bits[0], quota[0], s.m1.data());
+            if (a.keep_mask_mode == kMaskStore) store_bits(s.m1.data(), g0, m, a.keep_mask);
+        }
         for (int i = 0; i < k; ++i) {
             float* t = s.tau + size_t(i) * kSparseTile;
             for (int64_t j = 0; j < m; ++j) t[j] = s.m1[j] ? t[j] : 0.0f;

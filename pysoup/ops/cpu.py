@@ -331,9 +331,9 @@ class CpuBackend(Backend):
     def variance_selector(self, density):
         return _VarianceTopK(density, self)
 
-    def rank_mask_buffer(self, nbytes: int):
-        """Zeroed memory for DELLA's keep bits (SparseParams.rank_mask): its statistics pass stores the draws, the
-        combine reads them instead of ranking every row again."""
+    def keep_mask_buffer(self, nbytes: int):
+        """Zeroed memory for DELLA's or SCE's keep bits (SparseParams.keep_mask): the statistics pass stores the
+        selection, the combine reads it instead of ranking every row or computing every variance again."""
         return (ctypes.c_uint8 * nbytes)()
 
     def moments_raw(self, chunk, acc):
@@ -436,9 +436,9 @@ def _sparse_params(p) -> tuple:
         p.row,
         p.stride,
         p.epsilon,
-        p.rank_mask,
-        p.rank_mask_stride,
-        p.rank_mask_mode,
+        p.keep_mask,
+        p.keep_mask_stride,
+        p.keep_mask_mode,
     )
 
 

@@ -118,11 +118,12 @@ class SparseParams:
     row: int = 1  # RANK: entries per row (the tensor's dimension 1; a 1-D tensor is one row)
     stride: int = 1  # RANK: distance between a row's entries (the product of the dimensions after 1)
     epsilon: float = 0.0  # RAM: fp32 threshold on |tau_i|
-    # RANK on the CPU: the address of the tensor's keep bits (rank_mask_stride bytes per model, bit e % 8 of byte
-    # e // 8), which the statistics pass writes (mode 1) and the combine reads (mode 2) instead of ranking again.
-    rank_mask: int = 0
-    rank_mask_stride: int = 0
-    rank_mask_mode: int = 0
+    # RANK, SHARED on the CPU: the address of the tensor's keep bits (keep_mask_stride bytes per model for RANK, one
+    # mask for SHARED; bit e % 8 of byte e // 8), which the statistics pass writes (mode 1) and the combine reads
+    # (mode 2) instead of selecting again.
+    keep_mask: int = 0
+    keep_mask_stride: int = 0
+    keep_mask_mode: int = 0
 
     @property
     def quotas(self) -> int:
@@ -365,9 +366,9 @@ class Backend:
 
         return reference.sparse_task_vector_raw(chunk, p, quota)
 
-    def rank_mask_buffer(self, nbytes: int):
-        """Zeroed ctypes memory of nbytes for DELLA's keep bits (SparseParams.rank_mask), or None where the backend
-        ranks the rows again in the combine (this one: the reference's kernels take no bits)."""
+    def keep_mask_buffer(self, nbytes: int):
+        """Zeroed ctypes memory of nbytes for DELLA's or SCE's keep bits (SparseParams.keep_mask), or None where the
+        backend selects again in the combine (this one: the reference's kernels take no bits)."""
         return None
 
     def sparse_stats_raw(self, chunk: Chunk, p: SparseParams, quota: list, acc: list) -> tuple:

@@ -37,9 +37,10 @@ from pysoup.strategies.tensor_op import TensorOp
 
 # DELLA ranks whole rows in the combine: a chunk holds whole rows, at most this many elements (the engine's chunk).
 MAX_ROW_ELEMENTS = 4 << 20
-# DELLA's statistics pass keeps its draws (one bit per entry and model) for the combine, which then ranks nothing,
-# where they take at most this much memory; larger tensors are ranked in both passes.
-RANK_MASK_BYTES = 32 << 20
+# DELLA's and SCE's statistics pass keeps its selection (one bit per entry, per model for DELLA) for the combine,
+# which then ranks no row and computes no variance, where the bits take at most this much memory; larger tensors
+# select again in the combine.
+KEEP_MASK_BYTES = 32 << 20
 # mergekit's guards: norms below this are not rescaled; SCE's weights below this sum are uniform.
 RESCALE_EPS = 1e-7
 SCE_UNIFORM_BELOW = 1e-6
@@ -141,11 +142,12 @@ class SparseTaskVectorOp(TensorOp):
         if self._stats():
             state["stats"] = [0.0] * (SPARSE_STATS * k)
             nbytes = (numel + 7) // 8
-            if p.select == SparseSelect.RANK and any(p.drops) and k * nbytes <= RANK_MASK_BYTES:
-                bits = backend.rank_mask_buffer(k * nbytes)
+            masks = k if p.select == SparseSelect.RANK and any(p.drops) else 1 if "selector" in state else 0
+            if p.select in (SparseSelect.RANK, SparseSelect.SHARED) and masks and masks * nbytes <= KEEP_MASK_BYTES:
+                bits = backend.keep_mask_buffer(masks * nbytes)
                 if bits is not None:
-                    state["rank_mask"] = bits  # alive until the combine is done
-                    mask = {"rank_mask": ctypes.addressof(bits), "rank_mask_stride": nbytes, "rank_mask_mode": 1}
+                    state["keep_mask"] = bits  # alive until the combine is done
+                    mask = {"keep_mask": ctypes.addressof(bits), "keep_mask_stride": nbytes, "keep_mask_mode": 1}
                     state["params"] = replace(state["params"], **mask)
         state["stats_quota"] = list(state["quota"])  # the selection passes replace both
         return state
@@ -185,8 +187,10 @@ class SparseTaskVectorOp(TensorOp):
         p, totals, numel = state["params"], state.pop("stats"), state["numel"]
         k = len(p.weights)
         per = [totals[SPARSE_STATS * i : SPARSE_STATS * (i + 1)] for i in range(k)]
+        # The combine reads the selection this pass stored (mode 1 -> 2), if it stored it.
+        mode = 2 if p.keep_mask_mode else 0
         if p.mix == SparseMix.SCE:
-            state["params"] = replace(p, weights=sce_weights([s[2] for s in per], numel))
+            state["params"] = replace(p, weights=sce_weights([s[2] for s in per], numel), keep_mask_mode=mode)
         elif self.ram_plus:
             r, alpha, epsilon = self.ram_plus
             shared, unique = [int(s[3]) for s in per], [int(s[4]) for s in per]
@@ -197,9 +201,7 @@ class SparseTaskVectorOp(TensorOp):
             for i, s in enumerate(per):
                 on = sparsified[i] < 1 if p.select == SparseSelect.BAND else sparsified[i]
                 scale.append(to_f32(l1_scale(s[0], s[1])) if on else 1.0)
-            # The combine reads the draws this pass stored (mode 1 -> 2), if it stored them.
-            mode = 2 if p.rank_mask_mode else 0
-            state["params"] = replace(p, scale=tuple(scale), rank_mask_mode=mode)
+            state["params"] = replace(p, scale=tuple(scale), keep_mask_mode=mode)
 
     def combine(self, backend, chunk, state):
         nonfinite, state["quota"] = backend.sparse_task_vector_raw(chunk, state["params"], state["quota"])
