@@ -23,7 +23,12 @@ void magnitude_histogram(const TaskVectorArgs& a, int64_t n, Isa isa, int thread
     }
     const int nt = threads_for(threads, nb);
     const size_t bins = size_t(a.k) * 65536;
-    std::vector<std::vector<uint64_t>> local(nt - 1, std::vector<uint64_t>(bins, 0));
+    // The other threads' histograms, kept by the calling thread from call to call (cleared here): fresh ones paid
+    // their page faults on every call.
+    thread_local std::vector<uint64_t> scratch;
+    scratch.resize(size_t(nt - 1) * bins);
+    std::fill(scratch.begin(), scratch.end(), uint64_t(0));
+    uint64_t* others = scratch.data();  // not `scratch` inside the region: each thread would name its own
     // Each thread counts one contiguous run of blocks in one call (what schedule(static) would hand it), so the
     // kernel's per-call set-up is paid once per thread.
 #pragma omp parallel num_threads(nt)
@@ -32,10 +37,12 @@ void magnitude_histogram(const TaskVectorArgs& a, int64_t n, Isa isa, int thread
         const int64_t first = nb * t / count, last = nb * (t + 1) / count;
         if (first < last)
             kern.magnitude_histogram(a, first * kBlock, std::min(n, last * kBlock), pass, prefix,
-                                     t == 0 ? hist : local[t - 1].data());
+                                     t == 0 ? hist : others + size_t(t - 1) * bins);
     }
-    for (const auto& h : local)
+    for (int t = 1; t < nt; ++t) {
+        const uint64_t* h = others + size_t(t - 1) * bins;
         for (size_t i = 0; i < bins; ++i) hist[i] += h[i];
+    }
 }
 
 RadixSelection radix_select(const uint64_t* hist, const std::vector<int64_t>& keep) {

@@ -33,7 +33,12 @@ void magnitude_histogram_kernel(const TaskVectorArgs& a, int64_t begin, int64_t 
     float* base_tile = buf.data();
     float* t = base_tile + kOpTile;
     const bool split = pass == 0 && end - begin >= kSplitHistogramMin && end - begin < (int64_t(1) << 32);
-    std::vector<uint32_t> halves(split ? size_t(a.k) * 2 * 65536 : 0);
+    // Kept per thread from call to call (cleared here): a fresh k x 512 KiB each call paid its page faults again.
+    thread_local std::vector<uint32_t> halves;
+    if (split) {
+        halves.resize(size_t(a.k) * 2 * 65536);
+        std::fill(halves.begin(), halves.end(), 0u);
+    }
     // A model listed again right after itself (Breadcrumbs' keep and skip selections of one model) is loaded once,
     // and in pass 0, where both count the same bins, counted once: its histogram is copied at the end.
     std::vector<uint8_t> again(size_t(a.k), 0);
