@@ -229,6 +229,16 @@ def test_chunks_that_split_rows_change_nothing(reference_merge, tmp_path, monkey
     assert (tmp_path / "chunked.safetensors").read_bytes() == want
 
 
+def test_arcee_fusion_rows_longer_than_a_chunk(inputs, tmp_path, monkeypatch):
+    """Rows longer than a chunk (the 300-element rows in 256-element chunks): every row's KL from its parts carried
+    across two or three chunks, the reference's bytes (unchunked)."""
+    bp, fps = inputs
+    pysoup.merge(fps[:1], tmp_path / "ref.safetensors", strategy="arcee_fusion", base=bp, backend="reference")
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 256)
+    pysoup.merge(fps[:1], tmp_path / "cpu.safetensors", strategy="arcee_fusion", base=bp, backend="cpu")
+    assert (tmp_path / "cpu.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+
+
 def test_arcee_fusion_device_merge_equals_cpu(inputs, tmp_path, monkeypatch):
     """device= merges (the Triton backend; CI: TRITON_INTERPRET=1 on the CPU) take the C++ row-KL kernel on the host
     ranges and the reference's histograms and combine: the cpu backend's and the reference's bytes, in chunks that
