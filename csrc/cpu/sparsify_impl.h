@@ -450,21 +450,26 @@ void sparse_stats_kernel(const SparseArgs& a, int64_t block_begin, int64_t end, 
         std::fill(count.begin() + m, count.begin() + m8, 0.0f);
         for (int i = 0; i < k; ++i) {
             const float* t = s.tau + size_t(i) * kSparseTile;
-            double l0[kStatLanes] = {}, l3[kStatLanes] = {}, l4[kStatLanes] = {};
+            double l0[kStatLanes] = {};
             for (int64_t j0 = 0; j0 < m8; j0 += kStatLanes)
                 for (int l = 0; l < kStatLanes; ++l) l0[l] += std::fabs(double(t[j0 + l]));
-            for (int64_t j0 = 0; ram && j0 < m8; j0 += kStatLanes) {  // RAM's counts: only its mix reads them
+            // RAM's counts (only its mix reads them), in integer lanes: the same values as summing 1.0s in fp64
+            // (every partial sum is a small integer), without the compare-to-double selects that kept this scalar.
+            uint32_t l3[kStatLanes] = {}, l4[kStatLanes] = {};
+            for (int64_t j0 = 0; ram && j0 < m8; j0 += kStatLanes) {
                 for (int l = 0; l < kStatLanes; ++l) {
                     const float x = t[j0 + l], c = count[j0 + l];
-                    const bool nz = std::fabs(x) > a.epsilon;
-                    l3[l] += (nz & (c > 1.0f)) ? 1.0 : 0.0;
-                    l4[l] += (nz & (c == 1.0f)) ? 1.0 : 0.0;
+                    const uint32_t nz = std::fabs(x) > a.epsilon;
+                    l3[l] += nz & uint32_t(c > 1.0f);
+                    l4[l] += nz & uint32_t(c == 1.0f);
                 }
             }
             double* L = lanes.data() + size_t(kSparseStats * i) * kStatLanes;
             std::copy(l0, l0 + kStatLanes, L);
-            std::copy(l3, l3 + kStatLanes, L + 3 * kStatLanes);
-            std::copy(l4, l4 + kStatLanes, L + 4 * kStatLanes);
+            for (int l = 0; l < kStatLanes; ++l) {
+                L[3 * kStatLanes + l] = double(l3[l]);
+                L[4 * kStatLanes + l] = double(l4[l]);
+            }
         }
         select_taus<IO>(a, b0, m, s, quota.data());
         for (int i = 0; i < k; ++i) {
