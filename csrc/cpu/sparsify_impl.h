@@ -253,8 +253,16 @@ inline void store_bits(const uint8_t* keep, int64_t g0, int64_t m, uint8_t* bits
 }
 
 // Bits g0 .. g0 + m - 1 into keep[0, m) as 0 or 1.
-inline void load_bits(const uint8_t* bits, int64_t g0, int64_t m, uint8_t* keep) {
-    for (int64_t j = 0; j < m; ++j) keep[j] = (bits[(g0 + j) >> 3] >> ((g0 + j) & 7)) & 1;
+template <class T>
+inline void load_bits(const uint8_t* bits, int64_t g0, int64_t m, T* keep) {
+    int64_t j = 0;
+    for (; j < m && ((g0 + j) & 7); ++j) keep[j] = T((bits[(g0 + j) >> 3] >> ((g0 + j) & 7)) & 1);
+    const uint8_t* byte = bits + ((g0 + j) >> 3);
+    for (; j + 8 <= m; j += 8, ++byte) {  // whole bytes: 8 entries from one load, the shifts fixed
+        const uint32_t v = *byte;
+        for (int l = 0; l < 8; ++l) keep[j + l] = T((v >> l) & 1u);
+    }
+    for (; j < m; ++j) keep[j] = T((bits[(g0 + j) >> 3] >> ((g0 + j) & 7)) & 1);
 }
 
 // DELLA's draws over [t0, t0 + m): kept where model i's Philox word is below its threshold at the entry's rank. The
@@ -269,8 +277,8 @@ void select_rank(const SparseArgs& a, int64_t t0, int64_t m, SparseScratch& s) {
             float* t = s.tau + size_t(i) * kSparseTile;
             const uint8_t* bits = a.keep_mask + size_t(i) * size_t(a.keep_mask_stride);
             uint32_t* keep = s.bits.data();  // all ones or zero: a branch-free select the compiler vectorises
-            for (int64_t j = 0; j < m; ++j) keep[j] = 0u - ((uint32_t(bits[(g0 + j) >> 3]) >> ((g0 + j) & 7)) & 1u);
-            for (int64_t j = 0; j < m; ++j) t[j] = bits_f32(f32_bits(t[j]) & keep[j]);
+            load_bits(bits, g0, m, keep);
+            for (int64_t j = 0; j < m; ++j) t[j] = bits_f32(f32_bits(t[j]) & (0u - keep[j]));
         }
         return;
     }
