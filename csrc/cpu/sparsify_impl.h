@@ -30,6 +30,7 @@ struct RankCache {
     int64_t slab = -1;
     std::vector<uint32_t> below;      // k x slab elements: Philox words below this keep the entry
     std::vector<uint64_t> key, key2;  // one row's nonzero |tau|: bits << 32 | position, sorted by a radix sort
+    std::vector<uint32_t> zero_at;    // one row's positions of the zero |tau|, in index order
     std::vector<uint32_t> counts = std::vector<uint32_t>(4 * 2048);  // the radix sort's counters
     std::vector<uint32_t> by_rank;    // k x row: each model's keep threshold per rank (the same for every row)
     std::vector<float> tile;          // a contiguous row's loads
@@ -113,18 +114,19 @@ void rank_slab(const SparseArgs& a, int64_t slab, RankCache& c) {
     c.below.resize(size_t(a.k) * size_t(len));
     c.key.resize(size_t(a.row));
     c.key2.resize(size_t(a.row));
+    c.zero_at.resize(size_t(a.row));
     if (a.stride == 1) c.tile.resize(size_t(2 * kOpTile));
     for (int i = 0; i < a.k; ++i) {
         if (!a.drops[i]) continue;
         uint32_t* kb = c.below.data() + size_t(i) * size_t(len);
         const uint32_t* by_rank = c.by_rank.data() + size_t(i) * size_t(a.row);
         for (int64_t col = 0; col < a.stride; ++col) {
-            // The zeros rank lowest, in index order (as the stable sort puts them): their thresholds are handed out
-            // here, without a branch (a nonzero entry's is overwritten after the sort), and only the nonzero |tau|
-            // are sorted.
+            // The zeros rank lowest, in index order (as the stable sort puts them): their positions are listed
+            // without a branch (every entry is written to both lists; only one count moves), and only the nonzero
+            // |tau| are sorted.
             int64_t zeros = 0, nz = 0;
             auto add = [&](int64_t j, uint32_t bits) {
-                kb[j * a.stride + col] = by_rank[zeros];
+                c.zero_at[size_t(zeros)] = uint32_t(j);
                 c.key[size_t(nz)] = (uint64_t(bits) << 32) | uint64_t(j);
                 zeros += bits == 0;
                 nz += bits != 0;
@@ -144,6 +146,7 @@ void rank_slab(const SparseArgs& a, int64_t slab, RankCache& c) {
                     add(j, abs_bits(load_f32(a.inputs[i], a.in_dtypes[i], e) - load_f32(a.base, a.base_dtype, e)));
                 }
             }
+            for (int64_t r = 0; r < zeros; ++r) kb[int64_t(c.zero_at[size_t(r)]) * a.stride + col] = by_rank[r];
             radix_sort_row(c, nz);  // ascending |tau|, ties in index order
             const uint32_t* br = by_rank + zeros;
             for (int64_t r = 0; r < nz; ++r) kb[int64_t(c.key[size_t(r)] & 0xFFFFFFFFu) * a.stride + col] = br[r];
