@@ -17,7 +17,7 @@ Adapter merges (8 adapters, weights 1/8):
     adapter; it loads the base model first (PEFT merges adapters only on a model).
 
 Targets (the fold): whole process <= 1.5x the I/O floor; peak RSS <= 256 MiB. Files under /dev/shm when it has
-room; the machine is shared with other agents' work, so wall times carry their load (the load average is recorded).
+room; the load average during the runs is recorded (on a shared machine, wall times carry other work's load).
 
     python benchmarks/lora.py [--quick] [--runs 3] [--out benchmarks/results]
 """
@@ -272,7 +272,7 @@ def markdown(report: dict) -> str:
         "system of the whole process, median). Every time is a whole process (interpreter start and imports "
         "included).",
         "",
-        f"The machine ({m['cores']} cores) was shared with other agents' work during the runs: load average "
+        f"Load average during the runs ({m['cores']} cores; the benchmark's own processes count in it): "
         f"{m['load_average']['min']:.1f} to {m['load_average']['max']:.1f} (median {m['load_average']['median']:.1f}).",
         "",
         "## Fold one adapter into the model",
