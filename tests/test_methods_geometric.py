@@ -123,6 +123,17 @@ def test_model_stock_filter_wise_worked_example():
     assert torch.allclose(flat, (tw * (m1["w"] + m2["w"]) / 2).float(), atol=2e-7)
 
 
+def _importance_fp64(pn, bn):
+    """arcee_fusion's importance |p - b| * KL(softmax(p_row) + 1e-8 || softmax(b_row) + 1e-8), numpy fp64."""
+
+    def softmax(x):
+        e = np.exp(x - x.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True) + 1e-8
+
+    P, Q = softmax(pn), softmax(bn)
+    return np.abs(pn - bn) * (P * np.log(P / Q)).sum(axis=1, keepdims=True)
+
+
 def test_arcee_fusion_worked_example():
     """Importance |p - b| * KL(softmax(p_row) + 1e-8 || softmax(b_row) + 1e-8) per row; the model's entry is kept
     where the importance is >= median + 1.5 IQR (numpy's sort for the quartiles)."""
@@ -130,14 +141,7 @@ def test_arcee_fusion_worked_example():
     b = torch.randn(16, 8, generator=g)
     p = b + 0.05 * torch.randn(16, 8, generator=g)
     p[3, 2] += 3.0  # one large change: an outlier of importance
-    pn, bn = p.double().numpy(), b.double().numpy()
-
-    def softmax(x):
-        e = np.exp(x - x.max(axis=1, keepdims=True))
-        return e / e.sum(axis=1, keepdims=True) + 1e-8
-
-    P, Q = softmax(pn), softmax(bn)
-    importance = np.abs(pn - bn) * (P * np.log(P / Q)).sum(axis=1, keepdims=True)
+    importance = _importance_fp64(p.double().numpy(), b.double().numpy())
     s = np.sort(importance.ravel())
     q1, med, q3 = (s[int(q * (s.size - 1))] for q in (0.25, 0.5, 0.75))
     keep = importance >= med + 1.5 * (q3 - q1)
@@ -534,14 +538,7 @@ def _fusion_mask_fp64(p, b):
     """arcee_fusion's mask computed in fp64 throughout (numpy's exp and log, the quartiles at mergekit's ranks)."""
     from pysoup.strategies.geometric import quantile_ranks
 
-    pn, bn = (x.double().numpy().reshape(-1, x.shape[-1]) for x in (p, b))
-
-    def softmax(x):
-        e = np.exp(x - x.max(axis=1, keepdims=True))
-        return e / e.sum(axis=1, keepdims=True) + 1e-8
-
-    P, Q = softmax(pn), softmax(bn)
-    importance = np.abs(pn - bn) * (P * np.log(P / Q)).sum(axis=1, keepdims=True)
+    importance = _importance_fp64(*(x.double().numpy().reshape(-1, x.shape[-1]) for x in (p, b)))
     s = np.sort(importance.ravel())
     q1, med, q3 = (s[r] for r in quantile_ranks(s.size))
     return (importance >= med + 1.5 * (q3 - q1)).reshape(p.shape)
