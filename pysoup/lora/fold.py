@@ -96,6 +96,7 @@ def fold(
     from pysoup.io.units import parse_size
     from pysoup.io.writer import OutputTarget
     from pysoup.ops import get_backend
+    from pysoup.ops.cpu import default_threads
 
     start = time.perf_counter()
     if isinstance(adapters, (str, os.PathLike, LoraAdapter)):
@@ -108,7 +109,7 @@ def fold(
     # Every core by default, as threads of our own that each run the kernel on one thread over a share of the
     # block's rows: OpenMP's idle thread spins between the fold's many short kernel calls (1.4 CPU s of a 1 GiB
     # fold on 2 cores), on the core the writer thread's pwrite needs.
-    threads = int(threads) if threads is not None else _cores()
+    threads = int(threads) if threads is not None else default_threads()
     if threads < 1:
         raise PlanError(f"fold needs at least 1 thread, got {threads}")
     if shard_size is not None:
@@ -333,16 +334,14 @@ def _write_tensor(base, row: int, fold_plan, sink, backend, pool, threads: int, 
             nonfinite += backend.weighted_sum_raw(chunk, [1.0], False)
         else:
             w_size = SAFETENSORS_SIZES[w_dtype]
-            runs = []
+            calls = []
             for a, b in _cut(r0, r1, threads):
                 skip = (a - r0) * cols
                 part = Chunk(
                     name, [w_addr + skip * w_size], [w_dtype], a * cols, (b - a) * cols, out + skip * size, dtype
                 )
-                runs.append((part, left[a:b]))
-            futures = [pool.submit(backend.lora_fold_raw, c, lp, right) for c, lp in runs[1:]]
-            nonfinite += backend.lora_fold_raw(runs[0][0], runs[0][1], right)
-            nonfinite += sum(f.result() for f in futures)
+                calls.append((backend.lora_fold_raw, part, left[a:b], right))
+            nonfinite += sum(_on_threads(pool, calls))
         sink.advance(n * size)
         sink.flush_if_full()
         r0 = r1
@@ -351,7 +350,8 @@ def _write_tensor(base, row: int, fold_plan, sink, backend, pool, threads: int, 
 
 class _FactorsAhead:
     """The (L, R) of each folded weight in output order, the next one read (pread, widened, scaled, concatenated:
-    ~8 ms a weight, 0.44 s of a 1 GiB rank-64 fold) on a thread of its own while this one is folded."""
+    0.15 s for the 56 weights of a 1 GiB rank-64 fold on an idle machine, 0.44 s under load) on a thread of its own
+    while this one is folded."""
 
     def __init__(self, plan: dict, layout):
         names = (layout.name(k) for k in range(len(layout)))
@@ -383,18 +383,19 @@ class _FactorsAhead:
         self._pool.shutdown(wait=True)
 
 
+def _on_threads(pool, calls) -> list:
+    """Runs calls [(fn, *args), ...], the first on this thread and the others on `pool`'s (each releases the GIL);
+    their results in order."""
+    futures = [pool.submit(*call) for call in calls[1:]]
+    fn, *args = calls[0]
+    return [fn(*args)] + [f.result() for f in futures]
+
+
 def _cut(r0: int, r1: int, parts: int) -> list:
     """[r0, r1) as up to `parts` runs of rows, the same size within one row (none empty)."""
     parts = max(1, min(parts, r1 - r0))
     bounds = [r0 + (r1 - r0) * i // parts for i in range(parts + 1)]
     return list(zip(bounds[:-1], bounds[1:]))
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 def _gemm_factors(terms) -> tuple:
@@ -445,10 +446,7 @@ def _copy(base, row: int, sink, nbytes: int, pool, threads: int) -> None:
         src = base.address_at(row, begin + pos, begin + pos + n)
         dst = sink.reserve(n)
         runs = _cut(0, n, threads if n >= 1 << 20 else 1)
-        futures = [pool.submit(ctypes.memmove, dst + a, src + a, b - a) for a, b in runs[1:]]
-        ctypes.memmove(dst + runs[0][0], src + runs[0][0], runs[0][1] - runs[0][0])
-        for f in futures:
-            f.result()
+        _on_threads(pool, [(ctypes.memmove, dst + a, src + a, b - a) for a, b in runs])
         sink.advance(n)
         sink.flush_if_full()
         pos += n
