@@ -40,9 +40,9 @@ def _codes(dtypes) -> list:
 
 
 def fusion_kl_native(chunk, row, kl, carry, threads: int, isa: int) -> None:
-    """Arcee Fusion's row KL with the C++ kernel (Backend.fusion_kl_raw) over a chunk of host memory: whole rows
-    in one call, a row split between chunks copied and carried until it is whole. Every backend with host ranges
-    uses it where pysoup._C loaded (the same bits as the torch reference, tested)."""
+    """Arcee Fusion's row KL with the C++ kernel over a chunk of host memory (the cpu and triton backends'
+    fusion_kl_raw, the latter where pysoup._C loaded: the same bits as the torch reference, tested): whole rows in
+    one call, a row split between chunks copied and carried until it is whole."""
     import numpy as np
 
     from pysoup.dtypes import SAFETENSORS_SIZES

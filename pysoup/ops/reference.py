@@ -546,9 +546,6 @@ class ReferenceBackend(Backend):
     def weighted_sum(self, tensors, weights, out_dtype, normalize):
         return weighted_sum(tensors, weights, out_dtype, normalize)
 
-    def fusion_kl_raw(self, chunk, row, kl, carry):  # the definition itself (other backends take the C++ kernel)
-        fusion_kl_raw(chunk, row, kl, carry)
-
     def lerp_plan(self, averaged, current):
         pairs = list(zip(averaged, current))
 

@@ -407,15 +407,7 @@ class Backend:
         """Arcee Fusion's per-row statistic (sources: the model p, then the base b; rows of `row` elements):
         kl[r] = sum_j P_j log(P_j / Q_j), P = softmax(p_r) + 1e-8, Q = softmax(b_r) + 1e-8, in fp64 rounded to
         fp32 once (reference.fusion_kl defines every operation); `carry` keeps a row split between chunks until it
-        is whole. The chunk is host memory on every backend: where pysoup._C loaded, its kernel (the same bits, ~20x
-        faster than the reference's ~40 fp64 torch ops an element); otherwise the reference's."""
-        from pysoup import _native
-
-        if _native.available:
-            from pysoup.ops.cpu import active_isa, default_threads, fusion_kl_native
-
-            isa = _native.native.isa_code(active_isa())
-            return fusion_kl_native(chunk, row, kl, carry, self.threads or default_threads(), isa)
+        is whole. The chunk is host memory on every backend. Backends without a kernel run the reference's."""
         from pysoup.ops import reference
 
         reference.fusion_kl_raw(chunk, row, kl, carry)
