@@ -273,7 +273,7 @@ class GroupInputs:
         if not spec.layered:
             return out
         modules = list(dict.fromkeys(g.module for g in spec.groups))  # None: `slices:`
-        arch, layout = GroupInputs._architecture(spec, checkpoint, modules)
+        layout = GroupInputs._module_layout(spec, checkpoint, modules)
         cache: dict = {}
 
         def layers(path, module=None):
@@ -306,10 +306,10 @@ class GroupInputs:
         return out
 
     @staticmethod
-    def _architecture(spec, checkpoint, modules: list):
-        """(architecture, its ARCH_MODULES entry or None) of the config's models, with the config's module names
-        checked against it: a one-line error for a module it does not have, and a warning for its modules the
-        config leaves out."""
+    def _module_layout(spec, checkpoint, modules: list):
+        """The ARCH_MODULES entry of the config's models' architecture (None for `slices:` and for one layer stack),
+        the config's module names checked against it: a one-line error for a module it does not have, and a warning
+        for its modules the config leaves out."""
         from pysoup.mergekit.config import ConfigWarning
 
         paths = list(dict.fromkeys(s.model for g in spec.groups for s in g.models + ([g.base] if g.base else [])))
@@ -320,7 +320,7 @@ class GroupInputs:
             other = next(p for p, a in archs.items() if a != arch)
             raise PlanError(f"{spec.path}: {other!r} is a {archs[other]}, {paths[0]!r} a {arch}: modules need one")
         if modules == [None]:  # `slices:`
-            return arch, None
+            return None
         known = sorted(layout) if layout is not None else [DEFAULT_MODULE]
         for m in modules:
             if m not in known:
@@ -336,4 +336,4 @@ class GroupInputs:
                 ConfigWarning,
                 stacklevel=4,
             )
-        return arch, layout
+        return layout
