@@ -23,68 +23,15 @@ const GeometricKernels& kernels(Isa isa) {
 #endif
 }
 
-}  // namespace
-
-void segment_moments(const SegmentArgs& a, int64_t n, Isa isa, int threads, double* acc, int64_t vectors) {
-    const GeometricKernels& kern = kernels(isa);
-    if (n <= 0) return;
-    if (a.columns) {
-        // Each thread owns a range of columns (>= 1024, so threads do not share cache lines of acc).
-        const int64_t cols = std::min<int64_t>(a.length, vectors);
-        const int64_t per = std::max<int64_t>(1024, (cols + threads - 1) / threads);
-        const int64_t parts = (cols + per - 1) / per;
-#pragma omp parallel for num_threads(threads_for(threads, parts)) schedule(static)
-        for (int64_t p = 0; p < parts; ++p) kern.segment_moments(a, 0, n, p * per, std::min(cols, (p + 1) * per), acc);
-        return;
-    }
-    // Blocks of about kBlock elements whose inner boundaries are row starts.
-    const int64_t nb = nblocks(n);
-    auto cut = [&](int64_t b) -> int64_t {
-        if (b <= 0) return 0;
-        if (b >= nb) return n;
-        const int64_t e = a.start + b * kBlock;                      // tensor index of the nominal boundary
-        const int64_t row_start = (e + a.length - 1) / a.length * a.length;  // the next row start at or after it
-        return std::min(n, row_start - a.start);
-    };
-#pragma omp parallel for num_threads(threads_for(threads, nb)) schedule(static)
-    for (int64_t b = 0; b < nb; ++b) {
-        const int64_t lo = cut(b), hi = cut(b + 1);
-        if (lo < hi) kern.segment_moments(a, lo, hi, 0, 0, acc);
-    }
-}
-
-int64_t segment_weighted_sum(const SegmentArgs& a, int64_t n, const float* coefficients, int64_t vectors, void* out,
-                             int out_dtype, Isa isa, int threads) {
-    const GeometricKernels& kern = kernels(isa);
-    const int64_t nb = nblocks(n);
-    int64_t nonfinite = 0;
-#pragma omp parallel for num_threads(threads_for(threads, nb)) schedule(static) reduction(+ : nonfinite)
-    for (int64_t b = 0; b < nb; ++b)
-        nonfinite += kern.segment_weighted_sum(a, b * kBlock, block_end(b, n), coefficients, vectors, out, out_dtype);
-    return nonfinite;
-}
-
-int64_t nearswap(const void* const* inputs, const int* in_dtypes, float t, int64_t n, void* out, int out_dtype, Isa isa,
-                 int threads) {
-    const GeometricKernels& kern = kernels(isa);
-    const int64_t nb = nblocks(n);
-    int64_t nonfinite = 0;
-#pragma omp parallel for num_threads(threads_for(threads, nb)) schedule(static) reduction(+ : nonfinite)
-    for (int64_t b = 0; b < nb; ++b)
-        nonfinite += kern.nearswap(inputs, in_dtypes, t, b * kBlock, block_end(b, n), out, out_dtype);
-    return nonfinite;
-}
-
-namespace {
-
-// Arcee Fusion's passes run on threads of their own (std::thread, the caller one of them), not OpenMP's: a tensor
-// takes four short passes with Python between them, and libgomp's idle threads spin-wait through those gaps. On this
-// 2-core machine shared with other jobs that doubled the merge's time (1 + base x 128 MiB: 5.5 s, 4.9 CPU s, against
-// 2.7 s and 2.0 CPU s with OMP_WAIT_POLICY=passive); starting a thread per call costs ~50 us. Items are handed out
-// one at a time: no result depends on which thread takes which (each row's KL is one thread's, counts add in any
-// order, outputs are disjoint), and a thread the OS deschedules holds back only its current item.
+// Every op here runs on threads of its own (std::thread, the caller one of them), not OpenMP's: a tensor takes several
+// short passes with Python and the reader between them, and libgomp's idle threads spin-wait through those gaps. On
+// this 2-core machine shared with other jobs that doubled Arcee Fusion's time (1 + base x 128 MiB: 5.5 s, 4.9 CPU s,
+// against 2.7 s and 2.0 CPU s with OMP_WAIT_POLICY=passive), and took a fifth of model_stock filter_wise's CPU time
+// (3 + base x 512 MiB: libgomp's spin loop 20% of the samples); starting a thread per call costs ~50 us. Items are
+// handed out one at a time: no result depends on which thread takes which (each row's sums are one thread's, counts
+// add in any order, outputs are disjoint), and a thread the OS deschedules holds back only its current item.
 template <class F>
-void fusion_threads(int threads, int64_t items, F&& fn) {
+void pool_threads(int threads, int64_t items, F&& fn) {
     if (threads <= 1 || items <= 1) {
         for (int64_t i = 0; i < items; ++i) fn(i, 0);
         return;
@@ -101,18 +48,75 @@ void fusion_threads(int threads, int64_t items, F&& fn) {
 
 }  // namespace
 
+void segment_moments(const SegmentArgs& a, int64_t n, Isa isa, int threads, double* acc, int64_t vectors) {
+    const GeometricKernels& kern = kernels(isa);
+    if (n <= 0) return;
+    if (a.columns) {
+        // Each thread owns a range of columns (>= 1024, so threads do not share cache lines of acc).
+        const int64_t cols = std::min<int64_t>(a.length, vectors);
+        const int64_t per = std::max<int64_t>(1024, (cols + threads - 1) / threads);
+        const int64_t parts = (cols + per - 1) / per;
+        pool_threads(threads_for(threads, parts), parts, [&](int64_t p, int) {
+            kern.segment_moments(a, 0, n, p * per, std::min(cols, (p + 1) * per), acc);
+        });
+        return;
+    }
+    // Blocks of about kBlock elements whose inner boundaries are row starts.
+    const int64_t nb = nblocks(n);
+    auto cut = [&](int64_t b) -> int64_t {
+        if (b <= 0) return 0;
+        if (b >= nb) return n;
+        const int64_t e = a.start + b * kBlock;                      // tensor index of the nominal boundary
+        const int64_t row_start = (e + a.length - 1) / a.length * a.length;  // the next row start at or after it
+        return std::min(n, row_start - a.start);
+    };
+    pool_threads(threads_for(threads, nb), nb, [&](int64_t b, int) {
+        const int64_t lo = cut(b), hi = cut(b + 1);
+        if (lo < hi) kern.segment_moments(a, lo, hi, 0, 0, acc);
+    });
+}
+
+int64_t segment_weighted_sum(const SegmentArgs& a, int64_t n, const float* coefficients, int64_t vectors, void* out,
+                             int out_dtype, Isa isa, int threads) {
+    const GeometricKernels& kern = kernels(isa);
+    const int64_t nb = nblocks(n);
+    const int nt = threads_for(threads, nb);
+    std::vector<int64_t> nonfinite(nt, 0);
+    pool_threads(nt, nb, [&](int64_t b, int t) {
+        nonfinite[t] +=
+            kern.segment_weighted_sum(a, b * kBlock, block_end(b, n), coefficients, vectors, out, out_dtype);
+    });
+    int64_t total = 0;
+    for (int64_t c : nonfinite) total += c;
+    return total;
+}
+
+int64_t nearswap(const void* const* inputs, const int* in_dtypes, float t, int64_t n, void* out, int out_dtype, Isa isa,
+                 int threads) {
+    const GeometricKernels& kern = kernels(isa);
+    const int64_t nb = nblocks(n);
+    const int nt = threads_for(threads, nb);
+    std::vector<int64_t> nonfinite(nt, 0);
+    pool_threads(nt, nb, [&](int64_t b, int th) {
+        nonfinite[th] += kern.nearswap(inputs, in_dtypes, t, b * kBlock, block_end(b, n), out, out_dtype);
+    });
+    int64_t total = 0;
+    for (int64_t c : nonfinite) total += c;
+    return total;
+}
+
 void fusion_histogram(const FusionArgs& a, int pass, int64_t n, uint64_t* hist, Isa isa, int threads) {
     const GeometricKernels& kern = kernels(isa);
     const int64_t nb = nblocks(n);
     const int nt = threads_for(threads, nb);
     if (pass != 0) {  // pass 1 counts few elements, atomically, into `hist`
-        fusion_threads(nt, nb,
-                       [&](int64_t b, int) { kern.fusion_histogram(a, pass, b * kBlock, block_end(b, n), hist); });
+        pool_threads(nt, nb,
+                     [&](int64_t b, int) { kern.fusion_histogram(a, pass, b * kBlock, block_end(b, n), hist); });
         return;
     }
     // Pass 0 counts every element: each thread into a histogram of its own, added to `hist` at the end.
     std::vector<std::vector<uint64_t>> local(nt);
-    fusion_threads(nt, nb, [&](int64_t b, int t) {
+    pool_threads(nt, nb, [&](int64_t b, int t) {
         uint64_t* h = hist;
         if (nt > 1) {
             if (local[t].empty()) local[t].assign(65536, 0);
@@ -130,7 +134,7 @@ int64_t fusion_combine(const FusionArgs& a, float threshold, int64_t n, void* ou
     const int64_t nb = nblocks(n);
     const int nt = threads_for(threads, nb);
     std::vector<int64_t> nonfinite(nt, 0);
-    fusion_threads(nt, nb, [&](int64_t b, int t) {
+    pool_threads(nt, nb, [&](int64_t b, int t) {
         nonfinite[t] += kern.fusion_combine(a, threshold, b * kBlock, block_end(b, n), out, out_dtype);
     });
     int64_t total = 0;
@@ -145,7 +149,7 @@ void fusion_kl(const void* const* inputs, const int* in_dtypes, int64_t row, int
     // Parts of about kBlock elements (at least one row); a row's sums never leave its thread.
     const int64_t per = std::max<int64_t>(1, kBlock / row);
     const int64_t parts = (rows + per - 1) / per;
-    fusion_threads(threads_for(threads, parts), parts, [&](int64_t q, int) {
+    pool_threads(threads_for(threads, parts), parts, [&](int64_t q, int) {
         kern.fusion_kl(inputs, in_dtypes, row, q * per, std::min(rows, (q + 1) * per), kl);
     });
 }
