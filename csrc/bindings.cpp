@@ -584,15 +584,17 @@ int64_t lora_fold_py(uintptr_t w, int w_dtype, uintptr_t left, uintptr_t right, 
     return lora_fold(a, code, std::max(1, threads));
 }
 
-// Arcee Fusion's row KL: `rows` whole rows of `row` elements from the inputs (p, b) into kl (fp32, rows entries).
+// Arcee Fusion's row KL: `rows` whole rows of `row` elements from the inputs (p, b) into kl (fp32, rows entries);
+// hist (0 for none): 65536 uint64 counts of the rows' importance keys' high halves, added to.
 void fusion_kl_py(const std::vector<uintptr_t>& inputs, const std::vector<int>& dtypes, int64_t row, int64_t rows,
-                  uintptr_t kl, int threads, const IsaArg& isa) {
+                  uintptr_t kl, int threads, const IsaArg& isa, uintptr_t hist) {
     if (row <= 0 || rows < 0) throw std::invalid_argument("fusion_kl: bad row length or row count");
     Inputs in = check_inputs("fusion_kl", inputs, dtypes, row * rows, isa);
     if (in.ptrs.size() != 2) throw std::invalid_argument("fusion_kl: takes the model and the base");
     if (rows > 0 && kl == 0) throw std::invalid_argument("fusion_kl: null output pointer");
     py::gil_scoped_release release;
-    fusion_kl(in.ptrs.data(), in.dtypes.data(), row, rows, reinterpret_cast<float*>(kl), in.isa, std::max(1, threads));
+    fusion_kl(in.ptrs.data(), in.dtypes.data(), row, rows, reinterpret_cast<float*>(kl),
+              reinterpret_cast<uint64_t*>(hist), in.isa, std::max(1, threads));
 }
 
 PYBIND11_MODULE(_C, m) {
@@ -630,7 +632,10 @@ PYBIND11_MODULE(_C, m) {
     m.def("nearswap", &nearswap_py, "mergekit's NearSwap in its fp32 operation order");
     m.def("fusion_histogram", &fusion_histogram_py, "Arcee Fusion: radix-select histogram of the importance keys");
     m.def("fusion_combine", &fusion_combine_py, "Arcee Fusion: b + (p - b) * (importance >= threshold)");
-    m.def("fusion_kl", &fusion_kl_py, "Arcee Fusion: each row's KL of softmax(p) + eps against softmax(b) + eps, fp64");
+    m.def("fusion_kl", &fusion_kl_py, py::arg("inputs"), py::arg("in_dtypes"), py::arg("row"), py::arg("rows"),
+          py::arg("kl"), py::arg("threads"), py::arg("isa"), py::arg("hist") = 0,
+          "Arcee Fusion: each row's KL of softmax(p) + eps against softmax(b) + eps, fp64; with hist, the rows' "
+          "importance keys' high halves counted there");
     m.def("lora_fold", &lora_fold_py, py::arg("w"), py::arg("w_dtype"), py::arg("left"), py::arg("right"),
           py::arg("rows"), py::arg("cols"), py::arg("k"), py::arg("out"), py::arg("out_dtype"), py::arg("threads"),
           py::arg("isa"),

@@ -320,7 +320,8 @@ def test_fusion_kl_kernel_equals_reference(isa, row):
     """Arcee Fusion's row KL (fp64, rounded once): the C++ kernel gives the reference's bits on every ISA, for fp16 /
     bf16 / fp32 inputs of small and wide range, rows with NaN or inf (NaN), rows of one element, rows longer than a
     thread block, in chunks that split rows (carried across two and three chunks); and it stays within 2e-7
-    (relative: fp32 rounding) of the KL computed with numpy's fp64 exp and log (pysoup's are polynomials)."""
+    (relative: fp32 rounding) of the KL computed with numpy's fp64 exp and log (pysoup's are polynomials). The
+    importance counts taken in the same pass equal the reference's and the separate histogram pass's."""
     from helpers.tensors import random_tensor
 
     from pysoup.ops.cpu import CpuBackend
@@ -333,13 +334,18 @@ def test_fusion_kl_kernel_equals_reference(isa, row):
     b[2, 0] = float("inf")
     n = rows * row
     cuts = sorted({0, 1, row // 2, row + 1, 3 * row - 1, n // 2 + 7, n - 1, n})
-    kls = []
+    kls, hists = [], []
     for be in (ReferenceBackend(), CpuBackend(2, isa)):
-        kl, carry = np.zeros(rows, dtype=np.float32), {}
+        kl, carry, hist = np.zeros(rows, dtype=np.float32), {}, np.zeros(1 << 16, dtype=np.int64)
         for lo, hi in zip(cuts, cuts[1:]):
-            be.fusion_kl_raw(_chunk([p.flatten(), b.flatten()], lo, hi - lo), row, kl, carry)
+            be.fusion_kl_raw(_chunk([p.flatten(), b.flatten()], lo, hi - lo), row, kl, carry, hist)
         kls.append(kl)
+        hists.append(hist)
     assert np.array_equal(kls[0].view(np.uint32), kls[1].view(np.uint32))
+    # The importance counts taken with the KL: those of the histogram pass that reads the rows again.
+    separate = np.zeros((3, 1 << 16), dtype=np.int64)
+    ReferenceBackend().fusion_histogram_raw(_chunk([p.flatten(), b.flatten()], 0, n), row, kls[0], 0, [0], separate)
+    assert hists[0].sum() == n and np.array_equal(hists[0], separate[0]) and np.array_equal(hists[1], hists[0])
     kl = kls[1]
     assert np.isnan(kl[1]) and np.isnan(kl[2]) and (row == 1 or np.isfinite(kl[3:]).all())
     pn, bn = p.double().numpy()[3:], b.double().numpy()[3:]

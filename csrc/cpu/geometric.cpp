@@ -142,16 +142,26 @@ int64_t fusion_combine(const FusionArgs& a, float threshold, int64_t n, void* ou
     return total;
 }
 
-void fusion_kl(const void* const* inputs, const int* in_dtypes, int64_t row, int64_t rows, float* kl, Isa isa,
-               int threads) {
+void fusion_kl(const void* const* inputs, const int* in_dtypes, int64_t row, int64_t rows, float* kl, uint64_t* hist,
+               Isa isa, int threads) {
     const GeometricKernels& kern = kernels(isa);
     if (rows <= 0 || row <= 0) return;
     // Parts of about kBlock elements (at least one row); a row's sums never leave its thread.
     const int64_t per = std::max<int64_t>(1, kBlock / row);
     const int64_t parts = (rows + per - 1) / per;
-    pool_threads(threads_for(threads, parts), parts, [&](int64_t q, int) {
-        kern.fusion_kl(inputs, in_dtypes, row, q * per, std::min(rows, (q + 1) * per), kl);
+    const int nt = threads_for(threads, parts);
+    // Counts: each thread into a histogram of its own (as fusion_histogram's pass 0), added to `hist` at the end.
+    std::vector<std::vector<uint64_t>> local(hist && nt > 1 ? nt : 0);
+    pool_threads(nt, parts, [&](int64_t q, int t) {
+        uint64_t* h = hist;
+        if (hist && nt > 1) {
+            if (local[t].empty()) local[t].assign(65536, 0);
+            h = local[t].data();
+        }
+        kern.fusion_kl(inputs, in_dtypes, row, q * per, std::min(rows, (q + 1) * per), kl, h);
     });
+    for (const std::vector<uint64_t>& l : local)
+        for (size_t h = 0; h < l.size(); ++h) hist[h] += l[h];
 }
 
 }  // namespace pysoup

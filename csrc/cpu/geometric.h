@@ -66,9 +66,11 @@ struct GeometricKernels {
     // caller gives one thread only; pass 1: atomic). The combine writes b + (p - b) * (I >= thr).
     void (*fusion_histogram)(const FusionArgs&, int pass, int64_t begin, int64_t end, uint64_t* hist);
     int64_t (*fusion_combine)(const FusionArgs&, float threshold, int64_t begin, int64_t end, void* out, int out_dtype);
-    // Arcee Fusion's row KL over rows [r0, r1) (inputs: p, b at row 0's first element), into kl[r0 .. r1): see
-    // fusion_kl below.
-    void (*fusion_kl)(const void* const* inputs, const int* in_dtypes, int64_t row, int64_t r0, int64_t r1, float* kl);
+    // Arcee Fusion's row KL over rows [r0, r1) (inputs: p, b at row 0's first element), into kl[r0 .. r1), and with
+    // `hist` (65536 counts, the caller's thread's own) those rows' importances counted as fusion_histogram's pass 0:
+    // see fusion_kl below.
+    void (*fusion_kl)(const void* const* inputs, const int* in_dtypes, int64_t row, int64_t r0, int64_t r1, float* kl,
+                      uint64_t* hist);
 };
 
 extern const GeometricKernels kGeometricScalar;
@@ -88,10 +90,12 @@ void fusion_histogram(const FusionArgs& a, int pass, int64_t n, uint64_t* hist, 
 int64_t fusion_combine(const FusionArgs& a, float threshold, int64_t n, void* out, int out_dtype, Isa isa, int threads);
 // Arcee Fusion's row statistic, in fp64 and rounded to fp32 once: with P = softmax(p_r) + eps, Q = softmax(b_r) + eps
 // (eps = fp32(1e-8), as mergekit), kl[r] = sum_j P_j log(P_j / Q_j). softmax(x)_j = e_j * (1 / sum e), e_j =
-// exp(x_j - max x); sums in kl_sum's fixed order; exp and log the polynomials of geometric_impl.h, so the torch
-// reference (pysoup.ops.reference.fusion_kl) gets the same bits. A row with a non-finite value: NaN. Each row is
-// one thread's, so neither the threads nor the ISA change a bit. `rows` rows of `row` elements from the inputs.
-void fusion_kl(const void* const* inputs, const int* in_dtypes, int64_t row, int64_t rows, float* kl, Isa isa,
-               int threads);
+// exp(x_j - max x); sums in kl_sum's fixed order; exp and log(P / Q) the polynomials of geometric_impl.h (kl_exp,
+// kl_log_ratio), so the torch reference (pysoup.ops.reference.fusion_kl) gets the same bits. A row with a non-finite
+// value: NaN. Each row is one thread's, so neither the threads nor the ISA change a bit. `rows` rows of `row`
+// elements from the inputs. With `hist` (65536 counts, added to), every row's importances |p - b| * kl[r] are also
+// counted by the high 16 bits of their order keys: fusion_histogram's pass 0, done while the row is at hand.
+void fusion_kl(const void* const* inputs, const int* in_dtypes, int64_t row, int64_t rows, float* kl, uint64_t* hist,
+               Isa isa, int threads);
 
 }  // namespace pysoup

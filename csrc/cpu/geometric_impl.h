@@ -271,7 +271,6 @@ void fusion_histogram_kernel(const FusionArgs& a, int pass, int64_t begin, int64
     std::vector<float> buf(size_t(kOpTile) * 3);
     float *p = buf.data(), *b = p + kOpTile, *imp = b + kOpTile;
     uint32_t keys[kOpTile];
-    uint16_t at[kOpTile];
     // Up to three quantiles' prefixes; a missing one never matches (high halves are < 65536).
     const uint32_t p0 = a.quantiles > 0 ? a.prefix[0] : 0xFFFFFFFFu, p1 = a.quantiles > 1 ? a.prefix[1] : 0xFFFFFFFFu,
                    p2 = a.quantiles > 2 ? a.prefix[2] : 0xFFFFFFFFu;
@@ -283,19 +282,25 @@ void fusion_histogram_kernel(const FusionArgs& a, int pass, int64_t begin, int64
             for (int64_t j = 0; j < m; ++j) ++hist[keys[j] >> 16];
             continue;
         }
-        // The matching elements' positions, packed branch-free (a match is rare and data-dependent: a branch per
-        // element mispredicts), then counted.
-        int64_t hits = 0;
+        // Pass 1: a match flag per element (vectorised), then only the groups of 8 with a match looked at (a few
+        // percent of the elements match, spread out: a branch per element mispredicted, and packing every element's
+        // position branch-free cost more than computing the keys).
+        uint8_t hit[kOpTile + 8] = {};
         for (int64_t j = 0; j < m; ++j) {
             const uint32_t hi = keys[j] >> 16;
-            at[hits] = static_cast<uint16_t>(j);
-            hits += (hi == p0) | (hi == p1) | (hi == p2);
+            hit[j] = (hi == p0) | (hi == p1) | (hi == p2);
         }
-        for (int64_t h = 0; h < hits; ++h) {
-            const uint32_t key = keys[at[h]];
-            for (int q = 0; q < a.quantiles; ++q)
-                if ((key >> 16) == a.prefix[q])
-                    __atomic_fetch_add(&hist[size_t(q) * 65536 + (key & 0xFFFFu)], 1, __ATOMIC_RELAXED);
+        for (int64_t g = 0; g < m; g += 8) {
+            uint64_t word;
+            __builtin_memcpy(&word, hit + g, 8);
+            if (!word) continue;
+            for (int64_t j = g; j < std::min(m, g + 8); ++j) {
+                if (!hit[j]) continue;
+                const uint32_t key = keys[j];
+                for (int q = 0; q < a.quantiles; ++q)
+                    if ((key >> 16) == a.prefix[q])
+                        __atomic_fetch_add(&hist[size_t(q) * 65536 + (key & 0xFFFFu)], 1, __ATOMIC_RELAXED);
+            }
         }
     }
 }
@@ -363,17 +368,23 @@ inline double kl_exp(double r) {
     return r < kKlExpFloor ? 0.0 : s * scale;
 }
 
-// log(y) for a positive normal y: y = 2^e m with m in [sqrt(1/2), sqrt(2)), log(m) = 2 atanh(s), s = (m - 1) / (m + 1)
-// (|s| < 0.172), by its series to s^23 (error < 1e-19); e ln2 added in two parts.
-inline double kl_log(double y) {
-    const uint64_t u = kl_double_bits(y);
-    double e = kl_bits_to_double((u >> 52) | 0x4330000000000000ull) - 0x1p52 - 1023.0;  // the exponent, exactly
-    double m = kl_bits_to_double((u & 0x000FFFFFFFFFFFFFull) | 0x3FF0000000000000ull);
-    const bool big = m > kKlSqrt2;
-    m = big ? m * 0.5 : m;
-    e = big ? e + 1.0 : e;
-    const double f = m - 1.0;
-    const double s = f / (2.0 + f);
+// log(P / Q) for positive normal P and Q, with one division: P = 2^eP mP and Q = 2^eQ mQ (mP, mQ in [1, 2)), one
+// mantissa doubled (and e = eP - eQ moved by one) where that brings mP / mQ into [sqrt(1/2), sqrt(2)]; then
+// log(P / Q) = e ln2 + 2 atanh(s), s = (mP - mQ) / (mP + mQ) (|s| < 0.172; mP - mQ is exact, the two being within a
+// factor of 2 of each other), atanh(s) / s by its series in z = s^2 to z^11 (error < 1e-19); e ln2 added in two
+// parts. (log of the rounded quotient P / Q took a second division, the loop's most expensive operation.)
+inline double kl_log_ratio(double P, double Q) {
+    const uint64_t up = kl_double_bits(P), uq = kl_double_bits(Q);
+    // The exponents, exactly: 2^52 + the biased exponent field, less 2^52 (their biases cancel in e).
+    const double ep = kl_bits_to_double((up >> 52) | 0x4330000000000000ull);
+    const double eq = kl_bits_to_double((uq >> 52) | 0x4330000000000000ull);
+    double mp = kl_bits_to_double((up & 0x000FFFFFFFFFFFFFull) | 0x3FF0000000000000ull);
+    double mq = kl_bits_to_double((uq & 0x000FFFFFFFFFFFFFull) | 0x3FF0000000000000ull);
+    const bool up2 = mp > mq * kKlSqrt2, down2 = mq > mp * kKlSqrt2;
+    mq = up2 ? mq * 2.0 : mq;
+    mp = down2 ? mp * 2.0 : mp;
+    const double e = (ep - eq) + (up2 ? 1.0 : (down2 ? -1.0 : 0.0));
+    const double s = (mp - mq) / (mp + mq);
     const double z = s * s;
     // Estrin's scheme, as kl_exp; the coefficients 1/(2i + 1), i = 0 .. 11.
     const double z2 = z * z, z4 = z2 * z2, z8 = z4 * z4;
@@ -400,55 +411,65 @@ inline double kl_sum(const double* x, int64_t n) {
     return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
-// Rows [r0, r1) (the inputs at row 0's first element) into kl[r0 .. r1).
+// One row's KL from its values (fp64, overwritten).
+inline float fusion_kl_row(double* xp, double* xb, int64_t row) {
+    // A row with a non-finite value has no KL (NaN: the importance of its elements is NaN, never kept): x - x is
+    // NaN exactly for those. Maxima are exact in any order; lanes let the loop vectorise.
+    double mp[kKlLanes], mb[kKlLanes], bad[kKlLanes];
+    for (int l = 0; l < kKlLanes; ++l) mp[l] = mb[l] = -HUGE_VAL, bad[l] = 0.0;
+    auto scan = [&](int64_t j, int l) {
+        mp[l] = xp[j] > mp[l] ? xp[j] : mp[l];
+        mb[l] = xb[j] > mb[l] ? xb[j] : mb[l];
+        bad[l] += (xp[j] - xp[j]) + (xb[j] - xb[j]);
+    };
+    int64_t j0 = 0;
+    for (; j0 + kKlLanes <= row; j0 += kKlLanes)
+        for (int l = 0; l < kKlLanes; ++l) scan(j0 + l, l);
+    for (int l = 0; j0 + l < row; ++l) scan(j0 + l, l);
+    double mxp = mp[0], mxb = mb[0], nan = 0.0;
+    for (int l = 0; l < kKlLanes; ++l) {
+        mxp = mp[l] > mxp ? mp[l] : mxp;
+        mxb = mb[l] > mxb ? mb[l] : mxb;
+        nan += bad[l];
+    }
+    if (nan != 0.0) return std::numeric_limits<float>::quiet_NaN();
+    for (int64_t j = 0; j < row; ++j) {
+        xp[j] = kl_exp(xp[j] - mxp);
+        xb[j] = kl_exp(xb[j] - mxb);
+    }
+    const double ip = 1.0 / kl_sum(xp, row), ib = 1.0 / kl_sum(xb, row);
+    for (int64_t j = 0; j < row; ++j) {
+        const double P = xp[j] * ip + kKlEps, Q = xb[j] * ib + kKlEps;
+        xp[j] = P * kl_log_ratio(P, Q);
+    }
+    return static_cast<float>(kl_sum(xp, row));
+}
+
+// Rows [r0, r1) (the inputs at row 0's first element) into kl[r0 .. r1); with `hist`, each of those rows' importances
+// |p - b| * kl[r] (fp32, as fusion_importance) counted there by the high half of its order key, as
+// fusion_histogram's pass 0: the row is at hand, so this saves that pass's reading of both tensors.
 template <class IO>
-void fusion_kl_kernel(const void* const* inputs, const int* in_dtypes, int64_t row, int64_t r0, int64_t r1, float* kl) {
+void fusion_kl_kernel(const void* const* inputs, const int* in_dtypes, int64_t row, int64_t r0, int64_t r1, float* kl,
+                      uint64_t* hist) {
     std::vector<double> buf(size_t(row) * 2);
     double *xp = buf.data(), *xb = xp + row;
-    float tile[kOpTile];
+    std::vector<float> dbuf(hist ? size_t(row) : 0);
+    float* d = dbuf.data();  // |p - b|, fp32
+    float tp[kOpTile], tb[kOpTile];
     for (int64_t r = r0; r < r1; ++r) {
-        for (int i = 0; i < 2; ++i) {
-            double* x = i ? xb : xp;
-            for (int64_t t0 = 0; t0 < row; t0 += kOpTile) {
-                const int64_t m = std::min(kOpTile, row - t0);
-                IO::load(inputs[i], in_dtypes[i], r * row + t0, m, tile);
-                for (int64_t j = 0; j < m; ++j) x[t0 + j] = tile[j];
-            }
+        for (int64_t t0 = 0; t0 < row; t0 += kOpTile) {
+            const int64_t m = std::min(kOpTile, row - t0);
+            IO::load(inputs[0], in_dtypes[0], r * row + t0, m, tp);
+            IO::load(inputs[1], in_dtypes[1], r * row + t0, m, tb);
+            for (int64_t j = 0; j < m; ++j) xp[t0 + j] = tp[j], xb[t0 + j] = tb[j];
+            if (hist)
+                for (int64_t j = 0; j < m; ++j) d[t0 + j] = std::fabs(tp[j] - tb[j]);
         }
-        // A row with a non-finite value has no KL (NaN: the importance of its elements is NaN, never kept): x - x is
-        // NaN exactly for those. Maxima are exact in any order; lanes let the loop vectorise.
-        double mp[kKlLanes], mb[kKlLanes], bad[kKlLanes];
-        for (int l = 0; l < kKlLanes; ++l) mp[l] = mb[l] = -HUGE_VAL, bad[l] = 0.0;
-        auto scan = [&](int64_t j, int l) {
-            mp[l] = xp[j] > mp[l] ? xp[j] : mp[l];
-            mb[l] = xb[j] > mb[l] ? xb[j] : mb[l];
-            bad[l] += (xp[j] - xp[j]) + (xb[j] - xb[j]);
-        };
-        int64_t j0 = 0;
-        for (; j0 + kKlLanes <= row; j0 += kKlLanes)
-            for (int l = 0; l < kKlLanes; ++l) scan(j0 + l, l);
-        for (int l = 0; j0 + l < row; ++l) scan(j0 + l, l);
-        double mxp = mp[0], mxb = mb[0], nan = 0.0;
-        for (int l = 0; l < kKlLanes; ++l) {
-            mxp = mp[l] > mxp ? mp[l] : mxp;
-            mxb = mb[l] > mxb ? mb[l] : mxb;
-            nan += bad[l];
+        kl[r] = fusion_kl_row(xp, xb, row);
+        if (hist) {
+            const float k = kl[r];
+            for (int64_t j = 0; j < row; ++j) ++hist[fusion_key(d[j] * k) >> 16];
         }
-        if (nan != 0.0) {
-            kl[r] = std::numeric_limits<float>::quiet_NaN();
-            continue;
-        }
-        for (int64_t j = 0; j < row; ++j) {
-            xp[j] = kl_exp(xp[j] - mxp);
-            xb[j] = kl_exp(xb[j] - mxb);
-        }
-        const double ip = 1.0 / kl_sum(xp, row), ib = 1.0 / kl_sum(xb, row);
-        for (int64_t j = 0; j < row; ++j) {
-            const double P = xp[j] * ip + kKlEps, Q = xb[j] * ib + kKlEps;
-            xp[j] = P * kl_log(P / Q);
-        }
-        const double sum = kl_sum(xp, row);
-        kl[r] = static_cast<float>(sum);
     }
 }
 

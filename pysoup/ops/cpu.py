@@ -39,10 +39,11 @@ def _codes(dtypes) -> list:
     return [KERNEL_CODE[d] for d in dtypes]
 
 
-def fusion_kl_native(chunk, row, kl, carry, threads: int, isa: int) -> None:
+def fusion_kl_native(chunk, row, kl, carry, threads: int, isa: int, hist=None) -> None:
     """Arcee Fusion's row KL with the C++ kernel over a chunk of host memory (the cpu and triton backends'
     fusion_kl_raw, the latter where pysoup._C loaded: the same bits as the torch reference, tested): whole rows in
-    one call, a row split between chunks copied and carried until it is whole."""
+    one call, a row split between chunks copied and carried until it is whole; with `hist`, the completed rows'
+    importance keys counted there (Backend.fusion_kl_raw)."""
     import numpy as np
 
     from pysoup.dtypes import SAFETENSORS_SIZES
@@ -55,6 +56,7 @@ def fusion_kl_native(chunk, row, kl, carry, threads: int, isa: int) -> None:
         for i, s in enumerate(sizes):
             ctypes.memmove(dst[i].ctypes.data + at * s, chunk.addrs[i] + (e0 - chunk.start) * s, (e1 - e0) * s)
 
+    h = 0 if hist is None else hist.ctypes.data
     lead = carry.pop("row", None)
     # A row an earlier chunk began: completed here (one kernel call on the copy), or carried on.
     if lead is not None:
@@ -65,13 +67,13 @@ def fusion_kl_native(chunk, row, kl, carry, threads: int, isa: int) -> None:
         if stop < row_end:
             carry["row"] = lead
             return
-        _native.native.fusion_kl([b.ctypes.data for b in bufs], codes, row, 1, kl.ctypes.data + 4 * r, threads, isa)
+        _native.native.fusion_kl([b.ctypes.data for b in bufs], codes, row, 1, kl.ctypes.data + 4 * r, threads, isa, h)
         pos = stop
     first = -(-pos // row)  # the chunks come in order, so pos is a row start here (or the end)
     rows = max(0, end // row - first)
     if rows:
         addrs = [a + (first * row - chunk.start) * s for a, s in zip(chunk.addrs, sizes)]
-        _native.native.fusion_kl(addrs, codes, row, rows, kl.ctypes.data + 4 * first, threads, isa)
+        _native.native.fusion_kl(addrs, codes, row, rows, kl.ctypes.data + 4 * first, threads, isa, h)
     tail = max(pos, (first + rows) * row)
     if tail < end:  # the start of a row that ends in a later chunk: kept (a copy) until it is whole
         bufs = [np.empty(row * s, dtype=np.uint8) for s in sizes]
@@ -229,8 +231,8 @@ class CpuBackend(Backend):
             self._isa,
         )
 
-    def fusion_kl_raw(self, chunk, row, kl, carry):
-        fusion_kl_native(chunk, row, kl, carry, self.threads, self._isa)
+    def fusion_kl_raw(self, chunk, row, kl, carry, hist=None):
+        fusion_kl_native(chunk, row, kl, carry, self.threads, self._isa, hist)
 
     def fusion_histogram_raw(self, chunk, row, kl, pass_, prefix, hist):
         _native.native.fusion_histogram(

@@ -772,18 +772,23 @@ def _kl_exp(r):
     return torch.where(r < _KL_EXP_FLOOR, torch.zeros_like(s), s * scale)
 
 
-def _kl_log(y):
-    """log(y), y > 0 normal fp64 (kl_log): y = 2^e m, m in [sqrt(1/2), sqrt(2)), 2 atanh((m - 1) / (m + 1))."""
+def _kl_log_ratio(P, Q):
+    """log(P / Q), P and Q > 0 normal fp64 (kl_log_ratio): P = 2^eP mP, Q = 2^eQ mQ, one mantissa doubled so that
+    mP / mQ lies in [sqrt(1/2), sqrt(2)], then e ln2 + 2 atanh((mP - mQ) / (mP + mQ)): one division."""
     import torch
 
-    u = y.view(torch.int64)
-    e = ((u >> 52) - 1023).to(torch.float64)
-    m = ((u & 0x000FFFFFFFFFFFFF) | 0x3FF0000000000000).view(torch.float64)
-    big = m > _KL_SQRT2
-    m = torch.where(big, m * 0.5, m)
-    e = torch.where(big, e + 1.0, e)
-    f = m - 1.0
-    s = f / (2.0 + f)
+    def split(y):
+        u = y.view(torch.int64)
+        e = (u >> 52).to(torch.float64)  # the biased exponent (the biases cancel in eP - eQ)
+        return e, ((u & 0x000FFFFFFFFFFFFF) | 0x3FF0000000000000).view(torch.float64)
+
+    (ep, mp), (eq, mq) = split(P), split(Q)
+    up = mp > mq * _KL_SQRT2
+    down = mq > mp * _KL_SQRT2
+    mq = torch.where(up, mq * 2.0, mq)
+    mp = torch.where(down, mp * 2.0, mp)
+    e = (ep - eq) + torch.where(up, 1.0, torch.where(down, -1.0, 0.0)).to(torch.float64)
+    s = (mp - mq) / (mp + mq)
     z = s * s
     q = _estrin(_KL_LOG, z)
     return e * _KL_LN2_HI + (e * _KL_LN2_LO + (2.0 * s) * q)
@@ -805,8 +810,8 @@ def _kl_sum(x):
 def fusion_kl(p, b):
     """Arcee Fusion's per-row KL over [rows, row] tensors, fp64 rounded to fp32 once (the kernel's definition,
     csrc/cpu/geometric.h fusion_kl): P = softmax(p) + eps, Q = softmax(b) + eps, sum_j P_j log(P_j / Q_j), with
-    softmax(x)_j = e_j * (1 / sum e), e_j = exp(x_j - max x), every sum _kl_sum's fixed order and exp / log the
-    polynomials above. A row with a non-finite value: NaN. mergekit computes the same in
+    softmax(x)_j = e_j * (1 / sum e), e_j = exp(x_j - max x), every sum _kl_sum's fixed order and exp / log(P / Q)
+    the polynomials above. A row with a non-finite value: NaN. mergekit computes the same in
     fp32 with torch's softmax and log: within fp32 rounding of the KL (docs/methods.md)."""
     import torch
 
@@ -819,7 +824,7 @@ def fusion_kl(p, b):
         inv = (1.0 / _kl_sum(e))[:, None]
         probs.append(e * inv + _KL_EPS)
     P, Q = probs
-    kl = _kl_sum(P * _kl_log(P / Q)).float()
+    kl = _kl_sum(P * _kl_log_ratio(P, Q)).float()
     return torch.where(finite, kl, torch.full_like(kl, float("nan")))
 
 
@@ -844,7 +849,7 @@ def _whole_rows(chunk: Chunk, row: int, carry: dict):
     return first, p[off : off + n].view(-1, row), b[off : off + n].view(-1, row)
 
 
-def fusion_kl_raw(chunk: Chunk, row: int, kl, carry: dict) -> None:
+def fusion_kl_raw(chunk: Chunk, row: int, kl, carry: dict, hist=None) -> None:
     import torch
 
     first, p, b = _whole_rows(chunk, row, carry)
@@ -859,6 +864,10 @@ def fusion_kl_raw(chunk: Chunk, row: int, kl, carry: dict) -> None:
         for r0 in range(0, p.shape[0], step):
             r1 = min(p.shape[0], r0 + step)
             out[first + r0 : first + r1] = fusion_kl(p[r0:r1], b[r0:r1])
+            if hist is not None:  # fusion_histogram_raw's pass 0 over these rows, their KL now known
+                pr, br = exact_f32(p[r0:r1]), exact_f32(b[r0:r1])
+                keys = order_keys((pr - br).abs() * out[first + r0 : first + r1, None])
+                torch.from_numpy(hist)[:] += torch.bincount((keys >> 16).flatten(), minlength=hist.shape[0])
     finally:
         torch.set_num_threads(threads)
 

@@ -403,14 +403,16 @@ class Backend:
 
         return reference.segment_weighted_sum_raw(chunk, seg, coefficients, around_base)
 
-    def fusion_kl_raw(self, chunk: Chunk, row: int, kl, carry: dict) -> None:
+    def fusion_kl_raw(self, chunk: Chunk, row: int, kl, carry: dict, hist=None) -> None:
         """Arcee Fusion's per-row statistic (sources: the model p, then the base b; rows of `row` elements):
         kl[r] = sum_j P_j log(P_j / Q_j), P = softmax(p_r) + 1e-8, Q = softmax(b_r) + 1e-8, in fp64 rounded to
         fp32 once (reference.fusion_kl defines every operation); `carry` keeps a row split between chunks until it
-        is whole. The chunk is host memory on every backend. Backends without a kernel run the reference's."""
+        is whole. With `hist` (int64 numpy [65536]), every row completed here also has its importances counted there
+        as fusion_histogram_raw's pass 0 counts them (one reading of the rows fewer). The chunk is host memory on
+        every backend. Backends without a kernel run the reference's."""
         from pysoup.ops import reference
 
-        reference.fusion_kl_raw(chunk, row, kl, carry)
+        reference.fusion_kl_raw(chunk, row, kl, carry, hist)
 
     def fusion_histogram_raw(self, chunk: Chunk, row: int, kl, pass_: int, prefix: list, hist) -> None:
         """Adds the chunk's importance |p - b| * kl[row] (fp32) to the radix-select histograms of the quantiles:

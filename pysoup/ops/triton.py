@@ -173,17 +173,17 @@ class TritonBackend(Backend):
         return count
 
     # -- range ops -------------------------------------------------------------------------------------------
-    def fusion_kl_raw(self, chunk, row, kl, carry):
+    def fusion_kl_raw(self, chunk, row, kl, carry, hist=None):
         """Arcee Fusion's row KL on the host ranges: pysoup._C's kernel where it loaded (the same bits, ~20x faster
         than the reference's ~40 fp64 torch ops an element), else the reference's."""
         from pysoup import _native
 
         if not _native.available:
-            return super().fusion_kl_raw(chunk, row, kl, carry)
+            return super().fusion_kl_raw(chunk, row, kl, carry, hist)
         from pysoup.ops.cpu import active_isa, default_threads, fusion_kl_native
 
         isa = _native.native.isa_code(active_isa())
-        return fusion_kl_native(chunk, row, kl, carry, self.threads or default_threads(), isa)
+        return fusion_kl_native(chunk, row, kl, carry, self.threads or default_threads(), isa, hist)
 
     def weighted_sum_raw(self, chunk, weights, normalize):
         from pysoup.kernels.weighted_sum import weighted_sum

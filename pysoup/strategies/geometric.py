@@ -357,15 +357,16 @@ def quantile_ranks(numel: int) -> list:
 
 @dataclass(frozen=True)
 class ArceeFusionOp(TensorOp):
-    """Three reduction passes and the combine: (0) each row's KL (fp64, rounded to fp32 once: the C++ kernel, no
-    torch), (1) and (2) the radix select of the importance's quartiles (order keys, 16 bits a pass), then
+    """Two reduction passes and the combine: (0) each row's KL (fp64, rounded to fp32 once: the C++ kernel, no
+    torch) and, with the row still at hand, the high 16 bits of its importances' order keys counted; (1) the low 16
+    bits of the keys in each quartile's bin (the radix select finished); then
     out = b + (p - b) * (importance >= median + 1.5 IQR)."""
 
     row: int
     rows: int
 
     def reduce_passes(self, backend):
-        return 3
+        return 2
 
     def begin(self, backend, name, numel):
         import numpy as np
@@ -380,9 +381,9 @@ class ArceeFusionOp(TensorOp):
 
     def reduce(self, backend, chunk, state, pass_):
         if pass_ == 0:
-            backend.fusion_kl_raw(chunk, self.row, state["kl"], state["carry"])
+            backend.fusion_kl_raw(chunk, self.row, state["kl"], state["carry"], state["hist"][0])
         else:
-            backend.fusion_histogram_raw(chunk, self.row, state["kl"], pass_ - 1, state["prefix"], state["hist"])
+            backend.fusion_histogram_raw(chunk, self.row, state["kl"], 1, state["prefix"], state["hist"])
 
     def end_pass(self, state, pass_):
         import numpy as np
@@ -390,11 +391,11 @@ class ArceeFusionOp(TensorOp):
         from pysoup.ops.reference import from_order_key
 
         hist = state["hist"]
-        if pass_ == 1:  # the high 16 bits of each quartile's key, and how many values lie below its bin
+        if pass_ == 0:  # the high 16 bits of each quartile's key, and how many values lie below its bin
             cum = np.cumsum(hist[0])
             state["prefix"] = [int(np.searchsorted(cum, r, side="right")) for r in state["ranks"]]
             state["below"] = [int(cum[b - 1]) if b else 0 for b in state["prefix"]]
-        elif pass_ == 2:
+        else:
             values = []
             for q, (r, high, below) in enumerate(zip(state["ranks"], state["prefix"], state["below"])):
                 low = int(np.searchsorted(np.cumsum(hist[q]), r - below, side="right"))
