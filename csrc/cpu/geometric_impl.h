@@ -346,14 +346,9 @@ inline uint64_t kl_double_bits(double d) {
     return u;
 }
 
-// exp(r) for r <= 0: r = k ln2 + f (Cody-Waite), exp(f) by its Taylor series to f^13 (|f| <= 0.35: error < 1e-17),
-// times 2^k built from its bits; 0 below kKlExpFloor.
-inline double kl_exp(double r) {
-    const double rc = r < kKlExpFloor ? kKlExpFloor : r;
-    const double k = std::floor(rc * kKlInvLn2 + 0.5);
-    const double f = (rc - k * kKlLn2Hi) - k * kKlLn2Lo;
-    // Estrin's scheme (pairs in f, then f^2, f^4, f^8): a quarter of Horner's dependent chain, which made this
-    // loop latency-bound. The coefficients 1/i!, i = 0 .. 13.
+// exp(f) for |f| <= ln2 / 2 by its Taylor series to f^13 (error < 1e-17), by Estrin's scheme (pairs in f, then f^2,
+// f^4, f^8): a quarter of Horner's dependent chain, which made this loop latency-bound. The coefficients 1/i!.
+inline double kl_exp_series(double f) {
     const double f2 = f * f, f4 = f2 * f2, f8 = f4 * f4;
     const double a0 = 1.0 + 1.0 * f, a1 = 0.5 + 0.16666666666666666 * f;
     const double a2 = 0.041666666666666664 + 0.008333333333333333 * f;
@@ -362,10 +357,36 @@ inline double kl_exp(double r) {
     const double a5 = 2.755731922398589e-07 + 2.505210838544172e-08 * f;
     const double a6 = 2.08767569878681e-09 + 1.6059043836821613e-10 * f;
     const double b0 = a0 + a1 * f2, b1 = a2 + a3 * f2, b2 = a4 + a5 * f2;
-    const double s = (b0 + b1 * f4) + (b2 + a6 * f4) * f8;
+    return (b0 + b1 * f4) + (b2 + a6 * f4) * f8;
+}
+
+// exp(r) for r <= 0: r = k ln2 + f (Cody-Waite), exp(f) by kl_exp_series, times 2^k built from its bits; 0 below
+// kKlExpFloor.
+inline double kl_exp(double r) {
+    const double rc = r < kKlExpFloor ? kKlExpFloor : r;
+    const double k = std::floor(rc * kKlInvLn2 + 0.5);
+    const double f = (rc - k * kKlLn2Hi) - k * kKlLn2Lo;
+    const double s = kl_exp_series(f);
     // 2^k (k in [-866, 0]): 2^52 + 1023 + k holds k + 1023 in its low mantissa bits; shifted into the exponent field.
     const double scale = kl_bits_to_double(kl_double_bits(k + 4503599627371519.0) << 52);
     return r < kKlExpFloor ? 0.0 : s * scale;
+}
+
+// Where every r of a row lies in [kKlExpNear, 0], kl_exp(r) is kl_exp_series(r), bit for bit: k = 0 there
+// (r / ln2 + 0.5 in (0, 0.5]), so f = (r - 0) - 0 = r and the scale is 1. The row loop then skips the reduction.
+constexpr double kKlExpNear = -0.34;  // ln2 / 2 = 0.3466, less a margin for the rounding of r / ln2 + 0.5
+
+// 2 atanh(s) = 2 s (1 + z/3 + z^2/5 + ...), z = s^2, to z^11 (|s| < 0.172: error < 1e-19), by Estrin's scheme.
+inline double kl_atanh2(double s) {
+    const double z = s * s;
+    const double z2 = z * z, z4 = z2 * z2, z8 = z4 * z4;
+    const double a0 = 1.0 + 0.3333333333333333 * z, a1 = 0.2 + 0.14285714285714285 * z;
+    const double a2 = 0.1111111111111111 + 0.09090909090909091 * z;
+    const double a3 = 0.07692307692307693 + 0.06666666666666667 * z;
+    const double a4 = 0.058823529411764705 + 0.05263157894736842 * z;
+    const double a5 = 0.047619047619047616 + 0.043478260869565216 * z;
+    const double q = ((a0 + a1 * z2) + (a2 + a3 * z2) * z4) + (a4 + a5 * z2) * z8;
+    return (2.0 * s) * q;
 }
 
 // log(P / Q) for positive normal P and Q, with one division: P = 2^eP mP and Q = 2^eQ mQ (mP, mQ in [1, 2)), one
@@ -384,18 +405,13 @@ inline double kl_log_ratio(double P, double Q) {
     mq = up2 ? mq * 2.0 : mq;
     mp = down2 ? mp * 2.0 : mp;
     const double e = (ep - eq) + (up2 ? 1.0 : (down2 ? -1.0 : 0.0));
-    const double s = (mp - mq) / (mp + mq);
-    const double z = s * s;
-    // Estrin's scheme, as kl_exp; the coefficients 1/(2i + 1), i = 0 .. 11.
-    const double z2 = z * z, z4 = z2 * z2, z8 = z4 * z4;
-    const double a0 = 1.0 + 0.3333333333333333 * z, a1 = 0.2 + 0.14285714285714285 * z;
-    const double a2 = 0.1111111111111111 + 0.09090909090909091 * z;
-    const double a3 = 0.07692307692307693 + 0.06666666666666667 * z;
-    const double a4 = 0.058823529411764705 + 0.05263157894736842 * z;
-    const double a5 = 0.047619047619047616 + 0.043478260869565216 * z;
-    const double q = ((a0 + a1 * z2) + (a2 + a3 * z2) * z4) + (a4 + a5 * z2) * z8;
-    return e * kKlLn2Hi + (e * kKlLn2Lo + (2.0 * s) * q);
+    return e * kKlLn2Hi + (e * kKlLn2Lo + kl_atanh2((mp - mq) / (mp + mq)));
 }
+
+// Where P / Q lies in [0.72, 1.39], kl_log_ratio(P, Q) is kl_atanh2((P - Q) / (P + Q)), bit for bit: its mantissas
+// are then P and Q scaled by one power of 2 (e = +0: e ln2's terms add +0), and scaling by a power of 2 changes no
+// rounding of the difference, sum or quotient. |(P - Q) / (P + Q)| <= kKlLogNear implies P / Q in [0.724, 1.381].
+constexpr double kKlLogNear = 0.16;
 
 // The row sums: kKlLanes running sums, element j into lane j % kKlLanes, each in element order from +0.0, then the
 // lanes added pairwise ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)). One sum in element order would cost an
@@ -411,38 +427,72 @@ inline double kl_sum(const double* x, int64_t n) {
     return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
-// One row's KL from its values (fp64, overwritten).
-inline float fusion_kl_row(double* xp, double* xb, int64_t row) {
+// One row's KL from its values (fp64, overwritten; xo: `row` more doubles).
+inline float fusion_kl_row(double* xp, double* xb, double* xo, int64_t row) {
     // A row with a non-finite value has no KL (NaN: the importance of its elements is NaN, never kept): x - x is
-    // NaN exactly for those. Maxima are exact in any order; lanes let the loop vectorise.
-    double mp[kKlLanes], mb[kKlLanes], bad[kKlLanes];
-    for (int l = 0; l < kKlLanes; ++l) mp[l] = mb[l] = -HUGE_VAL, bad[l] = 0.0;
+    // NaN exactly for those. Extrema are exact in any order; lanes let the loop vectorise.
+    double mp[kKlLanes], mb[kKlLanes], np[kKlLanes], nb[kKlLanes], bad[kKlLanes];
+    for (int l = 0; l < kKlLanes; ++l) mp[l] = mb[l] = -HUGE_VAL, np[l] = nb[l] = HUGE_VAL, bad[l] = 0.0;
     auto scan = [&](int64_t j, int l) {
         mp[l] = xp[j] > mp[l] ? xp[j] : mp[l];
         mb[l] = xb[j] > mb[l] ? xb[j] : mb[l];
+        np[l] = xp[j] < np[l] ? xp[j] : np[l];
+        nb[l] = xb[j] < nb[l] ? xb[j] : nb[l];
         bad[l] += (xp[j] - xp[j]) + (xb[j] - xb[j]);
     };
     int64_t j0 = 0;
     for (; j0 + kKlLanes <= row; j0 += kKlLanes)
         for (int l = 0; l < kKlLanes; ++l) scan(j0 + l, l);
     for (int l = 0; j0 + l < row; ++l) scan(j0 + l, l);
-    double mxp = mp[0], mxb = mb[0], nan = 0.0;
+    double mxp = mp[0], mxb = mb[0], mnp = np[0], mnb = nb[0], nan = 0.0;
     for (int l = 0; l < kKlLanes; ++l) {
         mxp = mp[l] > mxp ? mp[l] : mxp;
         mxb = mb[l] > mxb ? mb[l] : mxb;
+        mnp = np[l] < mnp ? np[l] : mnp;
+        mnb = nb[l] < mnb ? nb[l] : mnb;
         nan += bad[l];
     }
     if (nan != 0.0) return std::numeric_limits<float>::quiet_NaN();
-    for (int64_t j = 0; j < row; ++j) {
-        xp[j] = kl_exp(xp[j] - mxp);
-        xb[j] = kl_exp(xb[j] - mxb);
+    // exp(x - max): without the range reduction where the row's spread allows (kKlExpNear; the same bits).
+    for (int i = 0; i < 2; ++i) {
+        double* x = i ? xb : xp;
+        const double mx = i ? mxb : mxp;
+        if ((i ? mnb : mnp) - mx >= kKlExpNear) {
+            for (int64_t j = 0; j < row; ++j) x[j] = kl_exp_series(x[j] - mx);
+        } else {
+            for (int64_t j = 0; j < row; ++j) x[j] = kl_exp(x[j] - mx);
+        }
     }
     const double ip = 1.0 / kl_sum(xp, row), ib = 1.0 / kl_sum(xb, row);
-    for (int64_t j = 0; j < row; ++j) {
-        const double P = xp[j] * ip + kKlEps, Q = xb[j] * ib + kKlEps;
-        xp[j] = P * kl_log_ratio(P, Q);
+    // P log(P / Q), in blocks of 64 elements: without the exponent split (kKlLogNear, the same bits) until a block
+    // has an element that needs it; that block and the rest of the row with it.
+    bool split = false;
+    for (int64_t b0 = 0; b0 < row; b0 += 64) {
+        const int64_t b1 = std::min(row, b0 + 64);
+        if (!split) {
+            double far[kKlLanes] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+            auto near = [&](int64_t j, int l) {
+                const double P = xp[j] * ip + kKlEps, Q = xb[j] * ib + kKlEps;
+                const double s = (P - Q) / (P + Q);
+                const double a = std::fabs(s);
+                far[l] = a > far[l] ? a : far[l];
+                xo[j] = P * kl_atanh2(s);
+            };
+            int64_t j = b0;
+            for (; j + kKlLanes <= b1; j += kKlLanes)
+                for (int l = 0; l < kKlLanes; ++l) near(j + l, l);
+            for (int l = 0; j + l < b1; ++l) near(j + l, l);
+            double worst = 0.0;
+            for (int l = 0; l < kKlLanes; ++l) worst = far[l] > worst ? far[l] : worst;
+            if (worst <= kKlLogNear) continue;
+            split = true;
+        }
+        for (int64_t j = b0; j < b1; ++j) {
+            const double P = xp[j] * ip + kKlEps, Q = xb[j] * ib + kKlEps;
+            xo[j] = P * kl_log_ratio(P, Q);
+        }
     }
-    return static_cast<float>(kl_sum(xp, row));
+    return static_cast<float>(kl_sum(xo, row));
 }
 
 // Rows [r0, r1) (the inputs at row 0's first element) into kl[r0 .. r1); with `hist`, each of those rows' importances
@@ -451,8 +501,8 @@ inline float fusion_kl_row(double* xp, double* xb, int64_t row) {
 template <class IO>
 void fusion_kl_kernel(const void* const* inputs, const int* in_dtypes, int64_t row, int64_t r0, int64_t r1, float* kl,
                       uint64_t* hist) {
-    std::vector<double> buf(size_t(row) * 2);
-    double *xp = buf.data(), *xb = xp + row;
+    std::vector<double> buf(size_t(row) * 3);
+    double *xp = buf.data(), *xb = xp + row, *xo = xb + row;
     std::vector<float> dbuf(hist ? size_t(row) : 0);
     float* d = dbuf.data();  // |p - b|, fp32
     float tp[kOpTile], tb[kOpTile];
@@ -465,10 +515,15 @@ void fusion_kl_kernel(const void* const* inputs, const int* in_dtypes, int64_t r
             if (hist)
                 for (int64_t j = 0; j < m; ++j) d[t0 + j] = std::fabs(tp[j] - tb[j]);
         }
-        kl[r] = fusion_kl_row(xp, xb, row);
-        if (hist) {
+        kl[r] = fusion_kl_row(xp, xb, xo, row);
+        if (hist) {  // the keys a tile at a time (vectorised), then counted
             const float k = kl[r];
-            for (int64_t j = 0; j < row; ++j) ++hist[fusion_key(d[j] * k) >> 16];
+            uint32_t keys[kOpTile];
+            for (int64_t t0 = 0; t0 < row; t0 += kOpTile) {
+                const int64_t m = std::min(kOpTile, row - t0);
+                for (int64_t j = 0; j < m; ++j) keys[j] = fusion_key(d[t0 + j] * k);
+                for (int64_t j = 0; j < m; ++j) ++hist[keys[j] >> 16];
+            }
         }
     }
 }

@@ -737,7 +737,8 @@ def lora_fold_raw(chunk: Chunk, left, right) -> int:
 
 
 # -- Arcee Fusion (pysoup.strategies.geometric.ArceeFusion) -----------------------------------------------------
-# The row KL's fp64 exp and log: the kernel's (csrc/cpu/geometric_impl.h, kl_exp / kl_log), operation for operation.
+# The row KL's fp64 exp and log: the kernel's (csrc/cpu/geometric_impl.h, kl_exp / kl_log_ratio), operation for
+# operation (the kernel's shortcuts for rows of small spread give the same bits; the reference has none).
 # torch's fp64 add, multiply, divide, floor and bit views round as the C++ does, while its exp and log (SLEEF) and
 # libm's differ in the last bit: hence polynomials of those operations only.
 _KL_INV_LN2 = 1.4426950408889634
