@@ -2,25 +2,39 @@
 
 from pysoup import ops  # torch-free until an op runs
 from pysoup._version import __version__
-from pysoup.api import info, merge, open, plan
-from pysoup.engine.execute import NonFiniteWarning
-from pysoup.engine.report import MergeReport
 from pysoup.errors import BackendError, FormatError, PlanError, SoupError
-from pysoup.search import weights
+
+# Imported on first use: the merge API pulls in the engine and every strategy (~0.1 s, more where Python cannot
+# cache bytecode), which the commands that do not merge (folding LoRA adapters, inspect, info) never need; the
+# searches, diagnostics and ensembles need torch.
+_LAZY = {
+    "info": "pysoup.api", "merge": "pysoup.api", "open": "pysoup.api", "plan": "pysoup.api",
+    "NonFiniteWarning": "pysoup.engine.execute", "MergeReport": "pysoup.engine.report",
+    "greedy_soup": "pysoup.search", "learned_soup": "pysoup.search", "lcsc_search": "pysoup.search",
+    "layer_group_ratios": "pysoup.search", "diagnose": "pysoup.search.diagnostics",
+    "interpolation_curve": "pysoup.search.diagnostics", "ensemble": "pysoup.search.ensembling",
+}  # fmt: skip
 
 
 def __getattr__(name):
-    # The searches, diagnostics and ensembles need torch: imported on first use, so `import pysoup` stays light.
-    lazy = {
-        "greedy_soup": "pysoup.search", "learned_soup": "pysoup.search", "lcsc_search": "pysoup.search",
-        "layer_group_ratios": "pysoup.search", "diagnose": "pysoup.search.diagnostics",
-        "interpolation_curve": "pysoup.search.diagnostics", "ensemble": "pysoup.search.ensembling",
-    }  # fmt: skip
-    if name in lazy:
-        import importlib
+    import importlib
+    import importlib.util
 
-        return getattr(importlib.import_module(lazy[name]), name)
-    raise AttributeError(f"module 'pysoup' has no attribute {name!r}")
+    if name == "weights":  # the module pysoup.search.weights (MWA, EMA presets)
+        value = importlib.import_module("pysoup.search.weights")
+    elif name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    elif not name.startswith("__") and importlib.util.find_spec(f"pysoup.{name}") is not None:
+        # A subpackage (pysoup.io, pysoup.api, ...): `import pysoup` used to load most of them on the way.
+        value = importlib.import_module(f"pysoup.{name}")
+    else:
+        raise AttributeError(f"module 'pysoup' has no attribute {name!r}")
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
 
 
 __all__ = [

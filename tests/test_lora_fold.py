@@ -210,13 +210,13 @@ def test_fold_onto_full_tmpfs_fails_before_any_kernel_call(tiny_fold, tmp_path, 
 def test_fold_refuses_rows_longer_than_the_output_buffer(tiny_fold, tmp_path, monkeypatch):
     """The kernel writes whole rows into the output buffer: a longer row is a one-line PlanError before any output."""
     import os
+    import sys
 
-    import pysoup.engine.execute as execute
     from pysoup.errors import PlanError
     from pysoup.lora import fold
 
     base, adapter = tiny_fold
-    monkeypatch.setattr(execute, "OUTPUT_BUFFER_BYTES", 150)  # q_proj's rows: 64 bf16; down_proj's: 96
+    monkeypatch.setattr(sys.modules["pysoup.lora.fold"], "BUFFER_BYTES", 150)  # q_proj's rows: 64 bf16; down_proj's: 96
     with pytest.raises(PlanError, match="down_proj.weight': a row of 192 bytes is larger than the 150-byte output"):
         fold(base, [adapter], tmp_path / "out")
     assert not os.path.exists(tmp_path / "out")
@@ -237,3 +237,117 @@ def test_fold_threads_and_backends_give_the_same_bytes(tiny_fold, tmp_path):
     assert all(o == outs[0] for o in outs[1:])
     with pytest.raises(PlanError, match="at least 1 thread, got 0"):
         fold(base, [adapter], tmp_path / "none.safetensors", threads=0)
+
+
+# -- tensors copied file to file (FileSink.write_from: copy_file_range on the writer thread) ----------------------
+def test_fold_copies_file_to_file_with_the_same_bytes(tiny_fold, tmp_path, monkeypatch):
+    """Every copied tensor sent through FileSink.write_from (in the kernel, or read and written where the files
+    cannot be copied between) gives the bytes of the buffered copy, into one file and into shards."""
+    import errno
+    import os
+    import sys
+
+    from pysoup.lora import fold
+
+    mod = sys.modules["pysoup.lora.fold"]
+    base, adapter = tiny_fold
+    fold(base, [adapter], tmp_path / "buffered.safetensors")
+    fold(base, [adapter], tmp_path / "buffered", shard_size="40KB")
+    calls = []
+    real = os.copy_file_range
+    monkeypatch.setattr(mod, "_DIRECT_COPY_BYTES", 1)  # the embeddings, the head and the norms
+    monkeypatch.setattr(os, "copy_file_range", lambda *a: calls.append(a[2]) or real(*a))
+    fold(base, [adapter], tmp_path / "direct.safetensors")
+    fold(base, [adapter], tmp_path / "direct", shard_size="40KB")
+    assert len(calls) >= 2 * 5  # embed_tokens, lm_head and three norms, in each output
+
+    def refuse(*a):
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)  # e.g. another file system since Linux 5.19
+    fold(base, [adapter], tmp_path / "fallback.safetensors")
+    want = (tmp_path / "buffered.safetensors").read_bytes()
+    assert (tmp_path / "direct.safetensors").read_bytes() == want
+    assert (tmp_path / "fallback.safetensors").read_bytes() == want
+    shards = sorted(os.listdir(tmp_path / "buffered"))
+    assert len([s for s in shards if s.endswith(".safetensors")]) > 1
+    assert shards == sorted(os.listdir(tmp_path / "direct"))
+    for name in shards:
+        assert (tmp_path / "direct" / name).read_bytes() == (tmp_path / "buffered" / name).read_bytes()
+
+
+def test_fold_copy_from_a_base_that_shrinks_fails_and_writes_nothing(tiny_fold, tmp_path, monkeypatch):
+    """A base truncated while a tensor is copied from it file to file: a one-line FormatError naming it, no output,
+    an older output at the target untouched; a failing copy: a one-line OutputError, the same."""
+    import errno
+    import os
+    import shutil
+    import sys
+
+    from pysoup.errors import FormatError, OutputError
+    from pysoup.lora import fold
+
+    mod = sys.modules["pysoup.lora.fold"]
+    base, adapter = tiny_fold
+    mine = tmp_path / "base"
+    shutil.copytree(base, mine)
+    out = tmp_path / "out"
+    fold(mine, [adapter], out)
+    before = (out / "model.safetensors").read_bytes()
+    weights = mine / "model.safetensors"
+    monkeypatch.setattr(mod, "_DIRECT_COPY_BYTES", 1)
+    real = os.copy_file_range
+
+    def shrink_then_copy(src, dst, n, src_off, dst_off):
+        os.truncate(weights, src_off)  # everything from here on is gone
+        return real(src, dst, n, src_off, dst_off)
+
+    monkeypatch.setattr(os, "copy_file_range", shrink_then_copy)
+    with pytest.raises(FormatError, match="changed while being read") as err:
+        fold(mine, [adapter], out)
+    assert str(weights) in str(err.value) and "\n" not in str(err.value)
+    assert (out / "model.safetensors").read_bytes() == before
+    assert sorted(os.listdir(out)) == sorted(os.listdir(base))  # no temporary left beside it
+
+    def fail(*a):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "copy_file_range", fail)
+    with pytest.raises(OutputError, match="write failed") as err:
+        fold(base, [adapter], out)
+    assert "\n" not in str(err.value)
+    assert (out / "model.safetensors").read_bytes() == before
+    assert sorted(os.listdir(out)) == sorted(os.listdir(base))
+
+
+def test_fold_of_a_base_truncated_under_the_kernel_fails_and_writes_nothing(tiny_fold, tmp_path, monkeypatch):
+    """A base cut short after the fold opened it: the blocks of W the kernel reads (mapped unpopulated, guarded)
+    read zeros past the end instead of killing the process, and the fold fails with a one-line FormatError; the
+    older output at the target is untouched."""
+    import os
+    import shutil
+    import sys
+
+    from pysoup.errors import FormatError
+    from pysoup.lora import fold
+
+    mod = sys.modules["pysoup.lora.fold"]
+    base, adapter = tiny_fold
+    mine = tmp_path / "base"
+    shutil.copytree(base, mine)
+    out = tmp_path / "out.safetensors"
+    fold(mine, [adapter], out)
+    before = out.read_bytes()
+    weights = mine / "model.safetensors"
+    real = mod._FactorsAhead.take
+
+    def take_then_truncate(self, name):
+        os.truncate(weights, 4096)  # every weight's bytes gone before the first block is read
+        return real(self, name)
+
+    monkeypatch.setattr(mod._FactorsAhead, "take", take_then_truncate)
+    with pytest.raises(FormatError, match="changed while being read") as err:
+        fold(mine, [adapter], out)
+    assert str(weights) in str(err.value) and "\n" not in str(err.value)
+    assert out.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["base", "out.safetensors"]

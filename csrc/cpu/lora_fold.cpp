@@ -1,10 +1,12 @@
 // The LoRA fold's threads: R packed once per call into nr-column panels (k x nr each, zero-padded past the last
-// column), then the row strips (mc rows each) shared among the threads. Every output element is computed by
-// one strip, in the same order whatever the thread count, so neither the threads nor the call's row range change
-// a bit.
+// column), then the row strips (mc rows each) handed out one at a time to the threads. Every output element is
+// computed by one strip, in the same order whatever the thread count, so neither the threads nor the call's row
+// range change a bit.
 #include "cpu/lora_fold.h"
 
 #include <algorithm>
+#include <atomic>
+#include <thread>
 #include <vector>
 
 #include "cpu/blocking.h"
@@ -22,6 +24,28 @@ const LoraFoldKernels& kernels(Isa isa) {
 #endif
 }
 
+// Threads of our own (std::thread, the caller one of them), not OpenMP's: the fold calls this once per block of
+// rows, with Python, the writer thread's pwrite and the next window's mapping between and beside the calls, and
+// libgomp's idle thread spin-waits through those gaps on the core the writer needs (as in geometric.cpp, whose
+// pool_threads this follows; starting a thread costs ~50 us against the ~15 ms of a 16 MiB block). Items are handed
+// out one at a time, so a thread the OS deschedules (2 cores shared with the writer) holds back only its current
+// strip, not a static half of the block.
+template <class F>
+void on_threads(int threads, int64_t items, F&& fn) {
+    if (threads <= 1 || items <= 1) {
+        for (int64_t i = 0; i < items; ++i) fn(i);
+        return;
+    }
+    std::atomic<int64_t> next{0};
+    auto work = [&] {
+        for (int64_t i = next.fetch_add(1); i < items; i = next.fetch_add(1)) fn(i);
+    };
+    std::vector<std::thread> pool;
+    for (int t = 1; t < threads; ++t) pool.emplace_back(work);
+    work();
+    for (std::thread& th : pool) th.join();
+}
+
 }  // namespace
 
 int64_t lora_fold(const LoraFoldArgs& a, Isa isa, int threads) {
@@ -30,33 +54,28 @@ int64_t lora_fold(const LoraFoldArgs& a, Isa isa, int threads) {
     const int64_t nr = kern.nr, k = a.k;
     const int64_t panels = (a.cols + nr - 1) / nr;
     std::vector<float> packed(size_t(panels * k * nr));
-    const int64_t strips = (a.rows + kern.mc - 1) / kern.mc;
-    // Below ~2 blocks of work a second thread costs more to wake than it saves (blocking.h).
-    const int64_t work = a.rows * a.cols * std::max<int64_t>(k, 1) / 64;
-    const int nt = threads_for(threads, std::min(strips, nblocks(work)));
-    int64_t nonfinite = 0;
-#pragma omp parallel num_threads(nt) reduction(+ : nonfinite)
-    {
-#pragma omp for schedule(static)
-        for (int64_t j = 0; j < panels; ++j) {
-            float* dst = packed.data() + j * k * nr;
-            const int64_t c0 = j * nr, n = std::min(nr, a.cols - c0);
-            for (int64_t q = 0; q < k; ++q) {
-                const float* src = a.right + q * a.cols + c0;
-                std::copy(src, src + n, dst + q * nr);
-                std::fill(dst + q * nr + n, dst + (q + 1) * nr, 0.0f);
-            }
-        }
-        std::vector<float> scratch(size_t(kern.scratch_floats(a.k)));
-        // Strips handed out one at a time: a thread the OS preempts (2 cores shared with the writer thread and
-        // other processes) leaves its strips to the other instead of making it wait at the barrier.
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t s = 0; s < strips; ++s) {
-            const int64_t r0 = s * kern.mc, r1 = std::min(a.rows, r0 + kern.mc);
-            nonfinite += kern.strip(a, packed.data(), r0, r1, scratch.data());
+    for (int64_t j = 0; j < panels; ++j) {  // k x cols fp32 (<= a few MiB): one memory pass, not worth a thread
+        float* dst = packed.data() + j * k * nr;
+        const int64_t c0 = j * nr, n = std::min(nr, a.cols - c0);
+        for (int64_t q = 0; q < k; ++q) {
+            const float* src = a.right + q * a.cols + c0;
+            std::copy(src, src + n, dst + q * nr);
+            std::fill(dst + q * nr + n, dst + (q + 1) * nr, 0.0f);
         }
     }
-    return nonfinite;
+    const int64_t strips = (a.rows + kern.mc - 1) / kern.mc;
+    // Below ~2 blocks of work a second thread costs more to start than it saves (blocking.h).
+    const int64_t work = a.rows * a.cols * std::max<int64_t>(k, 1) / 64;
+    const int nt = threads_for(threads, std::min(strips, nblocks(work)));
+    std::atomic<int64_t> nonfinite{0};
+    on_threads(nt, strips, [&](int64_t s) {
+        thread_local std::vector<float> scratch;
+        scratch.resize(size_t(kern.scratch_floats(a.k)));
+        const int64_t r0 = s * kern.mc, r1 = std::min(a.rows, r0 + kern.mc);
+        const int64_t bad = kern.strip(a, packed.data(), r0, r1, scratch.data());
+        if (bad) nonfinite.fetch_add(bad, std::memory_order_relaxed);
+    });
+    return nonfinite.load();
 }
 
 }  // namespace pysoup

@@ -20,7 +20,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from pysoup.errors import OutputError, PlanError
+from pysoup.errors import FormatError, OutputError, PlanError
 from pysoup.io.checkpoint import INDEX_NAME, SINGLE_NAME
 from pysoup.io.format import build_header
 from pysoup.io.signals import deferred_termination
@@ -418,6 +418,36 @@ def _pwrite_all(fd: int, data, offset: int, path: str = "") -> None:
         done += written
 
 
+# copy_file_range's refusals that mean "not between these files" (other file systems before Linux 5.3 and again
+# since 5.19, file systems without it, no such call): the bytes are then read and written here.
+_NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
+_COPY_STEP = 8 << 20
+
+
+def _copy_range(src: int, src_offset: int, dst: int, dst_offset: int, nbytes: int, source: str, path: str) -> None:
+    """Copies nbytes from src at src_offset to dst at dst_offset, in the kernel where it can (no user-space
+    buffer), else through an 8 MiB one. A source that ends early changed under the copy: a FormatError."""
+    done = 0
+    copy_range = getattr(os, "copy_file_range", None)
+    while done < nbytes:
+        if copy_range is not None:
+            try:
+                n = copy_range(src, dst, nbytes - done, src_offset + done, dst_offset + done)
+            except OSError as exc:
+                if exc.errno not in _NO_COPY_RANGE:
+                    raise
+                copy_range = None
+                continue
+        else:
+            data = os.pread(src, min(_COPY_STEP, nbytes - done), src_offset + done)
+            n = len(data)
+            if n:
+                _pwrite_all(dst, data, dst_offset + done, path)
+        if n == 0:
+            raise FormatError(f"{source}: changed while being read (it ended early); nothing was written")
+        done += n
+
+
 def _temp_bytes(data: bytes, path: str) -> TempFile:
     temp = TempFile(path)
     try:
@@ -475,6 +505,7 @@ class FileSink:
         self._fill = 0
         self._shard = None
         self._offset = 0  # file offset where the current buffer starts
+        self._copies = []  # write_from's copies still queued or running on the writer thread
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pysoup-writer")
 
     def begin_tensor(self, k: int) -> None:
@@ -513,22 +544,54 @@ class FileSink:
             self._fill = 0
             self._wait(self._cur)
 
+    def write_from(self, fd: int, offset: int, nbytes: int, source: str) -> None:
+        """Writes `nbytes` of the file `fd` (named `source` in errors) from `offset` as the next bytes of the output,
+        after whatever the buffers hold: copied file to file by the writer thread (copy_file_range: the source is
+        neither mapped nor passed through a buffer), while the caller goes on filling buffers. An opt-in of the
+        LoRA fold for the tensors it copies unchanged; the merges write every byte through the buffers. A failed
+        copy raises here, at a later flush or at finish(), so nothing is committed."""
+        if nbytes <= 0:
+            return
+        self._flush()
+        self._check_copies(False)
+        shard = self._shard
+        self._copies.append(
+            self._pool.submit(_copy_range, fd, offset, shard.fd, self._offset, nbytes, source, shard.path)
+        )
+        self._offset += nbytes
+
+    def _check_copies(self, wait: bool) -> None:
+        """Raises the error of a finished copy (of every copy, waiting for them, when `wait`)."""
+        running = []
+        for fut in self._copies:
+            if wait or fut.done():
+                self._result(fut)
+            else:
+                running.append(fut)
+        self._copies = running
+
     def _wait(self, i: int) -> None:
         fut, self._pending[i] = self._pending[i], None
         if fut is not None:
-            try:
-                fut.result()
-            except OSError as exc:
-                raise OutputError(
-                    f"{self._shard.path if self._shard else self.target.out}: write failed "
-                    f"({exc.strerror}); nothing was written at the target"
-                ) from None
+            self._result(fut)
+        if self._copies:
+            self._check_copies(False)
+
+    def _result(self, fut) -> None:
+        try:
+            fut.result()
+        except OSError as exc:
+            raise OutputError(
+                f"{self._shard.path if self._shard else self.target.out}: write failed "
+                f"({exc.strerror}); nothing was written at the target"
+            ) from None
 
     def finish(self) -> None:
         try:
             self._flush()
             self._wait(0)
             self._wait(1)
+            self._check_copies(True)
         finally:
             self._pool.shutdown(wait=True)
 

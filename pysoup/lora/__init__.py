@@ -3,9 +3,31 @@
 model (docs/lora.md). Torch is imported only by the merges that run a pysoup strategy in memory."""
 
 from pysoup.lora.adapter import LoraAdapter, LoraModule, is_adapter_dir, open_adapter
-from pysoup.lora.extract import ExtractReport, extract_lora
 from pysoup.lora.fold import FoldReport, fold, folded, split_model_lora
-from pysoup.lora.merge import AdapterMergeReport, merge_adapters
+
+# Imported on first use: a fold (`pysoup merge BASE --lora ADAPTER`) needs neither, and the merges import the
+# engine and every strategy.
+_LAZY = {
+    "AdapterMergeReport": "pysoup.lora.merge",
+    "merge_adapters": "pysoup.lora.merge",
+    "ExtractReport": "pysoup.lora.extract",
+    "extract_lora": "pysoup.lora.extract",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'pysoup.lora' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "AdapterMergeReport",

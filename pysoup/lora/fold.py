@@ -23,17 +23,27 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from pysoup.dtypes import SAFETENSORS_SIZES
 from pysoup.engine.report import peak_rss_bytes
-from pysoup.errors import PlanError
+from pysoup.errors import FormatError, PlanError
 from pysoup.lora.adapter import LoraAdapter, np_dtype, open_adapter, to_f32
 
+# Bytes of each of the output's two buffers (FileSink): the engine's size (pysoup.engine.execute's
+# OUTPUT_BUFFER_BYTES), not imported from there, since that module imports every strategy (~0.1 s, more where Python
+# cannot cache bytecode) and a fold needs none.
+BUFFER_BYTES = 16 << 20
 # Bytes per copy step for tensors that are copied unchanged (within one mapped window of the base).
 COPY_BYTES = 8 << 20
+# The copy step's pieces, handed out one at a time to the fold's threads (none smaller than this).
+_COPY_PIECE = 1 << 20
+# Tensors copied unchanged from this size on go file to file on the writer thread (FileSink.write_from); smaller
+# ones (norms, biases) through the output buffer, beside their neighbours, instead of a system call each.
+_DIRECT_COPY_BYTES = 1 << 20
 _FLOAT = ("F32", "F16", "BF16")
 
 
@@ -90,7 +100,6 @@ def fold(
         >>> fold("llama/", ["adapter/"], "merged/")  # doctest: +SKIP
         >>> fold("llama/", ["math/", "code/"], "merged/", weights=[0.5, 0.5])  # doctest: +SKIP
     """
-    from pysoup.engine.execute import OUTPUT_BUFFER_BYTES
     from pysoup.io.checkpoint import open_checkpoint
     from pysoup.io.signals import cleanup_on_termination
     from pysoup.io.units import parse_size
@@ -106,9 +115,9 @@ def fold(
         raise PlanError("fold needs at least one adapter")
     weights = _weights(weights, len(adapters))
     backend_name = backend
-    # Every core by default, as threads of our own that each run the kernel on one thread over a share of the
-    # block's rows: OpenMP's idle thread spins between the fold's many short kernel calls (1.4 CPU s of a 1 GiB
-    # fold on 2 cores), on the core the writer thread's pwrite needs.
+    # Every core by default: the kernel's own threads (not OpenMP's, whose idle thread spun between the fold's many
+    # short kernel calls, 1.4 CPU s of a 1 GiB fold on 2 cores, on the core the writer thread's pwrite needs), and
+    # as many Python threads for the copies.
     threads = int(threads) if threads is not None else default_threads()
     if threads < 1:
         raise PlanError(f"fold needs at least 1 thread, got {threads}")
@@ -134,14 +143,16 @@ def fold(
                 aux_files=base_ckpt.aux_files(),
                 durable=durable,
             )
-            backend = get_backend(backend_name, None, 1)
+            # The fold kernel runs on `threads` threads of its own (strips handed out one at a time, csrc/cpu/
+            # lora_fold.cpp); the copies-only weighted sums (modules_to_save) on this one.
+            backend = get_backend(backend_name, None, threads)
             nonfinite = []
             pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="pysoup-fold") if threads > 1 else None
             with contextlib.ExitStack() as stack:
                 if pool is not None:
                     stack.enter_context(pool)
                 factors = stack.enter_context(_FactorsAhead(plan, target.layout))
-                sink = stack.enter_context(target.streaming(OUTPUT_BUFFER_BYTES))
+                sink = stack.enter_context(target.streaming(BUFFER_BYTES))
                 stack.enter_context(backend.activate())
                 for k in range(len(target.layout)):
                     name = target.layout.name(k)
@@ -245,8 +256,6 @@ def _weights(weights, n: int) -> list:
 def _plan(base, adapters: list, weights: list) -> dict:
     """{tensor name: _TensorFold}, every adapter module and copy checked against the base (one-line errors naming
     the adapter and the module)."""
-    from pysoup.engine.execute import OUTPUT_BUFFER_BYTES
-
     plan = {}
     for w, ad in zip(weights, adapters):
         for m in ad.modules.values():
@@ -270,9 +279,9 @@ def _plan(base, adapters: list, weights: list) -> dict:
         row_bytes = (base.table.numel(row) // shape[0] if shape and shape[0] else 0) * SAFETENSORS_SIZES[
             base.table.dtype(row)
         ]
-        if row_bytes > OUTPUT_BUFFER_BYTES:  # the kernel writes whole rows into the output buffer
+        if row_bytes > BUFFER_BYTES:  # the kernel writes whole rows into the output buffer
             raise PlanError(
-                f"{name!r}: a row of {row_bytes} bytes is larger than the {OUTPUT_BUFFER_BYTES}-byte output buffer; "
+                f"{name!r}: a row of {row_bytes} bytes is larger than the {BUFFER_BYTES}-byte output buffer; "
                 "cannot fold it"
             )
         if len(p.sources) > 1:
@@ -296,15 +305,22 @@ def _base_info(base, ad, name: str, what: str):
 
 
 def _write_tensor(base, row: int, fold_plan, sink, backend, pool, threads: int, factors) -> int:
-    """Writes one output tensor: copied, or W + ΔW in blocks of rows that fill the output buffer, each cut into
-    `threads` runs of rows, one call of the op table's fused fold each (on this thread and `pool`'s): W read in
-    place from the base's mapped window, the result rounded straight into the output buffer. Every element is
-    computed alone, so the cuts change no bit. Returns how many results are not finite."""
+    """Writes one output tensor: copied, or W + ΔW in blocks of rows that fill the output buffer, one call of the
+    op table's fused fold each (on the backend's threads, which take the block's row strips one at a time): W read
+    in place from the base's mapped window, the result rounded straight into the output buffer. Every element is
+    computed alone, so neither the blocks nor the threads change a bit. Returns how many results are not finite.
+
+    A block of W in a file is mapped for its call only, without populating it (MAP_POPULATE here, on this thread
+    alone, was 0.2 s of a 1 GiB fold between the kernel calls): the kernel's threads fault its pages in as they read
+    them, side by side. The mapping is guarded as the reader's windows are (a page gone under a read reads as zeros
+    and marks it), and a marked block fails the fold."""
     table = base.table
     nbytes = table.nbytes(row)
     if fold_plan is None:
         _copy(base, row, sink, nbytes, pool, threads)
         return 0
+    from pysoup._native import native
+    from pysoup.ops import get_backend
     from pysoup.ops.table import Chunk
 
     name, dtype = table.name(row), table.dtype(row)
@@ -315,6 +331,7 @@ def _write_tensor(base, row: int, fold_plan, sink, backend, pool, threads: int, 
     size = SAFETENSORS_SIZES[dtype]
     row_bytes = max(1, cols * size)
     begin = table.begin(row)
+    source = None if fold_plan.sources else _source_file(base, row)
     nonfinite, r0 = 0, 0
     while r0 < rows_n:
         # As many rows as the output buffer has room for (a fresh buffer when not one fits): the fold packs R once
@@ -322,26 +339,29 @@ def _write_tensor(base, row: int, fold_plan, sink, backend, pool, threads: int, 
         fit = sink.available() // row_bytes or max(1, sink.capacity // row_bytes)
         r1 = min(rows_n, r0 + fit)
         n = (r1 - r0) * cols
+        region, w_dtype = None, dtype
         if fold_plan.sources:
             w = _source_rows(fold_plan.sources, r0, r1, cols)
             w_addr, w_dtype = w.ctypes.data, "F32"
+        elif source is not None:
+            region = native.MappedRegion(source[0], begin + r0 * cols * size, n * size, False)
+            w_addr = region.address
         else:
             w_addr = base.address_at(row, begin + r0 * cols * size, begin + r1 * cols * size)
-            w_dtype = dtype
         out = sink.reserve(n * size)
-        if left is None:  # copies only: their average rounded to the base's dtype
-            chunk = Chunk(name, [w_addr], [w_dtype], r0 * cols, n, out, dtype)
-            nonfinite += backend.weighted_sum_raw(chunk, [1.0], False)
-        else:
-            w_size = SAFETENSORS_SIZES[w_dtype]
-            calls = []
-            for a, b in _cut(r0, r1, threads):
-                skip = (a - r0) * cols
-                part = Chunk(
-                    name, [w_addr + skip * w_size], [w_dtype], a * cols, (b - a) * cols, out + skip * size, dtype
-                )
-                calls.append((backend.lora_fold_raw, part, left[a:b], right))
-            nonfinite += sum(_on_threads(pool, calls))
+        chunk = Chunk(name, [w_addr], [w_dtype], r0 * cols, n, out, dtype)
+        try:
+            if left is None:  # copies only (modules_to_save): their average rounded to the base's dtype, one thread
+                nonfinite += get_backend(backend.name, None, 1).weighted_sum_raw(chunk, [1.0], False)
+            else:
+                nonfinite += backend.lora_fold_raw(chunk, left[r0:r1], right)
+        finally:
+            if region is not None:
+                region.close()
+        if region is not None and region.faulted():
+            raise FormatError(
+                f"{source[1]}: changed while being read (another process wrote or truncated it); nothing was written"
+            )
         sink.advance(n * size)
         sink.flush_if_full()
         r0 = r1
@@ -383,12 +403,27 @@ class _FactorsAhead:
         self._pool.shutdown(wait=True)
 
 
-def _on_threads(pool, calls) -> list:
-    """Runs calls [(fn, *args), ...], the first on this thread and the others on `pool`'s (each releases the GIL);
-    their results in order."""
-    futures = [pool.submit(*call) for call in calls[1:]]
-    fn, *args = calls[0]
-    return [fn(*args)] + [f.result() for f in futures]
+def _on_threads(pool, threads: int, calls) -> None:
+    """Runs calls [(fn, *args), ...] (each releasing the GIL) on this thread and `pool`'s, each thread taking the
+    next call when it is done with one: a thread the OS deschedules (2 cores shared with the writer) holds back
+    one call, not a static share."""
+    lock = threading.Lock()
+    todo = iter(calls)
+
+    def drain():
+        while True:
+            with lock:
+                call = next(todo, None)
+            if call is None:
+                return
+            call[0](*call[1:])
+
+    futures = [pool.submit(drain) for _ in range(min(threads, len(calls)) - 1)] if pool else []
+    try:
+        drain()
+    finally:
+        for f in futures:
+            f.result()
 
 
 def _cut(r0: int, r1: int, parts: int) -> list:
@@ -437,16 +472,45 @@ def _source_rows(sources, r0: int, r1: int, cols: int):
 
 
 def _copy(base, row: int, sink, nbytes: int, pool, threads: int) -> None:
-    """Copies one tensor's bytes into the output, each piece cut among the fold's threads (ctypes releases the GIL:
-    the embeddings and the head, a quarter of a Llama's bytes, took 0.4 s of the main thread alone)."""
+    """Copies one tensor's bytes into the output. From a file, a large one goes file to file on the writer thread
+    (FileSink.write_from: copy_file_range; the embeddings and the head are a quarter of a Llama's bytes) while this
+    thread goes on folding, and a small one (norms, biases) is read into the output buffer beside its neighbours:
+    neither is mapped (a mapping of the base is populated whole, 16 MiB for a 4 KiB norm). From memory, through the
+    output buffer, each piece cut among the fold's threads (ctypes releases the GIL)."""
     begin = base.table.begin(row)
+    source = _source_file(base, row)
+    if source is not None and nbytes >= _DIRECT_COPY_BYTES:
+        sink.write_from(source[0], begin, nbytes, source[1])
+        return
     pos = 0
     while pos < nbytes:
         n = min(COPY_BYTES, sink.capacity, nbytes - pos)
-        src = base.address_at(row, begin + pos, begin + pos + n)
         dst = sink.reserve(n)
-        runs = _cut(0, n, threads if n >= 1 << 20 else 1)
-        _on_threads(pool, [(ctypes.memmove, dst + a, src + a, b - a) for a, b in runs])
+        if source is not None:
+            _pread_into(source, begin + pos, dst, n)
+        else:
+            src = base.address_at(row, begin + pos, begin + pos + n)
+            runs = _cut(0, n, max(1, min(n // _COPY_PIECE, 4 * threads)))
+            _on_threads(pool, threads, [(ctypes.memmove, dst + a, src + a, b - a) for a, b in runs])
         sink.advance(n)
         sink.flush_if_full()
         pos += n
+
+
+def _pread_into(source, offset: int, address: int, nbytes: int) -> None:
+    """Reads nbytes of the file source = (fd, path) from offset into memory at address."""
+    done = 0
+    while done < nbytes:
+        got = os.preadv(source[0], [(ctypes.c_char * (nbytes - done)).from_address(address + done)], offset + done)
+        if got == 0:
+            raise FormatError(f"{source[1]}: changed while being read (it ended early); nothing was written")
+        done += got
+
+
+def _source_file(base, row: int):
+    """(fd, path) of the file holding tensor `row` of a base read from files (None for one in memory)."""
+    readers = getattr(base, "_readers", None)  # FileCheckpoint: one reader per file
+    if readers is None:
+        return None
+    reader = readers[base.table.group(row)]
+    return reader._fd, reader.path
