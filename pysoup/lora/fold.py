@@ -451,6 +451,8 @@ def _gemm_factors(terms) -> tuple:
         else:
             lefts.append(b)
             rights.append(a)
+    if len(terms) == 1:  # nothing to concatenate (read_f32's arrays are fresh): no copy of either
+        return np.ascontiguousarray(lefts[0]), np.ascontiguousarray(rights[0])
     return np.ascontiguousarray(np.concatenate(lefts, axis=1)), np.ascontiguousarray(np.concatenate(rights, axis=0))
 
 
