@@ -159,7 +159,7 @@ def run_pysoup_merge(mode: str, out: str, *adapters: str) -> None:
 # -- the suite ----------------------------------------------------------------------------------------------------
 
 
-def measure(cfg: dict, work: str) -> dict:
+def measure(cfg: dict, work: str, suites_wanted=("fold", "merge8")) -> dict:
     from pysoup.bench import baselines
     from pysoup.bench.harness import raise_on_failure, rotated, run_process, summarize, sync, warm_page_cache
 
@@ -186,6 +186,8 @@ def measure(cfg: dict, work: str) -> dict:
     load = [os.getloadavg()[0]]
     suites = {}
     for suite, commands in (("fold", fold), ("merge8", merges)):
+        if suite not in suites_wanted:
+            continue
         times = {n: [] for n in commands}
         cpu = {n: [] for n in commands}
         rss = {n: [] for n in commands}
@@ -302,6 +304,10 @@ def markdown(report: dict) -> str:
         else f"pysoup's folded model and PEFT's differ in {c['values_differing']:,} of {c['values']:,} bf16 values, by "
         f"at most {c['max_abs_diff']:.3g}: PEFT rounds ΔW to bf16 and adds in bf16 (two roundings), pysoup adds in "
         "fp32 and rounds once.",
+    ]
+    if "merge8" not in m["suites"]:  # --fold-only
+        return "\n".join(lines) + "\n"
+    lines += [
         "",
         f"## Merge {m['config']['adapters']} adapters (weights 1/{m['config']['adapters']})",
         "",
@@ -327,6 +333,11 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="a tiny model and 3 adapters, one run (a smoke test)")
     parser.add_argument("--runs", type=int)
     parser.add_argument("--out", help="where lora.{json,md} go (default: benchmarks/results; --quick: printed only)")
+    parser.add_argument(
+        "--fold-only",
+        action="store_true",
+        help="the fold suite alone (pysoup, the I/O floor, PEFT), printed only unless --out is given",
+    )
     args = parser.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
     if args.runs is not None:
@@ -337,17 +348,17 @@ def main(argv=None) -> int:
     size = sum(2 * int(__import__("math").prod(s)) for s in shapes(cfg).values())
     with work_dir(4 * size + (1 << 30)) as work:
         scratch = os.path.dirname(work)
-        m = measure(cfg, work)
+        m = measure(cfg, work, ("fold",) if args.fold_only else ("fold", "merge8"))
     report = {
         "suite": "lora",
         "machine": machine(),
         "command": "python benchmarks/lora.py" + (" --quick" if args.quick else "")
-        + (f" --runs {args.runs}" if args.runs is not None else ""),
+        + (" --fold-only" if args.fold_only else "") + (f" --runs {args.runs}" if args.runs is not None else ""),
         "scratch": scratch,
         "measurement": m,
     }  # fmt: skip
     text = markdown(report)
-    out = args.out or (None if args.quick else os.path.join(HERE, "results"))
+    out = args.out or (None if args.quick or args.fold_only else os.path.join(HERE, "results"))
     if out is not None:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "lora.json"), "w") as f:
