@@ -19,7 +19,7 @@ Adapter merges (8 adapters, weights 1/8):
 Targets (the fold): whole process <= 1.5x the I/O floor; peak RSS <= 256 MiB. Files under /dev/shm when it has
 room; the load average during the runs is recorded (on a shared machine, wall times carry other work's load).
 
-    python benchmarks/lora.py [--quick] [--runs 3] [--out benchmarks/results]
+    python benchmarks/lora.py [--quick] [--fold-only] [--runs 3] [--bytecode cached|env] [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -159,7 +159,25 @@ def run_pysoup_merge(mode: str, out: str, *adapters: str) -> None:
 # -- the suite ----------------------------------------------------------------------------------------------------
 
 
-def measure(cfg: dict, work: str, suites_wanted=("fold", "merge8")) -> dict:
+def contender_env(bytecode: str):
+    """The contenders' environment. "cached": pysoup's modules byte-compiled first (into its __pycache__
+    directories, which git ignores) and PYTHONDONTWRITEBYTECODE dropped, so every run imports them as an installed
+    pysoup does (pip compiles a package's modules when it installs it; the other contenders' packages in
+    site-packages were compiled so). "env": this environment as it is (where PYTHONDONTWRITEBYTECODE is set, as in
+    some sandboxes, an editable pysoup compiles its ~25 modules of the fold's path on every run: ~0.1 s)."""
+    if bytecode == "env":
+        return None
+    import compileall
+
+    import pysoup
+
+    compileall.compile_dir(os.path.dirname(pysoup.__file__), quiet=1)
+    env = dict(os.environ)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
+def measure(cfg: dict, work: str, suites_wanted=("fold", "merge8"), bytecode: str = "cached") -> dict:
     from pysoup.bench import baselines
     from pysoup.bench.harness import raise_on_failure, rotated, run_process, summarize, sync, warm_page_cache
 
@@ -183,6 +201,7 @@ def measure(cfg: dict, work: str, suites_wanted=("fold", "merge8")) -> dict:
         "peft_cat": [py, me, "_peft_cat", base, os.path.join(work, "m_peft"), *adapters],
     }
     warm_page_cache([base_file] + [os.path.join(a, "adapter_model.safetensors") for a in adapters])
+    env = contender_env(bytecode)
     load = [os.getloadavg()[0]]
     suites = {}
     for suite, commands in (("fold", fold), ("merge8", merges)):
@@ -195,7 +214,7 @@ def measure(cfg: dict, work: str, suites_wanted=("fold", "merge8")) -> dict:
             for name in rotated(list(commands), r):
                 sync()
                 before = _children_cpu()
-                res = run_process(commands[name], cwd=ROOT)
+                res = run_process(commands[name], cwd=ROOT, env=env)
                 raise_on_failure(res, name, suite)
                 cpu[name].append(_children_cpu() - before)  # the launcher's and the command's user + system time
                 times[name].append(res["seconds"])
@@ -227,8 +246,13 @@ def measure(cfg: dict, work: str, suites_wanted=("fold", "merge8")) -> dict:
             "time_vs_floor": {"value": ratio, "target": FLOOR_TARGET, "pass": ratio <= FLOOR_TARGET},
         },
         "load_average": {"min": min(load), "median": statistics.median(load), "max": max(load)},
+        "bytecode": bytecode,
         "cores": len(os.sched_getaffinity(0)),
     }
+
+
+def _no_bytecode() -> bool:
+    return bool(os.environ.get("PYTHONDONTWRITEBYTECODE"))
 
 
 def _children_cpu() -> float:
@@ -272,7 +296,13 @@ def markdown(report: dict) -> str:
         f"{m['adapter_bytes'] / 2**20:.0f} MiB (fp32). Files on {report['scratch']}, warm page cache; contenders "
         f"rotated each round; median of {m['config']['runs']} runs (spread = (max - min) / median; CPU seconds: user + "
         "system of the whole process, median). Every time is a whole process (interpreter start and imports "
-        "included).",
+        "included)"
+        + (
+            "; pysoup's modules byte-compiled beforehand, as pip install leaves them (`--bytecode cached`)."
+            if m.get("bytecode", "cached") == "cached"
+            else "; bytecode as this environment has it (`--bytecode env`"
+            + (", PYTHONDONTWRITEBYTECODE set: pysoup compiled its modules in every run)." if _no_bytecode() else ").")
+        ),
         "",
         f"Load average during the runs ({m['cores']} cores; the benchmark's own processes count in it): "
         f"{m['load_average']['min']:.1f} to {m['load_average']['max']:.1f} (median {m['load_average']['median']:.1f}).",
@@ -334,6 +364,13 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int)
     parser.add_argument("--out", help="where lora.{json,md} go (default: benchmarks/results; --quick: printed only)")
     parser.add_argument(
+        "--bytecode",
+        choices=("cached", "env"),
+        default="cached",
+        help="cached (default): pysoup's modules byte-compiled before the runs, as pip install leaves them; env: "
+        "this environment as it is (PYTHONDONTWRITEBYTECODE, if set, makes an editable pysoup compile every run)",
+    )
+    parser.add_argument(
         "--fold-only",
         action="store_true",
         help="the fold suite alone (pysoup, the I/O floor, PEFT), printed only unless --out is given",
@@ -348,12 +385,13 @@ def main(argv=None) -> int:
     size = sum(2 * int(__import__("math").prod(s)) for s in shapes(cfg).values())
     with work_dir(4 * size + (1 << 30)) as work:
         scratch = os.path.dirname(work)
-        m = measure(cfg, work, ("fold",) if args.fold_only else ("fold", "merge8"))
+        m = measure(cfg, work, ("fold",) if args.fold_only else ("fold", "merge8"), args.bytecode)
     report = {
         "suite": "lora",
         "machine": machine(),
         "command": "python benchmarks/lora.py" + (" --quick" if args.quick else "")
-        + (" --fold-only" if args.fold_only else "") + (f" --runs {args.runs}" if args.runs is not None else ""),
+        + (" --fold-only" if args.fold_only else "") + (f" --runs {args.runs}" if args.runs is not None else "")
+        + (" --bytecode env" if args.bytecode == "env" else ""),
         "scratch": scratch,
         "measurement": m,
     }  # fmt: skip
