@@ -150,18 +150,18 @@ void fusion_kl(const void* const* inputs, const int* in_dtypes, int64_t row, int
     const int64_t per = std::max<int64_t>(1, kBlock / row);
     const int64_t parts = (rows + per - 1) / per;
     const int nt = threads_for(threads, parts);
-    // Counts: each thread into a histogram of its own (as fusion_histogram's pass 0), added to `hist` at the end.
-    std::vector<std::vector<uint64_t>> local(hist && nt > 1 ? nt : 0);
+    // Counts: each thread into histograms of its own (two, see the kernel), added to `hist` at the end.
+    std::vector<std::vector<uint64_t>> local(hist ? nt : 0);
     pool_threads(nt, parts, [&](int64_t q, int t) {
-        uint64_t* h = hist;
-        if (hist && nt > 1) {
-            if (local[t].empty()) local[t].assign(65536, 0);
+        uint64_t* h = nullptr;
+        if (hist) {
+            if (local[t].empty()) local[t].assign(2 * 65536, 0);
             h = local[t].data();
         }
         kern.fusion_kl(inputs, in_dtypes, row, q * per, std::min(rows, (q + 1) * per), kl, h);
     });
     for (const std::vector<uint64_t>& l : local)
-        for (size_t h = 0; h < l.size(); ++h) hist[h] += l[h];
+        for (size_t h = 0; h < l.size(); ++h) hist[h & 65535] += l[h];
 }
 
 }  // namespace pysoup

@@ -67,8 +67,8 @@ struct GeometricKernels {
     void (*fusion_histogram)(const FusionArgs&, int pass, int64_t begin, int64_t end, uint64_t* hist);
     int64_t (*fusion_combine)(const FusionArgs&, float threshold, int64_t begin, int64_t end, void* out, int out_dtype);
     // Arcee Fusion's row KL over rows [r0, r1) (inputs: p, b at row 0's first element), into kl[r0 .. r1), and with
-    // `hist` (65536 counts, the caller's thread's own) those rows' importances counted as fusion_histogram's pass 0:
-    // see fusion_kl below.
+    // `hist` (2 x 65536 counts, the caller's thread's own, to be added up) those rows' importances counted as
+    // fusion_histogram's pass 0: see fusion_kl below.
     void (*fusion_kl)(const void* const* inputs, const int* in_dtypes, int64_t row, int64_t r0, int64_t r1, float* kl,
                       uint64_t* hist);
 };

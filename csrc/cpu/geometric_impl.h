@@ -495,9 +495,10 @@ inline float fusion_kl_row(double* xp, double* xb, double* xo, int64_t row) {
     return static_cast<float>(kl_sum(xo, row));
 }
 
-// Rows [r0, r1) (the inputs at row 0's first element) into kl[r0 .. r1); with `hist`, each of those rows' importances
-// |p - b| * kl[r] (fp32, as fusion_importance) counted there by the high half of its order key, as
-// fusion_histogram's pass 0: the row is at hand, so this saves that pass's reading of both tensors.
+// Rows [r0, r1) (the inputs at row 0's first element) into kl[r0 .. r1); with `hist` (2 x 65536 counts), each of those
+// rows' importances |p - b| * kl[r] (fp32, as fusion_importance) counted there by the high half of its order key, as
+// fusion_histogram's pass 0 (the two halves added give the counts): the row is at hand, so this saves that pass's
+// reading of both tensors.
 template <class IO>
 void fusion_kl_kernel(const void* const* inputs, const int* in_dtypes, int64_t row, int64_t r0, int64_t r1, float* kl,
                       uint64_t* hist) {
@@ -519,10 +520,18 @@ void fusion_kl_kernel(const void* const* inputs, const int* in_dtypes, int64_t r
         if (hist) {  // the keys a tile at a time (vectorised), then counted
             const float k = kl[r];
             uint32_t keys[kOpTile];
+            // Alternate elements into two histograms: runs of equal keys (p == b: a fifth of a fine-tune's elements)
+            // made each increment wait on the previous one's store (one histogram: ~1.5 ns an element more).
+            uint64_t* h1 = hist + 65536;
             for (int64_t t0 = 0; t0 < row; t0 += kOpTile) {
                 const int64_t m = std::min(kOpTile, row - t0);
                 for (int64_t j = 0; j < m; ++j) keys[j] = fusion_key(d[t0 + j] * k);
-                for (int64_t j = 0; j < m; ++j) ++hist[keys[j] >> 16];
+                int64_t j = 0;
+                for (; j + 2 <= m; j += 2) {
+                    ++hist[keys[j] >> 16];
+                    ++h1[keys[j + 1] >> 16];
+                }
+                if (j < m) ++hist[keys[j] >> 16];
             }
         }
     }
