@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "cpu/blocking.h"
@@ -244,7 +245,7 @@ void load_taus(const SparseArgs& a, int64_t t0, int64_t m, SparseScratch& s) {
 // stored once).
 inline void store_bits(const uint8_t* keep, int64_t g0, int64_t m, uint8_t* bits) {
     const int64_t g1 = g0 + m;
-    for (int64_t byte = g0 >> 3; byte <= (g1 - 1) >> 3; ++byte) {
+    auto partial = [&](int64_t byte) {
         const int64_t lo = std::max(g0, byte * 8), hi = std::min(g1, byte * 8 + 8);
         uint8_t v = 0;
         for (int64_t g = lo; g < hi; ++g) v |= uint8_t(keep[g - g0] << (g & 7));
@@ -252,7 +253,17 @@ inline void store_bits(const uint8_t* keep, int64_t g0, int64_t m, uint8_t* bits
             bits[byte] = v;
         else
             __atomic_fetch_or(bits + byte, v, __ATOMIC_RELAXED);
+    };
+    const int64_t b0 = g0 >> 3, b1 = (g1 - 1) >> 3;
+    partial(b0);
+    // Whole bytes: the eight 0/1 bytes of entries 8b .. 8b + 7 gathered into one by a multiply (byte l's bit lands
+    // on bit 56 + l; no two partial products meet).
+    for (int64_t byte = b0 + 1; byte < b1; ++byte) {
+        uint64_t v;
+        std::memcpy(&v, keep + (byte * 8 - g0), 8);
+        bits[byte] = uint8_t((v * 0x0102040810204080ull) >> 56);
     }
+    if (b1 > b0) partial(b1);
 }
 
 // Bits g0 .. g0 + m - 1 into keep[0, m) as 0 or 1.
@@ -261,9 +272,14 @@ inline void load_bits(const uint8_t* bits, int64_t g0, int64_t m, T* keep) {
     int64_t j = 0;
     for (; j < m && ((g0 + j) & 7); ++j) keep[j] = T((bits[(g0 + j) >> 3] >> ((g0 + j) & 7)) & 1);
     const uint8_t* byte = bits + ((g0 + j) >> 3);
-    for (; j + 8 <= m; j += 8, ++byte) {  // whole bytes: 8 entries from one load, the shifts fixed
-        const uint32_t v = *byte;
-        for (int l = 0; l < 8; ++l) keep[j + l] = T((v >> l) & 1u);
+    for (; j + 8 <= m; j += 8, ++byte) {
+        // Whole bytes: bit l spread to byte l (the byte repeated, each lane masked to its bit, then the lane's high
+        // bit set by adding 0x7F where the bit is), eight entries from one load.
+        const uint64_t spread = (uint64_t(*byte) * 0x0101010101010101ull) & 0x8040201008040201ull;
+        const uint64_t v = ((spread + 0x7F7F7F7F7F7F7F7Full) >> 7) & 0x0101010101010101ull;
+        uint8_t lanes[8];
+        std::memcpy(lanes, &v, 8);
+        for (int l = 0; l < 8; ++l) keep[j + l] = T(lanes[l]);
     }
     for (; j < m; ++j) keep[j] = T((bits[(g0 + j) >> 3] >> ((g0 + j) & 7)) & 1);
 }
