@@ -6,6 +6,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -29,21 +33,37 @@ const LoraFoldKernels& kernels(Isa isa) {
 // libgomp's idle thread spin-waits through those gaps on the core the writer needs (as in geometric.cpp, whose
 // pool_threads this follows; starting a thread costs ~50 us against the ~15 ms of a 16 MiB block). Items are handed
 // out one at a time, so a thread the OS deschedules (2 cores shared with the writer) holds back only its current
-// strip, not a static half of the block.
+// strip, not a static half of the block. The helpers are detached and the caller waits for the items, not for the
+// threads: a helper the OS has not started yet when the caller has done every item (a loaded machine) is not waited
+// for; it finds nothing left and ends, touching only the shared counters.
 template <class F>
 void on_threads(int threads, int64_t items, F&& fn) {
-    if (threads <= 1 || items <= 1) {
-        for (int64_t i = 0; i < items; ++i) fn(i);
-        return;
-    }
-    std::atomic<int64_t> next{0};
-    auto work = [&] {
-        for (int64_t i = next.fetch_add(1); i < items; i = next.fetch_add(1)) fn(i);
+    struct Shared {
+        std::atomic<int64_t> next{0}, done{0};
+        std::mutex mutex;
+        std::condition_variable all_done;
     };
-    std::vector<std::thread> pool;
-    for (int t = 1; t < threads; ++t) pool.emplace_back(work);
-    work();
-    for (std::thread& th : pool) th.join();
+    auto shared = std::make_shared<Shared>();
+    auto* work_fn = &fn;  // dereferenced only for an item taken, while the caller still waits for it
+    const auto work = [items, work_fn](Shared& sh) {
+        for (int64_t i = sh.next.fetch_add(1); i < items; i = sh.next.fetch_add(1)) {
+            (*work_fn)(i);
+            if (sh.done.fetch_add(1) + 1 == items) {
+                std::lock_guard<std::mutex> lock(sh.mutex);
+                sh.all_done.notify_all();
+            }
+        }
+    };
+    for (int t = 1; t < threads && t < items; ++t) {
+        try {
+            std::thread([shared, work] { work(*shared); }).detach();
+        } catch (const std::system_error&) {
+            break;  // no thread to be had: the caller does the rest
+        }
+    }
+    work(*shared);
+    std::unique_lock<std::mutex> lock(shared->mutex);
+    shared->all_done.wait(lock, [&] { return shared->done.load() == items; });
 }
 
 }  // namespace
