@@ -4,11 +4,12 @@ tensor copied, streamed from the base checkpoint into the output files.
 Each adapted weight is computed in blocks of rows that fill the output buffer, each one call of the op table's
 fused fold (lora_fold_raw; csrc/cpu/lora_fold*): out = round(W + L·R) with L = [w₁s₁B₁ | ...], R = [A₁; ...], the
 products of each element accumulated in registers over k = Σrᵢ (fma in order from +0), W read in place from the
-base's mapped window and added once in fp32, the result rounded once to the base's dtype straight into the output
-buffer. No fp32 ΔW buffer and no second pass: the block's W is read once and its output written once. The adapters'
-factors are read per tensor with pread. Memory is the output buffers, one window of the base and one tensor's
-factors: it does not grow with the model. Torch is never imported (its import alone is ~220 MiB resident); numpy's
-is ~25 MiB.
+block's mapping of the base and added once in fp32, the result rounded once to the base's dtype straight into the
+output buffer. No fp32 ΔW buffer and no second pass: the block's W is read once and its output written once. The
+adapters' factors are read per tensor with pread; tensors copied unchanged go file to file on the writer thread
+(large) or are read into the output buffer (small). Memory is the output buffers, one block of the base and one
+tensor's factors: it does not grow with the model. Torch is never imported (its import alone is ~220 MiB
+resident); numpy's is ~25 MiB.
 
 Why a kernel of our own rather than numpy's BLAS: the GEMM's output, [rows, cols] fp32, is twice the bf16 weight
 it is added to, and writing and reading it back was half the fold's time (a 1 GiB rank-64 fold: 0.78 s in sgemm,
