@@ -389,12 +389,21 @@ inline double kl_atanh2(double s) {
     return (2.0 * s) * q;
 }
 
+// 2 atanh(s) to z^3, for rows where every |s| <= kKlLogShort (z <= 1e-4: error < 2e-17 relative).
+inline double kl_atanh2_short(double s) {
+    const double z = s * s;
+    const double z2 = z * z;
+    const double a0 = 1.0 + 0.3333333333333333 * z, a1 = 0.2 + 0.14285714285714285 * z;
+    return (2.0 * s) * (a0 + a1 * z2);
+}
+
 // log(P / Q) for positive normal P and Q, with one division: P = 2^eP mP and Q = 2^eQ mQ (mP, mQ in [1, 2)), one
 // mantissa doubled (and e = eP - eQ moved by one) where that brings mP / mQ into [sqrt(1/2), sqrt(2)]; then
 // log(P / Q) = e ln2 + 2 atanh(s), s = (mP - mQ) / (mP + mQ) (|s| < 0.172; mP - mQ is exact, the two being within a
 // factor of 2 of each other), atanh(s) / s by its series in z = s^2 to z^11 (error < 1e-19); e ln2 added in two
 // parts. (log of the rounded quotient P / Q took a second division, the loop's most expensive operation.)
-inline double kl_log_ratio(double P, double Q) {
+// The atanh series is kl_atanh2_short's where `short_series` (the row's choice, see fusion_kl_row).
+inline double kl_log_ratio(double P, double Q, bool short_series) {
     const uint64_t up = kl_double_bits(P), uq = kl_double_bits(Q);
     // The exponents, exactly: 2^52 + the biased exponent field, less 2^52 (their biases cancel in e).
     const double ep = kl_bits_to_double((up >> 52) | 0x4330000000000000ull);
@@ -405,13 +414,18 @@ inline double kl_log_ratio(double P, double Q) {
     mq = up2 ? mq * 2.0 : mq;
     mp = down2 ? mp * 2.0 : mp;
     const double e = (ep - eq) + (up2 ? 1.0 : (down2 ? -1.0 : 0.0));
-    return e * kKlLn2Hi + (e * kKlLn2Lo + kl_atanh2((mp - mq) / (mp + mq)));
+    const double s = (mp - mq) / (mp + mq);
+    return e * kKlLn2Hi + (e * kKlLn2Lo + (short_series ? kl_atanh2_short(s) : kl_atanh2(s)));
 }
 
 // Where P / Q lies in [0.72, 1.39], kl_log_ratio(P, Q) is kl_atanh2((P - Q) / (P + Q)), bit for bit: its mantissas
 // are then P and Q scaled by one power of 2 (e = +0: e ln2's terms add +0), and scaling by a power of 2 changes no
 // rounding of the difference, sum or quotient. |(P - Q) / (P + Q)| <= kKlLogNear implies P / Q in [0.724, 1.381].
 constexpr double kKlLogNear = 0.16;
+
+// A row whose |s| are all <= kKlLogShort (p and b close: a fine-tune and its base) takes kl_atanh2_short for every
+// element, the others kl_atanh2: part of the definition (the reference chooses the same way), ~1 ns an element less.
+constexpr double kKlLogShort = 0.01;
 
 // The row sums: kKlLanes running sums, element j into lane j % kKlLanes, each in element order from +0.0, then the
 // lanes added pairwise ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)). One sum in element order would cost an
@@ -464,33 +478,29 @@ inline float fusion_kl_row(double* xp, double* xb, double* xo, int64_t row) {
         }
     }
     const double ip = 1.0 / kl_sum(xp, row), ib = 1.0 / kl_sum(xb, row);
-    // P log(P / Q), in blocks of 64 elements: without the exponent split (kKlLogNear, the same bits) until a block
-    // has an element that needs it; that block and the rest of the row with it.
-    bool split = false;
-    for (int64_t b0 = 0; b0 < row; b0 += 64) {
-        const int64_t b1 = std::min(row, b0 + 64);
-        if (!split) {
-            double far[kKlLanes] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
-            auto near = [&](int64_t j, int l) {
-                const double P = xp[j] * ip + kKlEps, Q = xb[j] * ib + kKlEps;
-                const double s = (P - Q) / (P + Q);
-                const double a = std::fabs(s);
-                far[l] = a > far[l] ? a : far[l];
-                xo[j] = P * kl_atanh2(s);
-            };
-            int64_t j = b0;
-            for (; j + kKlLanes <= b1; j += kKlLanes)
-                for (int l = 0; l < kKlLanes; ++l) near(j + l, l);
-            for (int l = 0; j + l < b1; ++l) near(j + l, l);
-            double worst = 0.0;
-            for (int l = 0; l < kKlLanes; ++l) worst = far[l] > worst ? far[l] : worst;
-            if (worst <= kKlLogNear) continue;
-            split = true;
-        }
-        for (int64_t j = b0; j < b1; ++j) {
-            const double P = xp[j] * ip + kKlEps, Q = xb[j] * ib + kKlEps;
-            xo[j] = P * kl_log_ratio(P, Q);
-        }
+    // P log(P / Q): s = (P - Q) / (P + Q) first (P kept in xp, s in xo), for the row's largest |s|, which picks the
+    // atanh series (kKlLogShort) and tells whether any element needs the exponent split (kKlLogNear).
+    double far[kKlLanes] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+    auto ratio = [&](int64_t j, int l) {
+        const double P = xp[j] * ip + kKlEps, Q = xb[j] * ib + kKlEps;
+        const double s = (P - Q) / (P + Q);
+        const double a = std::fabs(s);
+        far[l] = a > far[l] ? a : far[l];
+        xp[j] = P;
+        xo[j] = s;
+    };
+    j0 = 0;
+    for (; j0 + kKlLanes <= row; j0 += kKlLanes)
+        for (int l = 0; l < kKlLanes; ++l) ratio(j0 + l, l);
+    for (int l = 0; j0 + l < row; ++l) ratio(j0 + l, l);
+    double worst = 0.0;
+    for (int l = 0; l < kKlLanes; ++l) worst = far[l] > worst ? far[l] : worst;
+    if (worst <= kKlLogShort) {
+        for (int64_t j = 0; j < row; ++j) xo[j] = xp[j] * kl_atanh2_short(xo[j]);
+    } else if (worst <= kKlLogNear) {
+        for (int64_t j = 0; j < row; ++j) xo[j] = xp[j] * kl_atanh2(xo[j]);
+    } else {
+        for (int64_t j = 0; j < row; ++j) xo[j] = xp[j] * kl_log_ratio(xp[j], xb[j] * ib + kKlEps, false);
     }
     return static_cast<float>(kl_sum(xo, row));
 }

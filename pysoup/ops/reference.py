@@ -749,6 +749,7 @@ _KL_EPS = 9.99999993922529e-09  # fp32(1e-8), what mergekit adds to its fp32 sof
 _KL_EXP_FLOOR = -600.0  # exp(r) below it counts as 0 (it vanishes next to _KL_EPS)
 _KL_EXP = tuple(1.0 / math.factorial(i) for i in range(14))  # exp(f)'s Taylor series, 1/i! (the kernel's literals)
 _KL_LOG = tuple(1.0 / (2 * i + 1) for i in range(12))  # atanh(s)/s's series in z = s^2, 1/(2i + 1)
+_KL_LOG_SHORT = 0.01  # rows whose |s| are all below it take the series to z^3 (kKlLogShort)
 
 
 def _estrin(c, x):
@@ -773,9 +774,10 @@ def _kl_exp(r):
     return torch.where(r < _KL_EXP_FLOOR, torch.zeros_like(s), s * scale)
 
 
-def _kl_log_ratio(P, Q):
+def _kl_log_ratio(P, Q, short):
     """log(P / Q), P and Q > 0 normal fp64 (kl_log_ratio): P = 2^eP mP, Q = 2^eQ mQ, one mantissa doubled so that
-    mP / mQ lies in [sqrt(1/2), sqrt(2)], then e ln2 + 2 atanh((mP - mQ) / (mP + mQ)): one division."""
+    mP / mQ lies in [sqrt(1/2), sqrt(2)], then e ln2 + 2 atanh((mP - mQ) / (mP + mQ)): one division; atanh's series
+    to z^3 where `short` (a row's choice, broadcast), else to z^11."""
     import torch
 
     def split(y):
@@ -791,7 +793,7 @@ def _kl_log_ratio(P, Q):
     e = (ep - eq) + torch.where(up, 1.0, torch.where(down, -1.0, 0.0)).to(torch.float64)
     s = (mp - mq) / (mp + mq)
     z = s * s
-    q = _estrin(_KL_LOG, z)
+    q = torch.where(short, _estrin(_KL_LOG[:4], z), _estrin(_KL_LOG, z))
     return e * _KL_LN2_HI + (e * _KL_LN2_LO + (2.0 * s) * q)
 
 
@@ -825,7 +827,10 @@ def fusion_kl(p, b):
         inv = (1.0 / _kl_sum(e))[:, None]
         probs.append(e * inv + _KL_EPS)
     P, Q = probs
-    kl = _kl_sum(P * _kl_log_ratio(P, Q)).float()
+    # The short atanh series in rows where every |(P - Q) / (P + Q)| <= 0.01 (kKlLogShort): there e = 0 and s is
+    # that quotient.
+    short = ((P - Q) / (P + Q)).abs().amax(dim=-1, keepdim=True) <= _KL_LOG_SHORT
+    kl = _kl_sum(P * _kl_log_ratio(P, Q, short)).float()
     return torch.where(finite, kl, torch.full_like(kl, float("nan")))
 
 
