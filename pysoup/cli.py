@@ -451,6 +451,13 @@ def _cmd_bench(args) -> int:
 
 
 def main(argv=None) -> int:
+    import os
+
+    # OpenMP workers that wait between parallel regions sleep instead of spinning (libgomp reads this when the C++
+    # module loads, which the CLI has not done yet): a merge runs a kernel per chunk with I/O, page faults and Python
+    # in between, and on few cores a spinning worker takes the core the writer thread needs (ramplus_tl, base + 3 x
+    # 512 MiB, 2 cores: ~1.2 CPU s less). An OMP_WAIT_POLICY the user set is kept.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from pysoup.io.signals import Terminated, die_by, raise_on_termination
 
     raise_on_termination()  # SIGTERM and SIGHUP clean up like Ctrl-C, then end the process
