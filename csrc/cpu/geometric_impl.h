@@ -442,31 +442,43 @@ inline double kl_sum(const double* x, int64_t n) {
 }
 
 // One row's KL from its values (fp64, overwritten; xo: `row` more doubles).
-inline float fusion_kl_row(double* xp, double* xb, double* xo, int64_t row) {
-    // A row with a non-finite value has no KL (NaN: the importance of its elements is NaN, never kept): x - x is
-    // NaN exactly for those. Extrema are exact in any order; lanes let the loop vectorise.
-    double mp[kKlLanes], mb[kKlLanes], np[kKlLanes], nb[kKlLanes], bad[kKlLanes];
-    for (int l = 0; l < kKlLanes; ++l) mp[l] = mb[l] = -HUGE_VAL, np[l] = nb[l] = HUGE_VAL, bad[l] = 0.0;
-    auto scan = [&](int64_t j, int l) {
-        mp[l] = xp[j] > mp[l] ? xp[j] : mp[l];
-        mb[l] = xb[j] > mb[l] ? xb[j] : mb[l];
-        np[l] = xp[j] < np[l] ? xp[j] : np[l];
-        nb[l] = xb[j] < nb[l] ? xb[j] : nb[l];
-        bad[l] += (xp[j] - xp[j]) + (xb[j] - xb[j]);
-    };
-    int64_t j0 = 0;
-    for (; j0 + kKlLanes <= row; j0 += kKlLanes)
-        for (int l = 0; l < kKlLanes; ++l) scan(j0 + l, l);
-    for (int l = 0; j0 + l < row; ++l) scan(j0 + l, l);
-    double mxp = mp[0], mxb = mb[0], mnp = np[0], mnb = nb[0], nan = 0.0;
-    for (int l = 0; l < kKlLanes; ++l) {
-        mxp = mp[l] > mxp ? mp[l] : mxp;
-        mxb = mb[l] > mxb ? mb[l] : mxb;
-        mnp = np[l] < mnp ? np[l] : mnp;
-        mnb = nb[l] < mnb ? nb[l] : mnb;
-        nan += bad[l];
+// The extremes of a row's p and b values and whether one is not finite, gathered in fp32 while the row is loaded
+// (exact in any order; 16 lanes let the loop vectorise).
+struct KlRowScan {
+    static constexpr int kLanes = 16;
+    float mp[kLanes], mb[kLanes], np[kLanes], nb[kLanes], bad[kLanes];
+    KlRowScan() {
+        for (int l = 0; l < kLanes; ++l) mp[l] = mb[l] = -HUGE_VALF, np[l] = nb[l] = HUGE_VALF, bad[l] = 0.0f;
     }
-    if (nan != 0.0) return std::numeric_limits<float>::quiet_NaN();
+    void add(const float* p, const float* b, int64_t m) {
+        auto one = [&](int64_t j, int l) {
+            mp[l] = p[j] > mp[l] ? p[j] : mp[l];
+            mb[l] = b[j] > mb[l] ? b[j] : mb[l];
+            np[l] = p[j] < np[l] ? p[j] : np[l];
+            nb[l] = b[j] < nb[l] ? b[j] : nb[l];
+            bad[l] += (p[j] - p[j]) + (b[j] - b[j]);  // NaN exactly where a value is NaN or infinite
+        };
+        int64_t j = 0;
+        for (; j + kLanes <= m; j += kLanes)
+            for (int l = 0; l < kLanes; ++l) one(j + l, l);
+        for (int l = 0; j + l < m; ++l) one(j + l, l);
+    }
+};
+
+// One row's KL from its values (fp64, overwritten; xo: `row` more doubles) and their scan.
+inline float fusion_kl_row(double* xp, double* xb, double* xo, int64_t row, const KlRowScan& sc) {
+    // A row with a non-finite value has no KL (NaN: the importance of its elements is NaN, never kept).
+    double mxp = sc.mp[0], mxb = sc.mb[0], mnp = sc.np[0], mnb = sc.nb[0];
+    float nan = 0.0f;
+    for (int l = 0; l < KlRowScan::kLanes; ++l) {
+        mxp = sc.mp[l] > mxp ? sc.mp[l] : mxp;
+        mxb = sc.mb[l] > mxb ? sc.mb[l] : mxb;
+        mnp = sc.np[l] < mnp ? sc.np[l] : mnp;
+        mnb = sc.nb[l] < mnb ? sc.nb[l] : mnb;
+        nan += sc.bad[l];
+    }
+    if (nan != 0.0f) return std::numeric_limits<float>::quiet_NaN();
+    int64_t j0 = 0;
     // exp(x - max): without the range reduction where the row's spread allows (kKlExpNear; the same bits).
     for (int i = 0; i < 2; ++i) {
         double* x = i ? xb : xp;
@@ -518,15 +530,17 @@ void fusion_kl_kernel(const void* const* inputs, const int* in_dtypes, int64_t r
     float* d = dbuf.data();  // |p - b|, fp32
     float tp[kOpTile], tb[kOpTile];
     for (int64_t r = r0; r < r1; ++r) {
+        KlRowScan scan;
         for (int64_t t0 = 0; t0 < row; t0 += kOpTile) {
             const int64_t m = std::min(kOpTile, row - t0);
             IO::load(inputs[0], in_dtypes[0], r * row + t0, m, tp);
             IO::load(inputs[1], in_dtypes[1], r * row + t0, m, tb);
             for (int64_t j = 0; j < m; ++j) xp[t0 + j] = tp[j], xb[t0 + j] = tb[j];
+            scan.add(tp, tb, m);
             if (hist)
                 for (int64_t j = 0; j < m; ++j) d[t0 + j] = std::fabs(tp[j] - tb[j]);
         }
-        kl[r] = fusion_kl_row(xp, xb, xo, row);
+        kl[r] = fusion_kl_row(xp, xb, xo, row, scan);
         if (hist) {  // the keys a tile at a time (vectorised), then counted
             const float k = kl[r];
             uint32_t keys[kOpTile];
