@@ -478,7 +478,6 @@ inline float fusion_kl_row(double* xp, double* xb, double* xo, int64_t row, cons
         nan += sc.bad[l];
     }
     if (nan != 0.0f) return std::numeric_limits<float>::quiet_NaN();
-    int64_t j0 = 0;
     // exp(x - max): without the range reduction where the row's spread allows (kKlExpNear; the same bits).
     for (int i = 0; i < 2; ++i) {
         double* x = i ? xb : xp;
@@ -501,7 +500,7 @@ inline float fusion_kl_row(double* xp, double* xb, double* xo, int64_t row, cons
         xp[j] = P;
         xo[j] = s;
     };
-    j0 = 0;
+    int64_t j0 = 0;
     for (; j0 + kKlLanes <= row; j0 += kKlLanes)
         for (int l = 0; l < kKlLanes; ++l) ratio(j0 + l, l);
     for (int l = 0; j0 + l < row; ++l) ratio(j0 + l, l);
