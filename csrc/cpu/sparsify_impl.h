@@ -184,19 +184,41 @@ inline void top_mask(const uint32_t* bits, int64_t m, uint32_t thr, int64_t& quo
 // The fp32 bits of each entry's variance across the models: Welford's update in fp64 in model order, rounded to fp32
 // (torch.var(dim=0, unbiased=False) on the CPU). mean and m2: scratch of m doubles each.
 inline void variance_bits(const float* tau, int k, int64_t m, double* mean, double* m2, uint32_t* bits) {
-    std::fill(mean, mean + m, 0.0);
-    std::fill(m2, m2 + m, 0.0);
-    for (int i = 0; i < k; ++i) {
+    // Model 0 from the running values' zeros, written as constants (the same operations and bits as updating
+    // mean = m2 = 0: 0 + delta turns -0 into +0, inf gives m2 = NaN), so nothing is cleared or read back.
+    for (int64_t j = 0; j < m; ++j) {
+        const double d = tau[j];
+        const double delta = d - 0.0;
+        const double mu = 0.0 + delta;
+        mean[j] = mu;
+        m2[j] = 0.0 + delta * (d - mu);
+    }
+    for (int i = 1; i < k; ++i) {
         const float* t = tau + size_t(i) * kSparseTile;
         const double n = double(i + 1);
-        for (int64_t j = 0; j < m; ++j) {
-            const double d = t[j];
-            const double delta = d - mean[j];
-            mean[j] = mean[j] + delta / n;
-            m2[j] = m2[j] + delta * (d - mean[j]);
+        if ((i + 1) & i) {  // n not a power of two: a division
+            for (int64_t j = 0; j < m; ++j) {
+                const double d = t[j];
+                const double delta = d - mean[j];
+                mean[j] = mean[j] + delta / n;
+                m2[j] = m2[j] + delta * (d - mean[j]);
+            }
+        } else {  // delta / 2^p is delta * 2^-p, both exact or rounded alike: a multiply, several times cheaper
+            const double inv = 1.0 / n;
+            for (int64_t j = 0; j < m; ++j) {
+                const double d = t[j];
+                const double delta = d - mean[j];
+                mean[j] = mean[j] + delta * inv;
+                m2[j] = m2[j] + delta * (d - mean[j]);
+            }
         }
     }
-    for (int64_t j = 0; j < m; ++j) bits[j] = abs_bits(float(m2[j] / double(k)));
+    if (k & (k - 1)) {
+        for (int64_t j = 0; j < m; ++j) bits[j] = abs_bits(float(m2[j] / double(k)));
+    } else {
+        const double inv = 1.0 / double(k);
+        for (int64_t j = 0; j < m; ++j) bits[j] = abs_bits(float(m2[j] * inv));
+    }
 }
 
 struct SparseScratch {
