@@ -1,8 +1,15 @@
 """pysoup: fast, bounded-memory merging of neural-network checkpoints."""
 
-from pysoup import ops  # torch-free until an op runs
+from pysoup import (
+    io,  # noqa: F401 - the reader, the writer and io.signals, which every merge and fold needs
+    ops,  # torch-free until an op runs
+)
 from pysoup._version import __version__
 from pysoup.errors import BackendError, FormatError, PlanError, SoupError
+
+# pysoup.io loads with the package (no torch, no numpy): the CLI's main() imports io.signals before it installs its
+# termination handlers, and a SIGTERM that lands after `import pysoup.cli` must meet those handlers at once, not a
+# process still importing (tests/test_robustness.py: "terminated by SIGTERM; nothing was written").
 
 # Imported on first use: the merge API pulls in the engine and every strategy (~0.1 s, more where Python cannot
 # cache bytecode), which the commands that do not merge (folding LoRA adapters, inspect, info) never need; the
