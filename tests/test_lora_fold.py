@@ -276,12 +276,25 @@ def test_fold_copies_file_to_file_with_the_same_bytes(tiny_fold, tmp_path, monke
         assert (tmp_path / "direct" / name).read_bytes() == (tmp_path / "buffered" / name).read_bytes()
 
 
+def _base_to_cut_and_older_output(tiny_fold, tmp_path, out):
+    """A copy of the tiny base that a test may truncate, and an older fold of it already at `out`: (the copy, its
+    weights file)."""
+    import shutil
+
+    from pysoup.lora import fold
+
+    base, adapter = tiny_fold
+    mine = tmp_path / "base"
+    shutil.copytree(base, mine)
+    fold(mine, [adapter], out)
+    return mine, mine / "model.safetensors"
+
+
 def test_fold_copy_from_a_base_that_shrinks_fails_and_writes_nothing(tiny_fold, tmp_path, monkeypatch):
     """A base truncated while a tensor is copied from it file to file: a one-line FormatError naming it, no output,
     an older output at the target untouched; a failing copy: a one-line OutputError, the same."""
     import errno
     import os
-    import shutil
     import sys
 
     from pysoup.errors import FormatError, OutputError
@@ -289,12 +302,9 @@ def test_fold_copy_from_a_base_that_shrinks_fails_and_writes_nothing(tiny_fold, 
 
     mod = sys.modules["pysoup.lora.fold"]
     base, adapter = tiny_fold
-    mine = tmp_path / "base"
-    shutil.copytree(base, mine)
     out = tmp_path / "out"
-    fold(mine, [adapter], out)
+    mine, weights = _base_to_cut_and_older_output(tiny_fold, tmp_path, out)
     before = (out / "model.safetensors").read_bytes()
-    weights = mine / "model.safetensors"
     monkeypatch.setattr(mod, "_DIRECT_COPY_BYTES", 1)
     real = os.copy_file_range
 
@@ -325,7 +335,6 @@ def test_fold_of_a_base_truncated_under_the_kernel_fails_and_writes_nothing(tiny
     read zeros past the end instead of killing the process, and the fold fails with a one-line FormatError; the
     older output at the target is untouched."""
     import os
-    import shutil
     import sys
 
     from pysoup.errors import FormatError
@@ -333,12 +342,9 @@ def test_fold_of_a_base_truncated_under_the_kernel_fails_and_writes_nothing(tiny
 
     mod = sys.modules["pysoup.lora.fold"]
     base, adapter = tiny_fold
-    mine = tmp_path / "base"
-    shutil.copytree(base, mine)
     out = tmp_path / "out.safetensors"
-    fold(mine, [adapter], out)
+    mine, weights = _base_to_cut_and_older_output(tiny_fold, tmp_path, out)
     before = out.read_bytes()
-    weights = mine / "model.safetensors"
     real = mod._FactorsAhead.take
 
     def take_then_truncate(self, name):
