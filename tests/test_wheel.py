@@ -22,7 +22,9 @@ from helpers.cli import ROOT
 
 import pysoup
 
-pytestmark = pytest.mark.slow
+# One worker runs the whole file (make test: -n 2 --dist loadgroup): tests split across both workers each built the
+# module's wheel, in the same build dir at once, and the two builds broke each other's objects (an LTO error).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("wheel")]
 
 MAKEFILE = Path(ROOT) / "Makefile"
 
