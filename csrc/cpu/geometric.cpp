@@ -1,14 +1,14 @@
 // The geometric ops' threads. Row statistics: threads take ranges cut at row starts, so every row is summed by one
 // thread in element order. Column statistics: threads take column ranges and walk every row of the range in order.
-// The element-wise ops: one kernel call per block.
+// The element-wise ops: one kernel call per block. Every op runs on threads of its own, items handed out one at a
+// time (item_threads.h).
 #include "cpu/geometric.h"
 
 #include <algorithm>
-#include <atomic>
-#include <thread>
 #include <vector>
 
 #include "cpu/blocking.h"
+#include "cpu/item_threads.h"
 
 namespace pysoup {
 namespace {
@@ -23,29 +23,6 @@ const GeometricKernels& kernels(Isa isa) {
 #endif
 }
 
-// Every op here runs on threads of its own (std::thread, the caller one of them), not OpenMP's: a tensor takes several
-// short passes with Python and the reader between them, and libgomp's idle threads spin-wait through those gaps. On
-// this 2-core machine shared with other jobs that doubled Arcee Fusion's time (1 + base x 128 MiB: 5.5 s, 4.9 CPU s,
-// against 2.7 s and 2.0 CPU s with OMP_WAIT_POLICY=passive), and took a fifth of model_stock filter_wise's CPU time
-// (3 + base x 512 MiB: libgomp's spin loop 20% of the samples); starting a thread per call costs ~50 us. Items are
-// handed out one at a time: no result depends on which thread takes which (each row's sums are one thread's, counts
-// add in any order, outputs are disjoint), and a thread the OS deschedules holds back only its current item.
-template <class F>
-void pool_threads(int threads, int64_t items, F&& fn) {
-    if (threads <= 1 || items <= 1) {
-        for (int64_t i = 0; i < items; ++i) fn(i, 0);
-        return;
-    }
-    std::atomic<int64_t> next{0};
-    auto work = [&](int t) {
-        for (int64_t i = next.fetch_add(1); i < items; i = next.fetch_add(1)) fn(i, t);
-    };
-    std::vector<std::thread> pool;
-    for (int t = 1; t < threads; ++t) pool.emplace_back(work, t);
-    work(0);
-    for (std::thread& th : pool) th.join();
-}
-
 }  // namespace
 
 void segment_moments(const SegmentArgs& a, int64_t n, Isa isa, int threads, double* acc, int64_t vectors) {
@@ -56,7 +33,7 @@ void segment_moments(const SegmentArgs& a, int64_t n, Isa isa, int threads, doub
         const int64_t cols = std::min<int64_t>(a.length, vectors);
         const int64_t per = std::max<int64_t>(1024, (cols + threads - 1) / threads);
         const int64_t parts = (cols + per - 1) / per;
-        pool_threads(threads_for(threads, parts), parts, [&](int64_t p, int) {
+        on_item_threads(threads_for(threads, parts), parts, [&](int64_t p, int) {
             kern.segment_moments(a, 0, n, p * per, std::min(cols, (p + 1) * per), acc);
         });
         return;
@@ -70,7 +47,7 @@ void segment_moments(const SegmentArgs& a, int64_t n, Isa isa, int threads, doub
         const int64_t row_start = (e + a.length - 1) / a.length * a.length;  // the next row start at or after it
         return std::min(n, row_start - a.start);
     };
-    pool_threads(threads_for(threads, nb), nb, [&](int64_t b, int) {
+    on_item_threads(threads_for(threads, nb), nb, [&](int64_t b, int) {
         const int64_t lo = cut(b), hi = cut(b + 1);
         if (lo < hi) kern.segment_moments(a, lo, hi, 0, 0, acc);
     });
@@ -82,7 +59,7 @@ int64_t segment_weighted_sum(const SegmentArgs& a, int64_t n, const float* coeff
     const int64_t nb = nblocks(n);
     const int nt = threads_for(threads, nb);
     std::vector<int64_t> nonfinite(nt, 0);
-    pool_threads(nt, nb, [&](int64_t b, int t) {
+    on_item_threads(nt, nb, [&](int64_t b, int t) {
         nonfinite[t] +=
             kern.segment_weighted_sum(a, b * kBlock, block_end(b, n), coefficients, vectors, out, out_dtype);
     });
@@ -97,7 +74,7 @@ int64_t nearswap(const void* const* inputs, const int* in_dtypes, float t, int64
     const int64_t nb = nblocks(n);
     const int nt = threads_for(threads, nb);
     std::vector<int64_t> nonfinite(nt, 0);
-    pool_threads(nt, nb, [&](int64_t b, int th) {
+    on_item_threads(nt, nb, [&](int64_t b, int th) {
         nonfinite[th] += kern.nearswap(inputs, in_dtypes, t, b * kBlock, block_end(b, n), out, out_dtype);
     });
     int64_t total = 0;
@@ -110,13 +87,13 @@ void fusion_histogram(const FusionArgs& a, int pass, int64_t n, uint64_t* hist, 
     const int64_t nb = nblocks(n);
     const int nt = threads_for(threads, nb);
     if (pass != 0) {  // pass 1 counts few elements, atomically, into `hist`
-        pool_threads(nt, nb,
-                     [&](int64_t b, int) { kern.fusion_histogram(a, pass, b * kBlock, block_end(b, n), hist); });
+        on_item_threads(nt, nb,
+                        [&](int64_t b, int) { kern.fusion_histogram(a, pass, b * kBlock, block_end(b, n), hist); });
         return;
     }
     // Pass 0 counts every element: each thread into a histogram of its own, added to `hist` at the end.
     std::vector<std::vector<uint64_t>> local(nt);
-    pool_threads(nt, nb, [&](int64_t b, int t) {
+    on_item_threads(nt, nb, [&](int64_t b, int t) {
         uint64_t* h = hist;
         if (nt > 1) {
             if (local[t].empty()) local[t].assign(65536, 0);
@@ -134,7 +111,7 @@ int64_t fusion_combine(const FusionArgs& a, float threshold, int64_t n, void* ou
     const int64_t nb = nblocks(n);
     const int nt = threads_for(threads, nb);
     std::vector<int64_t> nonfinite(nt, 0);
-    pool_threads(nt, nb, [&](int64_t b, int t) {
+    on_item_threads(nt, nb, [&](int64_t b, int t) {
         nonfinite[t] += kern.fusion_combine(a, threshold, b * kBlock, block_end(b, n), out, out_dtype);
     });
     int64_t total = 0;
@@ -152,7 +129,7 @@ void fusion_kl(const void* const* inputs, const int* in_dtypes, int64_t row, int
     const int nt = threads_for(threads, parts);
     // Counts: each thread into histograms of its own (two, see the kernel), added to `hist` at the end.
     std::vector<std::vector<uint64_t>> local(hist ? nt : 0);
-    pool_threads(nt, parts, [&](int64_t q, int t) {
+    on_item_threads(nt, parts, [&](int64_t q, int t) {
         uint64_t* h = nullptr;
         if (hist) {
             if (local[t].empty()) local[t].assign(2 * 65536, 0);

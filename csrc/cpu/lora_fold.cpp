@@ -6,14 +6,10 @@
 
 #include <algorithm>
 #include <atomic>
-#include <condition_variable>
-#include <memory>
-#include <mutex>
-#include <system_error>
-#include <thread>
 #include <vector>
 
 #include "cpu/blocking.h"
+#include "cpu/item_threads.h"
 
 namespace pysoup {
 namespace {
@@ -26,44 +22,6 @@ const LoraFoldKernels& kernels(Isa isa) {
     (void)isa;
     return kLoraFoldScalar;
 #endif
-}
-
-// Threads of our own (std::thread, the caller one of them), not OpenMP's: the fold calls this once per block of
-// rows, with Python, the writer thread's pwrite and the next window's mapping between and beside the calls, and
-// libgomp's idle thread spin-waits through those gaps on the core the writer needs (as in geometric.cpp, whose
-// pool_threads this follows; starting a thread costs ~50 us against the ~15 ms of a 16 MiB block). Items are handed
-// out one at a time, so a thread the OS deschedules (2 cores shared with the writer) holds back only its current
-// strip, not a static half of the block. The helpers are detached and the caller waits for the items, not for the
-// threads: a helper the OS has not started yet when the caller has done every item (a loaded machine) is not waited
-// for; it finds nothing left and ends, touching only the shared counters.
-template <class F>
-void on_threads(int threads, int64_t items, F&& fn) {
-    struct Shared {
-        std::atomic<int64_t> next{0}, done{0};
-        std::mutex mutex;
-        std::condition_variable all_done;
-    };
-    auto shared = std::make_shared<Shared>();
-    auto* work_fn = &fn;  // dereferenced only for an item taken, while the caller still waits for it
-    const auto work = [items, work_fn](Shared& sh) {
-        for (int64_t i = sh.next.fetch_add(1); i < items; i = sh.next.fetch_add(1)) {
-            (*work_fn)(i);
-            if (sh.done.fetch_add(1) + 1 == items) {
-                std::lock_guard<std::mutex> lock(sh.mutex);
-                sh.all_done.notify_all();
-            }
-        }
-    };
-    for (int t = 1; t < threads && t < items; ++t) {
-        try {
-            std::thread([shared, work] { work(*shared); }).detach();
-        } catch (const std::system_error&) {
-            break;  // no thread to be had: the caller does the rest
-        }
-    }
-    work(*shared);
-    std::unique_lock<std::mutex> lock(shared->mutex);
-    shared->all_done.wait(lock, [&] { return shared->done.load() == items; });
 }
 
 }  // namespace
@@ -88,7 +46,7 @@ int64_t lora_fold(const LoraFoldArgs& a, Isa isa, int threads) {
     const int64_t work = a.rows * a.cols * std::max<int64_t>(k, 1) / 64;
     const int nt = threads_for(threads, std::min(strips, nblocks(work)));
     std::atomic<int64_t> nonfinite{0};
-    on_threads(nt, strips, [&](int64_t s) {
+    on_item_threads(nt, strips, [&](int64_t s, int) {
         thread_local std::vector<float> scratch;
         scratch.resize(size_t(kern.scratch_floats(a.k)));
         const int64_t r0 = s * kern.mc, r1 = std::min(a.rows, r0 + kern.mc);
