@@ -181,6 +181,33 @@ inline void top_mask(const uint32_t* bits, int64_t m, uint32_t thr, int64_t& quo
     }
 }
 
+// x / n, as x * (1 / n) where n is a power of two: the same bits (dividing by 2^p is exact or rounds alike), and a
+// multiply is several times cheaper than a division.
+template <bool kPowerOfTwo>
+inline double divided(double x, double n, double inv) {
+    return kPowerOfTwo ? x * inv : x / n;
+}
+
+// Welford's update of the running mean and m2 with model t, the (n)th.
+template <bool kPowerOfTwo>
+inline void welford_step(const float* t, int64_t m, double n, double* mean, double* m2) {
+    const double inv = 1.0 / n;
+    for (int64_t j = 0; j < m; ++j) {
+        const double d = t[j];
+        const double delta = d - mean[j];
+        mean[j] = mean[j] + divided<kPowerOfTwo>(delta, n, inv);
+        m2[j] = m2[j] + delta * (d - mean[j]);
+    }
+}
+
+template <bool kPowerOfTwo>
+inline void variance_of(const double* m2, int64_t m, double k, uint32_t* bits) {
+    const double inv = 1.0 / k;
+    for (int64_t j = 0; j < m; ++j) bits[j] = abs_bits(float(divided<kPowerOfTwo>(m2[j], k, inv)));
+}
+
+inline bool is_power_of_two(int n) { return (n & (n - 1)) == 0; }
+
 // The fp32 bits of each entry's variance across the models: Welford's update in fp64 in model order, rounded to fp32
 // (torch.var(dim=0, unbiased=False) on the CPU). mean and m2: scratch of m doubles each.
 inline void variance_bits(const float* tau, int k, int64_t m, double* mean, double* m2, uint32_t* bits) {
@@ -195,30 +222,15 @@ inline void variance_bits(const float* tau, int k, int64_t m, double* mean, doub
     }
     for (int i = 1; i < k; ++i) {
         const float* t = tau + size_t(i) * kSparseTile;
-        const double n = double(i + 1);
-        if ((i + 1) & i) {  // n not a power of two: a division
-            for (int64_t j = 0; j < m; ++j) {
-                const double d = t[j];
-                const double delta = d - mean[j];
-                mean[j] = mean[j] + delta / n;
-                m2[j] = m2[j] + delta * (d - mean[j]);
-            }
-        } else {  // delta / 2^p is delta * 2^-p, both exact or rounded alike: a multiply, several times cheaper
-            const double inv = 1.0 / n;
-            for (int64_t j = 0; j < m; ++j) {
-                const double d = t[j];
-                const double delta = d - mean[j];
-                mean[j] = mean[j] + delta * inv;
-                m2[j] = m2[j] + delta * (d - mean[j]);
-            }
-        }
+        if (is_power_of_two(i + 1))
+            welford_step<true>(t, m, double(i + 1), mean, m2);
+        else
+            welford_step<false>(t, m, double(i + 1), mean, m2);
     }
-    if (k & (k - 1)) {
-        for (int64_t j = 0; j < m; ++j) bits[j] = abs_bits(float(m2[j] / double(k)));
-    } else {
-        const double inv = 1.0 / double(k);
-        for (int64_t j = 0; j < m; ++j) bits[j] = abs_bits(float(m2[j] * inv));
-    }
+    if (is_power_of_two(k))
+        variance_of<true>(m2, m, double(k), bits);
+    else
+        variance_of<false>(m2, m, double(k), bits);
 }
 
 struct SparseScratch {
