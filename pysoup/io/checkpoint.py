@@ -43,6 +43,10 @@ class Checkpoint:
     def address_at(self, row: int, lo: int, hi: int) -> int:
         raise NotImplementedError
 
+    def source_file(self, row: int):
+        """(fd, path) of the file holding tensor `row`, for reads without a mapping; None for one in memory."""
+        return None
+
     def release(self) -> None:
         """Drops any mapping held, keeping the checkpoint usable."""
 
@@ -77,6 +81,10 @@ class FileCheckpoint(Checkpoint):
         self.files = tuple(os.path.realpath(r.path) for r in readers)
         self.directory = directory
         self._active = None
+
+    def source_file(self, row):
+        reader = self._readers[self.table.group(row)]
+        return reader.fd, reader.path
 
     def address_at(self, row, lo, hi):
         reader = self._readers[self.table.group(row)]

@@ -21,6 +21,11 @@ from pysoup.io.table import TensorInfos
 DEFAULT_WINDOW_BYTES = 16 << 20
 
 
+def changed_while_read(path: str, how: str = "another process wrote or truncated it") -> FormatError:
+    """The error of an input that changed while it was being read (`how`: what was seen): nothing is written."""
+    return FormatError(f"{path}: changed while being read ({how}); nothing was written")
+
+
 def file_identity(st: os.stat_result) -> tuple:
     """What changes when a file is replaced, truncated or written: device, inode, size, mtime and ctime (ctime
     cannot be set back by a writer, unlike mtime)."""
@@ -72,9 +77,12 @@ class SafetensorsReader:
         if self._window is not None and self._window.faulted():
             self._faulted = True
         if self._faulted or file_identity(os.fstat(self._fd)) != self.identity:
-            raise FormatError(
-                f"{self.path}: changed while being read (another process wrote or truncated it); nothing was written"
-            )
+            raise changed_while_read(self.path)
+
+    @property
+    def fd(self) -> int:
+        """The open file's descriptor (valid until close())."""
+        return self._fd
 
     # -- engine path -------------------------------------------------------------------------------
     def window_address(self, lo: int, hi: int) -> int:

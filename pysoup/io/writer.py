@@ -20,9 +20,10 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from pysoup.errors import FormatError, OutputError, PlanError
+from pysoup.errors import OutputError, PlanError
 from pysoup.io.checkpoint import INDEX_NAME, SINGLE_NAME
 from pysoup.io.format import build_header
+from pysoup.io.reader import changed_while_read
 from pysoup.io.signals import deferred_termination
 from pysoup.io.table import TensorTable, metadata_member
 from pysoup.io.temporary import TempFile, _libc, remove_stale_temporaries
@@ -444,7 +445,7 @@ def _copy_range(src: int, src_offset: int, dst: int, dst_offset: int, nbytes: in
             if n:
                 _pwrite_all(dst, data, dst_offset + done, path)
         if n == 0:
-            raise FormatError(f"{source}: changed while being read (it ended early); nothing was written")
+            raise changed_while_read(source, "it ended early")
         done += n
 
 

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 
 from pysoup.dtypes import SAFETENSORS_SIZES
 from pysoup.engine.report import peak_rss_bytes
-from pysoup.errors import FormatError, PlanError
+from pysoup.errors import PlanError
+from pysoup.io.reader import changed_while_read
 from pysoup.lora.adapter import LoraAdapter, np_dtype, open_adapter, to_f32
 
 # Bytes of each of the output's two buffers (FileSink): the engine's size (pysoup.engine.execute's
@@ -332,7 +333,9 @@ def _write_tensor(base, row: int, fold_plan, sink, backend, pool, threads: int, 
     size = SAFETENSORS_SIZES[dtype]
     row_bytes = max(1, cols * size)
     begin = table.begin(row)
-    source = None if fold_plan.sources else _source_file(base, row)
+    source = None if fold_plan.sources else base.source_file(row)
+    # Copies only (modules_to_save): their average rounded to the base's dtype, on one thread.
+    averaging = get_backend(backend.name, None, 1) if left is None else None
     nonfinite, r0 = 0, 0
     while r0 < rows_n:
         # As many rows as the output buffer has room for (a fresh buffer when not one fits): the fold packs R once
@@ -352,17 +355,15 @@ def _write_tensor(base, row: int, fold_plan, sink, backend, pool, threads: int, 
         out = sink.reserve(n * size)
         chunk = Chunk(name, [w_addr], [w_dtype], r0 * cols, n, out, dtype)
         try:
-            if left is None:  # copies only (modules_to_save): their average rounded to the base's dtype, one thread
-                nonfinite += get_backend(backend.name, None, 1).weighted_sum_raw(chunk, [1.0], False)
+            if averaging is not None:
+                nonfinite += averaging.weighted_sum_raw(chunk, [1.0], False)
             else:
                 nonfinite += backend.lora_fold_raw(chunk, left[r0:r1], right)
         finally:
             if region is not None:
                 region.close()
         if region is not None and region.faulted():
-            raise FormatError(
-                f"{source[1]}: changed while being read (another process wrote or truncated it); nothing was written"
-            )
+            raise changed_while_read(source[1])
         sink.advance(n * size)
         sink.flush_if_full()
         r0 = r1
@@ -478,10 +479,10 @@ def _copy(base, row: int, sink, nbytes: int, pool, threads: int) -> None:
     """Copies one tensor's bytes into the output. From a file, a large one goes file to file on the writer thread
     (FileSink.write_from: copy_file_range; the embeddings and the head are a quarter of a Llama's bytes) while this
     thread goes on folding, and a small one (norms, biases) is read into the output buffer beside its neighbours:
-    neither is mapped (a mapping of the base is populated whole, 16 MiB for a 4 KiB norm). From memory, through the
+    neither is mapped (the reader's window is 16 MiB, for a 4 KiB norm). From memory, through the
     output buffer, each piece cut among the fold's threads (ctypes releases the GIL)."""
     begin = base.table.begin(row)
-    source = _source_file(base, row)
+    source = base.source_file(row)
     if source is not None and nbytes >= _DIRECT_COPY_BYTES:
         sink.write_from(source[0], begin, nbytes, source[1])
         return
@@ -506,14 +507,5 @@ def _pread_into(source, offset: int, address: int, nbytes: int) -> None:
     while done < nbytes:
         got = os.preadv(source[0], [(ctypes.c_char * (nbytes - done)).from_address(address + done)], offset + done)
         if got == 0:
-            raise FormatError(f"{source[1]}: changed while being read (it ended early); nothing was written")
+            raise changed_while_read(source[1], "it ended early")
         done += got
-
-
-def _source_file(base, row: int):
-    """(fd, path) of the file holding tensor `row` of a base read from files (None for one in memory)."""
-    readers = getattr(base, "_readers", None)  # FileCheckpoint: one reader per file
-    if readers is None:
-        return None
-    reader = readers[base.table.group(row)]
-    return reader._fd, reader.path
