@@ -4,6 +4,7 @@ from pysoup import (
     io,  # noqa: F401 - the reader, the writer and io.signals, which every merge and fold needs
     ops,  # torch-free until an op runs
 )
+from pysoup._lazy import lazy_attributes as _lazy_attributes
 from pysoup._version import __version__
 from pysoup.errors import BackendError, FormatError, PlanError, SoupError
 
@@ -23,25 +24,20 @@ _LAZY = {
 }  # fmt: skip
 
 
-def __getattr__(name):
+def _module(name):
+    """pysoup.weights (the module pysoup.search.weights: MWA, EMA presets) and the subpackages (pysoup.io,
+    pysoup.api, ...: `import pysoup` used to load most of them on the way); None for any other name."""
     import importlib
     import importlib.util
 
-    if name == "weights":  # the module pysoup.search.weights (MWA, EMA presets)
-        value = importlib.import_module("pysoup.search.weights")
-    elif name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-    elif not name.startswith("__") and importlib.util.find_spec(f"pysoup.{name}") is not None:
-        # A subpackage (pysoup.io, pysoup.api, ...): `import pysoup` used to load most of them on the way.
-        value = importlib.import_module(f"pysoup.{name}")
-    else:
-        raise AttributeError(f"module 'pysoup' has no attribute {name!r}")
-    globals()[name] = value  # later lookups skip this function
-    return value
+    if name == "weights":
+        return importlib.import_module("pysoup.search.weights")
+    if not name.startswith("__") and importlib.util.find_spec(f"pysoup.{name}") is not None:
+        return importlib.import_module(f"pysoup.{name}")
+    return None
 
 
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = _lazy_attributes(globals(), _LAZY, _module)
 
 
 __all__ = [

@@ -2,6 +2,7 @@
 (`factors` or exact `delta` mode), fold them into a base model out of core, and extract them from a fine-tuned
 model (docs/lora.md). Torch is imported only by the merges that run a pysoup strategy in memory."""
 
+from pysoup._lazy import lazy_attributes as _lazy_attributes
 from pysoup.lora.adapter import LoraAdapter, LoraModule, is_adapter_dir, open_adapter
 from pysoup.lora.fold import FoldReport, fold, folded, split_model_lora
 
@@ -14,19 +15,7 @@ _LAZY = {
     "extract_lora": "pysoup.lora.extract",
 }
 
-
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'pysoup.lora' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = _lazy_attributes(globals(), _LAZY)
 
 
 __all__ = [
