@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 
@@ -451,8 +452,6 @@ def _cmd_bench(args) -> int:
 
 
 def main(argv=None) -> int:
-    import os
-
     # OpenMP workers that wait between parallel regions sleep instead of spinning (libgomp reads this when the C++
     # module loads, which the CLI has not done yet): a merge runs a kernel per chunk with I/O, page faults and Python
     # in between, and on few cores a spinning worker takes the core the writer thread needs (ramplus_tl, base + 3 x
