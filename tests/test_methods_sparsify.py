@@ -257,6 +257,53 @@ def test_kept_bits_and_selecting_again_agree(tmp_path, bit_inputs, monkeypatch, 
     assert sorted(sizes) == sorted(masks * ((n + 7) // 8) for n in (6 * 50 * 40, 5000))
 
 
+def _della_rows() -> dict:
+    """Rows of tau (the base is 0) of every kind DELLA's CPU ranking tells apart: bf16 magnitudes (ranked by counting
+    their high halves), the same with a few fp32 magnitudes among them (their bins sorted apart), fp32 magnitudes
+    throughout and a span of magnitudes too wide for counting (both radix-sorted), all zeros, and zeros with
+    magnitudes equal to one another."""
+    g = torch.Generator().manual_seed(11)
+    n = 700
+    bf16 = (torch.randn(n, generator=g) * 0.05 * (torch.rand(n, generator=g) < 0.8)).bfloat16().float()
+    # Eight magnitudes, so each bin holds ~90 equal entries, and 1/20 of the entries given low halves: each is
+    # larger than its bin's other entries, and they rank among themselves by those low halves.
+    levels = torch.tensor([0.001, 0.003, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2]).bfloat16().float()
+    mixed = levels[torch.randint(0, 8, (n,), generator=g)] * torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    at = torch.randperm(n, generator=g)[: n // 20]
+    low = torch.randint(1, 0x10000, (len(at),), generator=g, dtype=torch.int32)
+    mixed[at] = (mixed[at].view(torch.int32) | low).view(torch.float32)
+    wide = torch.randn(n, generator=g).bfloat16().float() * torch.pow(10.0, torch.randint(-30, 30, (n,), generator=g))
+    rows = [bf16, mixed, mixed.flip(0), torch.randn(n, generator=g) * 0.05, wide.bfloat16().float(), torch.zeros(n)]
+    rows.append(torch.where(torch.rand(n, generator=g) < 0.5, 0.0, 0.25))
+    return torch.stack(rows)
+
+
+def test_della_row_kinds_equal_reference(tmp_path):
+    """Every way the CPU backend ranks a row (counting, counting with sorted bins, the radix sort) gives the
+    reference's draws: the same bytes, for each model of three."""
+    rows = _della_rows()
+    g = torch.Generator().manual_seed(12)
+    models = [{"w": rows[torch.randperm(len(rows), generator=g)] * s} for s in (1.0, -1.0, 0.5)]
+    base = {"w": torch.zeros_like(rows)}
+    got = {}
+    for backend in ("reference", "cpu"):
+        for threads in (1, 2):
+            out = pysoup.merge(
+                models,
+                strategy="della",
+                base=base,
+                params={"seed": 9},
+                model_params=[{"density": 0.5, "epsilon": 0.3} for _ in models],
+                backend=backend,
+                threads=threads,
+            )["w"]
+            got[backend, threads] = out
+    want = got["reference", 1]
+    assert (want != 0).any() and (want == 0).any()
+    for key, out in got.items():
+        assert torch.equal(out.view(torch.int32), want.view(torch.int32)), key
+
+
 # -- tiny real models --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):

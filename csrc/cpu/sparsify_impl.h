@@ -35,6 +35,8 @@ struct RankCache {
     std::vector<uint32_t> counts = std::vector<uint32_t>(4 * 2048);  // the radix sort's counters
     std::vector<uint32_t> by_rank;    // k x row: each model's keep threshold per rank (the same for every row)
     std::vector<float> tile;          // a contiguous row's loads
+    std::vector<uint32_t> bits, bin;  // a contiguous row's |tau| bits and their counting bins
+    std::vector<uint32_t> first, next;  // the counting rank's per-bin counts, then first and next ranks
 };
 
 // round(p * 2^32), at most 2^32 - 1 (p in [0, 1]).
@@ -93,6 +95,69 @@ inline void radix_sort_row(RankCache& c, int64_t n) {
     if (src != c.key.data()) std::copy(src, src + n, c.key.data());
 }
 
+// One contiguous row's keep thresholds kb[j] = by_rank[rank of |tau_j|] by a counting rank, without a sort, where
+// the row's nonzero |tau| bits take at most kCountBinsMax distinct high halves (a difference of two bf16 values has a
+// zero low half unless their exponents differ: 99.6% of entries in bf16 fine-tunes). Each entry's bin is its high
+// half (zeros: bin 0, ranked lowest); entries of a bin whose low halves are all zero are equal, so they take the
+// bin's ranks in index order as they come. The few bins holding a nonzero low half ("mixed") are ranked apart: their
+// entries are sorted by (bits, position). The same ranks as the radix sort, so the same draws. Returns false, having
+// written nothing, where the row is not of that kind (fp32 fine-tunes, a span of magnitudes too wide).
+constexpr uint32_t kCountBinsMin = 4096;  // the most bins a row of n entries may take: max(this, 2n)
+constexpr uint32_t kMixedBin = 0x80000000u;  // a bin's count's flag: it holds a nonzero low half
+inline bool counting_rank_row(RankCache& c, int64_t n, const uint32_t* by_rank, uint32_t* kb) {
+    const uint32_t* bits = c.bits.data();
+    uint32_t lo = 0xFFFF, hi = 0;
+    int64_t mixed = 0;
+    for (int64_t j = 0; j < n; ++j) {
+        const uint32_t v = bits[j], h = v >> 16;
+        lo = std::min(lo, v != 0 ? h : 0xFFFFu);
+        hi = std::max(hi, h);
+        mixed += (v & 0xFFFFu) != 0;
+    }
+    // More than 1/16 of the entries with a low half: sorting them (and their bins) would cost more than the radix sort.
+    if (mixed * 16 > n) return false;
+    if (lo > hi) lo = hi;  // every |tau| is 0: one bin
+    const uint32_t nb = hi - lo + 2;
+    if (nb > std::max<uint64_t>(kCountBinsMin, 2 * uint64_t(n))) return false;
+    c.bin.resize(size_t(n));
+    c.first.assign(nb, 0u);
+    c.next.resize(nb);
+    uint32_t* bin = c.bin.data();
+    uint32_t* count = c.first.data();
+    for (int64_t j = 0; j < n; ++j) {
+        const uint32_t v = bits[j];
+        const uint32_t b = v != 0 ? (v >> 16) - lo + 1 : 0;
+        bin[j] = b;
+        count[b] = (count[b] + 1) | (uint32_t((v & 0xFFFFu) != 0) << 31);
+    }
+    uint32_t* next = c.next.data();
+    uint32_t sum = 0;
+    for (uint32_t b = 0; b < nb; ++b) {  // first[b] keeps the mixed flag; next[b] does not
+        const uint32_t v = count[b];
+        count[b] = sum | (v & kMixedBin);
+        next[b] = sum;
+        sum += v & ~kMixedBin;
+    }
+    // Entries of a mixed bin get a placeholder here and are listed (without a branch) for the sort below.
+    uint64_t* late = c.key.data();
+    int64_t nlate = 0;
+    for (int64_t j = 0; j < n; ++j) {
+        const uint32_t b = bin[j];
+        kb[j] = by_rank[next[b]++];
+        late[nlate] = (uint64_t(bits[j]) << 32) | uint64_t(j);
+        nlate += count[b] >> 31;
+    }
+    if (nlate == 0) return true;
+    std::sort(late, late + nlate);  // by |tau| bits, then position
+    for (int64_t r = 0; r < nlate; ++r) {
+        const uint32_t j = uint32_t(late[r]);
+        uint32_t& f = count[bin[j]];
+        kb[j] = by_rank[f & ~kMixedBin];
+        ++f;
+    }
+    return true;
+}
+
 // Each rank's keep threshold per model, once per range: p = fp32(fp32(rank / (row - 1)) * 2) * eps + lo, two fp32
 // roundings, as mergekit (and the reference).
 inline void rank_thresholds(const SparseArgs& a, RankCache& c) {
@@ -116,7 +181,10 @@ void rank_slab(const SparseArgs& a, int64_t slab, RankCache& c) {
     c.key.resize(size_t(a.row));
     c.key2.resize(size_t(a.row));
     c.zero_at.resize(size_t(a.row));
-    if (a.stride == 1) c.tile.resize(size_t(2 * kOpTile));
+    if (a.stride == 1) {
+        c.tile.resize(size_t(2 * kOpTile));
+        c.bits.resize(size_t(a.row));
+    }
     for (int i = 0; i < a.k; ++i) {
         if (!a.drops[i]) continue;
         uint32_t* kb = c.below.data() + size_t(i) * size_t(len);
@@ -135,12 +203,15 @@ void rank_slab(const SparseArgs& a, int64_t slab, RankCache& c) {
             if (a.stride == 1) {  // one contiguous row: tile loads
                 float* x = c.tile.data();
                 float* b = x + kOpTile;
+                uint32_t* bits = c.bits.data();
                 for (int64_t j0 = 0; j0 < a.row; j0 += kOpTile) {
                     const int64_t m = std::min(kOpTile, a.row - j0);
                     IO::load(a.inputs[i], a.in_dtypes[i], s0 + j0, m, x);
                     IO::load(a.base, a.base_dtype, s0 + j0, m, b);
-                    for (int64_t j = 0; j < m; ++j) add(j0 + j, abs_bits(x[j] - b[j]));
+                    for (int64_t j = 0; j < m; ++j) bits[j0 + j] = abs_bits(x[j] - b[j]);
                 }
+                if (counting_rank_row(c, a.row, by_rank, kb)) continue;
+                for (int64_t j = 0; j < a.row; ++j) add(j, bits[j]);
             } else {
                 for (int64_t j = 0; j < a.row; ++j) {
                     const int64_t e = s0 + j * a.stride + col;
