@@ -265,10 +265,11 @@ void histogram_py(const std::vector<uintptr_t>& inputs, const std::vector<int>& 
     magnitude_histogram(a, n, in.isa, std::max(1, threads), pass, prefix.data(), reinterpret_cast<uint64_t*>(hist));
 }
 
-// Radix select on one histogram pass (radix_select.h): per model, (bin, count above, count in bin).
+// Radix select on one histogram pass (radix_select.h): per model, (bin, count above, count in bin, the bin's count
+// of nonzero low halves).
 py::tuple radix_select_py(uintptr_t hist, const std::vector<int64_t>& keep) {
     const RadixSelection s = radix_select(reinterpret_cast<const uint64_t*>(hist), keep);
-    return py::make_tuple(s.bin, s.above, s.in_bin);
+    return py::make_tuple(s.bin, s.above, s.in_bin, s.mixed);
 }
 
 // The sparsified task-vector ops' parameters (pysoup.ops.table.SparseParams, as pysoup.ops.cpu packs them): the

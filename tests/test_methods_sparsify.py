@@ -304,6 +304,69 @@ def test_della_row_kinds_equal_reference(tmp_path):
         assert torch.equal(out.view(torch.int32), want.view(torch.int32)), key
 
 
+def _passes_counted(monkeypatch) -> list:
+    """Records the pass of every chunk the CPU backend's magnitude selections count."""
+    from pysoup.ops.cpu import _RadixTopK
+
+    passes = []
+    real = _RadixTopK._count
+    monkeypatch.setattr(_RadixTopK, "_count", lambda self, chunk, pass_: passes.append(pass_) or real(self, chunk, pass_))
+    return passes
+
+
+def _one_bin_tau(m: int, z: int, above: int, seed: int) -> torch.Tensor:
+    """tau with `above` large values, z copies of 0.25 (a zero low half) and m values 0.25 with a nonzero low half
+    (all above 0.25, in its high-half bin), shuffled, among 4 * (m + z + above) small ones."""
+    g = torch.Generator().manual_seed(seed)
+    big = torch.full((above,), 8.0)
+    mixed = (torch.full((m,), 0.25).view(torch.int32) | torch.randint(1, 0x10000, (m,), generator=g, dtype=torch.int32))
+    small = torch.rand(4 * (m + z + above), generator=g) * 0.01
+    tau = torch.cat([big, torch.full((z,), 0.25), mixed.view(torch.float32), small])
+    return tau[torch.randperm(len(tau), generator=g)]
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+@pytest.mark.parametrize("extra, one_pass", [(0, False), (1, True), (7, True), (9, True), (10, False)])
+def test_selection_ends_after_pass_0_on_a_zero_low_half(monkeypatch, method, extra, one_pass):
+    """The CPU backend's magnitude selection ends after its first pass when the threshold is a value with a zero low
+    half (then the values of its bin with a nonzero low half are all kept, and the ties in index order), and counts
+    the second pass otherwise; both give the reference's bytes. The top-k here is 5 large values, then the 6 mixed
+    values of 0.25's bin, then `extra` of its 9 copies of 0.25 (0: the threshold is a mixed value; 10: the bin is
+    exhausted and the threshold lies below it)."""
+    m, z, above = 6, 9, 5
+    tau = _one_bin_tau(m, z, above, seed=extra)
+    models = [{"w": tau.clone()}, {"w": -tau.flip(0)}]
+    density = (above + m + extra) / len(tau)
+    mp = {"density": density, "gamma": 0.0} if method == "breadcrumbs_ties" else {"density": density}
+    outs = {}
+    passes = _passes_counted(monkeypatch)
+    for backend in ("reference", "cpu"):
+        outs[backend] = pysoup.merge(
+            models,
+            strategy=method,
+            base={"w": torch.zeros_like(tau)},
+            model_params=[dict(mp) for _ in models],
+            backend=backend,
+        )["w"]
+    assert sorted(set(passes)) == ([0] if one_pass else [0, 1])
+    assert torch.equal(outs["cpu"].view(torch.int32), outs["reference"].view(torch.int32))
+    kept = (outs["cpu"] != 0).sum().item()
+    assert kept >= above + m + extra  # the two models keep mirrored entries, so at least one model's count
+
+
+def test_bf16_breadcrumbs_and_ties_select_in_one_pass(tmp_path, bit_inputs, monkeypatch):
+    """On the bf16 inputs (the fine-tunes of real use) every tensor's selection ends after pass 0, with the
+    reference's bytes."""
+    base, fts = bit_inputs
+    for case, (method, params, mp) in enumerate(BIT_CASES):
+        if method not in ("breadcrumbs", "breadcrumbs_ties"):
+            continue
+        want = _reference_bytes(tmp_path, bit_inputs, case)
+        passes = _passes_counted(monkeypatch)
+        assert _bit_merge(method, params, mp, base, fts, str(tmp_path / "o.safetensors"), "cpu", 2) == want
+        assert passes and set(passes) == {0}, method
+
+
 # -- tiny real models --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):

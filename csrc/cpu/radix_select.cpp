@@ -47,18 +47,20 @@ void magnitude_histogram(const TaskVectorArgs& a, int64_t n, Isa isa, int thread
 
 RadixSelection radix_select(const uint64_t* hist, const std::vector<int64_t>& keep) {
     RadixSelection s{std::vector<uint32_t>(keep.size()), std::vector<int64_t>(keep.size()),
-                     std::vector<int64_t>(keep.size())};
+                     std::vector<int64_t>(keep.size()), std::vector<int64_t>(keep.size())};
     for (size_t i = 0; i < keep.size(); ++i) {
         const uint64_t* hi = hist + i * 65536;
         int64_t acc = 0;
         int bin = 65535;
         for (; bin > 0; --bin) {
-            if (acc + int64_t(hi[bin]) >= keep[i]) break;
-            acc += int64_t(hi[bin]);
+            const int64_t count = int64_t(hi[bin] & kCountMask);
+            if (acc + count >= keep[i]) break;
+            acc += count;
         }
         s.bin[i] = uint32_t(bin);
         s.above[i] = acc;
-        s.in_bin[i] = int64_t(hi[bin]);
+        s.in_bin[i] = int64_t(hi[bin] & kCountMask);
+        s.mixed[i] = int64_t(hi[bin] >> kMixedShift);
     }
     return s;
 }

@@ -20,11 +20,18 @@ namespace pysoup {
 void magnitude_histogram(const TaskVectorArgs& a, int64_t n, Isa isa, int threads, int pass, const uint32_t* prefix,
                          uint64_t* hist);
 
+// A magnitude histogram's pass-0 counter: the count in its low kMixedShift bits, and above them how many of those
+// elements have a nonzero low half (modulo 2^(64 - kMixedShift): exact while the bin holds fewer elements). The
+// variance histograms count without the top bits. Carries out of the top bits are lost, never into the count.
+constexpr int kMixedShift = 40;
+constexpr uint64_t kCountMask = (uint64_t(1) << kMixedShift) - 1;
+
 // For each model i, searching its 65536 bins from the top for the keep[i]-th largest candidate.
 struct RadixSelection {
     std::vector<uint32_t> bin;    // the bin that holds it (0 when fewer than keep[i] candidates)
     std::vector<int64_t> above;   // how many candidates lie in higher bins
     std::vector<int64_t> in_bin;  // how many lie in that bin
+    std::vector<int64_t> mixed;   // the bin's mixed count (pass 0 of the magnitude histograms; else 0)
 };
 
 RadixSelection radix_select(const uint64_t* hist, const std::vector<int64_t>& keep);

@@ -18,12 +18,17 @@ namespace pysoup {
 namespace {
 
 // Radix-select histograms of |tau_i|'s fp32 bits: pass 0 counts the high 16 bits; pass 1 counts the low 16 bits
-// of the elements whose high bits equal prefix[i]. hist holds k x 65536 counters.
+// of the elements whose high bits equal prefix[i]. hist holds k x 65536 counters. Pass 0's counters also count, in
+// their top bits, the elements whose low 16 bits are not zero (radix_select.h: kMixedShift), so a selection that
+// lands on a low half of zero needs no pass 1.
 // Pass 0 on long ranges counts into two interleaved 32-bit histograms per model, added into `hist` at the end:
 // neighbouring elements often fall in one bin, and one histogram makes each increment wait for the previous
 // one's store (1.2x the counting speed measured in isolation). Short ranges count straight into `hist`: the
 // extra histograms cost 2 x 256 KiB per model to clear and add.
 constexpr int64_t kSplitHistogramMin = int64_t(1) << 18;
+
+// What pass 0 adds to the counter of bits' high half: one, and one in the mixed count when the low half is not 0.
+inline uint64_t high_count(uint32_t bits) { return 1 + (uint64_t((bits & 0xFFFFu) != 0) << kMixedShift); }
 
 template <class IO>
 void magnitude_histogram_kernel(const TaskVectorArgs& a, int64_t begin, int64_t end, int pass, const uint32_t* prefix,
@@ -32,18 +37,20 @@ void magnitude_histogram_kernel(const TaskVectorArgs& a, int64_t begin, int64_t 
     std::vector<uint32_t> low(kOpTile + 16);  // + 16: a vector store of packed matches may run past the count
     float* base_tile = buf.data();
     float* t = base_tile + kOpTile;
-    const bool split = pass == 0 && end - begin >= kSplitHistogramMin && end - begin < (int64_t(1) << 32);
+    const bool split = pass == 0 && end - begin >= kSplitHistogramMin;
     // Kept per thread from call to call (cleared here): a fresh k x 512 KiB each call paid its page faults again.
-    thread_local std::vector<uint32_t> halves;
-    if (split) {
-        halves.resize(size_t(a.k) * 2 * 65536);
-        std::fill(halves.begin(), halves.end(), 0u);
-    }
+    thread_local std::vector<uint64_t> halves;
     // A model listed again right after itself (Breadcrumbs' keep and skip selections of one model) is loaded once,
     // and in pass 0, where both count the same bins, counted once: its histogram is copied at the end.
     std::vector<uint8_t> again(size_t(a.k), 0);
     for (int i = 1; i < a.k; ++i)
         again[size_t(i)] = a.inputs[i] == a.inputs[i - 1] && a.in_dtypes[i] == a.in_dtypes[i - 1];
+    if (split) {
+        halves.resize(size_t(a.k) * 2 * 65536);
+        for (int i = 0; i < a.k; ++i)
+            if (!again[size_t(i)])
+                std::fill_n(halves.data() + size_t(i) * 2 * 65536, 2 * 65536, uint64_t(0));
+    }
     for (int64_t t0 = begin; t0 < end; t0 += kOpTile) {
         const int64_t m = std::min(kOpTile, end - t0);
         IO::load(a.base, a.base_dtype, t0, m, base_tile);
@@ -52,16 +59,23 @@ void magnitude_histogram_kernel(const TaskVectorArgs& a, int64_t begin, int64_t 
             if (!again[size_t(i)]) IO::load(a.inputs[i], a.in_dtypes[i], t0, m, t);
             uint64_t* h = hist + size_t(i) * 65536;
             if (split) {
-                uint32_t* even = halves.data() + size_t(i) * 2 * 65536;
-                uint32_t* odd = even + 65536;
+                uint64_t* even = halves.data() + size_t(i) * 2 * 65536;
+                uint64_t* odd = even + 65536;
                 int64_t j = 0;
                 for (; j + 2 <= m; j += 2) {
-                    ++even[abs_bits(t[j] - base_tile[j]) >> 16];
-                    ++odd[abs_bits(t[j + 1] - base_tile[j + 1]) >> 16];
+                    const uint32_t u = abs_bits(t[j] - base_tile[j]), v = abs_bits(t[j + 1] - base_tile[j + 1]);
+                    even[u >> 16] += high_count(u);
+                    odd[v >> 16] += high_count(v);
                 }
-                if (j < m) ++even[abs_bits(t[j] - base_tile[j]) >> 16];
+                if (j < m) {
+                    const uint32_t u = abs_bits(t[j] - base_tile[j]);
+                    even[u >> 16] += high_count(u);
+                }
             } else if (pass == 0) {
-                for (int64_t j = 0; j < m; ++j) ++h[abs_bits(t[j] - base_tile[j]) >> 16];
+                for (int64_t j = 0; j < m; ++j) {
+                    const uint32_t u = abs_bits(t[j] - base_tile[j]);
+                    h[u >> 16] += high_count(u);
+                }
             } else {
                 // Compact the matches without a branch, then count them: 2.5x faster than testing and counting
                 // in one loop.
@@ -72,9 +86,10 @@ void magnitude_histogram_kernel(const TaskVectorArgs& a, int64_t begin, int64_t 
     }
     if (split) {
         for (int i = 0; i < a.k; ++i) {
-            const uint32_t* even = halves.data() + size_t(i) * 2 * 65536;
+            if (again[size_t(i)]) continue;
+            const uint64_t* even = halves.data() + size_t(i) * 2 * 65536;
             uint64_t* h = hist + size_t(i) * 65536;
-            for (int64_t b = 0; b < 65536; ++b) h[b] += uint64_t(even[b]) + even[b + 65536];
+            for (int64_t b = 0; b < 65536; ++b) h[b] += even[b] + even[b + 65536];
         }
     }
     // Pass 0's histograms of a repeated model were equal before this range (the same counts every time, from

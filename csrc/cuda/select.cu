@@ -1,7 +1,8 @@
 // The TIES threshold on the GPU: radix-select histograms of |x_i - base|'s fp32 bits, fused (no temporaries: each
 // input is read once in its own dtype, tau is formed in registers and binned), with the CPU's layout and meaning
 // (csrc/cpu/radix_select_impl.h, magnitude_histogram_kernel) so the CPU's radix_select finishes the search and both
-// devices pick the same threshold and tie quota.
+// devices pick the same threshold and tie quota. (The CPU's pass 0 also counts the values with a nonzero low half,
+// which lets it skip pass 1; the GPU does not, and always counts pass 1.)
 //
 // Pass 0 bins the high 16 bits. A magnitude's sign bit is clear, so only 32768 of the 65536 bins can be hit:
 // they fit one block's shared memory (128 KiB), and each block adds its non-zero bins to the global 64-bit

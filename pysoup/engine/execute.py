@@ -139,10 +139,12 @@ def _reduce(plan, k, backend):
     view = _TaskView(plan, k)
     state = op.begin(backend, view.name, view.total)
     step = CHUNK_ELEMENTS - CHUNK_ELEMENTS % op.chunk_align
-    for pass_ in range(op.reduce_passes(backend)):
+    passes, pass_ = op.reduce_passes(backend), 0
+    while pass_ < passes:
         for e in range(0, view.total, step):
             op.reduce(backend, view.chunk(e, min(step, view.total - e)), state, pass_)
         op.end_pass(state, pass_)
+        pass_ = op.next_pass(backend, state, pass_)
     return state
 
 

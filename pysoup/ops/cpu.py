@@ -413,8 +413,15 @@ class _RadixTopK(RadixTopK):
             be._isa,
         )
 
+    # Pass 0's counters also count the values with a nonzero low half (csrc/cpu/radix_select.h: kMixedShift).
+    _counts_mixed = True
+
     def _select(self, want):
-        return _native.native.radix_select(self._addr, want)
+        bins, above, in_bin, self._mixed_in_bin = _native.native.radix_select(self._addr, want)
+        return bins, above, in_bin
+
+    def _mixed(self):
+        return self._mixed_in_bin if self._counts_mixed else None
 
     def _clear(self):
         ctypes.memset(self._addr, 0, ctypes.sizeof(self._hist))
@@ -446,6 +453,8 @@ def _sparse_params(p) -> tuple:
 
 class _VarianceTopK(_RadixTopK):
     """SCE's selection (pysoup.ops.reference.TorchVarianceTopK) with the counting in C++."""
+
+    _counts_mixed = False  # variances have low halves of every kind: always two passes
 
     def __init__(self, density, backend):
         super().__init__([0], backend)

@@ -183,6 +183,11 @@ class SparseTaskVectorOp(TensorOp):
         if "stats" in state:
             self._finish_stats(state)
 
+    def next_pass(self, backend, state, pass_):
+        if self._selects() and "selector" not in state and pass_ < backend.top_k_passes:  # the selection ended early
+            return backend.top_k_passes
+        return pass_ + 1
+
     def _finish_stats(self, state):
         p, totals, numel = state["params"], state.pop("stats"), state["numel"]
         k = len(p.weights)

@@ -87,6 +87,11 @@ class TaskVectorOp(TensorOp):
         if "selector" in state:
             state["selector"].finish(pass_)
 
+    def next_pass(self, backend, state, pass_):
+        if "selector" in state and state["selector"].thresholds is not None:  # the selection ended early
+            return backend.top_k_passes
+        return pass_ + 1
+
     def _params(self, state) -> TaskVectorParams:
         k = len(self.weights)
         trim_bits = ()

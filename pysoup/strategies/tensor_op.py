@@ -3,7 +3,7 @@
 An op runs on the engine's chunks through a backend's range ops (pysoup.ops.table). One-pass ops implement
 `combine`. Ops that need whole-tensor statistics (TIES thresholds, SLERP angles, variances) return a pass count
 from `reduce_passes`: the engine streams every chunk through `reduce` that many times (calling `end_pass` after
-each), then runs the combine pass with the state `begin` made. No pass ever holds a whole input tensor.
+each; `next_pass` may skip some), then runs the combine pass with the state `begin` made. No pass ever holds a whole input tensor.
 """
 
 from __future__ import annotations
@@ -38,6 +38,10 @@ class TensorOp:
 
     def end_pass(self, state, pass_: int) -> None:
         pass
+
+    def next_pass(self, backend: Backend, state, pass_: int) -> int:
+        """The pass to run after pass_ (ops whose selection can end early skip the passes it no longer needs)."""
+        return pass_ + 1
 
     def combine(self, backend: Backend, chunk: Chunk, state) -> int:
         """Writes chunk.n results at chunk.out; returns how many are not finite."""
