@@ -500,9 +500,10 @@ int64_t sparse_task_vector_kernel(const SparseArgs& a, int64_t begin, int64_t en
                 const float w = a.weights[i];
                 const float* t = s.tau + size_t(i) * kSparseTile;
                 for (int64_t j = 0; j < m; ++j) {
-                    if (!(std::fabs(t[j]) > a.epsilon)) continue;
+                    // Every entry's sum is computed and blended in where tau is large (blend_f32): a division by a
+                    // count of 0 is discarded.
                     const float term = count[j] == 1.0f ? t[j] * w : t[j] / count[j];
-                    mix[j] = mix[j] + term;
+                    mix[j] = blend_f32(std::fabs(t[j]) > a.epsilon, mix[j] + term, mix[j]);
                 }
             }
             for (int64_t j = 0; j < m; ++j) mix[j] = s.base[j] + mix[j];
@@ -526,10 +527,9 @@ int64_t sparse_task_vector_kernel(const SparseArgs& a, int64_t begin, int64_t en
                     const float tj = t[j];
                     const bool positive = sum[j] >= 0.0f;
                     const bool agree = (positive & (tj > 0.0f)) | (!positive & (tj < 0.0f));
-                    const float fused = std::fma(w, tj, mix[j]);
-                    const float added = div[j] + w;
-                    mix[j] = agree ? fused : mix[j];
-                    div[j] = agree ? added : div[j];
+                    const float was = mix[j], count = div[j];
+                    mix[j] = blend_f32(agree, std::fma(w, tj, was), was);  // not a select: see blend_f32
+                    div[j] = blend_f32(agree, count + w, count);
                 }
             }
             if (a.mix == kMixSce) {

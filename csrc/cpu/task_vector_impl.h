@@ -93,10 +93,10 @@ int64_t task_vector_kernel(const TaskVectorArgs& a, int64_t begin, int64_t end) 
                     const float tj = t[j];
                     const bool positive = aux[j] >= 0.0f;
                     const bool agree = (positive & (tj > 0.0f)) | (!positive & (tj < 0.0f));
-                    const float fused = std::fma(w, tj, mix[j]);  // computed unconditionally so the loop vectorises
-                    const float added = div[j] + w;
-                    mix[j] = agree ? fused : mix[j];
-                    div[j] = agree ? added : div[j];
+                    const float was = mix[j], count = div[j];
+                    // Computed unconditionally so the loop vectorises; blended, not selected (blend_f32).
+                    mix[j] = blend_f32(agree, std::fma(w, tj, was), was);
+                    div[j] = blend_f32(agree, count + w, count);
                 }
             }
             if (a.normalize)
