@@ -126,7 +126,7 @@ inline bool counting_rank_row(RankCache& c, int64_t n, const uint32_t* by_rank, 
     uint32_t* count = c.first.data();
     for (int64_t j = 0; j < n; ++j) {
         const uint32_t v = bits[j];
-        const uint32_t b = v != 0 ? (v >> 16) - lo + 1 : 0;
+        const uint32_t b = ((v >> 16) - lo + 1) & (0u - uint32_t(v != 0));  // no branch: a fifth of |tau| are 0
         bin[j] = b;
         count[b] = (count[b] + 1) | (uint32_t((v & 0xFFFFu) != 0) << 31);
     }
