@@ -35,7 +35,8 @@ struct RankCache {
     std::vector<uint32_t> counts = std::vector<uint32_t>(4 * 2048);  // the radix sort's counters
     std::vector<uint32_t> by_rank;    // k x row: each model's keep threshold per rank (the same for every row)
     std::vector<float> tile;          // a contiguous row's loads
-    std::vector<uint32_t> bits, bin;  // a contiguous row's |tau| bits and their counting bins
+    std::vector<uint32_t> bits, bin;  // a contiguous row's |tau| bits and their counting bins (| kMixedBin: a low half)
+    std::vector<uint32_t> late;       // one row's positions in mixed bins
     std::vector<uint32_t> first, next;  // the counting rank's per-bin counts, then first and next ranks
 };
 
@@ -123,12 +124,16 @@ inline bool counting_rank_row(RankCache& c, int64_t n, const uint32_t* by_rank, 
     c.first.assign(nb, 0u);
     c.next.resize(nb);
     uint32_t* bin = c.bin.data();
-    uint32_t* count = c.first.data();
+    // The bins (and the low-half flags) first, in a loop the compiler vectorises; then the counting, one bin at a time.
     for (int64_t j = 0; j < n; ++j) {
         const uint32_t v = bits[j];
-        const uint32_t b = ((v >> 16) - lo + 1) & (0u - uint32_t(v != 0));  // no branch: a fifth of |tau| are 0
-        bin[j] = b;
-        count[b] = (count[b] + 1) | (uint32_t((v & 0xFFFFu) != 0) << 31);
+        const uint32_t b = ((v >> 16) - lo + 1) & (0u - uint32_t(v != 0));  // zeros: bin 0
+        bin[j] = b | (uint32_t((v & 0xFFFFu) != 0) << 31);
+    }
+    uint32_t* count = c.first.data();
+    for (int64_t j = 0; j < n; ++j) {
+        const uint32_t f = bin[j], b = f & ~kMixedBin;
+        count[b] = (count[b] + 1) | (f & kMixedBin);
     }
     uint32_t* next = c.next.data();
     uint32_t sum = 0;
@@ -139,19 +144,22 @@ inline bool counting_rank_row(RankCache& c, int64_t n, const uint32_t* by_rank, 
         sum += v & ~kMixedBin;
     }
     // Entries of a mixed bin get a placeholder here and are listed (without a branch) for the sort below.
-    uint64_t* late = c.key.data();
+    c.late.resize(size_t(n));
+    uint32_t* late = c.late.data();
     int64_t nlate = 0;
     for (int64_t j = 0; j < n; ++j) {
-        const uint32_t b = bin[j];
+        const uint32_t b = bin[j] & ~kMixedBin;
         kb[j] = by_rank[next[b]++];
-        late[nlate] = (uint64_t(bits[j]) << 32) | uint64_t(j);
+        late[nlate] = uint32_t(j);
         nlate += count[b] >> 31;
     }
     if (nlate == 0) return true;
-    std::sort(late, late + nlate);  // by |tau| bits, then position
+    uint64_t* key = c.key.data();
+    for (int64_t r = 0; r < nlate; ++r) key[r] = (uint64_t(bits[late[r]]) << 32) | late[r];
+    std::sort(key, key + nlate);  // by |tau| bits, then position
     for (int64_t r = 0; r < nlate; ++r) {
-        const uint32_t j = uint32_t(late[r]);
-        uint32_t& f = count[bin[j]];
+        const uint32_t j = uint32_t(key[r]);
+        uint32_t& f = count[bin[j] & ~kMixedBin];
         kb[j] = by_rank[f & ~kMixedBin];
         ++f;
     }
