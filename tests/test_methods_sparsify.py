@@ -310,7 +310,9 @@ def _passes_counted(monkeypatch) -> list:
 
     passes = []
     real = _RadixTopK._count
-    monkeypatch.setattr(_RadixTopK, "_count", lambda self, chunk, pass_: passes.append(pass_) or real(self, chunk, pass_))
+    monkeypatch.setattr(
+        _RadixTopK, "_count", lambda self, chunk, pass_: passes.append(pass_) or real(self, chunk, pass_)
+    )
     return passes
 
 

@@ -3,7 +3,8 @@
 An op runs on the engine's chunks through a backend's range ops (pysoup.ops.table). One-pass ops implement
 `combine`. Ops that need whole-tensor statistics (TIES thresholds, SLERP angles, variances) return a pass count
 from `reduce_passes`: the engine streams every chunk through `reduce` that many times (calling `end_pass` after
-each; `next_pass` may skip some), then runs the combine pass with the state `begin` made. No pass ever holds a whole input tensor.
+each; `next_pass` may skip some), then runs the combine pass with the state `begin` made. No pass ever holds a whole
+input tensor.
 """
 
 from __future__ import annotations
