@@ -321,7 +321,7 @@ def _one_bin_tau(m: int, z: int, above: int, seed: int) -> torch.Tensor:
     (all above 0.25, in its high-half bin), shuffled, among 4 * (m + z + above) small ones."""
     g = torch.Generator().manual_seed(seed)
     big = torch.full((above,), 8.0)
-    mixed = (torch.full((m,), 0.25).view(torch.int32) | torch.randint(1, 0x10000, (m,), generator=g, dtype=torch.int32))
+    mixed = torch.full((m,), 0.25).view(torch.int32) | torch.randint(1, 0x10000, (m,), generator=g, dtype=torch.int32)
     small = torch.rand(4 * (m + z + above), generator=g) * 0.01
     tau = torch.cat([big, torch.full((z,), 0.25), mixed.view(torch.float32), small])
     return tau[torch.randperm(len(tau), generator=g)]
