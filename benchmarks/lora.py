@@ -167,14 +167,9 @@ def contender_env(bytecode: str):
     some sandboxes, an editable pysoup compiles its ~25 modules of the fold's path on every run: ~0.1 s)."""
     if bytecode == "env":
         return None
-    import compileall
+    from pysoup.bench.harness import as_installed
 
-    import pysoup
-
-    compileall.compile_dir(os.path.dirname(pysoup.__file__), quiet=1)
-    env = dict(os.environ)
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
-    return env
+    return as_installed(dict(os.environ))
 
 
 def measure(cfg: dict, work: str, suites_wanted=("fold", "merge8"), bytecode: str = "cached") -> dict:

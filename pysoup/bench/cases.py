@@ -13,7 +13,15 @@ import time
 from dataclasses import dataclass, field
 
 from pysoup.bench import baselines
-from pysoup.bench.harness import raise_on_failure, rotated, run_process, summarize, sync, warm_page_cache
+from pysoup.bench.harness import (
+    as_installed,
+    raise_on_failure,
+    rotated,
+    run_process,
+    summarize,
+    sync,
+    warm_page_cache,
+)
 
 FULL_CASES = ["2x256MiB", "4x256MiB", "8x256MiB", "4x512MiB", "2x1GiB", "4x1GiB", "8x1GiB"]
 # One small case, so that `pysoup bench --quick` takes seconds: at this size every contender's time is mostly its
@@ -227,12 +235,13 @@ def _remove_output(stem: str) -> None:
 
 def child_env() -> dict:
     """The contenders' environment: this process's, with the directory holding the pysoup under test first on
-    PYTHONPATH, so `python -m pysoup` in a child runs the same pysoup as the runner."""
+    PYTHONPATH, so `python -m pysoup` in a child runs the same pysoup as the runner, imported as installed
+    (harness.as_installed: byte-compiled once, not in every run)."""
     import pysoup
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(pysoup.__file__)))
     path = os.environ.get("PYTHONPATH")
-    return {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
+    return as_installed({**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")})
 
 
 def run_case(
