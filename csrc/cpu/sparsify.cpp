@@ -1,6 +1,6 @@
 // The sparsified task-vector merges' threads: per-block tie quotas (ties kept in index order whatever the thread
 // count), one kernel call per block, statistics kept per block and summed in index order, per-thread variance
-// histograms.
+// histograms, SCE's keep bits from the stored variances.
 #include "cpu/sparsify.h"
 
 #include <omp.h>
@@ -79,6 +79,18 @@ void sparse_stats(SparseArgs a, Isa isa, int threads, int64_t* quota, double* to
     }
     for (int64_t b = 0; b < nstat_blocks; ++b)
         for (int q = 0; q < nstat; ++q) totals[q] += blocks[size_t(b) * nstat + q];
+}
+
+void variance_keep_mask(SparseArgs a, Isa isa, int threads, int64_t* quota) {
+    const CpuKernels& kern = cpu_kernels(isa);
+    const int64_t bs = sparse_block(a), nb = (a.n + bs - 1) / bs;
+    const std::vector<int64_t> bq = block_quotas(a, kern, threads, bs, nb, quota);  // ties counted in the bits too
+#pragma omp parallel for num_threads(threads_for(threads, nb)) schedule(static)
+    for (int64_t b = 0; b < nb; ++b) {
+        SparseArgs ab = a;
+        ab.quota = bq.data() + b;
+        kern.variance_keep_mask(ab, b * bs, std::min(a.n, (b + 1) * bs));
+    }
 }
 
 int64_t variance_histogram(const SparseArgs& a, Isa isa, int threads, int pass, uint32_t prefix, uint64_t* hist) {

@@ -47,6 +47,7 @@ struct SparseArgs {
     uint8_t* keep_mask;         // RANK, SHARED: the tensor's keep bits (bit e % 8 of byte e / 8; RANK: per model)
     int64_t keep_mask_stride;   // bytes per model in keep_mask (SHARED: one mask)
     int keep_mask_mode;         // kMaskDraw, kMaskStore or kMaskLoad
+    uint32_t* variances;        // SHARED: the tensor's variance bits, entry e at e, or nullptr (variance_histogram)
     float epsilon;              // RAM: |tau| threshold
     void* out;
     int out_dtype;
@@ -62,14 +63,21 @@ inline int sparse_quota_count(const SparseArgs& a) {
 // Per ISA (CpuKernels): sparse_task_vector combines [begin, end) and returns the count of non-finite outputs;
 // sparse_stats writes kSparseStats * k fp64 sums per block of kStatBlock elements from block_begin (a multiple of
 // kStatBlock); sparse_ties counts, per quota, the entries equal to its threshold in [begin, end);
-// variance_histogram adds the radix-select histogram of the variance bits of [begin, end) and counts the zeros.
+// variance_histogram adds the radix-select histogram of the variance bits of [begin, end) and counts the zeros;
+// variance_keep_mask writes SCE's keep bits of [begin, end) from the stored variance bits.
 
 // Threaded over [0, a.n): ties are handed out in index order through per-block quotas, so no result depends on the
 // thread count. `quota` is read and updated.
 int64_t sparse_task_vector(SparseArgs a, Isa isa, int threads, int64_t* quota);
 void sparse_stats(SparseArgs a, Isa isa, int threads, int64_t* quota, double* totals);
 // Adds the pass's histogram (65536 counters) of the fp32 bits of each entry's variance across the models; returns
-// how many variances are 0 (pass 0).
+// how many variances are 0 (pass 0). With a.variances, pass 0 also stores each entry's bits there, and pass 1 counts
+// those (a.n of them from a.start) without reading an input: a tensor whose variances fit in memory computes them
+// once, and its selection ends with pass 0.
 int64_t variance_histogram(const SparseArgs& a, Isa isa, int threads, int pass, uint32_t prefix, uint64_t* hist);
+// SCE's keep bits of [0, a.n) (from a.start) into a.keep_mask, from the stored variance bits (a.variances): those
+// above a.keep_bits[0], and the ties first in index order while `quota` lasts (read and updated), exactly as the
+// statistics pass stores them (kMaskStore). No input is read.
+void variance_keep_mask(SparseArgs a, Isa isa, int threads, int64_t* quota);
 
 }  // namespace pysoup

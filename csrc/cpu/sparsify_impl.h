@@ -630,9 +630,16 @@ void sparse_stats_kernel(const SparseArgs& a, int64_t block_begin, int64_t end, 
 // Per quota: how many entries in [begin, end) equal its threshold.
 template <class IO>
 void sparse_ties_kernel(const SparseArgs& a, int64_t begin, int64_t end, int64_t* counts) {
-    SparseScratch s(a.k);
     const int nq = sparse_quota_count(a);
     for (int q = 0; q < nq; ++q) counts[q] = 0;
+    if (a.select == kSelectShared && a.variances) {  // counted over the stored variance bits, no input read
+        const uint32_t* bits = a.variances + a.start;
+        int64_t c = 0;
+        for (int64_t j = begin; j < end; ++j) c += bits[j] == a.keep_bits[0];
+        counts[0] = c;
+        return;
+    }
+    SparseScratch s(a.k);
     for (int64_t t0 = begin; t0 < end; t0 += kOpTile) {
         const int64_t m = std::min(kOpTile, end - t0);
         load_taus<IO>(a, t0, m, s);
@@ -658,18 +665,27 @@ void sparse_ties_kernel(const SparseArgs& a, int64_t begin, int64_t end, int64_t
 }
 
 // Radix-select histogram of the variance bits: pass 0 counts the high 16 bits (and the zeros), pass 1 the low 16
-// bits of the entries whose high bits equal `prefix`. hist holds 65536 counters.
+// bits of the entries whose high bits equal `prefix`. hist holds 65536 counters. With a.variances, pass 0 writes each
+// entry's bits there (entry e at a.variances[a.start + e]; each range writes its own), and pass 1 counts those
+// instead of loading the inputs and computing the variances again.
 template <class IO>
 int64_t variance_histogram_kernel(const SparseArgs& a, int64_t begin, int64_t end, int pass, uint32_t prefix,
                                   uint64_t* hist) {
+    if (pass == 1 && a.variances) {
+        const uint32_t* bits = a.variances + a.start;
+        for (int64_t j = begin; j < end; ++j)
+            if ((bits[j] >> 16) == prefix) ++hist[bits[j] & 0xFFFFu];
+        return 0;
+    }
     SparseScratch s(a.k);
     int64_t zeros = 0;
     for (int64_t t0 = begin; t0 < end; t0 += kOpTile) {
         const int64_t m = std::min(kOpTile, end - t0);
         load_taus<IO>(a, t0, m, s);
-        variance_bits(s.tau, a.k, m, s.wmean.data(), s.wm2.data(), s.bits.data());
+        uint32_t* bits = a.variances ? a.variances + a.start + t0 : s.bits.data();
+        variance_bits(s.tau, a.k, m, s.wmean.data(), s.wm2.data(), bits);
         for (int64_t j = 0; j < m; ++j) {
-            const uint32_t b = s.bits[j];
+            const uint32_t b = bits[j];
             if (pass == 0) {
                 ++hist[b >> 16];
                 zeros += b == 0;
@@ -679,6 +695,18 @@ int64_t variance_histogram_kernel(const SparseArgs& a, int64_t begin, int64_t en
         }
     }
     return zeros;
+}
+
+// SCE's keep bits of [begin, end) from the stored variance bits: the statistics pass's selection (top_mask, then
+// store_bits into a.keep_mask), with no input loaded and no variance computed. Integer work only: no IO type.
+inline void variance_keep_mask_kernel(const SparseArgs& a, int64_t begin, int64_t end) {
+    int64_t quota = a.quota[0];
+    uint8_t keep[kOpTile];
+    for (int64_t t0 = begin; t0 < end; t0 += kOpTile) {
+        const int64_t m = std::min(kOpTile, end - t0);
+        top_mask(a.variances + a.start + t0, m, a.keep_bits[0], quota, keep);
+        store_bits(keep, a.start + t0, m, a.keep_mask);
+    }
 }
 
 }  // namespace

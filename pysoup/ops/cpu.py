@@ -11,6 +11,12 @@ from pysoup.errors import BackendError
 from pysoup.ops import register_backend
 from pysoup.ops.table import Backend, Batch, Chunk, RadixTopK
 
+# SCE's variance selection keeps every entry's fp32 variance bits in memory during its first pass where they take at
+# most this much (16 Mi entries: every matrix of a 1B Llama but its [16384, 2048] embeddings), and then ends the
+# selection there: the low-half histogram and the keep bits come from memory, so the variances are computed once
+# instead of three times and the inputs read three times instead of four. Larger tensors take both passes.
+VARIANCE_STORE_BYTES = 64 << 20
+
 
 def default_threads() -> int:
     """Every core this process may run on."""
@@ -330,8 +336,8 @@ class CpuBackend(Backend):
             self._isa,
         )
 
-    def variance_selector(self, density):
-        return _VarianceTopK(density, self)
+    def variance_selector(self, density, numel=0, keep_mask=None):
+        return _VarianceTopK(density, self, numel, keep_mask)
 
     def keep_mask_buffer(self, nbytes: int):
         """Zeroed memory for DELLA's or SCE's keep bits (SparseParams.keep_mask): the statistics pass stores the
@@ -452,17 +458,25 @@ def _sparse_params(p) -> tuple:
 
 
 class _VarianceTopK(_RadixTopK):
-    """SCE's selection (pysoup.ops.reference.TorchVarianceTopK) with the counting in C++."""
+    """SCE's selection (pysoup.ops.reference.TorchVarianceTopK) with the counting in C++. Given the tensor's keep
+    bits and at most VARIANCE_STORE_BYTES of variances, pass 0 also stores each entry's variance bits, and finish(0)
+    ends the selection from them: pass 1's histogram counted over the stored bits, the same thresholds and quotas,
+    then the keep bits written (keep_mask_written), as the statistics pass would store them."""
 
-    _counts_mixed = False  # variances have low halves of every kind: always two passes
+    _counts_mixed = False  # variances have low halves of every kind: two passes, or pass 1 counted from memory
 
-    def __init__(self, density, backend):
+    def __init__(self, density, backend, numel=0, keep_mask=None):
         super().__init__([0], backend)
         self.density = density
         self._zeros = self._numel = 0
+        self._variances = None
+        if keep_mask is not None and 0 < numel * 4 <= VARIANCE_STORE_BYTES:
+            self._variances = (ctypes.c_uint32 * numel)()  # freed when the selection ends
+            self._keep_mask = keep_mask
 
     def _count(self, chunk, pass_):
         be = self._backend
+        store = ctypes.addressof(self._variances) if self._variances is not None and pass_ == 0 else 0
         self._zeros += _native.native.variance_histogram(
             list(chunk.addrs[:-1]),
             _codes(chunk.dtypes[:-1]),
@@ -474,6 +488,8 @@ class _VarianceTopK(_RadixTopK):
             self._addr,
             be.threads,
             be._isa,
+            store,
+            chunk.start,
         )
         if pass_ == 0:
             self._numel += chunk.n
@@ -484,3 +500,16 @@ class _VarianceTopK(_RadixTopK):
 
             self.keep = [variance_keep(self._numel - self._zeros, self.density)]
         super().finish(pass_)
+        if pass_ == 0 and self._variances is not None:
+            self._finish_from_memory()
+
+    def _finish_from_memory(self):
+        """Pass 1 over the stored variance bits, then the keep bits from them; the variances freed."""
+        be, n, addr = self._backend, self._numel, ctypes.addressof(self._variances)
+        _native.native.stored_variance_histogram(addr, n, self._prefix[0], self._addr, be.threads, be._isa)
+        super().finish(1)
+        mask = ctypes.addressof(self._keep_mask)
+        threshold, quota = self.thresholds[0], self.quotas[0]
+        _native.native.stored_variance_keep_mask(addr, n, threshold, quota, mask, be.threads, be._isa)
+        self._variances = self._keep_mask = None
+        self.keep_mask_written = True
