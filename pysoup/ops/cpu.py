@@ -99,6 +99,7 @@ class CpuBackend(Backend):
         if self.isa not in usable_isas():
             raise BackendError(f"CPU ISA {self.isa!r} cannot run here (usable: {', '.join(usable_isas())})")
         self._isa = _native.native.isa_code(self.isa)  # what the kernels take: the ISA's code, resolved once
+        self._variances = None  # SCE's stored variance bits (_VarianceTopK), reused by every tensor of the merge
 
     @classmethod
     def availability(cls):
@@ -339,6 +340,17 @@ class CpuBackend(Backend):
     def variance_selector(self, density, numel=0, keep_mask=None):
         return _VarianceTopK(density, self, numel, keep_mask)
 
+    def _variance_bits(self, numel: int):
+        """Memory for numel uint32 variance bits (numel * 4 <= VARIANCE_STORE_BYTES): one buffer per backend, grown
+        to the largest tensor, which one tensor's selection at a time fills in pass 0 and reads at its end (the
+        engine reduces one tensor at a time). Made per tensor, 64 MiB took ~55 ms to allocate (ctypes zeroes it,
+        faulting every page in) and ~16 ms to free, in the main thread, on the shared 2-core machine: 0.8 s over the
+        512 MiB benchmark's tensors; reused, its pages are faulted in once per merge."""
+        if self._variances is None or len(self._variances) < numel:
+            self._variances = None  # the old buffer freed before the new one is made
+            self._variances = (ctypes.c_uint32 * numel)()
+        return self._variances
+
     def keep_mask_buffer(self, nbytes: int):
         """Zeroed memory for DELLA's or SCE's keep bits (SparseParams.keep_mask): the statistics pass stores the
         selection, the combine reads it instead of ranking every row or computing every variance again."""
@@ -471,7 +483,7 @@ class _VarianceTopK(_RadixTopK):
         self._zeros = self._numel = 0
         self._variances = None
         if keep_mask is not None and 0 < numel * 4 <= VARIANCE_STORE_BYTES:
-            self._variances = (ctypes.c_uint32 * numel)()  # freed when the selection ends
+            self._variances = backend._variance_bits(numel)  # entry e at e; released when the selection ends
             self._keep_mask = keep_mask
 
     def _count(self, chunk, pass_):
