@@ -10,6 +10,7 @@
 #include <variant>
 #include <vector>
 
+#include "cpu/blocking.h"
 #include "cpu/dtype.h"
 #include "cpu/geometric.h"
 #include "cpu/isa.h"
@@ -417,28 +418,32 @@ SparseArgs stored_variance_args(const char* op, uintptr_t variances, int64_t n) 
     return a;
 }
 
-// Pass 1 of the variance radix select (the low halves in the high bin `prefix`), counted over the stored bits.
-void stored_variance_histogram_py(uintptr_t variances, int64_t n, uint32_t prefix, uintptr_t hist, int threads,
-                                  const IsaArg& isa) {
-    const Isa code = checked_isa("stored_variance_histogram", isa);
-    SparseArgs a = stored_variance_args("stored_variance_histogram", variances, n);
-    if (n > 0 && hist == 0) throw std::invalid_argument("stored_variance_histogram: null pointer");
+// SCE's pass 1 over the stored variance bits (the low halves in the high bin `prefix`, into hist), the keep bits of
+// the entries outside that bin written into keep_mask ((n + 7) / 8 zeroed bytes); returns the bin's entries per block
+// (for stored_variance_keep_ties).
+std::vector<int64_t> stored_variance_select_py(uintptr_t variances, int64_t n, uint32_t prefix, uintptr_t hist,
+                                               uintptr_t keep_mask, int threads, const IsaArg& isa) {
+    const Isa code = checked_isa("stored_variance_select", isa);
+    SparseArgs a = stored_variance_args("stored_variance_select", variances, n);
+    if (n > 0 && (hist == 0 || keep_mask == 0)) throw std::invalid_argument("stored_variance_select: null pointer");
+    a.keep_mask = reinterpret_cast<uint8_t*>(keep_mask);
     py::gil_scoped_release release;
-    variance_histogram(a, code, std::max(1, threads), 1, prefix, reinterpret_cast<uint64_t*>(hist));
+    return variance_select_stored(a, code, std::max(1, threads), prefix, reinterpret_cast<uint64_t*>(hist));
 }
 
-// SCE's keep bits from the stored variance bits into keep_mask ((n + 7) / 8 zeroed bytes); returns the quota left.
-int64_t stored_variance_keep_mask_py(uintptr_t variances, int64_t n, uint32_t threshold, int64_t quota,
-                                     uintptr_t keep_mask, int threads, const IsaArg& isa) {
-    const Isa code = checked_isa("stored_variance_keep_mask", isa);
-    SparseArgs a = stored_variance_args("stored_variance_keep_mask", variances, n);
-    if (n > 0 && keep_mask == 0) throw std::invalid_argument("stored_variance_keep_mask: null pointer");
-    a.keep_bits = &threshold;
+// The keep bits of the bin's entries once the threshold and the tie quota are known; returns the quota left.
+int64_t stored_variance_keep_ties_py(uintptr_t variances, int64_t n, const std::vector<int64_t>& in_bin,
+                                     uint32_t prefix, uint32_t threshold, int64_t quota, uintptr_t keep_mask) {
+    SparseArgs a = stored_variance_args("stored_variance_keep_ties", variances, n);
+    if (int64_t(in_bin.size()) != (n + kBlock - 1) / kBlock)
+        throw std::invalid_argument("stored_variance_keep_ties: in_bin needs one count per block");
+    for (size_t b = 0; b < in_bin.size(); ++b)
+        if (in_bin[b] < 0 || in_bin[b] > std::min<int64_t>(kBlock, n - int64_t(b) * kBlock))
+            throw std::invalid_argument("stored_variance_keep_ties: bad count");
+    if (n > 0 && keep_mask == 0) throw std::invalid_argument("stored_variance_keep_ties: null pointer");
     a.keep_mask = reinterpret_cast<uint8_t*>(keep_mask);
-    a.keep_mask_mode = kMaskStore;
     py::gil_scoped_release release;
-    variance_keep_mask(a, code, std::max(1, threads), &quota);
-    return quota;
+    return variance_keep_ties(a, in_bin, prefix, threshold, quota);
 }
 
 int64_t masked_sum_py(const std::vector<uintptr_t>& inputs, const std::vector<int>& dtypes,
@@ -665,10 +670,10 @@ PYBIND11_MODULE(_C, m) {
     m.def("sparse_stats", &sparse_stats_py, "the sparsified task-vector statistics of one range: (totals, quotas)");
     m.def("variance_histogram", &variance_histogram_py,
           "SCE's radix-select histogram of variance bits; zeros (pass 0 may store the bits)");
-    m.def("stored_variance_histogram", &stored_variance_histogram_py,
-          "SCE's pass 1 (low halves in one high bin) counted over stored variance bits");
-    m.def("stored_variance_keep_mask", &stored_variance_keep_mask_py,
-          "SCE's keep bits from stored variance bits, a threshold and a tie quota; the quota left");
+    m.def("stored_variance_select", &stored_variance_select_py,
+          "SCE's pass 1 over stored variance bits and the keep bits outside its bin; the bin's entries per block");
+    m.def("stored_variance_keep_ties", &stored_variance_keep_ties_py,
+          "SCE's keep bits of the bin's entries from a threshold and a tie quota; the quota left");
     m.def("masked_sum", &masked_sum_py, "sparse soup over one range; mode 0 shared, 1 intersection, 2 union");
     m.def("sparse_scan", &sparse_scan_py, "(first index where zero patterns differ or -1, zeros of input 0)");
     m.def("moments", &moments_py, "fp64 sums, squares, abs sums and Gram entries over one range, block-ordered");

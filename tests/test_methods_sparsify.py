@@ -341,14 +341,14 @@ def test_sce_tie_quota_from_stored_variances(monkeypatch, threads):
     topk = (ties // 2 + 0.5) / nonzero
     assert 0 < variance_keep(nonzero, topk) < ties  # the quota is partial
     calls = []
-    real = native.native.stored_variance_keep_mask
+    real = native.native.stored_variance_keep_ties
 
-    def keep_mask(variances, n, threshold, quota, *args):
-        left = real(variances, n, threshold, quota, *args)
+    def keep_ties(variances, n, in_bin, prefix, threshold, quota, mask):
+        left = real(variances, n, in_bin, prefix, threshold, quota, mask)
         calls.append((quota, left))
         return left
 
-    monkeypatch.setattr(native.native, "stored_variance_keep_mask", keep_mask)
+    monkeypatch.setattr(native.native, "stored_variance_keep_ties", keep_ties)
     outs = {}
     for backend in ("reference", "cpu"):
         outs[backend] = pysoup.merge(

@@ -1,6 +1,6 @@
 // The sparsified task-vector merges' threads: per-block tie quotas (ties kept in index order whatever the thread
 // count), one kernel call per block, statistics kept per block and summed in index order, per-thread variance
-// histograms, SCE's keep bits from the stored variances.
+// histograms, SCE's selection from the stored variances.
 #include "cpu/sparsify.h"
 
 #include <omp.h>
@@ -81,18 +81,6 @@ void sparse_stats(SparseArgs a, Isa isa, int threads, int64_t* quota, double* to
         for (int q = 0; q < nstat; ++q) totals[q] += blocks[size_t(b) * nstat + q];
 }
 
-void variance_keep_mask(SparseArgs a, Isa isa, int threads, int64_t* quota) {
-    const CpuKernels& kern = cpu_kernels(isa);
-    const int64_t bs = sparse_block(a), nb = (a.n + bs - 1) / bs;
-    const std::vector<int64_t> bq = block_quotas(a, kern, threads, bs, nb, quota);  // ties counted in the bits too
-#pragma omp parallel for num_threads(threads_for(threads, nb)) schedule(static)
-    for (int64_t b = 0; b < nb; ++b) {
-        SparseArgs ab = a;
-        ab.quota = bq.data() + b;
-        kern.variance_keep_mask(ab, b * bs, std::min(a.n, (b + 1) * bs));
-    }
-}
-
 int64_t variance_histogram(const SparseArgs& a, Isa isa, int threads, int pass, uint32_t prefix, uint64_t* hist) {
     const CpuKernels& kern = cpu_kernels(isa);
     const int64_t nb = nblocks(a.n);
@@ -113,6 +101,44 @@ int64_t variance_histogram(const SparseArgs& a, Isa isa, int threads, int pass, 
     int64_t z = 0;
     for (int64_t v : zeros) z += v;
     return z;
+}
+
+std::vector<int64_t> variance_select_stored(const SparseArgs& a, Isa isa, int threads, uint32_t prefix,
+                                            uint64_t* hist) {
+    const CpuKernels& kern = cpu_kernels(isa);
+    const int64_t nb = nblocks(a.n);
+    std::vector<int64_t> in_bin(size_t(nb), 0);
+    const int nt = threads_for(threads, nb);
+    std::vector<std::vector<uint64_t>> local(nt - 1, std::vector<uint64_t>(65536, 0));
+#pragma omp parallel num_threads(nt)
+    {
+        const int t = omp_get_thread_num(), count = omp_get_num_threads();
+        uint64_t* h = t == 0 ? hist : local[t - 1].data();
+        for (int64_t b = nb * t / count; b < nb * (t + 1) / count; ++b)
+            in_bin[size_t(b)] = kern.variance_select_stored(a, b * kBlock, block_end(b, a.n), prefix, h);
+    }
+    for (const auto& h : local)
+        for (size_t i = 0; i < 65536; ++i) hist[i] += h[i];
+    return in_bin;
+}
+
+int64_t variance_keep_ties(const SparseArgs& a, const std::vector<int64_t>& in_bin, uint32_t prefix, uint32_t threshold,
+                           int64_t quota) {
+    // Few entries (one high bin's), in index order: one thread.
+    for (size_t b = 0; b < in_bin.size(); ++b) {
+        const uint32_t* packed = a.variances + int64_t(b) * kBlock;
+        for (int64_t r = 0; r < in_bin[b]; ++r) {
+            const uint32_t v = (prefix << 16) | (packed[r] & 0xFFFFu);
+            bool keep = v > threshold;
+            if (v == threshold && quota != 0) {
+                keep = true;
+                if (quota > 0) --quota;
+            }
+            const int64_t e = int64_t(b) * kBlock + (packed[r] >> 16);
+            if (keep) a.keep_mask[e >> 3] |= uint8_t(1u << (e & 7));
+        }
+    }
+    return quota;
 }
 
 }  // namespace pysoup

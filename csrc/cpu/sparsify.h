@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "cpu/isa.h"
 
@@ -64,20 +65,24 @@ inline int sparse_quota_count(const SparseArgs& a) {
 // sparse_stats writes kSparseStats * k fp64 sums per block of kStatBlock elements from block_begin (a multiple of
 // kStatBlock); sparse_ties counts, per quota, the entries equal to its threshold in [begin, end);
 // variance_histogram adds the radix-select histogram of the variance bits of [begin, end) and counts the zeros;
-// variance_keep_mask writes SCE's keep bits of [begin, end) from the stored variance bits.
+// variance_select_stored is variance_select_stored's work on one block.
 
 // Threaded over [0, a.n): ties are handed out in index order through per-block quotas, so no result depends on the
 // thread count. `quota` is read and updated.
 int64_t sparse_task_vector(SparseArgs a, Isa isa, int threads, int64_t* quota);
 void sparse_stats(SparseArgs a, Isa isa, int threads, int64_t* quota, double* totals);
 // Adds the pass's histogram (65536 counters) of the fp32 bits of each entry's variance across the models; returns
-// how many variances are 0 (pass 0). With a.variances, pass 0 also stores each entry's bits there, and pass 1 counts
-// those (a.n of them from a.start) without reading an input: a tensor whose variances fit in memory computes them
-// once, and its selection ends with pass 0.
+// how many variances are 0 (pass 0). With a.variances, pass 0 also stores each entry's bits there (from a.start): a
+// tensor whose variances fit in memory computes them once, and its selection ends with pass 0, as follows.
 int64_t variance_histogram(const SparseArgs& a, Isa isa, int threads, int pass, uint32_t prefix, uint64_t* hist);
-// SCE's keep bits of [0, a.n) (from a.start) into a.keep_mask, from the stored variance bits (a.variances): those
-// above a.keep_bits[0], and the ties first in index order while `quota` lasts (read and updated), exactly as the
-// statistics pass stores them (kMaskStore). No input is read.
-void variance_keep_mask(SparseArgs a, Isa isa, int threads, int64_t* quota);
+// SCE's pass 1 and keep bits from the stored variance bits of a whole tensor (a.variances, a.n of them; a.keep_mask
+// zeroed), no input read, in two steps around the search of the histogram. variance_select_stored adds the low
+// halves of the entries in the high bin `prefix` to hist, writes the keep bit of every other entry (above the bin:
+// kept) and returns, per block of kBlock entries, how many of the bin's entries it packed at the block's front
+// (the stored bits are spent). variance_keep_ties then keeps those above `threshold`, and those equal to it in index
+// order while `quota` lasts (< 0: all): the bits top_mask and store_bits would write. Returns the quota left.
+std::vector<int64_t> variance_select_stored(const SparseArgs& a, Isa isa, int threads, uint32_t prefix, uint64_t* hist);
+int64_t variance_keep_ties(const SparseArgs& a, const std::vector<int64_t>& in_bin, uint32_t prefix, uint32_t threshold,
+                           int64_t quota);
 
 }  // namespace pysoup

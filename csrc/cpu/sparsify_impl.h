@@ -630,16 +630,9 @@ void sparse_stats_kernel(const SparseArgs& a, int64_t block_begin, int64_t end, 
 // Per quota: how many entries in [begin, end) equal its threshold.
 template <class IO>
 void sparse_ties_kernel(const SparseArgs& a, int64_t begin, int64_t end, int64_t* counts) {
+    SparseScratch s(a.k);
     const int nq = sparse_quota_count(a);
     for (int q = 0; q < nq; ++q) counts[q] = 0;
-    if (a.select == kSelectShared && a.variances) {  // counted over the stored variance bits, no input read
-        const uint32_t* bits = a.variances + a.start;
-        int64_t c = 0;
-        for (int64_t j = begin; j < end; ++j) c += bits[j] == a.keep_bits[0];
-        counts[0] = c;
-        return;
-    }
-    SparseScratch s(a.k);
     for (int64_t t0 = begin; t0 < end; t0 += kOpTile) {
         const int64_t m = std::min(kOpTile, end - t0);
         load_taus<IO>(a, t0, m, s);
@@ -665,18 +658,11 @@ void sparse_ties_kernel(const SparseArgs& a, int64_t begin, int64_t end, int64_t
 }
 
 // Radix-select histogram of the variance bits: pass 0 counts the high 16 bits (and the zeros), pass 1 the low 16
-// bits of the entries whose high bits equal `prefix`. hist holds 65536 counters. With a.variances, pass 0 writes each
-// entry's bits there (entry e at a.variances[a.start + e]; each range writes its own), and pass 1 counts those
-// instead of loading the inputs and computing the variances again.
+// bits of the entries whose high bits equal `prefix`. hist holds 65536 counters. With a.variances, pass 0 also
+// writes each entry's bits there (entry e at a.variances[a.start + e]; each range writes its own).
 template <class IO>
 int64_t variance_histogram_kernel(const SparseArgs& a, int64_t begin, int64_t end, int pass, uint32_t prefix,
                                   uint64_t* hist) {
-    if (pass == 1 && a.variances) {
-        const uint32_t* bits = a.variances + a.start;
-        for (int64_t j = begin; j < end; ++j)
-            if ((bits[j] >> 16) == prefix) ++hist[bits[j] & 0xFFFFu];
-        return 0;
-    }
     SparseScratch s(a.k);
     int64_t zeros = 0;
     for (int64_t t0 = begin; t0 < end; t0 += kOpTile) {
@@ -697,16 +683,35 @@ int64_t variance_histogram_kernel(const SparseArgs& a, int64_t begin, int64_t en
     return zeros;
 }
 
-// SCE's keep bits of [begin, end) from the stored variance bits: the statistics pass's selection (top_mask, then
-// store_bits into a.keep_mask), with no input loaded and no variance computed. Integer work only: no IO type.
-inline void variance_keep_mask_kernel(const SparseArgs& a, int64_t begin, int64_t end) {
-    int64_t quota = a.quota[0];
+// SCE's pass 1 over one block [begin, end) of the stored variance bits (a.variances, entry e at e; at most kBlock
+// entries): the low halves of the entries in the high bin `prefix` counted into hist, the keep bit of every other
+// entry written (kept: above the bin; a.keep_mask zeroed), and the bin's entries packed at the front of the block's
+// own bits as (position in the block << 16 | low half), in index order, for variance_keep_ties once the threshold is
+// known. Returns how many. In place: entry j is read before anything is written at j (the packed count is <= j).
+inline int64_t variance_select_stored_kernel(const SparseArgs& a, int64_t begin, int64_t end, uint32_t prefix,
+                                             uint64_t* hist) {
+    const uint32_t* bits = a.variances;
+    uint32_t* packed = a.variances + begin;
+    int64_t count = 0;
     uint8_t keep[kOpTile];
     for (int64_t t0 = begin; t0 < end; t0 += kOpTile) {
         const int64_t m = std::min(kOpTile, end - t0);
-        top_mask(a.variances + a.start + t0, m, a.keep_bits[0], quota, keep);
-        store_bits(keep, a.start + t0, m, a.keep_mask);
+        const uint32_t* b = bits + t0;
+        uint32_t in_bin = 0;  // the bin holds few entries: most tiles have none, and only the compares run
+        for (int64_t j = 0; j < m; ++j) {
+            const uint32_t high = b[j] >> 16;
+            keep[j] = high > prefix;
+            in_bin |= high == prefix;
+        }
+        for (int64_t j = 0; in_bin && j < m; ++j) {
+            const uint32_t v = b[j];
+            if ((v >> 16) != prefix) continue;
+            ++hist[v & 0xFFFFu];
+            packed[count++] = (uint32_t(t0 + j - begin) << 16) | (v & 0xFFFFu);
+        }
+        store_bits(keep, t0, m, a.keep_mask);
     }
+    return count;
 }
 
 }  // namespace

@@ -516,12 +516,12 @@ class _VarianceTopK(_RadixTopK):
             self._finish_from_memory()
 
     def _finish_from_memory(self):
-        """Pass 1 over the stored variance bits, then the keep bits from them; the variances freed."""
+        """Pass 1 over the stored variance bits, writing the keep bits of the entries outside the chosen bin as it
+        goes, then the bin's entries' bits once the threshold and the quota are known (the stored bits are spent)."""
         be, n, addr = self._backend, self._numel, ctypes.addressof(self._variances)
-        _native.native.stored_variance_histogram(addr, n, self._prefix[0], self._addr, be.threads, be._isa)
+        mask, prefix = ctypes.addressof(self._keep_mask), self._prefix[0]
+        in_bin = _native.native.stored_variance_select(addr, n, prefix, self._addr, mask, be.threads, be._isa)
         super().finish(1)
-        mask = ctypes.addressof(self._keep_mask)
-        threshold, quota = self.thresholds[0], self.quotas[0]
-        _native.native.stored_variance_keep_mask(addr, n, threshold, quota, mask, be.threads, be._isa)
+        _native.native.stored_variance_keep_ties(addr, n, in_bin, prefix, self.thresholds[0], self.quotas[0], mask)
         self._variances = self._keep_mask = None
         self.keep_mask_written = True
