@@ -433,7 +433,8 @@ std::vector<int64_t> stored_variance_select_py(uintptr_t variances, int64_t n, u
 
 // The keep bits of the bin's entries once the threshold and the tie quota are known; returns the quota left.
 int64_t stored_variance_keep_ties_py(uintptr_t variances, int64_t n, const std::vector<int64_t>& in_bin,
-                                     uint32_t prefix, uint32_t threshold, int64_t quota, uintptr_t keep_mask) {
+                                     uint32_t prefix, uint32_t threshold, int64_t quota, uintptr_t keep_mask,
+                                     int threads) {
     SparseArgs a = stored_variance_args("stored_variance_keep_ties", variances, n);
     if (int64_t(in_bin.size()) != (n + kBlock - 1) / kBlock)
         throw std::invalid_argument("stored_variance_keep_ties: in_bin needs one count per block");
@@ -443,7 +444,7 @@ int64_t stored_variance_keep_ties_py(uintptr_t variances, int64_t n, const std::
     if (n > 0 && keep_mask == 0) throw std::invalid_argument("stored_variance_keep_ties: null pointer");
     a.keep_mask = reinterpret_cast<uint8_t*>(keep_mask);
     py::gil_scoped_release release;
-    return variance_keep_ties(a, in_bin, prefix, threshold, quota);
+    return variance_keep_ties(a, in_bin, prefix, threshold, quota, std::max(1, threads));
 }
 
 int64_t masked_sum_py(const std::vector<uintptr_t>& inputs, const std::vector<int>& dtypes,

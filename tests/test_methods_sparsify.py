@@ -343,8 +343,8 @@ def test_sce_tie_quota_from_stored_variances(monkeypatch, threads):
     calls = []
     real = native.native.stored_variance_keep_ties
 
-    def keep_ties(variances, n, in_bin, prefix, threshold, quota, mask):
-        left = real(variances, n, in_bin, prefix, threshold, quota, mask)
+    def keep_ties(variances, n, in_bin, prefix, threshold, quota, *args):
+        left = real(variances, n, in_bin, prefix, threshold, quota, *args)
         calls.append((quota, left))
         return left
 

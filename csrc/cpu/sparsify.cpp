@@ -123,18 +123,36 @@ std::vector<int64_t> variance_select_stored(const SparseArgs& a, Isa isa, int th
 }
 
 int64_t variance_keep_ties(const SparseArgs& a, const std::vector<int64_t>& in_bin, uint32_t prefix, uint32_t threshold,
-                           int64_t quota) {
-    // Few entries (one high bin's), in index order: one thread.
-    for (size_t b = 0; b < in_bin.size(); ++b) {
-        const uint32_t* packed = a.variances + int64_t(b) * kBlock;
-        for (int64_t r = 0; r < in_bin[b]; ++r) {
-            const uint32_t v = (prefix << 16) | (packed[r] & 0xFFFFu);
+                           int64_t quota, int threads) {
+    // The bin holds 12% of the entries on the benchmark's bf16 fine-tunes (24 Mi of 192 Mi): threaded by block, each
+    // block's quota what the ties of the blocks before it left (blocks of kBlock entries own whole bytes of the bits).
+    const int64_t nb = int64_t(in_bin.size());
+    auto packed = [&](int64_t b) { return a.variances + b * kBlock; };
+    auto value = [&](uint32_t p) { return (prefix << 16) | (p & 0xFFFFu); };
+    std::vector<int64_t> ties(size_t(nb), 0), bq(size_t(nb), -1);
+    if (quota >= 0) {
+#pragma omp parallel for num_threads(threads_for(threads, nb)) schedule(static)
+        for (int64_t b = 0; b < nb; ++b) {
+            int64_t c = 0;
+            for (int64_t r = 0; r < in_bin[size_t(b)]; ++r) c += value(packed(b)[r]) == threshold;
+            ties[size_t(b)] = c;
+        }
+        for (int64_t b = 0; b < nb; ++b) {
+            bq[size_t(b)] = quota;
+            quota = std::max<int64_t>(0, quota - ties[size_t(b)]);
+        }
+    }
+#pragma omp parallel for num_threads(threads_for(threads, nb)) schedule(static)
+    for (int64_t b = 0; b < nb; ++b) {
+        int64_t left = bq[size_t(b)];
+        for (int64_t r = 0; r < in_bin[size_t(b)]; ++r) {
+            const uint32_t p = packed(b)[r], v = value(p);
             bool keep = v > threshold;
-            if (v == threshold && quota != 0) {
+            if (v == threshold && left != 0) {
                 keep = true;
-                if (quota > 0) --quota;
+                if (left > 0) --left;
             }
-            const int64_t e = int64_t(b) * kBlock + (packed[r] >> 16);
+            const int64_t e = b * kBlock + (p >> 16);
             if (keep) a.keep_mask[e >> 3] |= uint8_t(1u << (e & 7));
         }
     }

@@ -83,6 +83,6 @@ int64_t variance_histogram(const SparseArgs& a, Isa isa, int threads, int pass, 
 // order while `quota` lasts (< 0: all): the bits top_mask and store_bits would write. Returns the quota left.
 std::vector<int64_t> variance_select_stored(const SparseArgs& a, Isa isa, int threads, uint32_t prefix, uint64_t* hist);
 int64_t variance_keep_ties(const SparseArgs& a, const std::vector<int64_t>& in_bin, uint32_t prefix, uint32_t threshold,
-                           int64_t quota);
+                           int64_t quota, int threads);
 
 }  // namespace pysoup

@@ -522,6 +522,7 @@ class _VarianceTopK(_RadixTopK):
         mask, prefix = ctypes.addressof(self._keep_mask), self._prefix[0]
         in_bin = _native.native.stored_variance_select(addr, n, prefix, self._addr, mask, be.threads, be._isa)
         super().finish(1)
-        _native.native.stored_variance_keep_ties(addr, n, in_bin, prefix, self.thresholds[0], self.quotas[0], mask)
+        threshold, quota = self.thresholds[0], self.quotas[0]
+        _native.native.stored_variance_keep_ties(addr, n, in_bin, prefix, threshold, quota, mask, be.threads)
         self._variances = self._keep_mask = None
         self.keep_mask_written = True
