@@ -358,6 +358,29 @@ def test_sce_tie_quota_from_stored_variances(monkeypatch, threads):
     assert torch.equal(outs["cpu"].view(torch.int16), outs["reference"].view(torch.int16))
 
 
+@pytest.mark.parametrize("case", ["keeps nothing", "zero variances", "fp32 models"])
+def test_sce_stored_edges(monkeypatch, case):
+    """The selection from stored variances where it keeps nothing (select_topk below one entry; every variance 0)
+    and on fp32 models (variances with low halves of every kind), over two blocks of 64 Ki and an odd tail: the
+    reference's bits, the stored path taken."""
+    g = torch.Generator().manual_seed(4)
+    n = 70001
+    base = torch.randn(n, generator=g).bfloat16()
+    noise = [torch.randn(n, generator=g) * 0.1 for _ in range(3)]
+    models, topk = [{"w": (base.float() + e).bfloat16()} for e in noise], 1e-9
+    if case == "zero variances":
+        models, topk = [{"w": base.clone()} for _ in noise], 0.5
+    elif case == "fp32 models":
+        models, topk = [{"w": base.float() + e} for e in noise], 0.37
+    counted, _ = _variance_counted(monkeypatch)
+    outs = [
+        pysoup.merge(models, strategy="sce", base={"w": base}, params={"select_topk": topk}, backend=b)["w"]
+        for b in ("reference", "cpu")
+    ]
+    assert {p for _, p in counted} == {0}
+    assert torch.equal(outs[0].float().view(torch.int32), outs[1].float().view(torch.int32))
+
+
 def _della_rows() -> dict:
     """Rows of tau (the base is 0) of every kind DELLA's CPU ranking tells apart: bf16 magnitudes (ranked by counting
     their high halves), the same with a few fp32 magnitudes among them (their bins sorted apart), fp32 magnitudes

@@ -65,7 +65,7 @@ inline int sparse_quota_count(const SparseArgs& a) {
 // sparse_stats writes kSparseStats * k fp64 sums per block of kStatBlock elements from block_begin (a multiple of
 // kStatBlock); sparse_ties counts, per quota, the entries equal to its threshold in [begin, end);
 // variance_histogram adds the radix-select histogram of the variance bits of [begin, end) and counts the zeros;
-// variance_select_stored is variance_select_stored's work on one block.
+// variance_select_stored does one block's share of the threaded variance_select_stored below.
 
 // Threaded over [0, a.n): ties are handed out in index order through per-block quotas, so no result depends on the
 // thread count. `quota` is read and updated.

@@ -472,8 +472,9 @@ def _sparse_params(p) -> tuple:
 class _VarianceTopK(_RadixTopK):
     """SCE's selection (pysoup.ops.reference.TorchVarianceTopK) with the counting in C++. Given the tensor's keep
     bits and at most VARIANCE_STORE_BYTES of variances, pass 0 also stores each entry's variance bits, and finish(0)
-    ends the selection from them: pass 1's histogram counted over the stored bits, the same thresholds and quotas,
-    then the keep bits written (keep_mask_written), as the statistics pass would store them."""
+    ends the selection from them: one pass over the stored bits counts pass 1's histogram and writes the keep bits
+    outside the chosen high bin, then the bin's entries are kept against the same threshold and quota as pass 1 would
+    give (keep_mask_written): the bits the statistics pass would have stored."""
 
     _counts_mixed = False  # variances have low halves of every kind: two passes, or pass 1 counted from memory
 
