@@ -99,7 +99,7 @@ class CpuBackend(Backend):
         if self.isa not in usable_isas():
             raise BackendError(f"CPU ISA {self.isa!r} cannot run here (usable: {', '.join(usable_isas())})")
         self._isa = _native.native.isa_code(self.isa)  # what the kernels take: the ISA's code, resolved once
-        self._variances = None  # SCE's stored variance bits (_VarianceTopK), reused by every tensor of the merge
+        self._variances = None  # SCE's stored variance bits (_VarianceTopK), reused by every tensor
 
     @classmethod
     def availability(cls):
@@ -343,9 +343,10 @@ class CpuBackend(Backend):
     def _variance_bits(self, numel: int):
         """Memory for numel uint32 variance bits (numel * 4 <= VARIANCE_STORE_BYTES): one buffer per backend, grown
         to the largest tensor, which one tensor's selection at a time fills in pass 0 and reads at its end (the
-        engine reduces one tensor at a time). Made per tensor, 64 MiB took ~55 ms to allocate (ctypes zeroes it,
-        faulting every page in) and ~16 ms to free, in the main thread, on the shared 2-core machine: 0.8 s over the
-        512 MiB benchmark's tensors; reused, its pages are faulted in once per merge."""
+        engine reduces one tensor at a time; like _RadixTopK's histograms, it is not for concurrent merges). It stays
+        while the backend does (pysoup.ops caches backends): at most VARIANCE_STORE_BYTES after an SCE merge. Made
+        per tensor, 64 MiB took ~55 ms to allocate (ctypes zeroes it, faulting every page in) and ~16 ms to free, in
+        the main thread: the 512 MiB benchmark's SCE took 5.2-5.4 s against 4.6-4.7 s reused (2 cores)."""
         if self._variances is None or len(self._variances) < numel:
             self._variances = None  # the old buffer freed before the new one is made
             self._variances = (ctypes.c_uint32 * numel)()
