@@ -10,6 +10,7 @@
 #include <variant>
 #include <vector>
 
+#include "cpu/blocking.h"
 #include "cpu/dtype.h"
 #include "cpu/geometric.h"
 #include "cpu/isa.h"
@@ -385,21 +386,65 @@ py::tuple sparse_stats_py(const std::vector<uintptr_t>& inputs, const std::vecto
     return py::make_tuple(totals, quota);
 }
 
-// Adds the variance radix-select histogram of one range into `hist` (65536 uint64); returns the zero variances.
+// Adds the variance radix-select histogram of one range into `hist` (65536 uint64); returns the zero variances. With
+// `variances` (uint32 per entry of the tensor), pass 0 also stores the range's variance bits there from `start`.
 int64_t variance_histogram_py(const std::vector<uintptr_t>& inputs, const std::vector<int>& dtypes, uintptr_t base,
                               int base_dtype, int64_t n, int pass, uint32_t prefix, uintptr_t hist, int threads,
-                              const IsaArg& isa) {
+                              const IsaArg& isa, uintptr_t variances, int64_t start) {
     Inputs in = check_inputs("variance_histogram", inputs, dtypes, n, isa);
     if (n > 0 && (base == 0 || hist == 0)) throw std::invalid_argument("variance_histogram: null pointer");
+    if (start < 0) throw std::invalid_argument("variance_histogram: negative start");
     SparseArgs a{};
     a.inputs = in.ptrs.data();
     a.in_dtypes = in.dtypes.data();
     a.k = static_cast<int>(inputs.size());
     a.base = reinterpret_cast<const void*>(base);
     a.base_dtype = base_dtype;
+    a.variances = reinterpret_cast<uint32_t*>(variances);
+    a.start = start;
     a.n = n;
     py::gil_scoped_release release;
     return variance_histogram(a, in.isa, std::max(1, threads), pass, prefix, reinterpret_cast<uint64_t*>(hist));
+}
+
+// The stored variance bits of a whole tensor (n uint32, as variance_histogram's pass 0 stored them), no input.
+SparseArgs stored_variance_args(const char* op, uintptr_t variances, int64_t n) {
+    if (n < 0) throw std::invalid_argument(std::string(op) + ": negative element count");
+    if (n > 0 && variances == 0) throw std::invalid_argument(std::string(op) + ": null pointer");
+    SparseArgs a{};
+    a.select = kSelectShared;
+    a.variances = reinterpret_cast<uint32_t*>(variances);
+    a.n = n;
+    return a;
+}
+
+// SCE's pass 1 over the stored variance bits (the low halves in the high bin `prefix`, into hist), the keep bits of
+// the entries outside that bin written into keep_mask ((n + 7) / 8 zeroed bytes); returns the bin's entries per block
+// (for stored_variance_keep_ties).
+std::vector<int64_t> stored_variance_select_py(uintptr_t variances, int64_t n, uint32_t prefix, uintptr_t hist,
+                                               uintptr_t keep_mask, int threads, const IsaArg& isa) {
+    const Isa code = checked_isa("stored_variance_select", isa);
+    SparseArgs a = stored_variance_args("stored_variance_select", variances, n);
+    if (n > 0 && (hist == 0 || keep_mask == 0)) throw std::invalid_argument("stored_variance_select: null pointer");
+    a.keep_mask = reinterpret_cast<uint8_t*>(keep_mask);
+    py::gil_scoped_release release;
+    return variance_select_stored(a, code, std::max(1, threads), prefix, reinterpret_cast<uint64_t*>(hist));
+}
+
+// The keep bits of the bin's entries once the threshold and the tie quota are known; returns the quota left.
+int64_t stored_variance_keep_ties_py(uintptr_t variances, int64_t n, const std::vector<int64_t>& in_bin,
+                                     uint32_t prefix, uint32_t threshold, int64_t quota, uintptr_t keep_mask,
+                                     int threads) {
+    SparseArgs a = stored_variance_args("stored_variance_keep_ties", variances, n);
+    if (int64_t(in_bin.size()) != (n + kBlock - 1) / kBlock)
+        throw std::invalid_argument("stored_variance_keep_ties: in_bin needs one count per block");
+    for (size_t b = 0; b < in_bin.size(); ++b)
+        if (in_bin[b] < 0 || in_bin[b] > std::min<int64_t>(kBlock, n - int64_t(b) * kBlock))
+            throw std::invalid_argument("stored_variance_keep_ties: bad count");
+    if (n > 0 && keep_mask == 0) throw std::invalid_argument("stored_variance_keep_ties: null pointer");
+    a.keep_mask = reinterpret_cast<uint8_t*>(keep_mask);
+    py::gil_scoped_release release;
+    return variance_keep_ties(a, in_bin, prefix, threshold, quota, std::max(1, threads));
 }
 
 int64_t masked_sum_py(const std::vector<uintptr_t>& inputs, const std::vector<int>& dtypes,
@@ -624,7 +669,12 @@ PYBIND11_MODULE(_C, m) {
     m.def("sparse_task_vector", &sparse_task_vector_py,
           "sparsified task-vector merge (Breadcrumbs, DELLA, SCE, RAM) over one range: (non-finite, quotas left)");
     m.def("sparse_stats", &sparse_stats_py, "the sparsified task-vector statistics of one range: (totals, quotas)");
-    m.def("variance_histogram", &variance_histogram_py, "SCE's radix-select histogram of variance bits; zeros");
+    m.def("variance_histogram", &variance_histogram_py,
+          "SCE's radix-select histogram of variance bits; zeros (pass 0 may store the bits)");
+    m.def("stored_variance_select", &stored_variance_select_py,
+          "SCE's pass 1 over stored variance bits and the keep bits outside its bin; the bin's entries per block");
+    m.def("stored_variance_keep_ties", &stored_variance_keep_ties_py,
+          "SCE's keep bits of the bin's entries from a threshold and a tie quota; the quota left");
     m.def("masked_sum", &masked_sum_py, "sparse soup over one range; mode 0 shared, 1 intersection, 2 union");
     m.def("sparse_scan", &sparse_scan_py, "(first index where zero patterns differ or -1, zeros of input 0)");
     m.def("moments", &moments_py, "fp64 sums, squares, abs sums and Gram entries over one range, block-ordered");

@@ -257,6 +257,130 @@ def test_kept_bits_and_selecting_again_agree(tmp_path, bit_inputs, monkeypatch, 
     assert sorted(sizes) == sorted(masks * ((n + 7) // 8) for n in (6 * 50 * 40, 5000))
 
 
+def _variance_counted(monkeypatch) -> tuple:
+    """Records (tensor, pass) of every chunk the CPU backend's variance selection counts from the inputs, and the
+    keep_mask_mode of every statistics and combine call (tensor -> modes)."""
+    from pysoup.ops.cpu import CpuBackend, _VarianceTopK
+
+    counted, modes = [], {}
+    count, stats, combine = _VarianceTopK._count, CpuBackend.sparse_stats_raw, CpuBackend.sparse_task_vector_raw
+
+    def counting(self, chunk, pass_):
+        counted.append((chunk.name, pass_))
+        return count(self, chunk, pass_)
+
+    def stats_mode(self, chunk, p, *args):
+        modes.setdefault(chunk.name, set()).add(("stats", p.keep_mask_mode))
+        return stats(self, chunk, p, *args)
+
+    def combine_mode(self, chunk, p, *args):
+        modes.setdefault(chunk.name, set()).add(("combine", p.keep_mask_mode))
+        return combine(self, chunk, p, *args)
+
+    monkeypatch.setattr(_VarianceTopK, "_count", counting)
+    monkeypatch.setattr(CpuBackend, "sparse_stats_raw", stats_mode)
+    monkeypatch.setattr(CpuBackend, "sparse_task_vector_raw", combine_mode)
+    return counted, modes
+
+
+STORED = {("stats", 2), ("combine", 2)}  # both read the bits the selection wrote
+SELECTED_IN_STATS = {("stats", 1), ("combine", 2)}  # the statistics pass selects and stores, the combine reads
+
+
+def test_sce_selects_from_stored_variances(tmp_path, bit_inputs, monkeypatch):
+    """Tensors whose variances fit VARIANCE_STORE_BYTES are counted from the inputs in pass 0 only: pass 1's
+    histogram and the keep bits come from the variances pass 0 stored, and the statistics pass and the combine read
+    those bits. The reference's bytes with 1 and 2 threads, and with chunks starting mid-byte of the bits."""
+    case = BIT_CASES.index(("sce", {"select_topk": 0.3}, {}))
+    method, params, mp = BIT_CASES[case]
+    base, fts = bit_inputs
+    want = _reference_bytes(tmp_path, bit_inputs, case)
+    for threads, chunk in ((1, None), (2, None), (2, 12289)):
+        if chunk:
+            monkeypatch.setattr(engine, "CHUNK_ELEMENTS", chunk)
+        counted, modes = _variance_counted(monkeypatch)
+        assert _bit_merge(method, params, mp, base, fts, str(tmp_path / "o.safetensors"), "cpu", threads) == want
+        assert {name for name, _ in counted} == {"m", "c", "v"} and {p for _, p in counted} == {0}
+        assert modes == {"m": STORED, "c": STORED, "v": STORED}
+
+
+def test_sce_over_the_variance_bound_takes_both_passes(tmp_path, bit_inputs, monkeypatch):
+    """A tensor whose variances exceed VARIANCE_STORE_BYTES (here the [100, 700] matrix, the bound lowered) counts
+    both passes from the inputs and selects again in the statistics pass, as before; the others still select from
+    memory. The reference's bytes."""
+    from pysoup.ops import cpu
+
+    case = BIT_CASES.index(("sce", {"select_topk": 0.3}, {}))
+    method, params, mp = BIT_CASES[case]
+    base, fts = bit_inputs
+    want = _reference_bytes(tmp_path, bit_inputs, case)
+    monkeypatch.setattr(cpu, "VARIANCE_STORE_BYTES", 4 * 6 * 50 * 40)  # the [6, 50, 40] tensor's
+    counted, modes = _variance_counted(monkeypatch)
+    assert _bit_merge(method, params, mp, base, fts, str(tmp_path / "o.safetensors"), "cpu", 2) == want
+    assert {name for name, p in counted if p == 1} == {"m"}
+    assert modes == {"m": SELECTED_IN_STATS, "c": STORED, "v": STORED}
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sce_tie_quota_from_stored_variances(monkeypatch, threads):
+    """bf16 task vectors of a few levels, so thousands of entries share each variance, and select_topk ending inside
+    the top variance's ties: the keep bits written from memory keep part of those ties, the first in index order
+    (across the threads' blocks), as the reference keeps them."""
+    import pysoup._native as native
+    from pysoup.ops.reference import variance, variance_keep
+
+    g = torch.Generator().manual_seed(21)
+    n = 140_000  # 3 blocks of 64 Ki entries
+    levels = torch.tensor([-0.5, 0.0, 0.5])
+    taus = [levels[torch.randint(0, 3, (n,), generator=g)] for _ in range(3)]
+    base = (torch.randint(-16, 16, (n,), generator=g) * 0.25).bfloat16()  # base + tau exact in bf16
+    models = [{"w": (base.float() + t).bfloat16()} for t in taus]
+    var = variance([m["w"].float() - base.float() for m in models])
+    top = var.max()
+    nonzero, ties = int((var != 0).sum()), int((var == top).sum())
+    topk = (ties // 2 + 0.5) / nonzero
+    assert 0 < variance_keep(nonzero, topk) < ties  # the quota is partial
+    calls = []
+    real = native.native.stored_variance_keep_ties
+
+    def keep_ties(variances, n, in_bin, prefix, threshold, quota, *args):
+        left = real(variances, n, in_bin, prefix, threshold, quota, *args)
+        calls.append((quota, left))
+        return left
+
+    monkeypatch.setattr(native.native, "stored_variance_keep_ties", keep_ties)
+    outs = {}
+    for backend in ("reference", "cpu"):
+        outs[backend] = pysoup.merge(
+            models, strategy="sce", base={"w": base}, params={"select_topk": topk}, backend=backend, threads=threads
+        )["w"]
+    assert len(calls) == 1 and 0 < calls[0][0] < ties and calls[0][1] == 0
+    assert torch.equal(outs["cpu"].view(torch.int16), outs["reference"].view(torch.int16))
+
+
+@pytest.mark.parametrize("case", ["keeps nothing", "zero variances", "fp32 models"])
+def test_sce_stored_edges(monkeypatch, case):
+    """The selection from stored variances where it keeps nothing (select_topk below one entry; every variance 0)
+    and on fp32 models (variances with low halves of every kind), over two blocks of 64 Ki and an odd tail: the
+    reference's bits, the stored path taken."""
+    g = torch.Generator().manual_seed(4)
+    n = 70001
+    base = torch.randn(n, generator=g).bfloat16()
+    noise = [torch.randn(n, generator=g) * 0.1 for _ in range(3)]
+    models, topk = [{"w": (base.float() + e).bfloat16()} for e in noise], 1e-9
+    if case == "zero variances":
+        models, topk = [{"w": base.clone()} for _ in noise], 0.5
+    elif case == "fp32 models":
+        models, topk = [{"w": base.float() + e} for e in noise], 0.37
+    counted, _ = _variance_counted(monkeypatch)
+    outs = [
+        pysoup.merge(models, strategy="sce", base={"w": base}, params={"select_topk": topk}, backend=b)["w"]
+        for b in ("reference", "cpu")
+    ]
+    assert {p for _, p in counted} == {0}
+    assert torch.equal(outs[0].float().view(torch.int32), outs[1].float().view(torch.int32))
+
+
 def _della_rows() -> dict:
     """Rows of tau (the base is 0) of every kind DELLA's CPU ranking tells apart: bf16 magnitudes (ranked by counting
     their high halves), the same with a few fp32 magnitudes among them (their bins sorted apart), fp32 magnitudes

@@ -36,6 +36,7 @@ struct CpuKernels {
     void (*sparse_ties)(const SparseArgs&, int64_t begin, int64_t end, int64_t* counts);
     int64_t (*variance_histogram)(const SparseArgs&, int64_t begin, int64_t end, int pass, uint32_t prefix,
                                   uint64_t* hist);
+    int64_t (*variance_select_stored)(const SparseArgs&, int64_t begin, int64_t end, uint32_t prefix, uint64_t* hist);
 };
 
 // Each ISA's set, defined in kernels_<isa>.cpp (compiled with that ISA's flags).

@@ -23,6 +23,7 @@ const CpuKernels kAvx2Kernels{
     sparse_stats_kernel<Avx2IO>,        // sparsify_impl.h
     sparse_ties_kernel<Avx2IO>,         // sparsify_impl.h
     variance_histogram_kernel<Avx2IO>,  // sparsify_impl.h
+    variance_select_stored_kernel,      // sparsify_impl.h
 };
 
 }  // namespace pysoup

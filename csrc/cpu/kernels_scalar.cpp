@@ -23,6 +23,7 @@ const CpuKernels kScalarKernels{
     sparse_stats_kernel<ScalarIO>,        // sparsify_impl.h
     sparse_ties_kernel<ScalarIO>,         // sparsify_impl.h
     variance_histogram_kernel<ScalarIO>,  // sparsify_impl.h
+    variance_select_stored_kernel,        // sparsify_impl.h
 };
 
 }  // namespace pysoup

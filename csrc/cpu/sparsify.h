@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "cpu/isa.h"
 
@@ -47,6 +48,7 @@ struct SparseArgs {
     uint8_t* keep_mask;         // RANK, SHARED: the tensor's keep bits (bit e % 8 of byte e / 8; RANK: per model)
     int64_t keep_mask_stride;   // bytes per model in keep_mask (SHARED: one mask)
     int keep_mask_mode;         // kMaskDraw, kMaskStore or kMaskLoad
+    uint32_t* variances;        // SHARED: the tensor's variance bits, entry e at e, or nullptr (variance_histogram)
     float epsilon;              // RAM: |tau| threshold
     void* out;
     int out_dtype;
@@ -62,14 +64,25 @@ inline int sparse_quota_count(const SparseArgs& a) {
 // Per ISA (CpuKernels): sparse_task_vector combines [begin, end) and returns the count of non-finite outputs;
 // sparse_stats writes kSparseStats * k fp64 sums per block of kStatBlock elements from block_begin (a multiple of
 // kStatBlock); sparse_ties counts, per quota, the entries equal to its threshold in [begin, end);
-// variance_histogram adds the radix-select histogram of the variance bits of [begin, end) and counts the zeros.
+// variance_histogram adds the radix-select histogram of the variance bits of [begin, end) and counts the zeros;
+// variance_select_stored does one block's share of the threaded variance_select_stored below.
 
 // Threaded over [0, a.n): ties are handed out in index order through per-block quotas, so no result depends on the
 // thread count. `quota` is read and updated.
 int64_t sparse_task_vector(SparseArgs a, Isa isa, int threads, int64_t* quota);
 void sparse_stats(SparseArgs a, Isa isa, int threads, int64_t* quota, double* totals);
 // Adds the pass's histogram (65536 counters) of the fp32 bits of each entry's variance across the models; returns
-// how many variances are 0 (pass 0).
+// how many variances are 0 (pass 0). With a.variances, pass 0 also stores each entry's bits there (from a.start): a
+// tensor whose variances fit in memory computes them once, and its selection ends with pass 0, as follows.
 int64_t variance_histogram(const SparseArgs& a, Isa isa, int threads, int pass, uint32_t prefix, uint64_t* hist);
+// SCE's pass 1 and keep bits from the stored variance bits of a whole tensor (a.variances, a.n of them; a.keep_mask
+// zeroed), no input read, in two steps around the search of the histogram. variance_select_stored adds the low
+// halves of the entries in the high bin `prefix` to hist, writes the keep bit of every other entry (above the bin:
+// kept) and returns, per block of kBlock entries, how many of the bin's entries it packed at the block's front
+// (the stored bits are spent). variance_keep_ties then keeps those above `threshold`, and those equal to it in index
+// order while `quota` lasts (< 0: all): the bits top_mask and store_bits would write. Returns the quota left.
+std::vector<int64_t> variance_select_stored(const SparseArgs& a, Isa isa, int threads, uint32_t prefix, uint64_t* hist);
+int64_t variance_keep_ties(const SparseArgs& a, const std::vector<int64_t>& in_bin, uint32_t prefix, uint32_t threshold,
+                           int64_t quota, int threads);
 
 }  // namespace pysoup

@@ -666,7 +666,8 @@ void sparse_ties_kernel(const SparseArgs& a, int64_t begin, int64_t end, int64_t
 }
 
 // Radix-select histogram of the variance bits: pass 0 counts the high 16 bits (and the zeros), pass 1 the low 16
-// bits of the entries whose high bits equal `prefix`. hist holds 65536 counters.
+// bits of the entries whose high bits equal `prefix`. hist holds 65536 counters. With a.variances, pass 0 also
+// writes each entry's bits there (entry e at a.variances[a.start + e]; each range writes its own).
 template <class IO>
 int64_t variance_histogram_kernel(const SparseArgs& a, int64_t begin, int64_t end, int pass, uint32_t prefix,
                                   uint64_t* hist) {
@@ -675,9 +676,10 @@ int64_t variance_histogram_kernel(const SparseArgs& a, int64_t begin, int64_t en
     for (int64_t t0 = begin; t0 < end; t0 += kOpTile) {
         const int64_t m = std::min(kOpTile, end - t0);
         load_taus<IO>(a, t0, m, s);
-        variance_bits(s.tau, a.k, m, s.wmean.data(), s.wm2.data(), s.bits.data());
+        uint32_t* bits = a.variances ? a.variances + a.start + t0 : s.bits.data();
+        variance_bits(s.tau, a.k, m, s.wmean.data(), s.wm2.data(), bits);
         for (int64_t j = 0; j < m; ++j) {
-            const uint32_t b = s.bits[j];
+            const uint32_t b = bits[j];
             if (pass == 0) {
                 ++hist[b >> 16];
                 zeros += b == 0;
@@ -687,6 +689,45 @@ int64_t variance_histogram_kernel(const SparseArgs& a, int64_t begin, int64_t en
         }
     }
     return zeros;
+}
+
+// SCE's pass 1 over one block [begin, end) of the stored variance bits (a.variances, entry e at e; at most kBlock
+// entries): the low halves of the entries in the high bin `prefix` counted into hist, the keep bit of every other
+// entry written (kept: above the bin; a.keep_mask zeroed), and the bin's entries packed at the front of the block's
+// own bits as (position in the block << 16 | low half), in index order, for variance_keep_ties once the threshold is
+// known. Returns how many. In place: entry j is read before anything is written at j (the packed count is <= j).
+inline int64_t variance_select_stored_kernel(const SparseArgs& a, int64_t begin, int64_t end, uint32_t prefix,
+                                             uint64_t* hist) {
+    const uint32_t* bits = a.variances;
+    uint32_t* packed = a.variances + begin;
+    int64_t count = 0;
+    uint8_t keep[kOpTile], hit[kOpTile + 8];
+    for (int64_t t0 = begin; t0 < end; t0 += kOpTile) {
+        const int64_t m = std::min(kOpTile, end - t0);
+        const uint32_t* b = bits + t0;
+        for (int64_t j = 0; j < m; ++j) {  // vectorised: the compares only
+            const uint32_t high = b[j] >> 16;
+            keep[j] = high > prefix;
+            hit[j] = high == prefix;
+        }
+        std::memset(hit + m, 0, 8);
+        // The bin's entries, found eight flags at a time: where few lie in it (0.3% of normal variances in a median
+        // bin; 12% on the benchmark's bf16 fine-tunes) most tiles still hold one, and a per-entry scan of those tiles
+        // took 2.4x the time of reading the bits, this 1.4x (16 Mi entries, one thread: 23.5 and 14.5 ms, against
+        // 9.5-11 ms for numpy's sum of them).
+        for (int64_t j0 = 0; j0 < m; j0 += 8) {
+            uint64_t group;
+            std::memcpy(&group, hit + j0, 8);
+            for (; group; group &= group - 1) {
+                const int64_t j = j0 + (__builtin_ctzll(group) >> 3);
+                const uint32_t v = b[j];
+                ++hist[v & 0xFFFFu];
+                packed[count++] = (uint32_t(t0 + j - begin) << 16) | (v & 0xFFFFu);
+            }
+        }
+        store_bits(keep, t0, m, a.keep_mask);
+    }
+    return count;
 }
 
 }  // namespace

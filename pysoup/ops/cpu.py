@@ -11,6 +11,12 @@ from pysoup.errors import BackendError
 from pysoup.ops import register_backend
 from pysoup.ops.table import Backend, Batch, Chunk, RadixTopK
 
+# SCE's variance selection keeps every entry's fp32 variance bits in memory during its first pass where they take at
+# most this much (16 Mi entries: every matrix of a 1B Llama but its [16384, 2048] embeddings), and then ends the
+# selection there: the low-half histogram and the keep bits come from memory, so the variances are computed once
+# instead of three times and the inputs read three times instead of four. Larger tensors take both passes.
+VARIANCE_STORE_BYTES = 64 << 20
+
 
 def default_threads() -> int:
     """Every core this process may run on."""
@@ -93,6 +99,7 @@ class CpuBackend(Backend):
         if self.isa not in usable_isas():
             raise BackendError(f"CPU ISA {self.isa!r} cannot run here (usable: {', '.join(usable_isas())})")
         self._isa = _native.native.isa_code(self.isa)  # what the kernels take: the ISA's code, resolved once
+        self._variances = None  # SCE's stored variance bits (_VarianceTopK), reused by every tensor
 
     @classmethod
     def availability(cls):
@@ -330,8 +337,20 @@ class CpuBackend(Backend):
             self._isa,
         )
 
-    def variance_selector(self, density):
-        return _VarianceTopK(density, self)
+    def variance_selector(self, density, numel=0, keep_mask=None):
+        return _VarianceTopK(density, self, numel, keep_mask)
+
+    def _variance_bits(self, numel: int):
+        """Memory for numel uint32 variance bits (numel * 4 <= VARIANCE_STORE_BYTES): one buffer per backend, grown
+        to the largest tensor, which one tensor's selection at a time fills in pass 0 and reads at its end (the
+        engine reduces one tensor at a time; like _RadixTopK's histograms, it is not for concurrent merges). It stays
+        while the backend does (pysoup.ops caches backends): at most VARIANCE_STORE_BYTES after an SCE merge. Made
+        per tensor, 64 MiB took ~55 ms to allocate (ctypes zeroes it, faulting every page in) and ~16 ms to free, in
+        the main thread: the 512 MiB benchmark's SCE took 5.2-5.4 s against 4.6-4.7 s reused (2 cores)."""
+        if self._variances is None or len(self._variances) < numel:
+            self._variances = None  # the old buffer freed before the new one is made
+            self._variances = (ctypes.c_uint32 * numel)()
+        return self._variances
 
     def keep_mask_buffer(self, nbytes: int):
         """Zeroed memory for DELLA's or SCE's keep bits (SparseParams.keep_mask): the statistics pass stores the
@@ -452,17 +471,26 @@ def _sparse_params(p) -> tuple:
 
 
 class _VarianceTopK(_RadixTopK):
-    """SCE's selection (pysoup.ops.reference.TorchVarianceTopK) with the counting in C++."""
+    """SCE's selection (pysoup.ops.reference.TorchVarianceTopK) with the counting in C++. Given the tensor's keep
+    bits and at most VARIANCE_STORE_BYTES of variances, pass 0 also stores each entry's variance bits, and finish(0)
+    ends the selection from them: one pass over the stored bits counts pass 1's histogram and writes the keep bits
+    outside the chosen high bin, then the bin's entries are kept against the same threshold and quota as pass 1 would
+    give (keep_mask_written): the bits the statistics pass would have stored."""
 
-    _counts_mixed = False  # variances have low halves of every kind: always two passes
+    _counts_mixed = False  # variances have low halves of every kind: two passes, or pass 1 counted from memory
 
-    def __init__(self, density, backend):
+    def __init__(self, density, backend, numel=0, keep_mask=None):
         super().__init__([0], backend)
         self.density = density
         self._zeros = self._numel = 0
+        self._variances = None
+        if keep_mask is not None and 0 < numel * 4 <= VARIANCE_STORE_BYTES:
+            self._variances = backend._variance_bits(numel)  # entry e at e; released when the selection ends
+            self._keep_mask = keep_mask
 
     def _count(self, chunk, pass_):
         be = self._backend
+        store = ctypes.addressof(self._variances) if self._variances is not None and pass_ == 0 else 0
         self._zeros += _native.native.variance_histogram(
             list(chunk.addrs[:-1]),
             _codes(chunk.dtypes[:-1]),
@@ -474,6 +502,8 @@ class _VarianceTopK(_RadixTopK):
             self._addr,
             be.threads,
             be._isa,
+            store,
+            chunk.start,
         )
         if pass_ == 0:
             self._numel += chunk.n
@@ -484,3 +514,17 @@ class _VarianceTopK(_RadixTopK):
 
             self.keep = [variance_keep(self._numel - self._zeros, self.density)]
         super().finish(pass_)
+        if pass_ == 0 and self._variances is not None:
+            self._finish_from_memory()
+
+    def _finish_from_memory(self):
+        """Pass 1 over the stored variance bits, writing the keep bits of the entries outside the chosen bin as it
+        goes, then the bin's entries' bits once the threshold and the quota are known (the stored bits are spent)."""
+        be, n, addr = self._backend, self._numel, ctypes.addressof(self._variances)
+        mask, prefix = ctypes.addressof(self._keep_mask), self._prefix[0]
+        in_bin = _native.native.stored_variance_select(addr, n, prefix, self._addr, mask, be.threads, be._isa)
+        super().finish(1)
+        threshold, quota = self.thresholds[0], self.quotas[0]
+        _native.native.stored_variance_keep_ties(addr, n, in_bin, prefix, threshold, quota, mask, be.threads)
+        self._variances = self._keep_mask = None
+        self.keep_mask_written = True

@@ -224,11 +224,13 @@ class TopKSelector(Protocol):
     """Finds, per model, the keep[i]-th largest |x_i - base| of one tensor, exactly, over `passes` streaming
     passes of `add` (each chunk's sources: the models, then the base), each ended by `finish`. Then
     `thresholds[i]` holds the fp32 bits of that magnitude (0xFFFFFFFF when keep[i] is 0) and `quotas[i]` how many
-    entries equal to it are kept, first in index order (-1: all of them)."""
+    entries equal to it are kept, first in index order (-1: all of them). A selector given the tensor's keep-bit
+    memory (Backend.variance_selector) may also write the selection there itself: then `keep_mask_written`."""
 
     passes: int
     thresholds: list | None
     quotas: list | None
+    keep_mask_written: bool
 
     def add(self, chunk: Chunk, pass_: int) -> None: ...
 
@@ -248,6 +250,7 @@ class RadixTopK:
 
     passes = 2
     BINS = 1 << 16
+    keep_mask_written = False
     # The mixed counts are exact in bins of fewer values (they share a 64-bit counter with the count).
     MIXED_EXACT_BELOW = 1 << 24
 
@@ -409,10 +412,12 @@ class Backend:
 
         return reference.sparse_stats_raw(chunk, p, quota, acc)
 
-    def variance_selector(self, density: float) -> TopKSelector:
+    def variance_selector(self, density: float, numel: int = 0, keep_mask=None) -> TopKSelector:
         """A TopKSelector over the fp32 variance across the models of each entry (sources: the models, then the
-        base), keeping trunc(fp32(#nonzero variances * density)) entries, as SCE does. Backends without a kernel run
-        the reference's."""
+        base), keeping trunc(fp32(#nonzero variances * density)) entries, as SCE does. `keep_mask`: the tensor's
+        (numel entries) zeroed keep bits from keep_mask_buffer, or None; a backend that can keep the tensor's
+        variances in memory may end the selection with pass 0 and write the bits there (`keep_mask_written`).
+        Backends without a kernel run the reference's (which always takes both passes and writes no bits)."""
         from pysoup.ops import reference
 
         return reference.TorchVarianceTopK(density)

@@ -134,21 +134,23 @@ class SparseTaskVectorOp(TensorOp):
             if self.select_topk <= 0:  # mergekit: an all-zero mask
                 state["params"] = replace(p, keep_bits=(0xFFFFFFFF,))
                 state["quota"] = [0]
-            elif self.select_topk < 1:
-                state["selector"] = backend.variance_selector(self.select_topk)
-            else:  # mergekit: no selection
+            elif self.select_topk >= 1:  # mergekit: no selection
                 state["params"] = replace(p, select=SparseSelect.ALL)
                 state["quota"] = []
         if self._stats():
             state["stats"] = [0.0] * (SPARSE_STATS * k)
             nbytes = (numel + 7) // 8
-            masks = k if p.select == SparseSelect.RANK and any(p.drops) else 1 if "selector" in state else 0
+            masks = k if p.select == SparseSelect.RANK and any(p.drops) else 1 if self._selects() else 0
             if p.select in (SparseSelect.RANK, SparseSelect.SHARED) and masks and masks * nbytes <= KEEP_MASK_BYTES:
                 bits = backend.keep_mask_buffer(masks * nbytes)
                 if bits is not None:
                     state["keep_mask"] = bits  # alive until the combine is done
                     mask = {"keep_mask": ctypes.addressof(bits), "keep_mask_stride": nbytes, "keep_mask_mode": 1}
                     state["params"] = replace(state["params"], **mask)
+        if p.select == SparseSelect.SHARED and self._selects():
+            # Made once its keep bits have memory: a backend that can hold the tensor's variances ends the selection
+            # with pass 0 and writes the bits itself.
+            state["selector"] = backend.variance_selector(self.select_topk, numel, state.get("keep_mask"))
         state["stats_quota"] = list(state["quota"])  # the selection passes replace both
         return state
 
@@ -176,6 +178,8 @@ class SparseTaskVectorOp(TensorOp):
                     quotas = quotas[0::2] + quotas[1::2]
                 else:
                     state["params"] = replace(state["params"], keep_bits=tuple(bits))
+                if selector.keep_mask_written:  # the statistics pass and the combine read the bits (mode 2)
+                    state["params"] = replace(state["params"], keep_mask_mode=2)
                 state["quota"] = quotas
                 state["stats_quota"] = list(quotas)
                 del state["selector"]
