@@ -48,8 +48,7 @@ void magnitude_histogram_kernel(const TaskVectorArgs& a, int64_t begin, int64_t 
     if (split) {
         halves.resize(size_t(a.k) * 2 * 65536);
         for (int i = 0; i < a.k; ++i)
-            if (!again[size_t(i)])
-                std::fill_n(halves.data() + size_t(i) * 2 * 65536, 2 * 65536, uint64_t(0));
+            if (!again[size_t(i)]) std::fill_n(halves.data() + size_t(i) * 2 * 65536, 2 * 65536, uint64_t(0));
     }
     for (int64_t t0 = begin; t0 < end; t0 += kOpTile) {
         const int64_t m = std::min(kOpTile, end - t0);

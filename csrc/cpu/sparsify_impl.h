@@ -36,7 +36,7 @@ struct RankCache {
     std::vector<uint32_t> by_rank;    // k x row: each model's keep threshold per rank (the same for every row)
     std::vector<float> tile;          // a contiguous row's loads
     std::vector<uint32_t> bits, bin;  // a contiguous row's |tau| bits and their counting bins (| kMixedBin: a low half)
-    std::vector<uint32_t> late;       // one row's positions in mixed bins
+    std::vector<uint32_t> late;  // one row's positions in mixed bins
     std::vector<uint32_t> first, next;  // the counting rank's per-bin counts, then first and next ranks
 };
 
@@ -321,8 +321,8 @@ struct SparseScratch {
     float* div;
     std::vector<uint32_t> bits;
     std::vector<uint8_t> m1, m2;
-    std::vector<uint32_t> words;     // RANK: k tiles of Philox words, then the generator's scratch (kWordPitch each)
-    std::vector<uint8_t> keep;       // RANK: k tiles of draws
+    std::vector<uint32_t> words;  // RANK: k tiles of Philox words, then the generator's scratch (kWordPitch each)
+    std::vector<uint8_t> keep;  // RANK: k tiles of draws
     std::vector<double> wmean, wm2;  // Welford's running mean and sum of squares
     RankCache rank;
     explicit SparseScratch(int k)
