@@ -29,9 +29,14 @@ std::vector<int64_t> block_quotas(const SparseArgs& a, const CpuKernels& kern, i
     const int nq = sparse_quota_count(a);
     std::vector<int64_t> out(size_t(nb) * nq, -1);
     if (a.keep_mask_mode == kMaskLoad) return out;  // the stored bits hold the selection, ties settled
+    // Only a quota that keeps some ties but not all (> 0) needs the blocks' tie counts: every block keeps all of
+    // them (-1) or none (0) otherwise.
     bool partial = false;
-    for (int q = 0; q < nq; ++q) partial |= quota[q] >= 0;
-    if (!partial) return out;
+    for (int q = 0; q < nq; ++q) partial |= quota[q] > 0;
+    if (!partial) {
+        for (int64_t b = 0; b < nb; ++b) std::copy(quota, quota + nq, out.begin() + b * nq);
+        return out;
+    }
     std::vector<int64_t> counts(size_t(nb) * nq, 0);
 #pragma omp parallel for num_threads(threads_for(threads, nb)) schedule(static)
     for (int64_t b = 0; b < nb; ++b) kern.sparse_ties(a, b * bs, std::min(a.n, (b + 1) * bs), counts.data() + b * nq);
