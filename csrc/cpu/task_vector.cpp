@@ -16,8 +16,12 @@ int64_t task_vector_combine(TaskVectorArgs a, int64_t n, Isa isa, int threads, i
     // Per-block tie quotas: block b may keep what the blocks before it left over.
     std::vector<int64_t> block_quota(size_t(nb) * k, -1);
     if (a.trim) {
+        // Only a quota that keeps some ties but not all (> 0) needs the blocks' tie counts: with every quota -1 (all
+        // kept) or 0 (none: it ran out in an earlier chunk), every block takes the quotas as they are.
         bool partial = false;
-        for (int i = 0; i < k; ++i) partial |= quota[i] >= 0;
+        for (int i = 0; i < k; ++i) partial |= quota[i] > 0;
+        if (!partial)
+            for (int64_t b = 0; b < nb; ++b) std::copy(quota, quota + k, block_quota.begin() + b * k);
         if (partial) {
             std::vector<int64_t> counts(size_t(nb) * k, 0);
             TaskVectorArgs c = a;
