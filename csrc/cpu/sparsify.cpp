@@ -10,6 +10,7 @@
 
 #include "cpu/blocking.h"
 #include "cpu/moments.h"
+#include "cpu/tie_quotas.h"
 
 namespace pysoup {
 
@@ -23,32 +24,14 @@ int64_t sparse_block(const SparseArgs& a) {
     return (bs + kStatBlock - 1) / kStatBlock * kStatBlock;
 }
 
-// Per-block tie quotas: block b may keep what the blocks before it left over. Updates `quota` to what is left.
+// Per-block tie quotas (tie_quotas.h), counted by sparse_ties. Updates `quota` to what is left.
 std::vector<int64_t> block_quotas(const SparseArgs& a, const CpuKernels& kern, int threads, int64_t bs, int64_t nb,
                                   int64_t* quota) {
     const int nq = sparse_quota_count(a);
-    std::vector<int64_t> out(size_t(nb) * nq, -1);
-    if (a.keep_mask_mode == kMaskLoad) return out;  // the stored bits hold the selection, ties settled
-    // Only a quota that keeps some ties but not all (> 0) needs the blocks' tie counts: every block keeps all of
-    // them (-1) or none (0) otherwise.
-    bool partial = false;
-    for (int q = 0; q < nq; ++q) partial |= quota[q] > 0;
-    if (!partial) {
-        for (int64_t b = 0; b < nb; ++b) std::copy(quota, quota + nq, out.begin() + b * nq);
-        return out;
-    }
-    std::vector<int64_t> counts(size_t(nb) * nq, 0);
-#pragma omp parallel for num_threads(threads_for(threads, nb)) schedule(static)
-    for (int64_t b = 0; b < nb; ++b) kern.sparse_ties(a, b * bs, std::min(a.n, (b + 1) * bs), counts.data() + b * nq);
-    for (int q = 0; q < nq; ++q) {
-        int64_t left = quota[q];
-        for (int64_t b = 0; b < nb; ++b) {
-            out[size_t(b) * nq + q] = left;
-            if (left >= 0) left = std::max<int64_t>(0, left - counts[size_t(b) * nq + q]);
-        }
-        quota[q] = left;
-    }
-    return out;
+    if (a.keep_mask_mode == kMaskLoad) return std::vector<int64_t>(size_t(nb) * nq, -1);  // the bits settle ties
+    return block_tie_quotas(quota, nq, nb, threads, [&](int64_t b, int64_t* counts) {
+        kern.sparse_ties(a, b * bs, std::min(a.n, (b + 1) * bs), counts);
+    });
 }
 
 }  // namespace
@@ -134,19 +117,9 @@ int64_t variance_keep_ties(const SparseArgs& a, const std::vector<int64_t>& in_b
     const int64_t nb = int64_t(in_bin.size());
     auto packed = [&](int64_t b) { return a.variances + b * kBlock; };
     auto value = [&](uint32_t p) { return (prefix << 16) | (p & 0xFFFFu); };
-    std::vector<int64_t> ties(size_t(nb), 0), bq(size_t(nb), -1);
-    if (quota >= 0) {
-#pragma omp parallel for num_threads(threads_for(threads, nb)) schedule(static)
-        for (int64_t b = 0; b < nb; ++b) {
-            int64_t c = 0;
-            for (int64_t r = 0; r < in_bin[size_t(b)]; ++r) c += value(packed(b)[r]) == threshold;
-            ties[size_t(b)] = c;
-        }
-        for (int64_t b = 0; b < nb; ++b) {
-            bq[size_t(b)] = quota;
-            quota = std::max<int64_t>(0, quota - ties[size_t(b)]);
-        }
-    }
+    const std::vector<int64_t> bq = block_tie_quotas(&quota, 1, nb, threads, [&](int64_t b, int64_t* ties) {
+        for (int64_t r = 0; r < in_bin[size_t(b)]; ++r) *ties += value(packed(b)[r]) == threshold;
+    });
 #pragma omp parallel for num_threads(threads_for(threads, nb)) schedule(static)
     for (int64_t b = 0; b < nb; ++b) {
         int64_t left = bq[size_t(b)];
