@@ -123,6 +123,8 @@ def test_top_k_selector_matches_the_reference(backend, isa, threads, keep_case):
     for pass_ in range(sel.passes):
         sel.add(chunk, pass_)
         sel.finish(pass_)
+        if sel.thresholds is not None:  # the CPU's selection may end after pass 0, as the engine sees
+            break
     assert (sel.thresholds, sel.quotas) == sorted_select(keep_case)
 
 

@@ -432,15 +432,13 @@ class _RadixTopK(RadixTopK):
             be._isa,
         )
 
-    # Pass 0's counters also count the values with a nonzero low half (csrc/cpu/radix_select.h: kMixedShift).
-    _counts_mixed = True
-
     def _select(self, want):
         bins, above, in_bin, self._mixed_in_bin = _native.native.radix_select(self._addr, want)
         return bins, above, in_bin
 
     def _mixed(self):
-        return self._mixed_in_bin if self._counts_mixed else None
+        # Pass 0's counters also count the values with a nonzero low half (csrc/cpu/radix_select.h: kMixedShift).
+        return self._mixed_in_bin
 
     def _clear(self):
         ctypes.memset(self._addr, 0, ctypes.sizeof(self._hist))
@@ -477,16 +475,17 @@ class _VarianceTopK(_RadixTopK):
     outside the chosen high bin, then the bin's entries are kept against the same threshold and quota as pass 1 would
     give (keep_mask_written): the bits the statistics pass would have stored."""
 
-    _counts_mixed = False  # variances have low halves of every kind: two passes, or pass 1 counted from memory
-
     def __init__(self, density, backend, numel=0, keep_mask=None):
         super().__init__([0], backend)
         self.density = density
         self._zeros = self._numel = 0
         self._variances = None
         if keep_mask is not None and 0 < numel * 4 <= VARIANCE_STORE_BYTES:
-            self._variances = backend._variance_bits(numel)  # entry e at e; released when the selection ends
+            self._variances = backend._variance_bits(numel)  # entry e at e; dropped here when the selection ends
             self._keep_mask = keep_mask
+
+    def _mixed(self):
+        return None  # variances have low halves of every kind: two passes, or pass 1 counted from memory
 
     def _count(self, chunk, pass_):
         be = self._backend

@@ -221,8 +221,9 @@ class Moments:
 
 
 class TopKSelector(Protocol):
-    """Finds, per model, the keep[i]-th largest |x_i - base| of one tensor, exactly, over `passes` streaming
-    passes of `add` (each chunk's sources: the models, then the base), each ended by `finish`. Then
+    """Finds, per model, the keep[i]-th largest |x_i - base| of one tensor, exactly, over at most `passes` streaming
+    passes of `add` (each chunk's sources: the models, then the base), each ended by `finish`; once `thresholds` is
+    set the selection is done, and no later pass is run (the CPU's may end after pass 0). Then
     `thresholds[i]` holds the fp32 bits of that magnitude (0xFFFFFFFF when keep[i] is 0) and `quotas[i]` how many
     entries equal to it are kept, first in index order (-1: all of them). A selector given the tensor's keep-bit
     memory (Backend.variance_selector) may also write the selection there itself: then `keep_mask_written`."""
@@ -288,23 +289,23 @@ class RadixTopK:
             bins, above, in_bin = self._select(want)
             self._prefix, self._above = list(bins), list(above)
             mixed = self._mixed()
-            self._clear()
-            if mixed is not None:
-                self._finish_on_zero_low(want, in_bin, mixed)
+            if mixed is None or not self._finish_on_zero_low(want, in_bin, mixed):
+                self._clear()  # for pass 1's counts
             return
         need = [w - a for w, a in zip(want, self._above)]
         bins, above, in_bin = self._select(need)
         self._set([(self._prefix[i] << 16) | bins[i] for i in range(self.k)], need, above, in_bin)
 
-    def _finish_on_zero_low(self, want, in_bin, mixed) -> None:
+    def _finish_on_zero_low(self, want, in_bin, mixed) -> bool:
         """Ends the selection after pass 0 if every model's want-th largest has a zero low half: in its bin, the
         values with a nonzero low half (all larger) number fewer than it needs there. Pass 1 would count them above
-        the low half 0, and the others in it: the same thresholds and quotas."""
+        the low half 0, and the others in it: the same thresholds and quotas. Returns whether it ended."""
         need = [w - a for w, a in zip(want, self._above)]
         for i, keep in enumerate(self.keep):
             if keep and not (in_bin[i] < self.MIXED_EXACT_BELOW and mixed[i] < need[i] <= in_bin[i]):
-                return
+                return False
         self._set([p << 16 for p in self._prefix], need, mixed, [n - m for n, m in zip(in_bin, mixed)])
+        return True
 
     def _set(self, thresholds, need, above, ties) -> None:
         """thresholds and quotas from, per model, its threshold's bits, how many values it needs from the last bin
