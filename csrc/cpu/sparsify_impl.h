@@ -38,7 +38,7 @@ struct RankCache {
     std::vector<float> tile;          // a contiguous row's loads
     std::vector<uint32_t> bits, bin;  // a contiguous row's |tau| bits and their counting bins (| kMixedBin: a low half)
     std::vector<uint32_t> late;  // one row's positions in mixed bins
-    std::vector<uint32_t> first, next;  // the counting rank's per-bin counts, then first and next ranks
+    std::vector<uint32_t> first, next;  // per bin: its count, then its first rank (| kMixedBin); the next rank to give
 };
 
 // round(p * 2^32), at most 2^32 - 1 (p in [0, 1]).
@@ -98,12 +98,13 @@ inline void radix_sort_row(RankCache& c, int64_t n) {
 }
 
 // One contiguous row's keep thresholds kb[j] = by_rank[rank of |tau_j|] by a counting rank, without a sort, where
-// the row's nonzero |tau| bits take at most kCountBinsMax distinct high halves (a difference of two bf16 values has a
-// zero low half unless their exponents differ: 99.6% of entries in bf16 fine-tunes). Each entry's bin is its high
-// half (zeros: bin 0, ranked lowest); entries of a bin whose low halves are all zero are equal, so they take the
-// bin's ranks in index order as they come. The few bins holding a nonzero low half ("mixed") are ranked apart: their
-// entries are sorted by (bits, position). The same ranks as the radix sort, so the same draws. Returns false, having
-// written nothing, where the row is not of that kind (fp32 fine-tunes, a span of magnitudes too wide).
+// the row's nonzero |tau| bits take at most max(kCountBinsMin, 2n) distinct high halves and few have a nonzero low
+// half (a difference of two bf16 values has a zero low half unless their exponents differ: 99.6% of entries in bf16
+// fine-tunes). Each entry's bin is its high half (zeros: bin 0, ranked lowest); entries of a bin whose low halves are
+// all zero are equal, so they take the bin's ranks in index order as they come. The few bins holding a nonzero low
+// half ("mixed") are ranked apart: their entries are sorted by (bits, position). The same ranks as the radix sort, so
+// the same draws. Returns false, having written nothing, where the row is not of that kind (fp32 fine-tunes, a span
+// of magnitudes too wide).
 constexpr uint32_t kCountBinsMin = 4096;  // the most bins a row of n entries may take: max(this, 2n)
 constexpr uint32_t kMixedBin = 0x80000000u;  // a bin's count's flag: it holds a nonzero low half
 inline bool counting_rank_row(RankCache& c, int64_t n, const uint32_t* by_rank, uint32_t* kb) {
