@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 from pysoup.distributed.tasks import read_bytes_per_row, task_ranges
 from pysoup.dtypes import SAFETENSORS_SIZES
+from pysoup.io.reader import DEFAULT_WINDOW_BYTES
 from pysoup.io.table import sum_by_group
 from pysoup.io.units import format_bytes
 
@@ -44,10 +45,11 @@ MEASURED = {
 MEASURED_THREADS = 2
 # Peak RSS of a merge process (methods.json, linear.json: 2 inputs 90.5 MB, 4 inputs 124.2 MB, 8 inputs 191.3 MB)
 # is this base plus the two output buffers plus one mapped window per input: 22 MiB is `import pysoup` with _C
-# loaded (ru_maxrss, Python 3.9 here); the rest is execute.py's OUTPUT_BUFFER_BYTES and reader.py's window.
+# loaded (ru_maxrss, Python 3.9 here); the rest is execute.py's OUTPUT_BUFFER_BYTES and reader.py's window (16 MiB
+# when those were measured; 8 MiB since: 94.3 MB for 4 inputs, task_arithmetic on base + 3 x 512 MiB).
 PROCESS_BASE_BYTES = 22 << 20
 OUTPUT_BUFFERS_BYTES = 2 * (16 << 20)
-WINDOW_BYTES = 16 << 20
+WINDOW_BYTES = DEFAULT_WINDOW_BYTES
 # What a Ray worker process holds beyond a plain merging process (Ray's core worker, its imports): a merge task's
 # measured peak RSS, 240.6 MB (TIES, base + 3 x 512 MiB, benchmarks/results/scale_out.json), less this model's
 # 123.7 MB for the same merge.

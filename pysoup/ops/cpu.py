@@ -12,10 +12,12 @@ from pysoup.ops import register_backend
 from pysoup.ops.table import Backend, Batch, Chunk, RadixTopK
 
 # SCE's variance selection keeps every entry's fp32 variance bits in memory during its first pass where they take at
-# most this much (16 Mi entries: every matrix of a 1B Llama but its [16384, 2048] embeddings), and then ends the
+# most this much (32 Mi entries: every matrix of a 1B Llama, its [16384, 2048] embeddings too), and then ends the
 # selection there: the low-half histogram and the keep bits come from memory, so the variances are computed once
-# instead of three times and the inputs read three times instead of four. Larger tensors take both passes.
-VARIANCE_STORE_BYTES = 64 << 20
+# instead of three times and the inputs read three times instead of four. Larger tensors take both passes. At 64 MiB
+# the embeddings took both (SCE, base + 3 x 512 MiB: 3.90-4.14 s in-process against 3.76-3.81 s); 128 MiB fits the
+# 256 MiB peak-RSS target since the input windows shrank to 8 MiB (227.7 MiB peak; with 16 MiB windows 259.9 MiB).
+VARIANCE_STORE_BYTES = 128 << 20
 
 
 def default_threads() -> int:
