@@ -11,6 +11,7 @@
 
 #include <cstdint>
 
+#include "cpu/blocking.h"
 #include "cpu/dtype.h"
 #include "cpu/io_scalar.h"
 
@@ -84,9 +85,17 @@ struct PackTable {
 constexpr PackTable kPack{};
 
 struct Avx2IO {
+    // Each input prefetched kPrefetch elements ahead (as Avx512IO), a line per line loaded, where the hardware
+    // prefetcher alone stops at every 4 KiB page of the mapped inputs. Base + 3 x 512 MiB bf16, in-process, alternating
+    // pairs: breadcrumbs 5.0-5.2 CPU s against 5.7-5.9, SCE 6.5-6.6 against 6.6-6.9, TIES 4.8-4.9 against 5.0-5.1.
     static void load(const void* base, int dtype, int64_t start, int64_t n, float* dst) {
+        const int64_t size = dtype_size(dtype), line = 64 / size;
+        const char* ahead = static_cast<const char*>(base) + (start + kPrefetch) * size;
         int64_t j = 0;
-        for (; j + 8 <= n; j += 8) _mm256_storeu_ps(dst + j, load8(base, dtype, start + j));
+        for (; j + 8 <= n; j += 8) {
+            if ((j & (line - 1)) == 0) _mm_prefetch(ahead + j * size, _MM_HINT_T0);
+            _mm256_storeu_ps(dst + j, load8(base, dtype, start + j));
+        }
         for (; j < n; ++j) dst[j] = load_f32(base, dtype, start + j);
     }
     static int64_t store(const float* src, int64_t n, void* base, int dtype, int64_t start) {
