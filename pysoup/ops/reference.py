@@ -421,8 +421,9 @@ def sparse_task_vector_combine(xs, base, p, start: int, quota) -> tuple:
 def sparse_stats(xs, base, p, start: int, quota, acc: list) -> tuple:
     """acc plus SPARSE_STATS fp64 totals per model over tensors (sums as `moments` adds them): sum |tau_i|, sum
     |kept tau_i|, sum kept tau_i^2 (before any rescale), and RAM's counts of the entries that model i changes by more
-    than epsilon together with another model (#shared) and alone (#unique); the counts only under the RAM mix (0
-    otherwise: no other mix reads them). Returns (totals, quotas left)."""
+    than epsilon together with another model (#shared) and alone (#unique). Only those the mix reads (the others 0):
+    the sums of squares under SCE (its weights), the counts under RAM (its factors), both sums of magnitudes under the
+    other mixes (the L1 rescale). Returns (totals, quotas left)."""
     import torch
 
     b, taus, masks, quota = sparse_masks(xs, base, p, start, quota)
@@ -434,9 +435,11 @@ def sparse_stats(xs, base, p, start: int, quota, acc: list) -> tuple:
     for i, (t, m) in enumerate(zip(taus, masks)):
         kept = _kept(t, m).double()
         r = SPARSE_STATS * i
-        rows[r, :n] = t.double().abs()
-        rows[r + 1, :n] = kept.abs()
-        rows[r + 2, :n] = kept * kept
+        if p.mix not in (SparseMix.SCE, SparseMix.RAM):
+            rows[r, :n] = t.double().abs()
+            rows[r + 1, :n] = kept.abs()
+        if p.mix == SparseMix.SCE:
+            rows[r + 2, :n] = kept * kept
         if p.mix == SparseMix.RAM:
             rows[r + 3, :n] = (nz[i] & (count > 1)).double()
             rows[r + 4, :n] = (nz[i] & (count == 1)).double()
