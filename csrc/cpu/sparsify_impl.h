@@ -107,10 +107,10 @@ inline void radix_sort_row(RankCache& c, int64_t n) {
 // fine-tunes, a span of magnitudes too wide).
 //
 // The row's two halves are counted and placed in one loop with counters of their own (the second half's ranks of a
-// bin follow the first's): two chains of increments interleaved, not one long one where a bin is full (a bf16
-// fine-tune's row holds ~99 distinct |tau|, a fifth of them zeros). In the standalone loop on 1,200 rows of the
-// benchmark's models this and the late entries kept out of the counting loops took 3.0-4.1 ns an entry against
-// 4.2-5.7 ns (alternating, best of 30).
+// bin follow the first's): two chains of increments interleaved, not one long one where a bin is full (a row of a
+// bf16 fine-tune holds ~99 distinct |tau|, and a fifth of its entries are zeros). In a standalone loop over 1,200
+// rows of the benchmark's models, this and the late entries kept out of the counting loops took 4.06-4.19 ns an
+// entry against 5.71 ns (two runs alternating the two, best of 30 each).
 constexpr uint32_t kCountBinsMin = 4096;  // the most bins a row of n entries may take: max(this, 2n)
 inline bool counting_rank_row(RankCache& c, int64_t n, const uint32_t* by_rank, uint32_t* kb) {
     const uint32_t* bits = c.bits.data();
