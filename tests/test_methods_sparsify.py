@@ -358,6 +358,31 @@ def test_sce_tie_quota_from_stored_variances(monkeypatch, threads):
     assert torch.equal(outs["cpu"].view(torch.int16), outs["reference"].view(torch.int16))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sce_long_ranges_count_in_split_histograms(monkeypatch, threads):
+    """A range of at least kSplitHistogramMin (2^18) entries counts pass 0 into two interleaved histograms added at
+    the end (csrc/cpu/blocking.h): here each thread's range, over bf16 task vectors of a few levels, so neighbours
+    share variances. The reference's bits, with the variances stored and not."""
+    from pysoup.ops import cpu
+
+    g = torch.Generator().manual_seed(8)
+    n = (1 << 19) + 12345
+    levels = torch.tensor([-0.25, 0.0, 0.25, 0.5])
+    base = (torch.randint(-16, 16, (n,), generator=g) * 0.25).bfloat16()
+    models = [{"w": (base.float() + levels[torch.randint(0, 4, (n,), generator=g)]).bfloat16()} for _ in range(3)]
+
+    def merged(backend):
+        out = pysoup.merge(
+            models, strategy="sce", base={"w": base}, params={"select_topk": 0.4}, backend=backend, threads=threads
+        )
+        return out["w"].view(torch.int16)
+
+    want = merged("reference")
+    for bound in (cpu.VARIANCE_STORE_BYTES, 0):
+        monkeypatch.setattr(cpu, "VARIANCE_STORE_BYTES", bound)
+        assert torch.equal(merged("cpu"), want), f"variances stored: {bound > 0}"
+
+
 @pytest.mark.parametrize("case", ["keeps nothing", "zero variances", "fp32 models"])
 def test_sce_stored_edges(monkeypatch, case):
     """The selection from stored variances where it keeps nothing (select_topk below one entry; every variance 0)

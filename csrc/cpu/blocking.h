@@ -23,6 +23,12 @@ constexpr int64_t kOpTile = 512;
 // prefetcher alone reached 23-25 GB/s, software prefetch 29-34 GB/s (256 to 2048 all within noise; 1024 chosen).
 constexpr int64_t kPrefetch = 1024;
 
+// The shortest range whose histogram pass counts into two interleaved histograms (TIES' magnitudes, SCE's
+// variances), added at the end: neighbouring elements often fall in one bin, and one histogram makes each increment
+// wait for the previous one's store. Shorter ranges count straight into theirs: the extra histograms cost 2 x 512
+// KiB to clear and add.
+constexpr int64_t kSplitHistogramMin = int64_t(1) << 18;
+
 namespace {
 
 inline int64_t nblocks(int64_t n) { return (n + kBlock - 1) / kBlock; }

@@ -21,11 +21,8 @@ namespace {
 // of the elements whose high bits equal prefix[i]. hist holds k x 65536 counters. Pass 0's counters also count, in
 // their top bits, the elements whose low 16 bits are not zero (radix_select.h: kMixedShift), so a selection that
 // lands on a low half of zero needs no pass 1.
-// Pass 0 on long ranges counts into two interleaved histograms per model, added into `hist` at the end:
-// neighbouring elements often fall in one bin, and one histogram makes each increment wait for the previous
-// one's store (1.2x the counting speed measured in isolation). Short ranges count straight into `hist`: the
-// extra histograms cost 2 x 512 KiB per model to clear and add.
-constexpr int64_t kSplitHistogramMin = int64_t(1) << 18;
+// Pass 0 on long ranges (kSplitHistogramMin) counts into two interleaved histograms per model, added into `hist` at
+// the end (1.2x the counting speed measured in isolation).
 
 // What pass 0 adds to the counter of bits' high half: one, and one in the mixed count when the low half is not 0.
 inline uint64_t high_count(uint32_t bits) { return 1 + (uint64_t((bits & 0xFFFFu) != 0) << kMixedShift); }

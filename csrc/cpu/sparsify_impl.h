@@ -707,26 +707,43 @@ void sparse_ties_kernel(const SparseArgs& a, int64_t begin, int64_t end, int64_t
 // Radix-select histogram of the variance bits: pass 0 counts the high 16 bits (and the zeros), pass 1 the low 16
 // bits of the entries whose high bits equal `prefix`. hist holds 65536 counters. With a.variances, pass 0 also
 // writes each entry's bits there (entry e at a.variances[a.start + e]; each range writes its own).
+//
+// Pass 0 on long ranges counts into two interleaved histograms, added into `hist` at the end, as TIES' pass 0 does
+// (radix_select_impl.h): variances of bf16 task vectors repeat (a handful of small differences make most of them),
+// and one histogram makes each increment wait for the previous one's store to the same bin.
 template <class IO>
 int64_t variance_histogram_kernel(const SparseArgs& a, int64_t begin, int64_t end, int pass, uint32_t prefix,
                                   uint64_t* hist) {
     SparseScratch& s = scratch_for(a.k);
+    const bool split = pass == 0 && end - begin >= kSplitHistogramMin;
+    thread_local std::vector<uint64_t> halves;  // kept from call to call, cleared here
+    if (split) halves.assign(2 * 65536, 0);
+    uint64_t* even = split ? halves.data() : hist;
+    uint64_t* odd = split ? even + 65536 : hist;
     int64_t zeros = 0;
     for (int64_t t0 = begin; t0 < end; t0 += kOpTile) {
         const int64_t m = std::min(kOpTile, end - t0);
         load_taus<IO>(a, t0, m, s);
         uint32_t* bits = a.variances ? a.variances + a.start + t0 : s.bits.data();
         variance_bits(s.tau, a.k, m, s.wmean.data(), s.wm2.data(), bits);
-        for (int64_t j = 0; j < m; ++j) {
-            const uint32_t b = bits[j];
-            if (pass == 0) {
-                ++hist[b >> 16];
-                zeros += b == 0;
-            } else if ((b >> 16) == prefix) {
-                ++hist[b & 0xFFFFu];
+        if (pass == 0) {
+            int64_t j = 0;
+            for (; j + 2 <= m; j += 2) {
+                ++even[bits[j] >> 16];
+                ++odd[bits[j + 1] >> 16];
+                zeros += (bits[j] == 0) + (bits[j + 1] == 0);
             }
+            if (j < m) {
+                ++even[bits[j] >> 16];
+                zeros += bits[j] == 0;
+            }
+        } else {
+            for (int64_t j = 0; j < m; ++j)
+                if ((bits[j] >> 16) == prefix) ++hist[bits[j] & 0xFFFFu];
         }
     }
+    if (split)
+        for (int64_t b = 0; b < 65536; ++b) hist[b] += even[b] + odd[b];
     return zeros;
 }
 
