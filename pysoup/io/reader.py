@@ -19,7 +19,8 @@ from pysoup.io.table import TensorInfos
 # 8 MiB per input, one bf16 chunk of the engine (execute.CHUNK_ELEMENTS; a larger chunk maps a larger window):
 # mapping costs vanish (one mmap per 8 MiB), and 8 inputs stay under 64 MiB resident. 16 MiB windows held 32 MiB
 # more for base + 3 inputs (task_arithmetic, base + 3 x 512 MiB: 127.9 against 94.3 MB peak RSS) at the same speed
-# (1.21-1.41 s against 1.21-1.57 s, alternating). Read when a reader is made, so that tests can shrink it.
+# (in-process, 3 alternating pairs: 1.01-1.12 s with 8 MiB, 1.07-1.15 s with 16). Read when a reader is made, so
+# that tests can shrink it.
 DEFAULT_WINDOW_BYTES = 8 << 20
 
 
