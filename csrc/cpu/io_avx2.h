@@ -87,7 +87,8 @@ constexpr PackTable kPack{};
 struct Avx2IO {
     // Each input prefetched kPrefetch elements ahead (as Avx512IO), a line per line loaded, where the hardware
     // prefetcher alone stops at every 4 KiB page of the mapped inputs. Base + 3 x 512 MiB bf16, in-process, alternating
-    // pairs: breadcrumbs 5.0-5.2 CPU s against 5.7-5.9, SCE 6.5-6.6 against 6.6-6.9, TIES 4.8-4.9 against 5.0-5.1.
+    // pairs: breadcrumbs 5.0-5.2 CPU s against 5.7-5.9, SCE 6.5-6.6 against 6.6-6.9; TIES within noise (4.8-5.0
+    // against 4.6-5.7), DELLA's first pass maybe slower (6.4-6.6 against 6.2-6.4: its ranking reloads cached rows).
     static void load(const void* base, int dtype, int64_t start, int64_t n, float* dst) {
         const int64_t size = dtype_size(dtype), line = 64 / size;
         const char* ahead = static_cast<const char*>(base) + (start + kPrefetch) * size;

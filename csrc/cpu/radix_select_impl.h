@@ -17,15 +17,15 @@
 namespace pysoup {
 namespace {
 
+// What pass 0 adds to the counter of bits' high half: one, and one in the mixed count when the low half is not 0.
+inline uint64_t high_count(uint32_t bits) { return 1 + (uint64_t((bits & 0xFFFFu) != 0) << kMixedShift); }
+
 // Radix-select histograms of |tau_i|'s fp32 bits: pass 0 counts the high 16 bits; pass 1 counts the low 16 bits
 // of the elements whose high bits equal prefix[i]. hist holds k x 65536 counters. Pass 0's counters also count, in
 // their top bits, the elements whose low 16 bits are not zero (radix_select.h: kMixedShift), so a selection that
 // lands on a low half of zero needs no pass 1.
 // Pass 0 on long ranges (kSplitHistogramMin) counts into two interleaved histograms per model, added into `hist` at
 // the end (1.2x the counting speed measured in isolation).
-
-// What pass 0 adds to the counter of bits' high half: one, and one in the mixed count when the low half is not 0.
-inline uint64_t high_count(uint32_t bits) { return 1 + (uint64_t((bits & 0xFFFFu) != 0) << kMixedShift); }
 
 template <class IO>
 void magnitude_histogram_kernel(const TaskVectorArgs& a, int64_t begin, int64_t end, int pass, const uint32_t* prefix,

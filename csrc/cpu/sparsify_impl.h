@@ -608,7 +608,7 @@ void sparse_stats_kernel(const SparseArgs& a, int64_t block_begin, int64_t end, 
     std::vector<int64_t> quota(a.quota, a.quota + sparse_quota_count(a));
     const int k = a.k;
     const int nstat = kSparseStats * k;
-    const bool ram = a.mix == kMixRam, sce = a.mix == kMixSce, l1 = !ram && !sce;
+    const bool ram = a.mix == kMixRam, sce = a.mix == kMixSce, magnitudes = !ram && !sce;  // the L1 rescale's sums
     std::vector<double> lanes(size_t(nstat) * kStatLanes);
     std::vector<float> count(kSparseTile);
     for (int64_t b0 = block_begin; b0 < end; b0 += kStatBlock) {
@@ -629,7 +629,7 @@ void sparse_stats_kernel(const SparseArgs& a, int64_t block_begin, int64_t end, 
         for (int i = 0; i < k; ++i) {
             const float* t = s.tau + size_t(i) * kSparseTile;
             double l0[kStatLanes] = {};
-            for (int64_t j0 = 0; l1 && j0 < m8; j0 += kStatLanes)
+            for (int64_t j0 = 0; magnitudes && j0 < m8; j0 += kStatLanes)
                 for (int l = 0; l < kStatLanes; ++l) l0[l] += std::fabs(double(t[j0 + l]));
             // RAM's counts (only its mix reads them), in integer lanes: the same values as summing 1.0s in fp64
             // (every partial sum is a small integer), without the compare-to-double selects that kept this scalar.
@@ -654,7 +654,7 @@ void sparse_stats_kernel(const SparseArgs& a, int64_t block_begin, int64_t end, 
             float* t = s.tau + size_t(i) * kSparseTile;
             std::fill(t + m, t + m8, 0.0f);  // the selection may have left other values there
             double kept1[kStatLanes] = {}, kept2[kStatLanes] = {};
-            for (int64_t j0 = 0; l1 && j0 < m8; j0 += kStatLanes)
+            for (int64_t j0 = 0; magnitudes && j0 < m8; j0 += kStatLanes)
                 for (int l = 0; l < kStatLanes; ++l) kept1[l] += std::fabs(double(t[j0 + l]));
             for (int64_t j0 = 0; sce && j0 < m8; j0 += kStatLanes) {
                 for (int l = 0; l < kStatLanes; ++l) {
