@@ -2,12 +2,11 @@
 // search of a finished histogram.
 #include "cpu/radix_select.h"
 
-#include <omp.h>
-
 #include <algorithm>
 #include <vector>
 
 #include "cpu/blocking.h"
+#include "cpu/thread_histograms.h"
 
 namespace pysoup {
 
@@ -21,28 +20,11 @@ void magnitude_histogram(const TaskVectorArgs& a, int64_t n, Isa isa, int thread
         kern.magnitude_histogram(a, 0, n, pass, prefix, hist);
         return;
     }
-    const int nt = threads_for(threads, nb);
-    const size_t bins = size_t(a.k) * 65536;
-    // The other threads' histograms, kept by the calling thread from call to call (cleared here): fresh ones paid
-    // their page faults on every call.
-    thread_local std::vector<uint64_t> scratch;
-    scratch.resize(size_t(nt - 1) * bins);
-    std::fill(scratch.begin(), scratch.end(), uint64_t(0));
-    uint64_t* others = scratch.data();  // not `scratch` inside the region: each thread would name its own
-    // Each thread counts one contiguous run of blocks in one call (what schedule(static) would hand it), so the
-    // kernel's per-call set-up is paid once per thread.
-#pragma omp parallel num_threads(nt)
-    {
-        const int t = omp_get_thread_num(), count = omp_get_num_threads();
-        const int64_t first = nb * t / count, last = nb * (t + 1) / count;
-        if (first < last)
-            kern.magnitude_histogram(a, first * kBlock, std::min(n, last * kBlock), pass, prefix,
-                                     t == 0 ? hist : others + size_t(t - 1) * bins);
-    }
-    for (int t = 1; t < nt; ++t) {
-        const uint64_t* h = others + size_t(t - 1) * bins;
-        for (size_t i = 0; i < bins; ++i) hist[i] += h[i];
-    }
+    // Each thread counts its run of blocks in one call.
+    threaded_histogram(nb, threads_for(threads, nb), size_t(a.k) * 65536, hist,
+                       [&](int, int64_t first, int64_t last, uint64_t* h) {
+                           kern.magnitude_histogram(a, first * kBlock, std::min(n, last * kBlock), pass, prefix, h);
+                       });
 }
 
 RadixSelection radix_select(const uint64_t* hist, const std::vector<int64_t>& keep) {

@@ -3,13 +3,12 @@
 // histograms, SCE's selection from the stored variances.
 #include "cpu/sparsify.h"
 
-#include <omp.h>
-
 #include <algorithm>
 #include <vector>
 
 #include "cpu/blocking.h"
 #include "cpu/moments.h"
+#include "cpu/thread_histograms.h"
 #include "cpu/tie_quotas.h"
 
 namespace pysoup {
@@ -74,18 +73,10 @@ int64_t variance_histogram(const SparseArgs& a, Isa isa, int threads, int pass, 
     const int64_t nb = nblocks(a.n);
     if (nb < 4 || threads <= 1) return kern.variance_histogram(a, 0, a.n, pass, prefix, hist);
     const int nt = threads_for(threads, nb);
-    std::vector<std::vector<uint64_t>> local(nt - 1, std::vector<uint64_t>(65536, 0));
     std::vector<int64_t> zeros(nt, 0);
-#pragma omp parallel num_threads(nt)
-    {
-        const int t = omp_get_thread_num(), count = omp_get_num_threads();
-        const int64_t first = nb * t / count, last = nb * (t + 1) / count;
-        if (first < last)
-            zeros[t] = kern.variance_histogram(a, first * kBlock, std::min(a.n, last * kBlock), pass, prefix,
-                                               t == 0 ? hist : local[t - 1].data());
-    }
-    for (const auto& h : local)
-        for (size_t i = 0; i < 65536; ++i) hist[i] += h[i];
+    threaded_histogram(nb, nt, 65536, hist, [&](int t, int64_t first, int64_t last, uint64_t* h) {
+        zeros[t] = kern.variance_histogram(a, first * kBlock, std::min(a.n, last * kBlock), pass, prefix, h);
+    });
     int64_t z = 0;
     for (int64_t v : zeros) z += v;
     return z;
@@ -96,17 +87,10 @@ std::vector<int64_t> variance_select_stored(const SparseArgs& a, Isa isa, int th
     const CpuKernels& kern = cpu_kernels(isa);
     const int64_t nb = nblocks(a.n);
     std::vector<int64_t> in_bin(size_t(nb), 0);
-    const int nt = threads_for(threads, nb);
-    std::vector<std::vector<uint64_t>> local(nt - 1, std::vector<uint64_t>(65536, 0));
-#pragma omp parallel num_threads(nt)
-    {
-        const int t = omp_get_thread_num(), count = omp_get_num_threads();
-        uint64_t* h = t == 0 ? hist : local[t - 1].data();
-        for (int64_t b = nb * t / count; b < nb * (t + 1) / count; ++b)
+    threaded_histogram(nb, threads_for(threads, nb), 65536, hist, [&](int, int64_t first, int64_t last, uint64_t* h) {
+        for (int64_t b = first; b < last; ++b)  // one call per block: it packs the bin's entries at its block's front
             in_bin[size_t(b)] = kern.variance_select_stored(a, b * kBlock, block_end(b, a.n), prefix, h);
-    }
-    for (const auto& h : local)
-        for (size_t i = 0; i < 65536; ++i) hist[i] += h[i];
+    });
     return in_bin;
 }
 
