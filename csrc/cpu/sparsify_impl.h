@@ -38,7 +38,8 @@ struct RankCache {
     std::vector<float> tile;          // a contiguous row's loads
     std::vector<uint32_t> bits, bin;  // a contiguous row's |tau| bits and their counting bins
     std::vector<uint32_t> late;  // one row's positions of the |tau| with a nonzero low half
-    std::vector<uint32_t> count, next;  // per bin, for each half of the row: its count; the next rank to give
+    std::vector<uint32_t> count, next;  // per bin, for each half of the row: its count (zero between rows); the next
+                                        // rank to give
 };
 
 // round(p * 2^32), at most 2^32 - 1 (p in [0, 1]).
@@ -97,6 +98,87 @@ inline void radix_sort_row(RankCache& c, int64_t n) {
     if (src != c.key.data()) std::copy(src, src + n, c.key.data());
 }
 
+// A contiguous row's |tau| bits at a glance: the least nonzero and the greatest high half, and how many entries have
+// a nonzero low half. Counted in 32 bits so the loop vectorises (a row holds at most 4 Mi entries).
+struct RowSpan {
+    uint32_t lo = 0xFFFF, hi = 0, mixed = 0;
+    void add(const uint32_t* bits, int64_t n) {
+        uint32_t l = lo, h = hi, x = mixed;
+        for (int64_t j = 0; j < n; ++j) {
+            const uint32_t v = bits[j], top = v >> 16;
+            l = std::min(l, v != 0 ? top : 0xFFFFu);
+            h = std::max(h, top);
+            x += (v & 0xFFFFu) != 0;
+        }
+        lo = l, hi = h, mixed = x;
+    }
+};
+
+// bin[j] = the counting bin of bits[j] (its high half - lo + 1, zeros 0), or nb for an entry with a nonzero low half
+// ("late"), whose position is listed in late[] and counted in its bin's count1 (after every zero-low entry). AVX2:
+// eight bins per step, the late entries found from the step's mask (most steps have none).
+inline int64_t row_bins(const uint32_t* bits, int64_t n, uint32_t lo, uint32_t nb, uint32_t* bin, uint32_t* late,
+                        uint32_t* count1) {
+    int64_t nlate = 0, j = 0;
+#ifdef __AVX2__
+    const __m256i first = _mm256_set1_epi32(int(lo - 1)), late_bin = _mm256_set1_epi32(int(nb));
+    const __m256i low = _mm256_set1_epi32(0xFFFF), zero = _mm256_setzero_si256();
+    for (; j + 8 <= n; j += 8) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits + j));
+        const __m256i b = _mm256_andnot_si256(_mm256_cmpeq_epi32(v, zero), _mm256_sub_epi32(_mm256_srli_epi32(v, 16), first));
+        const __m256i zero_low = _mm256_cmpeq_epi32(_mm256_and_si256(v, low), zero);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(bin + j), _mm256_blendv_epi8(late_bin, b, zero_low));
+        for (uint32_t mask = ~uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(zero_low))) & 0xFFu; mask; mask &= mask - 1) {
+            const int64_t q = j + __builtin_ctz(mask);
+            late[nlate++] = uint32_t(q);
+            ++count1[(bits[q] >> 16) - lo + 1];
+        }
+    }
+#endif
+    for (; j < n; ++j) {
+        const uint32_t v = bits[j];
+        if ((v & 0xFFFFu) != 0) {
+            bin[j] = nb;
+            late[nlate++] = uint32_t(j);
+            ++count1[(v >> 16) - lo + 1];
+        } else {
+            bin[j] = ((v >> 16) - lo + 1) & (0u - uint32_t(v != 0));
+        }
+    }
+    return nlate;
+}
+
+// The first rank of each bin in each half of the row, for bins [0, nb) padded to a multiple of 8: next0[b] =
+// sum over bins below b of count0 + count1, next1[b] = next0[b] + count0[b]. The counts are zeroed as they are read
+// (they stay zeroed between rows). AVX2: an in-register scan of eight bins at a time; the scalar loop is the same sum.
+inline void bin_starts(uint32_t* count0, uint32_t* count1, uint32_t nb, uint32_t* next0, uint32_t* next1) {
+#ifdef __AVX2__
+    const __m256i zero = _mm256_setzero_si256(), top = _mm256_set1_epi32(7);
+    __m256i carry = zero;
+    for (uint32_t b = 0; b < nb; b += 8) {
+        const __m256i c0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(count0 + b));
+        const __m256i total = _mm256_add_epi32(c0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(count1 + b)));
+        __m256i x = _mm256_add_epi32(total, _mm256_slli_si256(total, 4));  // prefix within each 128-bit half
+        x = _mm256_add_epi32(x, _mm256_slli_si256(x, 8));
+        x = _mm256_add_epi32(x, _mm256_permute2x128_si256(zero, _mm256_shuffle_epi32(x, 0xFF), 0x20));  // across
+        const __m256i through = _mm256_add_epi32(x, carry), before = _mm256_sub_epi32(through, total);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(next0 + b), before);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(next1 + b), _mm256_add_epi32(before, c0));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(count0 + b), zero);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(count1 + b), zero);
+        carry = _mm256_permutevar8x32_epi32(through, top);
+    }
+#else
+    uint32_t sum = 0;
+    for (uint32_t b = 0; b < ((nb + 7) & ~7u); ++b) {
+        next0[b] = sum;
+        next1[b] = sum + count0[b];
+        sum += count0[b] + count1[b];
+        count0[b] = count1[b] = 0;
+    }
+#endif
+}
+
 // One contiguous row's keep thresholds kb[j] = by_rank[rank of |tau_j|] by a counting rank, without a sort, where
 // the row's nonzero |tau| bits take at most max(kCountBinsMin, 2n) distinct high halves and few have a nonzero low
 // half (a difference of two bf16 values has a zero low half unless their exponents differ: 99.6% of entries in bf16
@@ -110,71 +192,47 @@ inline void radix_sort_row(RankCache& c, int64_t n) {
 // bin follow the first's): two chains of increments interleaved, not one long one where a bin is full (a row of a
 // bf16 fine-tune holds ~99 distinct |tau|, and a fifth of its entries are zeros). In a standalone loop over 1,200
 // rows of the benchmark's models, this and the late entries kept out of the counting loops took 4.06-4.19 ns an
-// entry against 5.71 ns (two runs alternating the two, best of 30 each).
+// entry against 5.71 ns (two runs alternating the two, best of 30 each); the bins and late entries found in one
+// vector loop, the bins' first ranks by a vector scan that also zeroes the counters (no fill per row), and the span
+// taken where the bits are made (RowSpan), 2.8-3.0 ns against 3.2.
 constexpr uint32_t kCountBinsMin = 4096;  // the most bins a row of n entries may take: max(this, 2n)
-inline bool counting_rank_row(RankCache& c, int64_t n, const uint32_t* by_rank, uint32_t* kb) {
+inline bool counting_rank_row(RankCache& c, int64_t n, RowSpan span, const uint32_t* by_rank, uint32_t* kb) {
     const uint32_t* bits = c.bits.data();
-    uint32_t lo = 0xFFFF, hi = 0;
-    int64_t mixed = 0;
-    for (int64_t j = 0; j < n; ++j) {
-        const uint32_t v = bits[j], h = v >> 16;
-        lo = std::min(lo, v != 0 ? h : 0xFFFFu);
-        hi = std::max(hi, h);
-        mixed += (v & 0xFFFFu) != 0;
-    }
     // More than 1/16 of the entries with a low half: sorting them would cost more than the radix sort.
-    if (mixed * 16 > n) return false;
-    if (lo > hi) lo = hi;  // every |tau| is 0: one bin
-    const uint32_t nb = hi - lo + 2;  // bins 0 (zeros) .. nb - 1; bin nb takes the late entries and counts nothing
-    if (nb > std::max<uint64_t>(kCountBinsMin, 2 * uint64_t(n))) return false;
-    c.bin.resize(size_t(n));
-    c.count.assign(2 * size_t(nb + 1), 0u);
-    c.next.resize(2 * size_t(nb + 1));
-    uint32_t* bin = c.bin.data();
-    for (int64_t j = 0; j < n; ++j) {  // vectorised
-        const uint32_t v = bits[j];
-        const uint32_t b = ((v >> 16) - lo + 1) & (0u - uint32_t(v != 0));  // zeros: bin 0
-        bin[j] = (v & 0xFFFFu) != 0 ? nb : b;
+    if (int64_t(span.mixed) * 16 > n) return false;
+    const uint32_t lo = std::min(span.lo, span.hi);  // every |tau| 0: one bin
+    const uint32_t nb = span.hi - lo + 2;  // bins 0 (zeros) .. nb - 1; bin nb takes the late entries and counts nothing
+    const uint64_t most = std::max<uint64_t>(kCountBinsMin, 2 * uint64_t(n));
+    if (nb > most) return false;
+    if (c.count.size() < 2 * (most + 8)) {  // zeroed once; bin_starts zeroes what each row counted
+        c.count.assign(2 * (most + 8), 0u);
+        c.next.resize(2 * (most + 8));
     }
+    const size_t pitch = c.count.size() / 2;
+    c.bin.resize(size_t(n));
+    c.late.resize(size_t(span.mixed));
+    uint32_t* bin = c.bin.data();
     uint32_t* count0 = c.count.data();
-    uint32_t* count1 = count0 + nb + 1;
+    uint32_t* count1 = count0 + pitch;
+    const int64_t nlate = row_bins(bits, n, lo, nb, bin, c.late.data(), count1);
     const int64_t half = n / 2;
     for (int64_t j = 0; j < half; ++j) {
         ++count0[bin[j]];
         ++count1[bin[j + half]];
     }
     for (int64_t j = 2 * half; j < n; ++j) ++count1[bin[j]];
-    // The late entries, found 16 at a time (a vectorised test per block; most blocks hold none), are counted in their
-    // bins after every zero-low entry (the second half's counters).
-    c.late.resize(size_t(mixed));
-    uint32_t* late = c.late.data();
-    int64_t nlate = 0;
-    for (int64_t j0 = 0; nlate < mixed; j0 += 16) {
-        const int64_t e = std::min<int64_t>(16, n - j0);
-        uint32_t any = 0;
-        for (int64_t l = 0; l < e; ++l) any |= bits[j0 + l] & 0xFFFFu;
-        if (any == 0) continue;
-        for (int64_t j = j0; j < j0 + e; ++j) {
-            if ((bits[j] & 0xFFFFu) == 0) continue;
-            late[nlate++] = uint32_t(j);
-            ++count1[(bits[j] >> 16) - lo + 1];
-        }
-    }
     uint32_t* next0 = c.next.data();
-    uint32_t* next1 = next0 + nb + 1;
-    uint32_t sum = 0;
-    for (uint32_t b = 0; b < nb; ++b) {
-        next0[b] = sum;
-        next1[b] = sum + count0[b];
-        sum += count0[b] + count1[b];
-    }
-    next0[nb] = next1[nb] = 0;  // the late entries' placeholders: overwritten below
+    uint32_t* next1 = next0 + pitch;
+    bin_starts(count0, count1, nb, next0, next1);
+    count0[nb] = count1[nb] = 0;  // the late entries' bin: counted above, past the bins bin_starts reads
+    next0[nb] = next1[nb] = 0;  // their placeholders: overwritten below
     for (int64_t j = 0; j < half; ++j) {
         kb[j] = by_rank[next0[bin[j]]++];
         kb[j + half] = by_rank[next1[bin[j + half]]++];
     }
     for (int64_t j = 2 * half; j < n; ++j) kb[j] = by_rank[next1[bin[j]]++];
     if (nlate == 0) return true;
+    const uint32_t* late = c.late.data();
     uint64_t* key = c.key.data();
     for (int64_t r = 0; r < nlate; ++r) key[r] = (uint64_t(bits[late[r]]) << 32) | late[r];
     std::sort(key, key + nlate);  // by |tau| bits, then position
@@ -200,8 +258,10 @@ inline void rank_thresholds(const SparseArgs& a, RankCache& c) {
     }
 }
 
+// tile: the caller's k tiles of tau (kSparseTile apart) for elements [tile0, tile0 + tile_len): a row they hold
+// whole is read from there, not loaded again (null: load every row).
 template <class IO>
-void rank_slab(const SparseArgs& a, int64_t slab, RankCache& c) {
+void rank_slab(const SparseArgs& a, int64_t slab, RankCache& c, const float* tile, int64_t tile0, int64_t tile_len) {
     const int64_t len = a.row * a.stride, s0 = slab * len;
     if (c.by_rank.empty()) rank_thresholds(a, c);
     c.below.resize(size_t(a.k) * size_t(len));
@@ -227,17 +287,25 @@ void rank_slab(const SparseArgs& a, int64_t slab, RankCache& c) {
                 zeros += bits == 0;
                 nz += bits != 0;
             };
-            if (a.stride == 1) {  // one contiguous row: tile loads
-                float* x = c.tile.data();
-                float* b = x + kOpTile;
+            if (a.stride == 1) {  // one contiguous row: from the caller's tile of tau where it holds the row
                 uint32_t* bits = c.bits.data();
-                for (int64_t j0 = 0; j0 < a.row; j0 += kOpTile) {
-                    const int64_t m = std::min(kOpTile, a.row - j0);
-                    IO::load(a.inputs[i], a.in_dtypes[i], s0 + j0, m, x);
-                    IO::load(a.base, a.base_dtype, s0 + j0, m, b);
-                    for (int64_t j = 0; j < m; ++j) bits[j0 + j] = abs_bits(x[j] - b[j]);
+                RowSpan span;
+                if (tile && s0 >= tile0 && s0 + a.row <= tile0 + tile_len) {
+                    const float* t = tile + size_t(i) * kSparseTile + (s0 - tile0);
+                    for (int64_t j = 0; j < a.row; ++j) bits[j] = abs_bits(t[j]);
+                    span.add(bits, a.row);
+                } else {
+                    float* x = c.tile.data();
+                    float* b = x + kOpTile;
+                    for (int64_t j0 = 0; j0 < a.row; j0 += kOpTile) {
+                        const int64_t m = std::min(kOpTile, a.row - j0);
+                        IO::load(a.inputs[i], a.in_dtypes[i], s0 + j0, m, x);
+                        IO::load(a.base, a.base_dtype, s0 + j0, m, b);
+                        for (int64_t j = 0; j < m; ++j) bits[j0 + j] = abs_bits(x[j] - b[j]);
+                        span.add(bits + j0, m);
+                    }
                 }
-                if (counting_rank_row(c, a.row, by_rank, kb)) continue;
+                if (counting_rank_row(c, a.row, span, by_rank, kb)) continue;
                 for (int64_t j = 0; j < a.row; ++j) add(j, bits[j]);
             } else {
                 for (int64_t j = 0; j < a.row; ++j) {
@@ -455,7 +523,7 @@ void select_rank(const SparseArgs& a, int64_t t0, int64_t m, SparseScratch& s) {
         if (a.drops[i]) philox_words(a.keys[i], uint64_t(g0), m, s.words.data() + size_t(i) * kWordPitch, scratch);
     for (int64_t j = 0; j < m;) {  // slab by slab
         const int64_t slab = (t0 + j) / len;
-        if (slab != s.rank.slab) rank_slab<IO>(a, slab, s.rank);
+        if (slab != s.rank.slab) rank_slab<IO>(a, slab, s.rank, s.tau, t0, m);
         const int64_t stop = std::min(m, (slab + 1) * len - t0);
         const int64_t off = t0 - slab * len;  // entry t0 + j is below[off + j]
         for (int i = 0; i < a.k; ++i) {
