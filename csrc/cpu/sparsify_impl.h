@@ -125,10 +125,12 @@ inline int64_t row_bins(const uint32_t* bits, int64_t n, uint32_t lo, uint32_t n
     const __m256i low = _mm256_set1_epi32(0xFFFF), zero = _mm256_setzero_si256();
     for (; j + 8 <= n; j += 8) {
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits + j));
-        const __m256i b = _mm256_andnot_si256(_mm256_cmpeq_epi32(v, zero), _mm256_sub_epi32(_mm256_srli_epi32(v, 16), first));
+        const __m256i b =
+            _mm256_andnot_si256(_mm256_cmpeq_epi32(v, zero), _mm256_sub_epi32(_mm256_srli_epi32(v, 16), first));
         const __m256i zero_low = _mm256_cmpeq_epi32(_mm256_and_si256(v, low), zero);
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(bin + j), _mm256_blendv_epi8(late_bin, b, zero_low));
-        for (uint32_t mask = ~uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(zero_low))) & 0xFFu; mask; mask &= mask - 1) {
+        for (uint32_t mask = ~uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(zero_low))) & 0xFFu; mask;
+             mask &= mask - 1) {
             const int64_t q = j + __builtin_ctz(mask);
             late[nlate++] = uint32_t(q);
             ++count1[(bits[q] >> 16) - lo + 1];
