@@ -30,6 +30,11 @@ struct ScalarIO {
     static void load(const void* base, int dtype, int64_t start, int64_t n, float* dst) {
         for (int64_t j = 0; j < n; ++j) dst[j] = load_f32(base, dtype, start + j);
     }
+    // dst[j] = x[j] - sub[j] (a task vector: x an input, sub the base already loaded).
+    static void load_minus(const void* base, int dtype, int64_t start, int64_t n, const float* sub, float* dst) {
+        load(base, dtype, start, n, dst);
+        for (int64_t j = 0; j < n; ++j) dst[j] = dst[j] - sub[j];
+    }
     static int64_t store(const float* src, int64_t n, void* base, int dtype, int64_t start) {
         int64_t nonfinite = 0;
         for (int64_t j = 0; j < n; ++j) nonfinite += store_f32(base, dtype, start + j, src[j]);

@@ -35,9 +35,10 @@ void moments_kernel(const MomentsArgs& a, int64_t block_begin, int64_t end, doub
         if (a.base) IO::load(a.base, a.base_dtype, b0, m, base_tile);
         for (int i = 0; i < a.k; ++i) {
             float* t = vec + size_t(i) * kStatBlock;
-            IO::load(a.inputs[i], a.in_dtypes[i], b0, m, t);
             if (a.base)
-                for (int64_t j = 0; j < m; ++j) t[j] = t[j] - base_tile[j];
+                IO::load_minus(a.inputs[i], a.in_dtypes[i], b0, m, base_tile, t);
+            else
+                IO::load(a.inputs[i], a.in_dtypes[i], b0, m, t);
             std::fill(t + m, t + padded, 0.0f);
         }
         if (a.mean) {

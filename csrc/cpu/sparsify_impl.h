@@ -301,9 +301,9 @@ void rank_slab(const SparseArgs& a, int64_t slab, RankCache& c, const float* til
                     float* b = x + kOpTile;
                     for (int64_t j0 = 0; j0 < a.row; j0 += kOpTile) {
                         const int64_t m = std::min(kOpTile, a.row - j0);
-                        IO::load(a.inputs[i], a.in_dtypes[i], s0 + j0, m, x);
                         IO::load(a.base, a.base_dtype, s0 + j0, m, b);
-                        for (int64_t j = 0; j < m; ++j) bits[j0 + j] = abs_bits(x[j] - b[j]);
+                        IO::load_minus(a.inputs[i], a.in_dtypes[i], s0 + j0, m, b, x);
+                        for (int64_t j = 0; j < m; ++j) bits[j0 + j] = abs_bits(x[j]);
                         span.add(bits + j0, m);
                     }
                 }
@@ -452,9 +452,7 @@ template <class IO>
 void load_taus(const SparseArgs& a, int64_t t0, int64_t m, SparseScratch& s) {
     IO::load(a.base, a.base_dtype, t0, m, s.base);
     for (int i = 0; i < a.k; ++i) {
-        float* t = s.tau + size_t(i) * kSparseTile;
-        IO::load(a.inputs[i], a.in_dtypes[i], t0, m, t);
-        for (int64_t j = 0; j < m; ++j) t[j] = t[j] - s.base[j];
+        IO::load_minus(a.inputs[i], a.in_dtypes[i], t0, m, s.base, s.tau + size_t(i) * kSparseTile);
     }
 }
 

@@ -26,8 +26,7 @@ void task_vectors(const TaskVectorArgs& a, int64_t t0, int64_t m, float* base_ti
     IO::load(a.base, a.base_dtype, t0, m, base_tile);
     for (int i = 0; i < a.k; ++i) {
         float* t = tau + i * kOpTile;
-        IO::load(a.inputs[i], a.in_dtypes[i], t0, m, t);
-        for (int64_t j = 0; j < m; ++j) t[j] = t[j] - base_tile[j];
+        IO::load_minus(a.inputs[i], a.in_dtypes[i], t0, m, base_tile, t);
         if (a.dare) {
             const float scale = a.dare_scale[i];
             const uint32_t below = a.keep_below[i];
