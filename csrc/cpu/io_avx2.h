@@ -90,34 +90,33 @@ struct Avx2IO {
     // pairs: breadcrumbs 5.0-5.2 CPU s against 5.7-5.9, SCE 6.5-6.6 against 6.6-6.9; TIES within noise (4.8-5.0
     // against 4.6-5.7), DELLA's first pass maybe slower (6.4-6.6 against 6.2-6.4: its ranking reloads cached rows).
     static void load(const void* base, int dtype, int64_t start, int64_t n, float* dst) {
-        const int64_t size = dtype_size(dtype), line = 64 / size;
-        const char* ahead = static_cast<const char*>(base) + (start + kPrefetch) * size;
-        int64_t j = 0;
-        for (; j + 8 <= n; j += 8) {
-            if ((j & (line - 1)) == 0) _mm_prefetch(ahead + j * size, _MM_HINT_T0);
-            _mm256_storeu_ps(dst + j, load8(base, dtype, start + j));
+        switch (dtype) {
+        case kF32: return load_as<kF32, false>(base, start, n, nullptr, dst);
+        case kF16: return load_as<kF16, false>(base, start, n, nullptr, dst);
+        default: return load_as<kBF16, false>(base, start, n, nullptr, dst);
         }
-        for (; j < n; ++j) dst[j] = load_f32(base, dtype, start + j);
     }
-    // dst[j] = x[j] - sub[j] (a task vector: x an input, sub the base already loaded) in one pass over dst, the
-    // dtype's branch taken once per call, not per step.
+    // dst[j] = x[j] - sub[j] (a task vector: x an input, sub the base already loaded) in one pass over dst.
     static void load_minus(const void* base, int dtype, int64_t start, int64_t n, const float* sub, float* dst) {
         switch (dtype) {
-        case kF32: return load_minus_as<kF32>(base, start, n, sub, dst);
-        case kF16: return load_minus_as<kF16>(base, start, n, sub, dst);
-        default: return load_minus_as<kBF16>(base, start, n, sub, dst);
+        case kF32: return load_as<kF32, true>(base, start, n, sub, dst);
+        case kF16: return load_as<kF16, true>(base, start, n, sub, dst);
+        default: return load_as<kBF16, true>(base, start, n, sub, dst);
         }
     }
-    template <int kDtype>
-    static void load_minus_as(const void* base, int64_t start, int64_t n, const float* sub, float* dst) {
+    // The dtype's branch taken once per call, not per step.
+    template <int kDtype, bool kMinus>
+    static void load_as(const void* base, int64_t start, int64_t n, const float* sub, float* dst) {
         const int64_t size = dtype_size(kDtype), line = 64 / size;
         const char* ahead = static_cast<const char*>(base) + (start + kPrefetch) * size;
         int64_t j = 0;
         for (; j + 8 <= n; j += 8) {
             if ((j & (line - 1)) == 0) _mm_prefetch(ahead + j * size, _MM_HINT_T0);
-            _mm256_storeu_ps(dst + j, _mm256_sub_ps(load8(base, kDtype, start + j), _mm256_loadu_ps(sub + j)));
+            const __m256 x = load8(base, kDtype, start + j);
+            _mm256_storeu_ps(dst + j, kMinus ? _mm256_sub_ps(x, _mm256_loadu_ps(sub + j)) : x);
         }
-        for (; j < n; ++j) dst[j] = load_f32(base, kDtype, start + j) - sub[j];
+        for (; j < n; ++j)
+            dst[j] = kMinus ? load_f32(base, kDtype, start + j) - sub[j] : load_f32(base, kDtype, start + j);
     }
     static int64_t store(const float* src, int64_t n, void* base, int dtype, int64_t start) {
         int64_t nonfinite = 0, j = 0;
