@@ -233,6 +233,24 @@ def test_cpu_equals_reference(tmp_path, bit_inputs, monkeypatch, case):
     assert _bit_merge(method, params, model_params, base, fts, str(tmp_path / "s.safetensors"), "cpu") == want
 
 
+def test_della_thresholds_follow_the_parameters(tmp_path, bit_inputs):
+    """The CPU kernels keep DELLA's per-rank thresholds from call to call while the row length and every model's
+    density - epsilon and epsilon stay: two merges in a row with the same density - epsilon (0.4) but another epsilon
+    each give the reference's bytes, not the first merge's thresholds."""
+    paths = []
+    for i, path in enumerate(
+        bit_inputs[:1] + tuple(bit_inputs[1])
+    ):  # one tensor, so its rows come one call after another
+        paths.append(str(tmp_path / f"{i}.safetensors"))
+        save_file({"m": load_file(path)["m"]}, paths[-1])
+    base, fts = paths[0], paths[1:]
+    for density, epsilon in ((0.5, 0.1), (0.6, 0.2)):
+        mp = {"density": density, "epsilon": epsilon}
+        want = _bit_merge("della", {"seed": 1}, mp, base, fts, str(tmp_path / "r.safetensors"), "reference")
+        got = _bit_merge("della", {"seed": 1}, mp, base, fts, str(tmp_path / "c.safetensors"), "cpu", 1)
+        assert got == want, (density, epsilon)
+
+
 @pytest.mark.parametrize("method, masks", [("della", 3), ("sce", 1)])
 def test_kept_bits_and_selecting_again_agree(tmp_path, bit_inputs, monkeypatch, method, masks):
     """DELLA's and SCE's combine read the selection their statistics pass kept as bits (DELLA: per model; SCE: one

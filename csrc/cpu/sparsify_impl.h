@@ -35,6 +35,7 @@ struct RankCache {
     std::vector<uint32_t> zero_at;    // one row's positions of the zero |tau|, in index order
     std::vector<uint32_t> counts = std::vector<uint32_t>(4 * 2048);  // the radix sort's counters
     std::vector<uint32_t> by_rank;    // k x row: each model's keep threshold per rank (the same for every row)
+    std::vector<float> made_for;      // the row length, then each model's (drops, lo, eps) by_rank was made for
     std::vector<float> tile;          // a contiguous row's loads
     std::vector<uint32_t> bits, bin;  // a contiguous row's |tau| bits and their counting bins
     std::vector<uint32_t> late;  // one row's positions of the |tau| with a nonzero low half
@@ -248,6 +249,12 @@ inline bool counting_rank_row(RankCache& c, int64_t n, RowSpan span, const uint3
 // Each rank's keep threshold per model, once per range: p = fp32(fp32(rank / (row - 1)) * 2) * eps + lo, two fp32
 // roundings, as mergekit (and the reference).
 inline void rank_thresholds(const SparseArgs& a, RankCache& c) {
+    // Kept from block to block while the tensor's parameters stay (a block is 64 Ki entries; computing them for each
+    // was 1.2-1.6% of DELLA's samples).
+    std::vector<float> key{float(a.row)};  // exact: a row holds at most 4 Mi entries
+    for (int i = 0; i < a.k; ++i) key.insert(key.end(), {float(a.drops[i]), a.lo[i], a.eps[i]});
+    if (key == c.made_for) return;
+    c.made_for = std::move(key);
     c.by_rank.resize(size_t(a.k) * size_t(a.row));
     const float denom = float(a.row > 1 ? a.row - 1 : 1);
     for (int i = 0; i < a.k; ++i) {
@@ -265,7 +272,7 @@ inline void rank_thresholds(const SparseArgs& a, RankCache& c) {
 template <class IO>
 void rank_slab(const SparseArgs& a, int64_t slab, RankCache& c, const float* tile, int64_t tile0, int64_t tile_len) {
     const int64_t len = a.row * a.stride, s0 = slab * len;
-    if (c.by_rank.empty()) rank_thresholds(a, c);
+    if (c.slab == -1) rank_thresholds(a, c);  // once per call
     c.below.resize(size_t(a.k) * size_t(len));
     c.key.resize(size_t(a.row));
     c.key2.resize(size_t(a.row));
@@ -433,8 +440,8 @@ struct SparseScratch {
 
 // The calling thread's scratch for k models, kept from call to call: each call is one block of a range, and
 // allocating and zeroing ~280 KiB per block of 64 Ki entries showed as 3% of a sparse merge's CPU time (memset).
-// Every buffer is written before it is read within a call; the rank cache is emptied (it holds the last call's slab
-// and thresholds).
+// Every buffer is written before it is read within a call; the rank cache forgets the last call's slab (its
+// thresholds stay while the parameters they were made for do: rank_thresholds).
 inline SparseScratch& scratch_for(int k) {
     thread_local std::unique_ptr<SparseScratch> s;
     thread_local int models = -1;
@@ -443,7 +450,6 @@ inline SparseScratch& scratch_for(int k) {
         models = k;
     }
     s->rank.slab = -1;
-    s->rank.by_rank.clear();
     return *s;
 }
 
