@@ -36,52 +36,50 @@ inline uint32_t philox_word(uint64_t key, uint64_t e) {
 }
 
 #ifdef __AVX2__
-// The high and low 32 bits of m * x in each of the 8 lanes (m a broadcast constant): even lanes from one widening
-// multiply, odd lanes from another, blended.
-inline void mul_hi_lo(__m256i m, __m256i x, __m256i& hi, __m256i& lo) {
-    const __m256i even = _mm256_mul_epu32(x, m), odd = _mm256_mul_epu32(_mm256_srli_epi64(x, 32), m);
-    hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
-    lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
-}
-
-// Groups [g0, g0 + 8) of philox_words, 8 generators at once (one per lane), interleaved into out[0, 32).
-inline void philox_8_groups(uint32_t key0, uint32_t key1, uint64_t g0, uint32_t* out) {
-    const uint64_t g = g0;
-    __m256i c0 =
-        _mm256_setr_epi32(int(uint32_t(g)), int(uint32_t(g + 1)), int(uint32_t(g + 2)), int(uint32_t(g + 3)),
-                          int(uint32_t(g + 4)), int(uint32_t(g + 5)), int(uint32_t(g + 6)), int(uint32_t(g + 7)));
-    __m256i c1 =
-        _mm256_setr_epi32(int(uint32_t(g >> 32)), int(uint32_t((g + 1) >> 32)), int(uint32_t((g + 2) >> 32)),
-                          int(uint32_t((g + 3) >> 32)), int(uint32_t((g + 4) >> 32)), int(uint32_t((g + 5) >> 32)),
-                          int(uint32_t((g + 6) >> 32)), int(uint32_t((g + 7) >> 32)));
-    __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
-    const __m256i m0 = _mm256_set1_epi32(int(0xD2511F53u)), m2 = _mm256_set1_epi32(int(0xCD9E8D57u));
+// Groups [g0, g0 + 16) of philox_words, 16 generators at once, interleaved into out[0, 64). Four sets of four, each
+// generator's counter words in the low 32 bits of a 64-bit lane: one widening multiply gives a product's high half
+// (shifted down) and its low half (in place; the garbage above it is never read: the next multiply reads only the
+// low 32 bits, and the words are masked out at the end), so a round is 2 multiplies, 2 shifts and 4 xors per set.
+// The 8-lane layout it replaces needed 2 more shifts and 2 blends per multiply; in a standalone loop, 0.90-1.05 ns
+// a word against 1.03-1.16.
+inline void philox_16_groups(uint32_t key0, uint32_t key1, uint64_t g0, uint32_t* out) {
+    __m256i c0[4], c1[4], c2[4], c3[4];
+    for (int s = 0; s < 4; ++s) {
+        const uint64_t g = g0 + 4 * uint64_t(s);
+        c0[s] = _mm256_setr_epi64x(int64_t(uint32_t(g)), int64_t(uint32_t(g + 1)), int64_t(uint32_t(g + 2)),
+                                   int64_t(uint32_t(g + 3)));
+        c1[s] = _mm256_setr_epi64x(int64_t(g >> 32), int64_t((g + 1) >> 32), int64_t((g + 2) >> 32),
+                                   int64_t((g + 3) >> 32));
+        c2[s] = c3[s] = _mm256_setzero_si256();
+    }
+    const __m256i m0 = _mm256_set1_epi64x(0xD2511F53u), m2 = _mm256_set1_epi64x(0xCD9E8D57u);
     uint32_t k0 = key0, k1 = key1;
     for (int r = 0; r < 10; ++r) {
-        __m256i hi0, lo0, hi2, lo2;
-        mul_hi_lo(m0, c0, hi0, lo0);
-        mul_hi_lo(m2, c2, hi2, lo2);
-        c0 = _mm256_xor_si256(_mm256_xor_si256(hi2, c1), _mm256_set1_epi32(int(k0)));
-        c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(int(k1)));
-        c1 = lo2;
-        c3 = lo0;
+        const __m256i kk0 = _mm256_set1_epi64x(k0), kk1 = _mm256_set1_epi64x(k1);
+        for (int s = 0; s < 4; ++s) {
+            const __m256i p0 = _mm256_mul_epu32(c0[s], m0), p2 = _mm256_mul_epu32(c2[s], m2);
+            c0[s] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p2, 32), c1[s]), kk0);
+            c2[s] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p0, 32), c3[s]), kk1);
+            c1[s] = p2;
+            c3[s] = p0;
+        }
         k0 += 0x9E3779B9u;
         k1 += 0xBB67AE85u;
     }
-    // Lane l's four words to out[4l, 4l + 4): a 4 x 8 transpose.
-    const __m256i t0 = _mm256_unpacklo_epi32(c0, c1), t1 = _mm256_unpackhi_epi32(c0, c1);
-    const __m256i t2 = _mm256_unpacklo_epi32(c2, c3), t3 = _mm256_unpackhi_epi32(c2, c3);
-    const __m256i u0 = _mm256_unpacklo_epi64(t0, t2), u1 = _mm256_unpackhi_epi64(t0, t2);
-    const __m256i u2 = _mm256_unpacklo_epi64(t1, t3), u3 = _mm256_unpackhi_epi64(t1, t3);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_permute2x128_si256(u0, u1, 0x20));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 8), _mm256_permute2x128_si256(u2, u3, 0x20));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16), _mm256_permute2x128_si256(u0, u1, 0x31));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 24), _mm256_permute2x128_si256(u2, u3, 0x31));
+    // Each generator's four words to out[4g, 4g + 4): words 0 and 1 (2 and 3) paired in one 64-bit lane, then the
+    // lanes of generators 0 | 2 and 1 | 3 unpacked and put in order.
+    for (int s = 0; s < 4; ++s) {
+        const __m256i w01 = _mm256_blend_epi32(c0[s], _mm256_slli_epi64(c1[s], 32), 0xAA);
+        const __m256i w23 = _mm256_blend_epi32(c2[s], _mm256_slli_epi64(c3[s], 32), 0xAA);
+        const __m256i even = _mm256_unpacklo_epi64(w01, w23), odd = _mm256_unpackhi_epi64(w01, w23);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16 * s), _mm256_permute2x128_si256(even, odd, 0x20));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16 * s + 8), _mm256_permute2x128_si256(even, odd, 0x31));
+    }
 }
 #endif
 
 // Philox words of elements [e0, e0 + m) of one stream (word e % 4 of philox(key, e / 4), as philox_word), one
-// generator call per 4 elements: 8 at once in AVX2 lanes where the ISA has them, the rest in a loop the compiler
+// generator call per 4 elements: 16 at once in AVX2 lanes where the ISA has them, the rest in a loop the compiler
 // vectorises across groups. words needs m + 8 entries.
 inline void philox_words(uint64_t key, uint64_t e0, int64_t m, uint32_t* words, uint32_t* scratch) {
     const uint64_t g0 = e0 >> 2;
@@ -89,7 +87,7 @@ inline void philox_words(uint64_t key, uint64_t e0, int64_t m, uint32_t* words, 
     const uint32_t key0 = uint32_t(key), key1 = uint32_t(key >> 32);
     int64_t done = 0;
 #ifdef __AVX2__
-    for (; done + 8 <= groups; done += 8) philox_8_groups(key0, key1, g0 + uint64_t(done), words + 4 * done);
+    for (; done + 16 <= groups; done += 16) philox_16_groups(key0, key1, g0 + uint64_t(done), words + 4 * done);
 #endif
     const int64_t rest = groups - done;
     uint32_t* w0 = scratch;
