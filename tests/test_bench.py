@@ -189,3 +189,18 @@ def test_baselines_compute_the_uniform_soup(tmp_path):
         for k in b.keys():
             x, y = a[k].float().numpy(), b[k].float().numpy()
             np.testing.assert_allclose(x, y, rtol=2**-7, atol=1e-6, err_msg=k)
+
+
+def test_della_bound_variants_still_apply():
+    """benchmarks/della_bound.py builds its timing-only variants by replacing lines of the sparse kernels: each line
+    it replaces is still there exactly once, so the script builds what it says (it stops otherwise)."""
+    spec = importlib.util.spec_from_file_location("della_bound", os.path.join(BENCHMARKS, "della_bound.py"))
+    della_bound = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(della_bound)
+    with open(os.path.join(ROOT, della_bound.KERNELS)) as f:
+        text = f.read()
+    edits = [e for variant in della_bound.VARIANTS.values() for e in variant]
+    assert edits
+    for old, new in edits:
+        assert text.count(old) == 1, old
+        assert new != old
