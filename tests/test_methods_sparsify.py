@@ -238,9 +238,8 @@ def test_della_thresholds_follow_the_parameters(tmp_path, bit_inputs):
     density - epsilon and epsilon stay: two merges in a row with the same density - epsilon (0.4) but another epsilon
     each give the reference's bytes, not the first merge's thresholds."""
     paths = []
-    for i, path in enumerate(
-        bit_inputs[:1] + tuple(bit_inputs[1])
-    ):  # one tensor, so its rows come one call after another
+    base, fts = bit_inputs
+    for i, path in enumerate([base, *fts]):  # one tensor only, so its rows come one call after another
         paths.append(str(tmp_path / f"{i}.safetensors"))
         save_file({"m": load_file(path)["m"]}, paths[-1])
     base, fts = paths[0], paths[1:]

@@ -88,7 +88,8 @@ struct Avx2IO {
     // Each input prefetched kPrefetch elements ahead (as Avx512IO), a line per line loaded, where the hardware
     // prefetcher alone stops at every 4 KiB page of the mapped inputs. Base + 3 x 512 MiB bf16, in-process, alternating
     // pairs: breadcrumbs 5.0-5.2 CPU s against 5.7-5.9, SCE 6.5-6.6 against 6.6-6.9; TIES within noise (4.8-5.0
-    // against 4.6-5.7), DELLA's first pass maybe slower (6.4-6.6 against 6.2-6.4: its ranking reloads cached rows).
+    // against 4.6-5.7), DELLA's first pass maybe slower (6.4-6.6 against 6.2-6.4: its ranking then reloaded every row,
+    // already in cache; it now reads the rows its tile holds from the tile).
     static void load(const void* base, int dtype, int64_t start, int64_t n, float* dst) {
         switch (dtype) {
         case kF32: return load_as<kF32, false>(base, start, n, nullptr, dst);

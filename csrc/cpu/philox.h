@@ -40,8 +40,8 @@ inline uint32_t philox_word(uint64_t key, uint64_t e) {
 // generator's counter words in the low 32 bits of a 64-bit lane: one widening multiply gives a product's high half
 // (shifted down) and its low half (in place; the garbage above it is never read: the next multiply reads only the
 // low 32 bits, and the words are masked out at the end), so a round is 2 multiplies, 2 shifts and 4 xors per set.
-// The 8-lane layout it replaces needed 2 more shifts and 2 blends per multiply; in a standalone loop, 0.90-1.05 ns
-// a word against 1.03-1.16.
+// The 8-lane layout it replaces needed 2 more shifts and 2 blends per multiply; in a standalone loop, 0.95-1.05 ns
+// a word against 1.10-1.13 (two runs); within noise in a merge.
 inline void philox_16_groups(uint32_t key0, uint32_t key1, uint64_t g0, uint32_t* out) {
     __m256i c0[4], c1[4], c2[4], c3[4];
     for (int s = 0; s < 4; ++s) {

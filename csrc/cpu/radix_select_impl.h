@@ -26,7 +26,6 @@ inline uint64_t high_count(uint32_t bits) { return 1 + (uint64_t((bits & 0xFFFFu
 // lands on a low half of zero needs no pass 1.
 // Pass 0 on long ranges (kSplitHistogramMin) counts into two interleaved histograms per model, added into `hist` at
 // the end (1.2x the counting speed measured in isolation).
-
 template <class IO>
 void magnitude_histogram_kernel(const TaskVectorArgs& a, int64_t begin, int64_t end, int pass, const uint32_t* prefix,
                                 uint64_t* hist) {

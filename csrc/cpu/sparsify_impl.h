@@ -268,7 +268,7 @@ inline void rank_thresholds(const SparseArgs& a, RankCache& c) {
 }
 
 // tile: the caller's k tiles of tau (kSparseTile apart) for elements [tile0, tile0 + tile_len): a row they hold
-// whole is read from there, not loaded again (null: load every row).
+// whole is read from there, not loaded again.
 template <class IO>
 void rank_slab(const SparseArgs& a, int64_t slab, RankCache& c, const float* tile, int64_t tile0, int64_t tile_len) {
     const int64_t len = a.row * a.stride, s0 = slab * len;
@@ -299,7 +299,7 @@ void rank_slab(const SparseArgs& a, int64_t slab, RankCache& c, const float* til
             if (a.stride == 1) {  // one contiguous row: from the caller's tile of tau where it holds the row
                 uint32_t* bits = c.bits.data();
                 RowSpan span;
-                if (tile && s0 >= tile0 && s0 + a.row <= tile0 + tile_len) {
+                if (s0 >= tile0 && s0 + a.row <= tile0 + tile_len) {
                     const float* t = tile + size_t(i) * kSparseTile + (s0 - tile0);
                     for (int64_t j = 0; j < a.row; ++j) bits[j] = abs_bits(t[j]);
                     span.add(bits, a.row);
